@@ -1,0 +1,400 @@
+"""The configuration: TOML text -> frozen dataclasses, with every check in one place.
+
+Owned by the master, which loads it at start and on every reload; workers get
+the resulting ``Config`` object through ``fork`` and never parse anything.
+``prefork-proxy check`` calls ``load_file`` without binding anything.
+
+The file speaks the seed's language::
+
+    [server]                 # optional
+    workers = 8              # default: CPU count
+    threads = 2              # relay threads per worker
+    relay = "auto"           # "auto" | "splice" | "copy"
+    drain_timeout_s = 30     # how long a stopping worker lets streams finish
+
+    [[tcp_proxy]]            # one listener per section
+    bind = "0.0.0.0:5432"    # "[::1]:5432" for IPv6
+    backends = ["db-primary:5432", { address = "db-replica:5432", weight = 2 }]
+    connect_timeout_ms = 3000
+
+Principle: every error is a ``ConfigError`` whose message names the file, the
+line (found by scanning the raw text, since ``tomllib`` only reports lines for
+syntax errors), the section (``tcp_proxy[1]`` counts from 1 and shows the
+section's bind), the key, and what was expected.  Unknown keys are errors, so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Optional, Sequence, Tuple
+
+from prefork_proxy.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on old Pythons
+    import tomli as tomllib
+
+RELAY_MODES = ("auto", "splice", "copy")
+DEFAULT_CONNECT_TIMEOUT_MS = 5000
+DEFAULT_THREADS = 2
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+MAX_THREADS = 256
+MAX_WORKERS = 1024
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$|^\*$")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A TCP address as the operator wrote it: host (name or literal) and port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One upstream server of a listener.  ``weight``/``backup`` serve later balancers."""
+
+    address: Endpoint
+    weight: int = 1
+    backup: bool = False
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """One ``[[tcp_proxy]]`` section: a bind address and the backends it relays to."""
+
+    bind: Endpoint
+    backends: Tuple[Backend, ...]
+    connect_timeout_ms: int = DEFAULT_CONNECT_TIMEOUT_MS
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        """How logs name this listener: its ``name`` if given, else its bind address."""
+        return self.name or str(self.bind)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The ``[server]`` section: process-wide settings."""
+
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    threads: int = DEFAULT_THREADS
+    relay: str = "auto"
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration.  ``source`` is the file it came from, if any."""
+
+    server: ServerConfig
+    listeners: Tuple[ListenerConfig, ...]
+    source: Optional[str] = None
+
+    def summary(self) -> str:
+        """One line for ``prefork-proxy check`` and the startup log."""
+        parts = [f"{lst.bind} -> {', '.join(str(b.address) for b in lst.backends)}"
+                 for lst in self.listeners]
+        return (f"{len(self.listeners)} listener(s), workers={self.server.workers}, "
+                f"threads={self.server.threads}, relay={self.server.relay}: " + "; ".join(parts))
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+def parse_endpoint(text: str, *, allow_port_zero: bool = False) -> Endpoint:
+    """Parse ``host:port`` or ``[v6]:port``.  Raises ``ValueError`` saying what is wrong."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a \"host:port\" string, got {_describe(text)}")
+    text = text.strip()
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or not text[close + 1:].startswith(":"):
+            raise ValueError(f"expected \"[ipv6]:port\", got {text!r}")
+        host, port_text = text[1:close], text[close + 2:]
+        if not host or not re.fullmatch(r"[0-9A-Fa-f:.]+(%\w+)?", host):
+            raise ValueError(f"expected an IPv6 literal inside [...], got {text!r}")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"expected \"host:port\", got {text!r}")
+        if ":" in host:
+            raise ValueError(f"an IPv6 address needs brackets, as in \"[::1]:5432\"; got {text!r}")
+        if not _HOSTNAME.match(host):
+            raise ValueError(f"expected a hostname or IP address before ':', got {text!r}")
+    if not port_text.isdigit():
+        raise ValueError(f"expected a numeric port after ':', got {text!r}")
+    port = int(port_text)
+    low = 0 if allow_port_zero else 1
+    if not low <= port <= 65535:
+        raise ValueError(f"expected a port between {low} and 65535, got {text!r}")
+    return Endpoint("0.0.0.0" if host == "*" else host, port)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_file(path: str, *, workers: Optional[int] = None) -> Config:
+    """Read, parse and validate a config file.  ``workers`` overrides ``[server] workers``."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    return load_text(raw.decode("utf-8", errors="replace"), source=path, workers=workers)
+
+
+def load_text(text: str, *, source: str = "<config>", workers: Optional[int] = None) -> Config:
+    """Parse and validate TOML text; ``source`` names it in error messages."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message already ends with "(at line L, column C)".
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    config = _Validator(text, source).config(document)
+    if workers is not None:
+        config = replace(config, server=replace(config.server, workers=check_workers(workers)))
+    return config
+
+
+def from_arguments(binds: Sequence[str], backends: Sequence[str], *,
+                   connect_timeout_ms: int = DEFAULT_CONNECT_TIMEOUT_MS,
+                   workers: Optional[int] = None, threads: Optional[int] = None,
+                   relay: Optional[str] = None) -> Config:
+    """Build a config from command-line style arguments, validated like a file.
+
+    Every ``bind`` gets the same backends; used by ``start --bind`` and ``TcpProxy``.
+    """
+    document: dict[str, Any] = {
+        "server": {},
+        "tcp_proxy": [{"bind": b, "backends": list(backends),
+                       "connect_timeout_ms": connect_timeout_ms} for b in binds],
+    }
+    for key, value in (("workers", workers), ("threads", threads), ("relay", relay)):
+        if value is not None:
+            document["server"][key] = value
+    return _Validator("", "command line").config(document)
+
+
+def check_workers(value: Any) -> int:
+    """Validate a worker count from any source (file, CLI, API)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(f"workers: expected an integer between 1 and {MAX_WORKERS}, "
+                          f"got {_describe(value)}")
+    return value
+
+
+def with_overrides(config: Config, *, workers: Optional[int] = None,
+                   threads: Optional[int] = None, relay: Optional[str] = None) -> Config:
+    """Apply command-line overrides to ``[server]``, validating them like the file."""
+    overrides = {k: v for k, v in (("workers", workers), ("threads", threads), ("relay", relay))
+                 if v is not None}
+    if not overrides:
+        return config
+    merged = {"workers": config.server.workers, "threads": config.server.threads,
+              "relay": config.server.relay, "drain_timeout_s": config.server.drain_timeout_s}
+    merged.update(overrides)
+    server = _Validator("", "command line").server(merged)
+    return replace(config, server=server)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _describe(value: Any) -> str:
+    """How an error message shows a wrong value: its TOML type and the value itself."""
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "an array", dict: "a table"}
+    kind = next((name for t, name in kinds.items() if type(value) is t), type(value).__name__)
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{kind} {shown}"
+
+
+class _Validator:
+    """Turns a parsed TOML document into a ``Config`` or raises the first ``ConfigError``."""
+
+    SERVER_KEYS = ("workers", "threads", "relay", "drain_timeout_s")
+    LISTENER_KEYS = ("bind", "backends", "connect_timeout_ms", "name")
+    BACKEND_KEYS = ("address", "weight", "backup")
+
+    def __init__(self, text: str, source: str) -> None:
+        self.lines = text.splitlines()
+        self.source = source
+
+    # -- error reporting
+
+    def _line_of(self, header: str, occurrence: int, key: Optional[str]) -> Optional[int]:
+        """1-based line of ``key`` inside the ``occurrence``-th ``header`` section, if found."""
+        header_re = re.compile(r"^\s*" + re.escape(header) + r"\s*(#.*)?$")
+        seen, start = 0, None
+        for number, line in enumerate(self.lines, 1):
+            if header_re.match(line):
+                if seen == occurrence:
+                    start = number
+                    break
+                seen += 1
+        if start is None:
+            return None
+        if key is None:
+            return start
+        key_re = re.compile(r"^\s*" + re.escape(key) + r"\s*=")
+        for number in range(start + 1, len(self.lines) + 1):
+            line = self.lines[number - 1]
+            if re.match(r"^\s*\[", line):
+                break
+            if key_re.match(line):
+                return number
+        return start
+
+    def fail(self, section: str, key: Optional[str], expected: str, *,
+             header: str = "", occurrence: int = 0) -> ConfigError:
+        line = self._line_of(header, occurrence, key) if header else None
+        where = f"{self.source}:{line}" if line else self.source
+        key_part = f": key \"{key}\"" if key else ""
+        return ConfigError(f"{where}: {section}{key_part}: {expected}")
+
+    # -- sections
+
+    def config(self, document: Mapping[str, Any]) -> Config:
+        unknown = sorted(set(document) - {"server", "tcp_proxy"})
+        if unknown:
+            raise ConfigError(f"{self.source}: unknown top-level key or section "
+                              f"\"{unknown[0]}\": expected [server] and [[tcp_proxy]] sections")
+        server_doc = document.get("server", {})
+        if not isinstance(server_doc, dict):
+            raise self.fail("server", None, "expected a [server] table", header="[server]")
+        server = self.server(server_doc)
+        sections = document.get("tcp_proxy")
+        if sections is None or sections == []:
+            raise ConfigError(f"{self.source}: no [[tcp_proxy]] section: expected at least one "
+                              "listener with \"bind\" and \"backends\"")
+        if not isinstance(sections, list) or not all(isinstance(s, dict) for s in sections):
+            raise ConfigError(f"{self.source}: \"tcp_proxy\" must be written as [[tcp_proxy]] "
+                              "sections (an array of tables)")
+        listeners = tuple(self.listener(s, i) for i, s in enumerate(sections))
+        seen: dict[Tuple[str, int], int] = {}
+        for index, listener in enumerate(listeners):
+            key = (listener.bind.host, listener.bind.port)
+            if listener.bind.port and key in seen:
+                raise self.fail(f"tcp_proxy[{index + 1}] (bind \"{listener.bind}\")", "bind",
+                                f"duplicate bind address: tcp_proxy[{seen[key] + 1}] "
+                                "already binds it", header="[[tcp_proxy]]", occurrence=index)
+            seen[key] = index
+        return Config(server=server, listeners=listeners,
+                      source=None if self.source == "command line" else self.source)
+
+    def server(self, doc: Mapping[str, Any]) -> ServerConfig:
+        def fail(key: Optional[str], expected: str) -> ConfigError:
+            return self.fail("server", key, expected, header="[server]")
+
+        for key in doc:
+            if key not in self.SERVER_KEYS:
+                raise fail(key, "unknown key: expected one of " + ", ".join(self.SERVER_KEYS))
+        values: dict[str, Any] = {}
+        if "workers" in doc:
+            try:
+                values["workers"] = check_workers(doc["workers"])
+            except ConfigError:
+                raise fail("workers", f"expected an integer between 1 and {MAX_WORKERS}, "
+                                      f"got {_describe(doc['workers'])}") from None
+        if "threads" in doc:
+            threads = doc["threads"]
+            if isinstance(threads, bool) or not isinstance(threads, int) \
+                    or not 1 <= threads <= MAX_THREADS:
+                raise fail("threads", f"expected an integer between 1 and {MAX_THREADS}, "
+                                      f"got {_describe(threads)}")
+            values["threads"] = threads
+        if "relay" in doc:
+            if doc["relay"] not in RELAY_MODES:
+                raise fail("relay", "expected one of \"auto\", \"splice\", \"copy\", "
+                                    f"got {_describe(doc['relay'])}")
+            values["relay"] = doc["relay"]
+        if "drain_timeout_s" in doc:
+            drain = doc["drain_timeout_s"]
+            if isinstance(drain, bool) or not isinstance(drain, (int, float)) or drain < 0:
+                raise fail("drain_timeout_s", "expected a number of seconds >= 0, "
+                                              f"got {_describe(drain)}")
+            values["drain_timeout_s"] = float(drain)
+        return ServerConfig(**values)
+
+    def listener(self, doc: Mapping[str, Any], index: int) -> ListenerConfig:
+        bind_text = doc.get("bind")
+        section = f"tcp_proxy[{index + 1}]"
+        if isinstance(bind_text, str):
+            section += f" (bind \"{bind_text}\")"
+
+        def fail(key: Optional[str], expected: str) -> ConfigError:
+            return self.fail(section, key, expected, header="[[tcp_proxy]]", occurrence=index)
+
+        for key in doc:
+            if key not in self.LISTENER_KEYS:
+                raise fail(key, "unknown key: expected one of " + ", ".join(self.LISTENER_KEYS))
+        if "bind" not in doc:
+            raise fail("bind", "missing: expected \"host:port\" to listen on, "
+                               "e.g. \"0.0.0.0:5432\"")
+        try:
+            bind = parse_endpoint(doc["bind"], allow_port_zero=True)
+        except ValueError as exc:
+            raise fail("bind", str(exc)) from None
+
+        backends_doc = doc.get("backends")
+        if backends_doc is None:
+            raise fail("backends", "missing: expected a list of \"host:port\" strings")
+        if not isinstance(backends_doc, list) or not backends_doc:
+            raise fail("backends", "expected a non-empty list of \"host:port\" strings or "
+                                   f"{{ address = \"host:port\", weight = N }} tables, "
+                                   f"got {_describe(backends_doc)}")
+        backends = tuple(self.backend(item, n, fail) for n, item in enumerate(backends_doc))
+
+        timeout = doc.get("connect_timeout_ms", DEFAULT_CONNECT_TIMEOUT_MS)
+        if isinstance(timeout, bool) or not isinstance(timeout, int) \
+                or not 1 <= timeout <= 3_600_000:
+            raise fail("connect_timeout_ms", "expected an integer number of milliseconds "
+                                             f"between 1 and 3600000, got {_describe(timeout)}")
+        name = doc.get("name", "")
+        if not isinstance(name, str):
+            raise fail("name", f"expected a string, got {_describe(name)}")
+        return ListenerConfig(bind=bind, backends=backends, connect_timeout_ms=timeout, name=name)
+
+    def backend(self, item: Any, position: int, fail: Any) -> Backend:
+        where = f"backends[{position + 1}]"
+        if isinstance(item, str):
+            try:
+                return Backend(parse_endpoint(item))
+            except ValueError as exc:
+                raise fail("backends", f"{where}: {exc}") from None
+        if not isinstance(item, dict):
+            raise fail("backends", f"{where}: expected \"host:port\" or an inline table, "
+                                   f"got {_describe(item)}")
+        for key in item:
+            if key not in self.BACKEND_KEYS:
+                raise fail("backends", f"{where}: unknown key \"{key}\": expected one of "
+                                       + ", ".join(self.BACKEND_KEYS))
+        if "address" not in item:
+            raise fail("backends", f"{where}: missing \"address\"")
+        try:
+            address = parse_endpoint(item["address"])
+        except ValueError as exc:
+            raise fail("backends", f"{where}: address: {exc}") from None
+        weight = item.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 1000:
+            raise fail("backends", f"{where}: weight: expected an integer between 1 and 1000, "
+                                   f"got {_describe(weight)}")
+        backup = item.get("backup", False)
+        if not isinstance(backup, bool):
+            raise fail("backends", f"{where}: backup: expected true or false, "
+                                   f"got {_describe(backup)}")
+        return Backend(address, weight=weight, backup=backup)

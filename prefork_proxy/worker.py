@@ -1,0 +1,184 @@
+"""One worker process: accept connections and hand them to a fixed pool of relay loops.
+
+``Worker`` is built by the master before ``fork`` (cheap: it only records what
+the child will need) and ``run`` is called in the child right after ``fork``;
+it never returns, the child leaves through ``os._exit``.
+
+Threads in a worker: the main thread accepts (one epoll over every listener
+and the signal pipe) and ``threads`` relay threads each run a ``RelayLoop``.
+The thread count is fixed at boot: 10 or 10,000 connections, same threads.
+
+Principle (accept never spins): when ``accept`` fails because this process is
+out of file descriptors (``EMFILE``/``ENFILE``), the listener stays readable,
+and retrying at once would burn a core.  The worker stops watching its
+listeners for ``ACCEPT_PAUSE_S`` instead; the connections wait in the kernel's
+queue (the master keeps it open) and are served when descriptors free up.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from typing import List, Optional, Sequence, Tuple
+
+from prefork_proxy.balancer import Balancer
+from prefork_proxy.config import Config, ListenerConfig
+from prefork_proxy.proctitle import set_title
+from prefork_proxy.relay import RelayLoop
+from prefork_proxy.shared import SharedState
+from prefork_proxy.signals import SignalQueue
+
+log = logging.getLogger("prefork_proxy.worker")
+
+#: Exit code of a worker that could not boot; the master treats it as fatal.
+EXIT_BOOT_FAILED = 3
+#: Connections accepted per readiness event before looking at other listeners.
+ACCEPT_BATCH = 64
+#: How long accepting pauses after running out of file descriptors.
+ACCEPT_PAUSE_S = 0.1
+#: How often the worker checks that its master is still alive.
+MASTER_CHECK_S = 1.0
+
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class Worker:
+    """A worker slot's process: its config, its inherited listeners, its relay loops."""
+
+    def __init__(self, slot: int, generation: int, config: Config,
+                 listeners: Sequence[Tuple[ListenerConfig, socket.socket]],
+                 shared: SharedState, mode: str, master_pid: int) -> None:
+        self.slot = slot
+        self.generation = generation
+        self.config = config
+        self.listeners = list(listeners)
+        self.shared = shared
+        self.mode = mode
+        self.master_pid = master_pid
+        self.loops: List[RelayLoop] = []
+        self.stopping = False
+        self.drain_deadline: Optional[float] = None
+
+    # -- the child, after fork
+
+    def run(self) -> None:
+        """The child's whole life.  Never returns."""
+        code = EXIT_BOOT_FAILED
+        try:
+            signals = self._boot()
+            code = 0
+            self._serve(signals)
+        except BaseException:
+            log.exception("worker %d crashed", self.slot)
+            code = code or 1
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def _boot(self) -> SignalQueue:
+        set_title(f"prefork-proxy: worker {self.slot}")
+        for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
+            signal.signal(signum, signal.SIG_IGN)  # the master's business, not ours
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT))
+        for index in range(self.config.server.threads):
+            loop = RelayLoop(self.mode, name=f"relay-{index}")
+            loop.start()
+            self.loops.append(loop)
+        log.info("worker %d booted: pid=%d threads=%d relay=%s", self.slot, os.getpid(),
+                 len(self.loops), self.mode)
+        return signals
+
+    def _serve(self, signals: SignalQueue) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(signals.read_fd, selectors.EVENT_READ, None)
+        accepting = [(lst, sock, Balancer(lst, self.shared.round_robin[index]))
+                     for index, (lst, sock) in enumerate(self.listeners)]
+        for entry in accepting:
+            selector.register(entry[1], selectors.EVENT_READ, entry)
+        paused_until = 0.0
+        next_master_check = time.monotonic() + MASTER_CHECK_S
+
+        while not self.stopping:
+            timeout = MASTER_CHECK_S if not paused_until else ACCEPT_PAUSE_S
+            for key, _ in selector.select(timeout):
+                if key.data is None:
+                    signals.drain_wakeups()
+                    continue
+                if paused_until or self.stopping:
+                    continue
+                if not self._accept_batch(*key.data):
+                    paused_until = time.monotonic() + ACCEPT_PAUSE_S
+                    for entry in accepting:
+                        selector.unregister(entry[1])
+            while signals.pending:
+                self._handle_signal(signals.pending.popleft())
+            now = time.monotonic()
+            if paused_until and now >= paused_until and not self.stopping:
+                paused_until = 0.0
+                for entry in accepting:
+                    selector.register(entry[1], selectors.EVENT_READ, entry)
+            if now >= next_master_check:
+                next_master_check = now + MASTER_CHECK_S
+                if os.getppid() != self.master_pid:
+                    log.warning("worker %d: master %d is gone; draining", self.slot,
+                                self.master_pid)
+                    self._begin_stop(self.config.server.drain_timeout_s)
+        selector.close()
+        self._finish()
+
+    def _accept_batch(self, listener: ListenerConfig, sock: socket.socket,
+                      balancer: Balancer) -> bool:
+        """Accept what is queued (up to a batch); False when out of file descriptors."""
+        timeout_s = listener.connect_timeout_ms / 1000.0
+        for _ in range(ACCEPT_BATCH):
+            try:
+                client, address = sock.accept()
+            except BlockingIOError:
+                return True  # the queue is empty, or a sibling worker was faster
+            except OSError as exc:
+                if exc.errno in _OUT_OF_DESCRIPTORS:
+                    log.warning("worker %d: cannot accept on %s: %s; pausing accept for "
+                                "%.0f ms", self.slot, listener.label, exc.strerror,
+                                ACCEPT_PAUSE_S * 1000)
+                    return False
+                if exc.errno == errno.ECONNABORTED:
+                    continue
+                raise
+            client.setblocking(False)
+            peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+            loop = min(self.loops, key=lambda candidate: candidate.active)
+            loop.submit(client, balancer.targets(), timeout_s, peer)
+        return True
+
+    def _handle_signal(self, signum: int) -> None:
+        if signum == signal.SIGTERM:
+            self._begin_stop(self.config.server.drain_timeout_s)
+        else:  # SIGINT, SIGQUIT: fast stop
+            self._begin_stop(0.0)
+
+    def _begin_stop(self, drain_timeout_s: float) -> None:
+        if self.stopping and drain_timeout_s >= self._drain_left():
+            return
+        self.stopping = True
+        self.drain_deadline = time.monotonic() + drain_timeout_s
+        for loop in self.loops:
+            loop.stop(drain_timeout_s)
+
+    def _drain_left(self) -> float:
+        return max(0.0, (self.drain_deadline or 0.0) - time.monotonic())
+
+    def _finish(self) -> None:
+        """Wait for the relay loops to drain (they close what is left at the deadline)."""
+        active = sum(loop.active for loop in self.loops)
+        if active:
+            log.info("worker %d: draining %d connection(s) for up to %.1f s", self.slot,
+                     active, self._drain_left())
+        for loop in self.loops:
+            loop.join(self._drain_left() + 5.0)
+        log.info("worker %d: stopped", self.slot)
