@@ -1,0 +1,1 @@
+"""Helper modules for scripts/bench (the side-by-side proxy benchmark)."""

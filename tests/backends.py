@@ -1,0 +1,175 @@
+"""Test backends: small real TCP servers run as separate processes on loopback.
+
+Started by ``support.start_backend`` as ``python tests/backends.py MODE --name N``;
+each prints ``listening PORT`` on stdout once it accepts, then serves until
+killed.  They run in their own process so the test's clients and the backend
+do not share a GIL.
+
+Modes (every reply is transformed, so a passing test proves the bytes really
+crossed the backend, as nginx's stream tests do):
+
+- ``echo``: send back every byte XOR 0x5A, as it arrives; echo EOF as EOF.
+- ``tag``: first send ``NAME\\n``, then behave like ``echo``.
+- ``reply-after-eof``: read until EOF, then send ``sha256(received)`` in hex,
+  ``\\n``, and ``--reply-bytes`` bytes: the first 64 KiB received, repeated and
+  transformed; then close.
+- ``reset``: echo, but after ``--reset-after`` bytes received, close with RST.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import selectors
+import socket
+import struct
+import sys
+
+XOR_TABLE = bytes(b ^ 0x5A for b in range(256))
+#: Echo stops reading from a client while this much waits to be sent (backpressure).
+MAX_PENDING = 1 << 20
+
+
+def transform(data: bytes) -> bytes:
+    return data.translate(XOR_TABLE)
+
+
+class Session:
+    """One accepted connection inside the single-threaded backend loop."""
+
+    def __init__(self, server: "Server", sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.out = bytearray()
+        self.received = 0
+        self.hasher = hashlib.sha256()
+        self.read_eof = False
+        self.after_eof_buffer: list[bytes] = []
+        if server.mode == "tag":
+            self.out += f"{server.name}\n".encode()
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(262144)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        if not data:
+            self.read_eof = True
+            if self.server.mode == "reply-after-eof":
+                digest = self.hasher.hexdigest().encode()
+                body = b"".join(self.after_eof_buffer)[:65536] or b"-"
+                reply = (body * (self.server.reply_bytes // len(body) + 1))[:self.server.reply_bytes]
+                self.out += digest + b"\n" + transform(reply)
+            self.update()
+            return
+        self.received += len(data)
+        if self.server.mode == "reply-after-eof":
+            self.hasher.update(data)
+            if sum(map(len, self.after_eof_buffer)) < 65536:
+                self.after_eof_buffer.append(data)
+            return
+        if self.server.mode == "reset" and self.received >= self.server.reset_after:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close()
+            return
+        self.out += transform(data)
+        self.on_writable()
+
+    def on_writable(self) -> None:
+        if self.out:
+            try:
+                sent = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.close()
+                return
+            del self.out[:sent]
+        self.update()
+
+    def update(self) -> None:
+        if self.sock.fileno() < 0:
+            return
+        if self.read_eof and not self.out:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            self.close()
+            return
+        events = 0
+        if not self.read_eof and len(self.out) < MAX_PENDING:
+            events |= selectors.EVENT_READ
+        if self.out:
+            events |= selectors.EVENT_WRITE
+        self.server.selector.modify(self.sock, events or selectors.EVENT_READ, self)
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.server.selector.unregister(self.sock)
+            self.sock.close()
+
+
+class Server:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.mode = args.mode
+        self.name = args.name
+        self.reply_bytes = args.reply_bytes
+        self.reset_after = args.reset_after
+        self.selector = selectors.DefaultSelector()
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((args.host, args.port))
+        self.listener.listen(4096)
+        self.listener.setblocking(False)
+        self.selector.register(self.listener, selectors.EVENT_READ, None)
+
+    def serve(self) -> None:
+        print(f"listening {self.listener.getsockname()[1]}", flush=True)
+        while True:
+            for key, events in self.selector.select():
+                if key.data is None:
+                    self.accept()
+                    continue
+                session: Session = key.data
+                if events & selectors.EVENT_READ:
+                    session.on_readable()
+                if events & selectors.EVENT_WRITE and session.sock.fileno() >= 0:
+                    session.on_writable()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            sock.setblocking(False)
+            session = Session(self, sock)
+            self.selector.register(sock, selectors.EVENT_READ, session)
+            if session.out:
+                session.on_writable()
+
+
+def main() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["echo", "tag", "reply-after-eof", "reset"])
+    parser.add_argument("--name", default="backend")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--reply-bytes", type=int, default=1 << 20)
+    parser.add_argument("--reset-after", type=int, default=1 << 20)
+    Server(parser.parse_args()).serve()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(0)
