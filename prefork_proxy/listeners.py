@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from prefork_proxy.config import Endpoint, ListenerConfig
 from prefork_proxy.errors import BindError
@@ -68,17 +68,25 @@ class ListenerSet:
     """The master's table of listening sockets, keyed by the endpoint as configured.
 
     ``open`` binds all of a config's listeners or none of them: if one fails,
-    the ones bound so far are closed and the error is raised.
+    the ones bound so far are closed and the error is raised.  A listener on
+    port 0 (the kernel picks the port, as tests do) is keyed by its position,
+    since two of them are different sockets.
     """
 
     def __init__(self) -> None:
-        self._sockets: Dict[Tuple[str, int], socket.socket] = {}
+        self._sockets: Dict[Tuple[object, ...], socket.socket] = {}
 
-    def open(self, listeners: Iterable[ListenerConfig]) -> None:
-        opened: List[Tuple[str, int]] = []
+    @staticmethod
+    def _key(listener: ListenerConfig, index: int) -> Tuple[object, ...]:
+        bind = listener.bind
+        return (bind.host, bind.port) if bind.port else (bind.host, 0, index)
+
+    def open(self, listeners: Sequence[ListenerConfig]) -> List[socket.socket]:
+        """Bind what is not bound yet; return the sockets in the order of ``listeners``."""
+        opened: List[Tuple[object, ...]] = []
         try:
-            for listener in listeners:
-                key = (listener.bind.host, listener.bind.port)
+            for index, listener in enumerate(listeners):
+                key = self._key(listener, index)
                 if key not in self._sockets:
                     self._sockets[key] = bind_listener(listener.bind)
                     opened.append(key)
@@ -86,9 +94,7 @@ class ListenerSet:
             for key in opened:
                 self._sockets.pop(key).close()
             raise
-
-    def socket_for(self, listener: ListenerConfig) -> socket.socket:
-        return self._sockets[(listener.bind.host, listener.bind.port)]
+        return [self._sockets[self._key(lst, i)] for i, lst in enumerate(listeners)]
 
     def close(self) -> None:
         for sock in self._sockets.values():

@@ -17,6 +17,7 @@ import os
 import resource
 import select
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -69,6 +70,7 @@ class Master:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.listeners = ListenerSet()
+        self.sockets: List[socket.socket] = []  # in the order of config.listeners
         self.slots: Dict[int, WorkerSlot] = {}
         self.pid = os.getpid()
         self.mode = "copy"
@@ -86,7 +88,7 @@ class Master:
         self.pid = os.getpid()
         self.mode = choose_mode(self.config.server.relay)
         file_limit = raise_open_file_limit()
-        self.listeners.open(self.config.listeners)
+        self.sockets = self.listeners.open(self.config.listeners)
         self.shared = SharedState(len(self.config.listeners))
         set_title("prefork-proxy: master")
         signals = SignalQueue((signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
@@ -97,8 +99,7 @@ class Master:
                 self.spawn(self.slots[slot])
             log.info("open-file limit %d: room for about %d idle connections per worker",
                      file_limit, max(0, (file_limit - 64) // 2))
-            addresses = ",".join(bound_address(self.listeners.socket_for(lst))
-                                 for lst in self.config.listeners)
+            addresses = ",".join(bound_address(sock) for sock in self.sockets)
             log.info("ready pid=%d listeners=%s workers=%d threads=%d relay=%s", self.pid,
                      addresses, self.config.server.workers, self.config.server.threads,
                      self.mode)
@@ -164,7 +165,7 @@ class Master:
         """Fork a worker for ``slot``.  The child never returns from here."""
         assert self.shared is not None
         worker = Worker(slot.slot, 1, self.config,
-                        [(lst, self.listeners.socket_for(lst)) for lst in self.config.listeners],
+                        list(zip(self.config.listeners, self.sockets)),
                         self.shared, self.mode, self.pid)
         pid = os.fork()
         if pid == 0:

@@ -361,7 +361,7 @@ class RelayLoop:
                     if key.data is None:
                         self._take_inbox()
                     elif not key.data.closed:
-                        self._on_event(key.data, key.fileobj, events)
+                        self._guarded(key.data, self._on_event, key.data, key.fileobj, events)
                 self._expire_timeouts()
         finally:
             for conn in list(self._connections):
@@ -392,7 +392,7 @@ class RelayLoop:
             client, targets, timeout_s, peer = self._inbox.popleft()
             conn = Connection(client, targets, timeout_s, peer)
             self._connections.add(conn)
-            self._connect_next(conn, None)
+            self._guarded(conn, self._connect_next, conn, None)
 
     # connect phase
 
@@ -414,7 +414,11 @@ class RelayLoop:
             self._close(conn)
             return
         conn.target = target
-        backend = socket.socket(target.family, socket.SOCK_STREAM)
+        try:
+            backend = socket.socket(target.family, socket.SOCK_STREAM)
+        except OSError as exc:  # EMFILE/ENFILE: out of descriptors for this one
+            self._connect_next(conn, f"cannot create a socket: {exc.strerror}")
+            return
         backend.setblocking(False)
         conn.backend = backend
         code = backend.connect_ex(target.sockaddr)
@@ -433,6 +437,8 @@ class RelayLoop:
             self._connect_next(conn, os.strerror(code))
             return
         conn.deadline = 0.0
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("client %s connected to backend %s", conn.peer or "?", conn.target.name)
         for sock in (conn.client, backend):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         by_fd = self.mode == "splice"
@@ -451,10 +457,18 @@ class RelayLoop:
         while self._timeouts and self._timeouts[0][0] <= now:
             deadline, _, conn = heapq.heappop(self._timeouts)
             if not conn.closed and conn.deadline == deadline:
-                self._connect_next(conn, f"connect timed out after "
-                                         f"{conn.timeout_s * 1000:.0f} ms")
+                self._guarded(conn, self._connect_next, conn,
+                              f"connect timed out after {conn.timeout_s * 1000:.0f} ms")
 
     # relay phase
+
+    def _guarded(self, conn: Connection, step: Callable[..., None], *args: object) -> None:
+        """Run one step of a connection; whatever goes wrong ends this connection only."""
+        try:
+            step(*args)
+        except Exception:
+            log.exception("relay error on the connection from %s; closing it", conn.peer or "?")
+            self._close(conn)
 
     def _on_event(self, conn: Connection, sock: socket.socket, events: int) -> None:
         if conn.upstream is None:

@@ -1,0 +1,132 @@
+"""Workers: global round robin, several listeners, thousands of idle connections, EMFILE."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import socket
+import time
+
+import pytest
+
+from support import (cpu_seconds, process_title, recv_exactly, rss_kib, thread_count,
+                     transform, wait_for, write_config)
+
+
+def _backend_name(port: int) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        name = b""
+        while not name.endswith(b"\n"):
+            chunk = sock.recv(64)
+            assert chunk, "the proxy closed the connection before the backend's tag"
+            name += chunk
+        return name.decode().strip()
+
+
+def test_round_robin_is_global_across_8_workers(backend_factory, proxy_factory):
+    a, b = backend_factory("tag", "A"), backend_factory("tag", "B")
+    proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", a.address,
+                          "--backend", b.address, "--workers", "8", "--log-level", "debug")
+    proxy.wait_workers(8)
+    names = [_backend_name(proxy.port()) for _ in range(100)]
+    assert names.count("A") == names.count("B") == 50
+    assert all(names[i] != names[i + 1] for i in range(99)), "".join(names)
+    # The rotation stayed exact although several workers accepted: each worker
+    # alone would restart its own rotation.
+    serving = set(re.findall(r"\[(\d+)\] DEBUG client \S+ connected", proxy.log))
+    assert len(serving) >= 2, "only one worker accepted; the test proves nothing"
+
+
+def test_two_listeners_each_with_its_backends(backend_factory, proxy_factory, tmp_path):
+    a, b = backend_factory("tag", "A"), backend_factory("tag", "B")
+    config = write_config(tmp_path / "proxy.toml", f"""
+[server]
+workers = 2
+
+[[tcp_proxy]]
+bind = "127.0.0.1:0"
+backends = ["{a.address}"]
+
+[[tcp_proxy]]
+bind = "127.0.0.1:0"
+backends = ["{b.address}"]
+connect_timeout_ms = 1000
+""")
+    proxy = proxy_factory("start", "--config", str(config))
+    assert len(proxy.listeners) == 2
+    assert {_backend_name(proxy.port(0)) for _ in range(6)} == {"A"}
+    assert {_backend_name(proxy.port(1)) for _ in range(6)} == {"B"}
+
+
+def test_process_titles_name_master_and_workers(backend_factory, proxy_factory):
+    backend = backend_factory("echo")
+    proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", backend.address,
+                          "--workers", "3")
+    pids = proxy.wait_workers(3)
+    assert process_title(proxy.pid).startswith("prefork-proxy: master")
+    titles = sorted(process_title(pid) for pid in pids)
+    assert titles == [f"prefork-proxy: worker {slot}" for slot in range(3)]
+
+
+@pytest.mark.timeout(120)
+def test_one_worker_holds_2000_idle_connections_with_fixed_threads(backend_factory,
+                                                                  proxy_factory):
+    backend = backend_factory("echo")
+    proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", backend.address,
+                          "--workers", "1", "--threads", "2")
+    [worker] = proxy.wait_workers(1)
+    threads_before = thread_count(worker)
+    assert threads_before == 3  # the accept thread and 2 relay threads
+    rss_before = rss_kib(worker)
+    clients = []
+    try:
+        for index in range(2000):
+            sock = socket.create_connection(("127.0.0.1", proxy.port()), timeout=10)
+            message = index.to_bytes(4, "big")
+            sock.sendall(message)  # one round trip proves each connection is relayed
+            assert recv_exactly(sock, 4) == transform(message)
+            clients.append(sock)
+        assert thread_count(worker) == threads_before
+        rss_after = rss_kib(worker)
+        print(f"\nworker RSS {rss_before} KiB -> {rss_after} KiB with 2000 idle connections "
+              f"({(rss_after - rss_before) / 2000:.1f} KiB each), threads {threads_before}")
+        # Still all alive and relaying after being held idle.
+        for index in (0, 999, 1999):
+            clients[index].sendall(b"ping")
+            assert recv_exactly(clients[index], 4) == transform(b"ping")
+    finally:
+        for sock in clients:
+            sock.close()
+
+
+def _limit_open_files() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+
+def test_out_of_file_descriptors_does_not_spin_and_recovers(backend_factory, proxy_factory):
+    backend = backend_factory("echo")
+    proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", backend.address,
+                          "--workers", "1", "--threads", "1", preexec_fn=_limit_open_files)
+    [worker] = proxy.wait_workers(1)
+    held = []
+    try:
+        # 64 descriptors allow ~25 relayed connections; open far more.  The extra
+        # ones wait in the kernel's accept queue (the master keeps it open).
+        for _ in range(60):
+            held.append(socket.create_connection(("127.0.0.1", proxy.port()), timeout=10))
+        wait_for(lambda: "pausing accept" in proxy.log, 10, message="the EMFILE log line")
+        cpu_start, wall_start = cpu_seconds(worker), time.monotonic()
+        wait_for(lambda: time.monotonic() - wall_start >= 1.0, 2, message="one second")
+        burned = cpu_seconds(worker) - cpu_start
+        assert burned < 0.25, f"worker burned {burned:.2f} s of CPU in 1 s while out of fds"
+        # Free descriptors: the queued connections are then accepted and relayed.
+        for sock in held[:40]:
+            sock.close()
+        for sock in held[40:]:
+            sock.sendall(b"late")
+            assert recv_exactly(sock, 4) == transform(b"late")
+    finally:
+        for sock in held:
+            sock.close()
+    assert os.path.exists(f"/proc/{worker}")  # the same worker, still alive
