@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import errno
 import heapq
+import itertools
 import logging
 import os
 import selectors
@@ -304,8 +305,14 @@ class RelayLoop:
         self._inbox: Deque[Tuple[socket.socket, Iterator[Target], float, str]] = \
             collections.deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # The loop may end (and close the wake pipe) the moment ``stop`` sets
+        # ``_stopping``, before ``stop`` writes its wake-up: the lock makes
+        # writing and closing exclusive, so a stale write can never land in a
+        # descriptor number that another socket has reused.
+        self._wake_lock = threading.Lock()
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._timeouts: List[Tuple[float, int, Connection]] = []
+        self._timeout_sequence = itertools.count()  # ties in the heap never compare Connections
         self._connections: Set[Connection] = set()
         self._stopping = False
         self._drain_deadline = 0.0
@@ -346,10 +353,13 @@ class RelayLoop:
         return True
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full of wake-ups already: the loop will look
+        with self._wake_lock:
+            if self._wake_w < 0:
+                return  # the loop has ended
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups already: the loop will look
 
     # -- the loop's own thread
 
@@ -363,6 +373,9 @@ class RelayLoop:
                     elif not key.data.closed:
                         self._guarded(key.data, self._on_event, key.data, key.fileobj, events)
                 self._expire_timeouts()
+        except BaseException:
+            log.exception("relay loop %s crashed; closing its connections", self.name)
+            raise
         finally:
             for conn in list(self._connections):
                 self._close(conn)
@@ -372,8 +385,10 @@ class RelayLoop:
             self._pipes.close()
             self._buffers.close()
             self._selector.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            with self._wake_lock:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r = self._wake_w = -1
 
     def _poll_timeout(self) -> float:
         timeout = 1.0
@@ -426,7 +441,7 @@ class RelayLoop:
             self._connect_next(conn, os.strerror(code))
             return
         conn.deadline = time.monotonic() + conn.timeout_s
-        heapq.heappush(self._timeouts, (conn.deadline, id(conn), conn))
+        heapq.heappush(self._timeouts, (conn.deadline, next(self._timeout_sequence), conn))
         self._set_interest(conn, backend, selectors.EVENT_WRITE)
 
     def _on_connect_ready(self, conn: Connection) -> None:

@@ -1,0 +1,147 @@
+"""Config validation as a table: good files parse, bad files give the expected message."""
+
+from __future__ import annotations
+
+import pytest
+
+from prefork_proxy import config
+from prefork_proxy.config import Backend, Endpoint
+from prefork_proxy.errors import ConfigError
+
+GOOD = """
+[server]
+workers = 4
+threads = 3
+relay = "copy"
+drain_timeout_s = 2.5
+
+[[tcp_proxy]]
+bind = "0.0.0.0:5432"
+backends = ["db-primary:5432", { address = "10.0.0.2:5432", weight = 3 }]
+connect_timeout_ms = 3000
+
+[[tcp_proxy]]
+bind = "[::1]:6380"
+backends = ["[::1]:6379", { address = "cache:6379", backup = true }]
+"""
+
+
+def test_good_file_parses_into_dataclasses():
+    loaded = config.load_text(GOOD, source="proxy.toml")
+    assert loaded.server.workers == 4 and loaded.server.threads == 3
+    assert loaded.server.relay == "copy" and loaded.server.drain_timeout_s == 2.5
+    first, second = loaded.listeners
+    assert first.bind == Endpoint("0.0.0.0", 5432)
+    assert first.backends == (Backend(Endpoint("db-primary", 5432)),
+                              Backend(Endpoint("10.0.0.2", 5432), weight=3))
+    assert first.connect_timeout_ms == 3000
+    assert second.bind == Endpoint("::1", 6380) and str(second.bind) == "[::1]:6380"
+    assert second.connect_timeout_ms == 5000  # the seed's default
+    assert second.backends[1].backup is True
+
+
+def test_defaults_without_server_section():
+    loaded = config.load_text('[[tcp_proxy]]\nbind = "127.0.0.1:1"\nbackends = ["a:2"]\n')
+    assert loaded.server.workers >= 1 and loaded.server.threads == 2
+    assert loaded.server.relay == "auto" and loaded.server.drain_timeout_s == 30.0
+
+
+def test_workers_override():
+    loaded = config.load_text(GOOD, workers=7)
+    assert loaded.server.workers == 7
+
+
+LISTENER = '[[tcp_proxy]]\nbind = "127.0.0.1:7000"\nbackends = ["127.0.0.1:7001"]\n'
+
+BAD = [
+    # (file text, expected fragment of the message)
+    ("[[tcp_proxy]\nbind = 1", "proxy.toml: invalid TOML"),
+    ("", "no [[tcp_proxy]] section"),
+    ("[server]\nworkers = 2\n", "no [[tcp_proxy]] section"),
+    ("[[tcp_proxy]]\nbackends = [\"a:1\"]\n",
+     'proxy.toml:1: tcp_proxy[1]: key "bind": missing'),
+    ("[[tcp_proxy]]\nbind = \"127.0.0.1\"\nbackends = [\"a:1\"]\n",
+     'proxy.toml:2: tcp_proxy[1] (bind "127.0.0.1"): key "bind": expected "host:port"'),
+    ("[[tcp_proxy]]\nbind = \"127.0.0.1:99999\"\nbackends = [\"a:1\"]\n",
+     'key "bind": expected a port between 0 and 65535'),
+    ("[[tcp_proxy]]\nbind = \"::1:80\"\nbackends = [\"a:1\"]\n", "needs brackets"),
+    ("[[tcp_proxy]]\nbind = 5432\nbackends = [\"a:1\"]\n",
+     'key "bind": expected a "host:port" string, got an integer 5432'),
+    ("[[tcp_proxy]]\nbind = \"127.0.0.1:7000\"\n",
+     'tcp_proxy[1] (bind "127.0.0.1:7000"): key "backends": missing'),
+    ("[[tcp_proxy]]\nbind = \"127.0.0.1:7000\"\nbackends = []\n",
+     'proxy.toml:3: tcp_proxy[1] (bind "127.0.0.1:7000"): key "backends": expected a '
+     'non-empty list'),
+    ("[[tcp_proxy]]\nbind = \"127.0.0.1:7000\"\nbackends = \"a:1\"\n",
+     'key "backends": expected a non-empty list'),
+    ("[[tcp_proxy]]\nbind = \"127.0.0.1:7000\"\nbackends = [\"a:0\"]\n",
+     'key "backends": backends[1]: expected a port between 1 and 65535'),
+    ("[[tcp_proxy]]\nbind = \"127.0.0.1:7000\"\nbackends = [\"a:1\", \"bad host:2\"]\n",
+     "backends[2]: expected a hostname or IP address"),
+    ("[[tcp_proxy]]\nbind = \"127.0.0.1:7000\"\nbackends = [{ adress = \"a:1\" }]\n",
+     'backends[1]: unknown key "adress"'),
+    ("[[tcp_proxy]]\nbind = \"127.0.0.1:7000\"\nbackends = [{ address = \"a:1\", weight = 0 }]\n",
+     "backends[1]: weight: expected an integer between 1 and 1000"),
+    ("[[tcp_proxy]]\nbind = \"127.0.0.1:7000\"\nbackends = [\"a:1\"]\nconnect_timeout_ms = \"3s\"\n",
+     'proxy.toml:4: tcp_proxy[1] (bind "127.0.0.1:7000"): key "connect_timeout_ms": expected an '
+     'integer number of milliseconds'),
+    ("[[tcp_proxy]]\nbind = \"127.0.0.1:7000\"\nbackends = [\"a:1\"]\nconect_timeout_ms = 5\n",
+     'proxy.toml:4: tcp_proxy[1] (bind "127.0.0.1:7000"): key "conect_timeout_ms": unknown key'),
+    (LISTENER + LISTENER,
+     'proxy.toml:5: tcp_proxy[2] (bind "127.0.0.1:7000"): key "bind": duplicate bind address: '
+     "tcp_proxy[1] already binds it"),
+    ("[server]\nworkers = 0\n" + LISTENER,
+     'proxy.toml:2: server: key "workers": expected an integer between 1 and 1024, got an '
+     "integer 0"),
+    ("[server]\nworkers = \"4\"\n" + LISTENER, 'key "workers": expected an integer'),
+    ("[server]\nthreads = 0\n" + LISTENER, 'key "threads": expected an integer'),
+    ("[server]\nrelay = \"zerocopy\"\n" + LISTENER,
+     'proxy.toml:2: server: key "relay": expected one of "auto", "splice", "copy"'),
+    ("[server]\ndrain_timeout_s = -1\n" + LISTENER, 'key "drain_timeout_s": expected a number'),
+    ("[server]\nworker = 2\n" + LISTENER, 'server: key "worker": unknown key'),
+    ("[tcp_proxy]\nbind = \"127.0.0.1:7000\"\nbackends = [\"a:1\"]\n",
+     "must be written as [[tcp_proxy]] sections"),
+    ("[listen]\nport = 1\n" + LISTENER, 'unknown top-level key or section "listen"'),
+]
+
+
+@pytest.mark.parametrize("text, expected", BAD, ids=[b[1][:40] for b in BAD])
+def test_bad_file_names_file_line_section_key(text, expected):
+    with pytest.raises(ConfigError) as raised:
+        config.load_text(text, source="proxy.toml")
+    assert expected in str(raised.value)
+    assert "\n" not in str(raised.value)  # one line, fit for a log
+
+
+def test_second_section_error_points_at_its_line():
+    text = LISTENER + '\n[[tcp_proxy]]\nbind = "127.0.0.1:7002"\nbackends = []\n'
+    with pytest.raises(ConfigError, match=r'^proxy.toml:7: tcp_proxy\[2\] \(bind "127.0.0.1:7002"\)'):
+        config.load_text(text, source="proxy.toml")
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        config.load_file(str(tmp_path / "absent.toml"))
+
+
+@pytest.mark.parametrize("text, endpoint", [
+    ("db:5432", Endpoint("db", 5432)),
+    ("10.1.2.3:1", Endpoint("10.1.2.3", 1)),
+    ("[::1]:6379", Endpoint("::1", 6379)),
+    ("[fe80::1%eth0]:22", Endpoint("fe80::1%eth0", 22)),
+    ("*:80", Endpoint("0.0.0.0", 80)),
+])
+def test_parse_endpoint(text, endpoint):
+    assert config.parse_endpoint(text) == endpoint
+
+
+def test_command_line_arguments_are_validated_like_a_file():
+    loaded = config.from_arguments(["127.0.0.1:6380"], ["127.0.0.1:6379", "127.0.0.1:6381"],
+                                   connect_timeout_ms=250, workers=3)
+    assert loaded.server.workers == 3
+    assert [str(b.address) for b in loaded.listeners[0].backends] == ["127.0.0.1:6379",
+                                                                     "127.0.0.1:6381"]
+    with pytest.raises(ConfigError, match='command line: tcp_proxy\\[1\\] .*key "backends"'):
+        config.from_arguments(["127.0.0.1:6380"], ["nope"])
+    with pytest.raises(ConfigError, match='server: key "workers"'):
+        config.with_overrides(loaded, workers=0)
