@@ -58,7 +58,9 @@ PIPE_SIZE = 1024 * 1024
 #: Buffer size in copy mode.
 BUFFER_SIZE = 256 * 1024
 #: Idle pipes/buffers a loop keeps for reuse; more are closed or freed.
-POOL_KEEP = 32
+POOL_KEEP = 8
+#: Bytes read per round by a splice direction that could not get a pipe.
+FALLBACK_READ = 64 * 1024
 #: Read/write rounds a direction may take per readiness event, so one busy
 #: stream cannot starve the others in its loop (epoll is level-triggered, so
 #: the rest is picked up on the next turn).
@@ -134,26 +136,45 @@ class BufferPool:
 
 
 class SpliceMover:
-    """One direction's bytes in flight, held in a pipe between two ``splice`` calls."""
+    """One direction's bytes in flight, held in a pipe between two ``splice`` calls.
 
-    __slots__ = ("pool", "splice", "pipe", "pending")
+    When no pipe can be had (the process is out of file descriptors), one round
+    goes through a small buffer with ``read``/``write`` instead: slower, but
+    the stream keeps flowing rather than being cut.
+    """
+
+    __slots__ = ("pool", "splice", "pipe", "pending", "fallback")
 
     def __init__(self, pool: PipePool, splice: SpliceFunction) -> None:
         self.pool = pool
         self.splice = splice
         self.pipe: Optional[Tuple[int, int, int]] = None
         self.pending = 0  # bytes in the pipe: splice counts slots, so we count bytes
+        self.fallback: Optional[bytes] = None  # bytes read without a pipe, not yet written
 
     def fill(self, src: int) -> int:
         """Splice what the source has into the (empty) pipe; 0 means EOF."""
         if self.pipe is None:
-            self.pipe = self.pool.take()
+            try:
+                self.pipe = self.pool.take()
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                data = os.read(src, FALLBACK_READ)
+                self.fallback = data or None
+                self.pending = len(data)
+                return len(data)
         n = self.splice(src, self.pipe[1], self.pipe[2], SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
         self.pending += n
         return n
 
     def flush(self, dst: int) -> None:
         """Splice pending bytes from the pipe to the destination."""
+        if self.fallback is not None:
+            written = os.write(dst, self.fallback)
+            self.fallback = self.fallback[written:] or None
+            self.pending -= written
+            return
         assert self.pipe is not None
         self.pending -= self.splice(self.pipe[0], dst, self.pending,
                                     SPLICE_F_MOVE | SPLICE_F_NONBLOCK)

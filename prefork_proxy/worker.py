@@ -8,11 +8,18 @@ Threads in a worker: the main thread accepts (one epoll over every listener
 and the signal pipe) and ``threads`` relay threads each run a ``RelayLoop``.
 The thread count is fixed at boot: 10 or 10,000 connections, same threads.
 
-Principle (accept never spins): when ``accept`` fails because this process is
-out of file descriptors (``EMFILE``/``ENFILE``), the listener stays readable,
-and retrying at once would burn a core.  The worker stops watching its
-listeners for ``ACCEPT_PAUSE_S`` instead; the connections wait in the kernel's
-queue (the master keeps it open) and are served when descriptors free up.
+Principle (accept only what can be served): each connection needs two file
+descriptors (client and backend), so a worker computes at boot how many
+connections its open-file limit allows (``max_connections``) and stops
+accepting at that count.  Accepting a client and then failing to open its
+backend socket would drop a client that the kernel had already accepted;
+left in the kernel's queue (which the master keeps open), it is served as
+soon as another connection ends.
+
+Principle (accept never spins): while paused, or when ``accept`` fails
+anyway with ``EMFILE``/``ENFILE``, the listener stays readable, and retrying
+at once would burn a core.  The worker stops watching its listeners for
+``ACCEPT_PAUSE_S`` instead.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -43,6 +51,9 @@ ACCEPT_BATCH = 64
 ACCEPT_PAUSE_S = 0.1
 #: How often the worker checks that its master is still alive.
 MASTER_CHECK_S = 1.0
+#: File descriptors kept free for pipes, logs and the like when sizing max_connections.
+RESERVED_FDS_PER_THREAD = 8
+RESERVED_FDS = 16
 
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -63,6 +74,8 @@ class Worker:
         self.loops: List[RelayLoop] = []
         self.stopping = False
         self.drain_deadline: Optional[float] = None
+        self.max_connections = 0
+        self.at_limit = False
 
     # -- the child, after fork
 
@@ -90,9 +103,22 @@ class Worker:
             loop = RelayLoop(self.mode, name=f"relay-{index}")
             loop.start()
             self.loops.append(loop)
-        log.info("worker %d booted: pid=%d threads=%d relay=%s", self.slot, os.getpid(),
-                 len(self.loops), self.mode)
+        self.max_connections = self._connection_budget()
+        log.info("worker %d booted: pid=%d threads=%d relay=%s max_connections=%d", self.slot,
+                 os.getpid(), len(self.loops), self.mode, self.max_connections)
         return signals
+
+    def _connection_budget(self) -> int:
+        """How many connections fit in the open-file limit, two descriptors each."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return 1 << 30
+        in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 32
+        reserved = RESERVED_FDS + RESERVED_FDS_PER_THREAD * len(self.loops)
+        return max(1, (soft - in_use - reserved) // 2)
+
+    def active(self) -> int:
+        return sum(loop.active for loop in self.loops)
 
     def _serve(self, signals: SignalQueue) -> None:
         selector = selectors.DefaultSelector()
@@ -134,9 +160,17 @@ class Worker:
 
     def _accept_batch(self, listener: ListenerConfig, sock: socket.socket,
                       balancer: Balancer) -> bool:
-        """Accept what is queued (up to a batch); False when out of file descriptors."""
+        """Accept what is queued (up to a batch); False to pause accepting for a while."""
         timeout_s = listener.connect_timeout_ms / 1000.0
         for _ in range(ACCEPT_BATCH):
+            if self.active() >= self.max_connections:
+                if not self.at_limit:
+                    self.at_limit = True
+                    log.warning("worker %d: at its limit of %d connections (open-file limit); "
+                                "new clients wait in the accept queue", self.slot,
+                                self.max_connections)
+                return False
+            self.at_limit = False
             try:
                 client, address = sock.accept()
             except BlockingIOError:
@@ -175,7 +209,7 @@ class Worker:
 
     def _finish(self) -> None:
         """Wait for the relay loops to drain (they close what is left at the deadline)."""
-        active = sum(loop.active for loop in self.loops)
+        active = self.active()
         if active:
             log.info("worker %d: draining %d connection(s) for up to %.1f s", self.slot,
                      active, self._drain_left())

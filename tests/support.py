@@ -73,8 +73,9 @@ class ProxyProcess:
 
     def __init__(self, args: Iterable[str], log_path: Path, wait_ready: bool = True,
                  preexec_fn: Optional[Callable[[], None]] = None,
-                 env: Optional[dict] = None) -> None:
-        self.args = [sys.executable, "-m", "prefork_proxy", *args]
+                 env: Optional[dict] = None, command: Optional[List[str]] = None) -> None:
+        """Run ``python -m prefork_proxy ARGS``, or ``command`` as given (e.g. the API)."""
+        self.args = command or [sys.executable, "-m", "prefork_proxy", *args]
         self.log_path = log_path
         self.log_file = open(log_path, "ab")
         self.process = subprocess.Popen(self.args, stdout=self.log_file,

@@ -100,7 +100,14 @@ class Registry:
               cwd: Path | None = None) -> Managed:
         logdir = self.workdir / "logs"
         logdir.mkdir(parents=True, exist_ok=True)
-        out_path, err_path = logdir / f"{name}.out", logdir / f"{name}.err"
+        # A restarted process gets its own logs (name.2.err, ...), so the
+        # previous instance's log survives and its `ready` line cannot be
+        # mistaken for the new instance's.
+        stem, n = name, 1
+        while (logdir / f"{stem}.err").exists():
+            n += 1
+            stem = f"{name}.{n}"
+        out_path, err_path = logdir / f"{stem}.out", logdir / f"{stem}.err"
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             try:
                 popen = subprocess.Popen(
@@ -122,6 +129,12 @@ class Registry:
                 self._used_ports.add(port)
                 return port
         raise StartError("no free port found")
+
+    def stop(self, proc: Managed) -> None:
+        """Stop one process now and forget it (it must not be signalled twice)."""
+        proc.stop()
+        if proc in self.processes:
+            self.processes.remove(proc)
 
     def stop_all(self) -> None:
         # Proxies first (reverse start order), backends last.

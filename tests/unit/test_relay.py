@@ -186,3 +186,41 @@ def test_idle_connections_hold_no_pipes_or_buffers(relay):
 def test_choose_mode():
     assert choose_mode("copy") == "copy"
     assert choose_mode("auto") == ("splice" if splice_module.SPLICE_SUPPORTED else "copy")
+
+
+class _ExhaustedPipePool:
+    """A pool that behaves as when the process is out of file descriptors."""
+
+    def take(self):
+        raise OSError(24, "Too many open files")
+
+    def give_back(self, pipe, empty):  # pragma: no cover - never lent anything
+        raise AssertionError("nothing was lent")
+
+
+def test_splice_direction_without_a_pipe_falls_back_to_read_write():
+    from prefork_proxy.relay import Direction, SpliceMover
+
+    src_peer, src = socket.socketpair()
+    dst, dst_peer = socket.socketpair()
+    for sock in (src, dst):
+        sock.setblocking(False)
+    try:
+        direction = Direction(src, dst, SpliceMover(_ExhaustedPipePool(), splice_module.splice),
+                              by_fd=True)
+        payload = os.urandom(200_000)
+        src_peer.sendall(payload[:100_000])
+        received = bytearray()
+        while len(received) < 100_000:
+            assert direction.pump() == "read"
+            received += dst_peer.recv(1 << 20)
+        src_peer.sendall(payload[100_000:])
+        src_peer.shutdown(socket.SHUT_WR)
+        dst_peer.settimeout(5)
+        while direction.pump() != "done":
+            pass
+        received += recv_until_eof(dst_peer)
+        assert bytes(received) == payload
+    finally:
+        for sock in (src_peer, src, dst, dst_peer):
+            sock.close()
