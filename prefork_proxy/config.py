@@ -43,6 +43,7 @@ RELAY_MODES = ("auto", "splice", "copy")
 DEFAULT_CONNECT_TIMEOUT_MS = 5000
 DEFAULT_THREADS = 2
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+DEFAULT_WORKER_TIMEOUT_S = 30.0
 MAX_THREADS = 256
 MAX_WORKERS = 1024
 
@@ -92,6 +93,11 @@ class ServerConfig:
     threads: int = DEFAULT_THREADS
     relay: str = "auto"
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+    worker_timeout_s: float = DEFAULT_WORKER_TIMEOUT_S
+    pidfile: Optional[str] = None
+    log_file: Optional[str] = None
+    user: Optional[str] = None
+    group: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -195,15 +201,15 @@ def check_workers(value: Any) -> int:
     return value
 
 
-def with_overrides(config: Config, *, workers: Optional[int] = None,
-                   threads: Optional[int] = None, relay: Optional[str] = None) -> Config:
-    """Apply command-line overrides to ``[server]``, validating them like the file."""
-    overrides = {k: v for k, v in (("workers", workers), ("threads", threads), ("relay", relay))
-                 if v is not None}
+def with_overrides(config: Config, **overrides: Any) -> Config:
+    """Apply overrides (command line, environment) to ``[server]``, validated like the file.
+
+    Keys are ``[server]`` keys; ``None`` values are ignored.
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     if not overrides:
         return config
-    merged = {"workers": config.server.workers, "threads": config.server.threads,
-              "relay": config.server.relay, "drain_timeout_s": config.server.drain_timeout_s}
+    merged = {key: value for key, value in vars(config.server).items() if value is not None}
     merged.update(overrides)
     server = _Validator("", "command line").server(merged)
     return replace(config, server=server)
@@ -226,7 +232,8 @@ def _describe(value: Any) -> str:
 class _Validator:
     """Turns a parsed TOML document into a ``Config`` or raises the first ``ConfigError``."""
 
-    SERVER_KEYS = ("workers", "threads", "relay", "drain_timeout_s")
+    SERVER_KEYS = ("workers", "threads", "relay", "drain_timeout_s", "worker_timeout_s",
+                   "pidfile", "log_file", "user", "group")
     LISTENER_KEYS = ("bind", "backends", "connect_timeout_ms", "name")
     BACKEND_KEYS = ("address", "weight", "backup")
 
@@ -328,6 +335,17 @@ class _Validator:
                 raise fail("drain_timeout_s", "expected a number of seconds >= 0, "
                                               f"got {_describe(drain)}")
             values["drain_timeout_s"] = float(drain)
+        if "worker_timeout_s" in doc:
+            hung = doc["worker_timeout_s"]
+            if isinstance(hung, bool) or not isinstance(hung, (int, float)) or hung < 1:
+                raise fail("worker_timeout_s", "expected a number of seconds >= 1, "
+                                               f"got {_describe(hung)}")
+            values["worker_timeout_s"] = float(hung)
+        for key in ("pidfile", "log_file", "user", "group"):
+            if key in doc:
+                if not isinstance(doc[key], str) or not doc[key]:
+                    raise fail(key, f"expected a non-empty string, got {_describe(doc[key])}")
+                values[key] = doc[key]
         return ServerConfig(**values)
 
     def listener(self, doc: Mapping[str, Any], index: int) -> ListenerConfig:

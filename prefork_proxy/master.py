@@ -89,7 +89,7 @@ class Master:
         self.mode = choose_mode(self.config.server.relay)
         file_limit = raise_open_file_limit()
         self.sockets = self.listeners.open(self.config.listeners)
-        self.shared = SharedState(len(self.config.listeners))
+        self.shared = SharedState(self.config)
         set_title("prefork-proxy: master")
         signals = SignalQueue((signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
                                signal.SIGHUP))

@@ -14,7 +14,10 @@ then be off by one once, but no worker ever hangs.
 from __future__ import annotations
 
 import multiprocessing
-from typing import List
+from typing import TYPE_CHECKING, Dict
+
+if TYPE_CHECKING:
+    from prefork_proxy.config import Config, ListenerConfig
 
 #: How long a worker waits for the counter's lock before going on without it.
 LOCK_WAIT_S = 0.05
@@ -24,7 +27,9 @@ class RoundRobinCounter:
     """A global ticket counter: every worker draws the next number.  Writers: all workers."""
 
     def __init__(self) -> None:
-        self._value = multiprocessing.Value("Q", 0, lock=True)
+        # The fork context, explicitly: the semaphore is then unlinked at once and no
+        # resource-tracker process is started (the default start method may differ).
+        self._value = multiprocessing.get_context("fork").Value("Q", 0, lock=True)
 
     def draw(self) -> int:
         """Return the current ticket and advance it, atomically across processes."""
@@ -40,8 +45,28 @@ class RoundRobinCounter:
 
 
 class SharedState:
-    """Everything shared for one generation of workers: one counter per listener."""
+    """Everything the workers share, created by the master before the first fork.
 
-    def __init__(self, listener_count: int) -> None:
-        self.round_robin: List[RoundRobinCounter] = [RoundRobinCounter()
-                                                     for _ in range(listener_count)]
+    The master calls ``reconfigure`` on every reload, before forking the new
+    generation: state that belongs to something that still exists (a listener
+    with the same bind address) is kept, so a reload does not restart the
+    rotation.  Only the master calls ``reconfigure``; workers only read and draw.
+    """
+
+    def __init__(self, config: "Config") -> None:
+        self._round_robin: Dict[str, RoundRobinCounter] = {}
+        self.reconfigure(config)
+
+    def reconfigure(self, config: "Config") -> None:
+        for index, listener in enumerate(config.listeners):
+            key = self._key(listener, index)
+            if key not in self._round_robin:
+                self._round_robin[key] = RoundRobinCounter()
+
+    @staticmethod
+    def _key(listener: "ListenerConfig", index: int) -> str:
+        return str(listener.bind) if listener.bind.port else f"{listener.bind}#{index}"
+
+    def round_robin(self, listener: "ListenerConfig", index: int) -> RoundRobinCounter:
+        """The counter of the ``index``-th listener of the config the worker serves."""
+        return self._round_robin[self._key(listener, index)]

@@ -123,7 +123,7 @@ class Worker:
     def _serve(self, signals: SignalQueue) -> None:
         selector = selectors.DefaultSelector()
         selector.register(signals.read_fd, selectors.EVENT_READ, None)
-        accepting = [(lst, sock, Balancer(lst, self.shared.round_robin[index]))
+        accepting = [(lst, sock, Balancer(lst, self.shared.round_robin(lst, index)))
                      for index, (lst, sock) in enumerate(self.listeners)]
         for entry in accepting:
             selector.register(entry[1], selectors.EVENT_READ, entry)
