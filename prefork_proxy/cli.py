@@ -1,23 +1,24 @@
-"""The ``prefork-proxy`` command: ``start`` and ``check``.
+"""The ``prefork-proxy`` command: ``start``, ``check``, ``reload``, ``stop``, ``status``.
 
-Runs in the process that becomes the master.  Owns argument parsing, logging
-setup and exit codes (``errors.EXIT_*``): 0 served and stopped cleanly, 1 a
-runtime failure such as a listener that cannot be bound, 2 an invalid
-configuration or command line.
+``start`` runs in the process that becomes the master; the other commands are
+short-lived and talk to a running master through its pidfile (``control``).
+Owns argument parsing, logging setup and exit codes (``errors.EXIT_*``): 0
+success, 1 a runtime failure (a listener cannot be bound, no master is
+running), 2 an invalid configuration or command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from typing import List, Optional
 
 from prefork_proxy import config as config_module
+from prefork_proxy import control, logsetup
 from prefork_proxy.config import RELAY_MODES, Config
-from prefork_proxy.errors import EXIT_CONFIG, EXIT_OK, ConfigError
-
-LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(message)s"
+from prefork_proxy.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, ProxyError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,16 +46,33 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--relay", choices=RELAY_MODES, help="how bytes move (default auto)")
     start.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
+    start.add_argument("--log-file", metavar="FILE",
+                       help="append logs to FILE instead of stderr (SIGUSR1 reopens it)")
+    start.add_argument("--pidfile", metavar="FILE",
+                       help="write the master's pid here (for reload/stop/status)")
 
     check = commands.add_parser("check", help="validate a config file without binding anything",
                                 description="Exit 0 with a summary, or 2 with the error.")
     check.add_argument("--config", "-c", metavar="FILE", required=True, help="TOML config file")
+
+    for name, text in (("reload", "reload the config of a running proxy (SIGHUP)"),
+                       ("stop", "stop a running proxy gracefully (SIGTERM) and wait"),
+                       ("status", "show the master, its generation and its workers")):
+        command = commands.add_parser(name, help=text, description=text)
+        where = command.add_mutually_exclusive_group(required=True)
+        where.add_argument("--pidfile", metavar="FILE", help="the running master's pidfile")
+        where.add_argument("--config", "-c", metavar="FILE",
+                           help="the config file whose [server] pidfile names it")
+        if name == "stop":
+            command.add_argument("--fast", action="store_true",
+                                 help="close connections at once (SIGINT) instead of draining")
+            command.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                                 help="how long to wait for the master to exit")
     return parser
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), format=LOG_FORMAT,
-                        stream=sys.stderr)
+def configure_logging(level: str, log_file: Optional[str] = None) -> None:
+    logsetup.configure(level, log_file)
 
 
 def config_from_start_args(args: argparse.Namespace) -> Config:
@@ -64,18 +82,52 @@ def config_from_start_args(args: argparse.Namespace) -> Config:
             raise ConfigError("command line: give either --config or --bind/--backend, not both")
         loaded = config_module.load_file(args.config)
         return config_module.with_overrides(loaded, workers=args.workers, threads=args.threads,
-                                            relay=args.relay)
+                                            relay=args.relay, pidfile=args.pidfile,
+                                            log_file=args.log_file)
     if not args.bind or not args.backend:
         raise ConfigError("command line: expected --config FILE, or --bind HOST:PORT with at "
                           "least one --backend HOST:PORT")
-    return config_module.from_arguments(args.bind, args.backend,
-                                        connect_timeout_ms=args.connect_timeout_ms,
-                                        workers=args.workers, threads=args.threads,
-                                        relay=args.relay)
+    loaded = config_module.from_arguments(args.bind, args.backend,
+                                          connect_timeout_ms=args.connect_timeout_ms,
+                                          workers=args.workers, threads=args.threads,
+                                          relay=args.relay)
+    return config_module.with_overrides(loaded, pidfile=args.pidfile, log_file=args.log_file)
+
+
+def pidfile_from_args(args: argparse.Namespace) -> str:
+    if args.pidfile:
+        return args.pidfile
+    loaded = config_module.load_file(args.config)
+    if not loaded.server.pidfile:
+        raise ConfigError(f"{args.config}: [server] has no \"pidfile\"; give --pidfile")
+    return loaded.server.pidfile
+
+
+def control_command(args: argparse.Namespace) -> int:
+    """``reload``, ``stop`` and ``status``: act on a running master through its pidfile."""
+    try:
+        pidfile = pidfile_from_args(args)
+        if args.command == "reload":
+            pid = control.signal_master(pidfile, signal.SIGHUP)
+            print(f"sent SIGHUP to master {pid}: it reloads, or logs why it kept the old config")
+        elif args.command == "stop":
+            pid = control.stop_master(pidfile, args.timeout, fast=args.fast)
+            print(f"master {pid} stopped")
+        else:
+            print(control.format_status(control.read_status(pidfile)))
+    except ConfigError as exc:
+        print(f"prefork-proxy: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ProxyError as exc:
+        print(f"prefork-proxy: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("reload", "stop", "status"):
+        return control_command(args)
     if args.command == "check":
         try:
             loaded = config_module.load_file(args.config)
@@ -88,12 +140,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     configure_logging(args.log_level)
     try:
         loaded = config_from_start_args(args)
+        if loaded.server.log_file:
+            configure_logging(args.log_level, loaded.server.log_file)
     except ConfigError as exc:
         logging.getLogger("prefork_proxy").error("%s", exc)
         return EXIT_CONFIG
+    except OSError as exc:
+        logging.getLogger("prefork_proxy").error("cannot open the log file: %s", exc)
+        return EXIT_FAILURE
     from prefork_proxy.master import serve  # imported late: `check` never needs it
 
-    return serve(loaded)
+    # SIGHUP re-reads the file with the same command-line overrides.
+    loader = (lambda: config_from_start_args(args)) if args.config else None
+    return serve(loaded, loader)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,9 +14,11 @@ same address beside the old one.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import socket
+import struct
 from typing import Dict, List, Sequence, Tuple
 
 from prefork_proxy.config import Endpoint, ListenerConfig
@@ -26,6 +28,31 @@ log = logging.getLogger("prefork_proxy.listeners")
 
 #: Accept-queue length asked for; the kernel caps it at net.core.somaxconn.
 BACKLOG = 4096
+SO_ATTACH_FILTER = 26
+SO_DETACH_FILTER = 27
+# One classic-BPF instruction, "return 0": drop the packet.
+_DROP_ALL = (ctypes.c_ubyte * 8).from_buffer_copy(struct.pack("HBBI", 0x06, 0, 0, 0))
+
+
+def stop_new_handshakes(sock: socket.socket) -> bool:
+    """Freeze a listener's accept queue: new SYNs are dropped, queued clients stay.
+
+    Principle: closing a listening socket resets every connection waiting in
+    its queue.  Before a listener is closed for good, the master attaches a
+    socket filter that drops every incoming packet on it: clients that have
+    not finished their handshake just retransmit their SYN (and later find
+    the port closed), while those the kernel already accepted stay queued
+    until a worker accepts them.  Then the queue is empty when it is closed.
+    Returns False where the kernel refuses the filter (not Linux).
+    """
+    program = struct.pack("HL", 1, ctypes.addressof(_DROP_ALL))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, program)
+        return True
+    except OSError as exc:
+        log.debug("cannot attach a drop filter to %s: %s", sock, exc)
+        return False
+
 
 
 def bind_listener(endpoint: Endpoint) -> socket.socket:
@@ -95,6 +122,25 @@ class ListenerSet:
                 self._sockets.pop(key).close()
             raise
         return [self._sockets[self._key(lst, i)] for i, lst in enumerate(listeners)]
+
+    def retain(self, listeners: Sequence[ListenerConfig]) -> List[socket.socket]:
+        """Stop handshakes on every socket ``listeners`` no longer uses; return them.
+
+        The caller closes them with ``close_sockets`` once no worker that may
+        still accept from them is alive, so their queues are empty by then.
+        """
+        keep = {self._key(lst, i) for i, lst in enumerate(listeners)}
+        removed = []
+        for key in [k for k in self._sockets if k not in keep]:
+            sock = self._sockets.pop(key)
+            stop_new_handshakes(sock)
+            removed.append(sock)
+        return removed
+
+    def stop_new_handshakes(self) -> None:
+        """Freeze every queue (graceful stop): the workers' last accept sweep empties them."""
+        for sock in self._sockets.values():
+            stop_new_handshakes(sock)
 
     def close(self) -> None:
         for sock in self._sockets.values():

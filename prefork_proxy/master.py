@@ -1,17 +1,39 @@
 """The master process: binds the listeners, forks the workers, and supervises them.
 
 ``Master.run`` is called by the CLI (or ``TcpProxy.bind``) in the process that
-will become the master.  It stays single-threaded, so forking is safe, and its
-loop reads like a table of contents: wait for a signal or a timer, handle what
-was recorded, converge the worker table on the configured count.
+becomes the master.  It stays single-threaded, so forking is always safe, and
+its loop reads like a table of contents: wait for a signal or a timer, handle
+what was recorded, reap the dead, converge the worker table, write status.
+
+Signals (the semantics of gunicorn and nginx, which operators know):
+
+- SIGCHLD: reap; a worker that died unexpectedly is respawned in its slot,
+  with exponential backoff when it keeps dying young.  A worker that cannot
+  boot at all stops the master with an error instead of a respawn storm.
+- SIGTERM: graceful stop.  New handshakes are stopped, the workers accept
+  what is already queued, then let their connections run until they end or
+  ``drain_timeout_s`` passes.  A second SIGTERM, SIGINT or SIGQUIT: fast stop.
+- SIGHUP: reload.  The config is loaded and validated again; if invalid, the
+  error is logged and nothing changes.  If valid, listeners are reconciled
+  (an unchanged address keeps its socket), a new generation of workers is
+  forked, and the old generation stops accepting and drains.
+- SIGTTIN / SIGTTOU: one worker more / fewer (never below one).
+- SIGUSR1: reopen log files, here and in every worker.
 
 Principle: the master owns the listening sockets for its whole life (see
-``listeners``), so no worker's death or exit ever resets a queued connection.
+``listeners``), so no worker's death, retirement or replacement ever resets
+a connection waiting in an accept queue.
+
+Principle (supervision by heartbeat): every worker stamps its scoreboard row
+at least once a second from its accept thread, with the oldest tick of its
+relay loops, so a worker whose any thread stops turning is killed and replaced
+after ``worker_timeout_s``.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import resource
@@ -20,35 +42,51 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
+from prefork_proxy import control, logsetup
 from prefork_proxy.config import Config
 from prefork_proxy.errors import EXIT_FAILURE, EXIT_OK, ProxyError
 from prefork_proxy.listeners import ListenerSet, bound_address
+from prefork_proxy.proctitle import set_title
 from prefork_proxy.relay import choose_mode
+from prefork_proxy.scoreboard import Scoreboard
 from prefork_proxy.shared import SharedState
 from prefork_proxy.signals import SignalQueue
-from prefork_proxy.proctitle import set_title
 from prefork_proxy.worker import EXIT_BOOT_FAILED, Worker
 
 log = logging.getLogger("prefork_proxy.master")
 
-#: A worker that dies younger than this counts as a crash loop (respawn backs off).
+#: A worker that dies younger than this counts toward a crash loop (respawn backs off).
 MIN_HEALTHY_LIFETIME_S = 5.0
 MAX_RESPAWN_DELAY_S = 30.0
 #: Grace after the drain timeout before a stopping worker is killed.
 KILL_GRACE_S = 5.0
+STATUS_INTERVAL_S = 1.0
+
+HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
 
 
 @dataclass
-class WorkerSlot:
-    """A place in the worker table; ``pid`` is 0 while the slot waits for a respawn."""
+class WorkerProcess:
+    """A live worker, as the master tracks it."""
 
+    pid: int
     slot: int
-    pid: int = 0
-    started: float = 0.0
-    respawn_at: float = 0.0
+    generation: int
+    row: int  # its scoreboard row
+    started: float
+    retiring: bool = False
+    kill_at: float = 0.0  # when a retiring worker is killed if still alive
+
+
+@dataclass
+class SlotHistory:
+    """What the master remembers of a slot between respawns (crash-loop backoff)."""
+
     fast_deaths: int = 0
+    respawn_at: float = 0.0
 
 
 def raise_open_file_limit() -> int:
@@ -64,20 +102,56 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-class Master:
-    """Supervisor of one set of workers serving one config."""
+def drop_privileges(user: Optional[str], group: Optional[str]) -> None:
+    """Become ``user``/``group`` (supplementary groups, then gid, then uid)."""
+    if not user and not group:
+        return
+    import grp
+    import pwd
 
-    def __init__(self, config: Config) -> None:
+    try:
+        entry = pwd.getpwnam(user) if user else None
+        gid = grp.getgrnam(group).gr_gid if group else (entry.pw_gid if entry else os.getgid())
+    except KeyError as exc:
+        raise ProxyError(f"cannot drop privileges: unknown user or group {exc}") from None
+    try:
+        if entry is not None:
+            os.initgroups(entry.pw_name, gid)
+        else:
+            os.setgroups([gid])
+        os.setgid(gid)
+        if entry is not None:
+            os.setuid(entry.pw_uid)
+    except PermissionError as exc:
+        raise ProxyError(f"cannot drop privileges to user={user} group={group}: "
+                         f"{exc.strerror} (start as root to use user/group)") from None
+    log.info("dropped privileges: uid=%d gid=%d", os.getuid(), os.getgid())
+
+
+class Master:
+    """Supervisor of the workers serving the current config."""
+
+    def __init__(self, config: Config, loader: Optional[Callable[[], Config]] = None) -> None:
         self.config = config
+        self.loader = loader  # re-reads the config on SIGHUP; None: started without a file
         self.listeners = ListenerSet()
         self.sockets: List[socket.socket] = []  # in the order of config.listeners
-        self.slots: Dict[int, WorkerSlot] = {}
+        self.closing_sockets: List[socket.socket] = []  # removed by a reload, closed later
+        self.workers: Dict[int, WorkerProcess] = {}  # by pid
+        self.history: Dict[int, SlotHistory] = {}  # by slot
+        self.desired = config.server.workers
+        self.generation = 1
         self.pid = os.getpid()
+        self.started = time.monotonic()
         self.mode = "copy"
         self.shared: Optional[SharedState] = None
+        self.board: Optional[Scoreboard] = None
         self.stopping = False
         self.stop_deadline = 0.0
         self.exit_code = EXIT_OK
+        self.next_status = 0.0
+
+    # -- lifetime
 
     def run(self) -> int:
         """Serve until stopped; return the process exit code.
@@ -89,91 +163,198 @@ class Master:
         self.mode = choose_mode(self.config.server.relay)
         file_limit = raise_open_file_limit()
         self.sockets = self.listeners.open(self.config.listeners)
-        self.shared = SharedState(self.config)
-        set_title("prefork-proxy: master")
-        signals = SignalQueue((signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
-                               signal.SIGHUP))
+        pidfile = self.config.server.pidfile
         try:
-            for slot in range(self.config.server.workers):
-                self.slots[slot] = WorkerSlot(slot)
-                self.spawn(self.slots[slot])
+            if pidfile:
+                control.write_pidfile(pidfile, self.pid)
+            drop_privileges(self.config.server.user, self.config.server.group)
+            self.shared = SharedState(self.config)
+            self.board = Scoreboard()
+            set_title("prefork-proxy: master")
+            signals = SignalQueue(HANDLED_SIGNALS)
+        except BaseException:
+            self.listeners.close()
+            if pidfile:
+                control.remove_files(pidfile, self.pid)
+            raise
+        try:
+            self.manage_workers()
             log.info("open-file limit %d: room for about %d idle connections per worker",
                      file_limit, max(0, (file_limit - 64) // 2))
-            addresses = ",".join(bound_address(sock) for sock in self.sockets)
             log.info("ready pid=%d listeners=%s workers=%d threads=%d relay=%s", self.pid,
-                     addresses, self.config.server.workers, self.config.server.threads,
-                     self.mode)
+                     ",".join(bound_address(sock) for sock in self.sockets), self.desired,
+                     self.config.server.threads, self.mode)
+            self._notify("ready")
             self._loop(signals)
         finally:
-            self._kill_all(signal.SIGKILL)
+            self._signal_all(signal.SIGKILL)
             signals.close()
             self.listeners.close()
+            for sock in self.closing_sockets:
+                sock.close()
+            if pidfile:
+                control.remove_files(pidfile, self.pid)
         log.info("master %d exiting with code %d", self.pid, self.exit_code)
         return self.exit_code
 
-    # -- the loop
-
     def _loop(self, signals: SignalQueue) -> None:
         while True:
-            try:
-                select.select([signals.read_fd], [], [], self._next_timer())
-            except InterruptedError:  # pragma: no cover - PEP 475 retries select
-                pass
+            select.select([signals.read_fd], [], [], self._next_timer())
             signals.drain_wakeups()
             while signals.pending:
                 self._handle(signals.pending.popleft())
             self.reap()
+            now = time.monotonic()
             if self.stopping:
-                if not any(s.pid for s in self.slots.values()):
+                if not self.workers:
                     return
-                if time.monotonic() >= self.stop_deadline:
-                    log.warning("workers still running at the drain deadline; killing them")
-                    self._kill_all(signal.SIGKILL)
+                if now >= self.stop_deadline:
+                    log.warning("%d worker(s) still running at the drain deadline; killing",
+                                len(self.workers))
+                    self._signal_all(signal.SIGKILL)
+                    self.stop_deadline = now + KILL_GRACE_S
             else:
+                self.kill_hung_and_overdue(now)
                 self.manage_workers()
+                self.close_unused_sockets()
+            if now >= self.next_status:
+                self.next_status = now + STATUS_INTERVAL_S
+                self.write_status(now)
 
     def _next_timer(self) -> float:
         now = time.monotonic()
-        timeout = 1.0
-        for slot in self.slots.values():
-            if not slot.pid and slot.respawn_at:
-                timeout = min(timeout, max(0.0, slot.respawn_at - now))
-        return timeout
+        timeout = STATUS_INTERVAL_S
+        for history in self.history.values():
+            if history.respawn_at > now:
+                timeout = min(timeout, history.respawn_at - now)
+        return max(0.0, timeout)
 
     def _handle(self, signum: int) -> None:
         if signum == signal.SIGCHLD:
             return  # reap() runs after every wake-up
-        if signum == signal.SIGHUP:
-            log.warning("SIGHUP received: reloading is not implemented yet; ignoring")
+        if self.stopping and signum not in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             return
-        if signum == signal.SIGTERM and not self.stopping:
+        if signum == signal.SIGHUP:
+            self.reload()
+        elif signum == signal.SIGTTIN:
+            self.desired += 1
+            log.info("SIGTTIN: workers %d -> %d", self.desired - 1, self.desired)
+        elif signum == signal.SIGTTOU:
+            if self.desired > 1:
+                self.desired -= 1
+                log.info("SIGTTOU: workers %d -> %d", self.desired + 1, self.desired)
+            else:
+                log.info("SIGTTOU ignored: already at one worker")
+        elif signum == signal.SIGUSR1:
+            logsetup.reopen_log_files()
+            log.info("SIGUSR1: log files reopened; asking workers to do the same")
+            self._signal_all(signal.SIGUSR1)
+        elif signum == signal.SIGTERM and not self.stopping:
             drain = self.config.server.drain_timeout_s
             log.info("SIGTERM: graceful stop, draining for up to %.1f s", drain)
             self._stop(signal.SIGTERM, drain)
-        else:  # SIGINT, SIGQUIT, or a second SIGTERM: fast stop
+        else:  # SIGINT, SIGQUIT, or a second SIGTERM
             log.info("%s: fast stop", signal.Signals(signum).name)
             self._stop(signal.SIGQUIT, 0.0)
 
     def _stop(self, worker_signal: int, drain_timeout_s: float) -> None:
+        if not self.stopping:
+            self._notify("stopping")
+            # Freeze the accept queues first: the workers' last accept sweep then
+            # empties them, and closing them at exit resets nobody.
+            self.listeners.stop_new_handshakes()
+            for sock in self.closing_sockets:
+                sock.close()
+            self.closing_sockets.clear()
         self.stopping = True
         self.stop_deadline = time.monotonic() + drain_timeout_s + KILL_GRACE_S
-        self._kill_all(worker_signal)
+        self._signal_all(worker_signal)
+
+    # -- reload
+
+    def reload(self) -> None:
+        """SIGHUP: load the config again; serve it with a new generation, or keep the old."""
+        if self.loader is None:
+            log.warning("SIGHUP: started without --config, so there is nothing to reload")
+            return
+        self._notify("reloading")
+        try:
+            config = self.loader()
+            mode = choose_mode(config.server.relay)
+            sockets = self.listeners.open(config.listeners)
+        except ProxyError as exc:
+            log.error("reload failed, still serving generation %d: %s", self.generation, exc)
+            self._notify("ready")
+            return
+        assert self.shared is not None
+        self.closing_sockets.extend(self.listeners.retain(config.listeners))
+        self.shared.reconfigure(config)
+        old_generation = self.generation
+        self.config, self.sockets, self.mode = config, sockets, mode
+        self.desired = config.server.workers
+        self.generation += 1
+        self.history.clear()
+        set_title(f"prefork-proxy: master gen {self.generation}")
+        self.manage_workers()  # the new generation starts before the old one stops accepting
+        now = time.monotonic()
+        for worker in self.workers.values():
+            if worker.generation <= old_generation:
+                self._retire(worker, now)
+        log.info("reloaded: generation %d serves listeners=%s workers=%d; generation %d drains",
+                 self.generation, ",".join(bound_address(s) for s in sockets), self.desired,
+                 old_generation)
+        self._notify("ready")
+
+    def close_unused_sockets(self) -> None:
+        """Close listeners removed by a reload once no worker that accepted from them is left."""
+        if self.closing_sockets and all(w.generation == self.generation
+                                        for w in self.workers.values()):
+            for sock in self.closing_sockets:
+                sock.close()
+            self.closing_sockets.clear()
 
     # -- the worker table
 
-    def spawn(self, slot: WorkerSlot) -> None:
-        """Fork a worker for ``slot``.  The child never returns from here."""
-        assert self.shared is not None
-        worker = Worker(slot.slot, 1, self.config,
-                        list(zip(self.config.listeners, self.sockets)),
-                        self.shared, self.mode, self.pid)
+    def manage_workers(self) -> None:
+        """Converge: one live worker per slot of the current generation, none beyond."""
+        now = time.monotonic()
+        current = {w.slot: w for w in self.workers.values()
+                   if w.generation == self.generation and not w.retiring}
+        for slot in range(self.desired):
+            history = self.history.setdefault(slot, SlotHistory())
+            if slot not in current and now >= history.respawn_at:
+                self.spawn(slot)
+        for slot, worker in current.items():
+            if slot >= self.desired:
+                self._retire(worker, now)
+
+    def spawn(self, slot: int) -> None:
+        """Fork a worker for ``slot`` of the current generation.  The child never returns."""
+        assert self.shared is not None and self.board is not None
+        now = time.monotonic()
+        row = self.board.claim(now)
+        if row is None:
+            log.error("no free scoreboard row for worker %d; will retry", slot)
+            self.history[slot].respawn_at = now + 1.0
+            return
+        worker = Worker(slot, self.generation, self.config, list(zip(self.config.listeners,
+                                                                     self.sockets)),
+                        self.shared, self.mode, self.pid, self.board, row)
         pid = os.fork()
         if pid == 0:
             worker.run()  # never returns
-        slot.pid, slot.started, slot.respawn_at = pid, time.monotonic(), 0.0
+        self.board.pid[row] = pid
+        self.workers[pid] = WorkerProcess(pid, slot, self.generation, row, now)
+
+    def _retire(self, worker: WorkerProcess, now: float) -> None:
+        if worker.retiring:
+            return
+        worker.retiring = True
+        worker.kill_at = now + self.config.server.drain_timeout_s + KILL_GRACE_S
+        self._kill(worker.pid, signal.SIGTERM)
 
     def reap(self) -> None:
-        """Collect every exited child; schedule respawns, or stop when a worker cannot boot."""
+        """Collect every exited child (workers, and orphans we adopted as PID 1)."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -181,53 +362,105 @@ class Master:
                 return
             if pid == 0:
                 return
-            slot = next((s for s in self.slots.values() if s.pid == pid), None)
-            if slot is None:
-                continue
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue  # an adopted orphan: reaping it is all we owe it
+            assert self.board is not None
+            self.board.release(worker.row)
             code = os.waitstatus_to_exitcode(status)
-            slot.pid = 0
-            if self.stopping:
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            lived = time.monotonic() - worker.started
+            if self.stopping or worker.retiring or worker.generation != self.generation:
+                log.info("worker %d gen %d (pid %d) exited with %s", worker.slot,
+                         worker.generation, pid, how)
                 continue
             if code == EXIT_BOOT_FAILED:
-                log.error("worker %d could not boot (exit code %d); stopping", slot.slot, code)
+                log.error("worker %d (pid %d) could not boot; stopping: fix the error above",
+                          worker.slot, pid)
                 self.exit_code = EXIT_FAILURE
                 self._stop(signal.SIGQUIT, 0.0)
                 continue
-            lived = time.monotonic() - slot.started
-            slot.fast_deaths = slot.fast_deaths + 1 if lived < MIN_HEALTHY_LIFETIME_S else 0
-            delay = min(MAX_RESPAWN_DELAY_S, 0.1 * (2 ** slot.fast_deaths)) \
-                if slot.fast_deaths > 1 else 0.0
-            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            history = self.history.setdefault(worker.slot, SlotHistory())
+            history.fast_deaths = history.fast_deaths + 1 \
+                if lived < MIN_HEALTHY_LIFETIME_S else 0
+            delay = 0.0
+            if history.fast_deaths > 1:
+                delay = min(MAX_RESPAWN_DELAY_S, 0.1 * 2 ** (history.fast_deaths - 1))
+            history.respawn_at = time.monotonic() + delay
             log.warning("worker %d (pid %d) died with %s after %.1f s; respawning%s",
-                        slot.slot, pid, how, lived, f" in {delay:.1f} s" if delay else "")
-            slot.respawn_at = time.monotonic() + delay
+                        worker.slot, pid, how, lived,
+                        f" in {delay:.1f} s (crash loop: {history.fast_deaths} quick deaths)"
+                        if delay else "")
 
-    def manage_workers(self) -> None:
-        """Respawn every empty slot whose backoff has passed."""
-        now = time.monotonic()
-        for slot in self.slots.values():
-            if not slot.pid and now >= slot.respawn_at:
-                self.spawn(slot)
+    def kill_hung_and_overdue(self, now: float) -> None:
+        assert self.board is not None
+        timeout = self.config.server.worker_timeout_s
+        for worker in list(self.workers.values()):
+            if worker.retiring:
+                if now >= worker.kill_at:
+                    log.warning("worker %d gen %d (pid %d) still draining at its deadline; "
+                                "killing", worker.slot, worker.generation, worker.pid)
+                    self._kill(worker.pid, signal.SIGKILL)
+                    worker.kill_at = now + KILL_GRACE_S
+                continue
+            silent = now - self.board.heartbeat[worker.row]
+            if silent > timeout:
+                log.error("worker %d (pid %d) hung: no heartbeat for %.1f s; killing it",
+                          worker.slot, worker.pid, silent)
+                self._kill(worker.pid, signal.SIGKILL)
+                self.board.heartbeat[worker.row] = now  # one kill per timeout, not per loop
 
-    def _kill_all(self, signum: int) -> None:
-        for slot in self.slots.values():
-            if slot.pid:
-                try:
-                    os.kill(slot.pid, signum)
-                except ProcessLookupError:
-                    pass
-                except OSError as exc:  # pragma: no cover
-                    if exc.errno != errno.ESRCH:
-                        raise
+    def _signal_all(self, signum: int) -> None:
+        for pid in list(self.workers):
+            self._kill(pid, signum)
+
+    @staticmethod
+    def _kill(pid: int, signum: int) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+        except OSError as exc:  # pragma: no cover
+            if exc.errno != errno.ESRCH:
+                raise
+
+    # -- reporting
+
+    def write_status(self, now: float) -> None:
+        """Rewrite the status file beside the pidfile (read by ``prefork-proxy status``)."""
+        pidfile = self.config.server.pidfile
+        if not pidfile or self.board is None:
+            return
+        board = self.board
+        workers = [{"slot": w.slot, "generation": w.generation, "pid": w.pid,
+                    "age_s": now - w.started, "active": board.active[w.row],
+                    "accepted": board.accepted[w.row],
+                    "heartbeat_age_s": now - board.heartbeat[w.row],
+                    "state": "draining" if w.retiring or self.stopping else "serving"}
+                   for w in sorted(self.workers.values(), key=lambda w: (w.generation, w.slot))]
+        status = {"pid": self.pid, "uptime_s": now - self.started, "generation": self.generation,
+                  "desired_workers": self.desired, "relay": self.mode,
+                  "listeners": [bound_address(s) for s in self.sockets],
+                  "workers": workers, "written_at": time.time()}
+        try:
+            control.write_atomically(control.status_path(pidfile), json.dumps(status))
+        except OSError as exc:
+            log.debug("cannot write the status file: %s", exc)
+
+    @staticmethod
+    def _notify(state: str) -> None:
+        """Tell systemd (Type=notify) where we are, when it is listening."""
+        try:
+            from prefork_proxy import notify
+        except ImportError:  # the notify module is being written
+            return
+        getattr(notify, state)()
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, loader: Optional[Callable[[], Config]] = None) -> int:
     """Run a master for ``config`` in this process; return its exit code."""
     try:
-        return Master(config).run()
+        return Master(config, loader).run()
     except ProxyError as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
-
-
-__all__: List[str] = ["Master", "WorkerSlot", "serve", "raise_open_file_limit"]

@@ -342,6 +342,7 @@ class RelayLoop:
         # is written by the submitting thread, ``finished`` by the loop.
         self.submitted = 0
         self.finished = 0
+        self.last_tick = time.monotonic()  # written by the loop each turn: its heartbeat
 
     @property
     def active(self) -> int:
@@ -394,6 +395,7 @@ class RelayLoop:
                     elif not key.data.closed:
                         self._guarded(key.data, self._on_event, key.data, key.fileobj, events)
                 self._expire_timeouts()
+                self.last_tick = time.monotonic()
         except BaseException:
             log.exception("relay loop %s crashed; closing its connections", self.name)
             raise

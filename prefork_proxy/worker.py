@@ -7,6 +7,15 @@ it never returns, the child leaves through ``os._exit``.
 Threads in a worker: the main thread accepts (one epoll over every listener
 and the signal pipe) and ``threads`` relay threads each run a ``RelayLoop``.
 The thread count is fixed at boot: 10 or 10,000 connections, same threads.
+The main thread also stamps the worker's scoreboard row (heartbeat, open and
+accepted connections) at least every ``HEARTBEAT_S``.
+
+Stopping: SIGTERM (from the master: a graceful stop, a reload or a scale-down)
+makes the worker accept once more everything already queued, stop accepting,
+and let its connections finish within ``drain_timeout_s``; SIGINT/SIGQUIT
+close them at once.  A worker whose master dies (even by SIGKILL) notices at
+once through ``PR_SET_PDEATHSIG``, or within ``HEARTBEAT_S`` by polling its
+parent pid, and drains the same way, so no worker outlives the drain deadline.
 
 Principle (accept only what can be served): each connection needs two file
 descriptors (client and backend), so a worker computes at boot how many
@@ -34,10 +43,12 @@ import socket
 import time
 from typing import List, Optional, Sequence, Tuple
 
+from prefork_proxy import logsetup
 from prefork_proxy.balancer import Balancer
 from prefork_proxy.config import Config, ListenerConfig
 from prefork_proxy.proctitle import set_title
 from prefork_proxy.relay import RelayLoop
+from prefork_proxy.scoreboard import Scoreboard
 from prefork_proxy.shared import SharedState
 from prefork_proxy.signals import SignalQueue
 
@@ -49,8 +60,9 @@ EXIT_BOOT_FAILED = 3
 ACCEPT_BATCH = 64
 #: How long accepting pauses after running out of file descriptors.
 ACCEPT_PAUSE_S = 0.1
-#: How often the worker checks that its master is still alive.
-MASTER_CHECK_S = 1.0
+#: How often the worker stamps its heartbeat and checks that its master is alive.
+HEARTBEAT_S = 0.5
+PR_SET_PDEATHSIG = 1
 #: File descriptors kept free for pipes, logs and the like when sizing max_connections.
 RESERVED_FDS_PER_THREAD = 8
 RESERVED_FDS = 16
@@ -63,8 +75,12 @@ class Worker:
 
     def __init__(self, slot: int, generation: int, config: Config,
                  listeners: Sequence[Tuple[ListenerConfig, socket.socket]],
-                 shared: SharedState, mode: str, master_pid: int) -> None:
+                 shared: SharedState, mode: str, master_pid: int, board: Scoreboard,
+                 row: int) -> None:
         self.slot = slot
+        self.board = board
+        self.row = row
+        self.accepted = 0
         self.generation = generation
         self.config = config
         self.listeners = list(listeners)
@@ -94,11 +110,12 @@ class Worker:
             os._exit(code)
 
     def _boot(self) -> SignalQueue:
-        set_title(f"prefork-proxy: worker {self.slot}")
-        for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
+        set_title(f"prefork-proxy: worker {self.slot} gen {self.generation}")
+        for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(signum, signal.SIG_IGN)  # the master's business, not ours
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT))
+        signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1))
+        self._ask_for_parent_death_signal()
         for index in range(self.config.server.threads):
             loop = RelayLoop(self.mode, name=f"relay-{index}")
             loop.start()
@@ -107,6 +124,18 @@ class Worker:
         log.info("worker %d booted: pid=%d threads=%d relay=%s max_connections=%d", self.slot,
                  os.getpid(), len(self.loops), self.mode, self.max_connections)
         return signals
+
+    def _ask_for_parent_death_signal(self) -> None:
+        """Have the kernel send SIGTERM when the master dies (Linux; polling covers the rest)."""
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() != self.master_pid:  # it died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def _connection_budget(self) -> int:
         """How many connections fit in the open-file limit, two descriptors each."""
@@ -128,10 +157,10 @@ class Worker:
         for entry in accepting:
             selector.register(entry[1], selectors.EVENT_READ, entry)
         paused_until = 0.0
-        next_master_check = time.monotonic() + MASTER_CHECK_S
+        next_beat = 0.0
 
         while not self.stopping:
-            timeout = MASTER_CHECK_S if not paused_until else ACCEPT_PAUSE_S
+            timeout = HEARTBEAT_S if not paused_until else ACCEPT_PAUSE_S
             for key, _ in selector.select(timeout):
                 if key.data is None:
                     signals.drain_wakeups()
@@ -143,24 +172,34 @@ class Worker:
                     for entry in accepting:
                         selector.unregister(entry[1])
             while signals.pending:
-                self._handle_signal(signals.pending.popleft())
+                self._handle_signal(signals.pending.popleft(), accepting)
             now = time.monotonic()
             if paused_until and now >= paused_until and not self.stopping:
                 paused_until = 0.0
                 for entry in accepting:
                     selector.register(entry[1], selectors.EVENT_READ, entry)
-            if now >= next_master_check:
-                next_master_check = now + MASTER_CHECK_S
-                if os.getppid() != self.master_pid:
+            if now >= next_beat:
+                next_beat = now + HEARTBEAT_S
+                self._beat(now)
+                if os.getppid() != self.master_pid and not self.stopping:
                     log.warning("worker %d: master %d is gone; draining", self.slot,
                                 self.master_pid)
-                    self._begin_stop(self.config.server.drain_timeout_s)
+                    self._begin_stop(self.config.server.drain_timeout_s, accepting)
         selector.close()
         self._finish()
 
+    def _beat(self, now: float) -> None:
+        """Stamp the scoreboard row; the oldest relay-loop tick stands for the whole worker."""
+        oldest = min([now] + [loop.last_tick for loop in self.loops if loop.join(0) is False])
+        self.board.beat(self.row, oldest, self.active(), self.accepted)
+
     def _accept_batch(self, listener: ListenerConfig, sock: socket.socket,
-                      balancer: Balancer) -> bool:
-        """Accept what is queued (up to a batch); False to pause accepting for a while."""
+                      balancer: Balancer) -> object:
+        """Accept what is queued, up to a batch.
+
+        Returns True when the queue is empty, ``"more"`` when the batch ran out
+        first (epoll will report the rest), False to pause accepting a while.
+        """
         timeout_s = listener.connect_timeout_ms / 1000.0
         for _ in range(ACCEPT_BATCH):
             if self.active() >= self.max_connections:
@@ -185,20 +224,31 @@ class Worker:
                     continue
                 raise
             client.setblocking(False)
+            self.accepted += 1
             peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
             loop = min(self.loops, key=lambda candidate: candidate.active)
             loop.submit(client, balancer.targets(), timeout_s, peer)
-        return True
+        return "more"
 
-    def _handle_signal(self, signum: int) -> None:
-        if signum == signal.SIGTERM:
-            self._begin_stop(self.config.server.drain_timeout_s)
+    def _handle_signal(self, signum: int, accepting: List[Tuple[ListenerConfig, socket.socket,
+                                                                  Balancer]]) -> None:
+        if signum == signal.SIGUSR1:
+            logsetup.reopen_log_files()
+        elif signum == signal.SIGTERM:
+            self._begin_stop(self.config.server.drain_timeout_s, accepting)
         else:  # SIGINT, SIGQUIT: fast stop
-            self._begin_stop(0.0)
+            self._begin_stop(0.0, [])
 
-    def _begin_stop(self, drain_timeout_s: float) -> None:
+    def _begin_stop(self, drain_timeout_s: float,
+                    accepting: List[Tuple[ListenerConfig, socket.socket, Balancer]]) -> None:
+        """Stop accepting (after one last sweep of the queues) and start draining."""
         if self.stopping and drain_timeout_s >= self._drain_left():
             return
+        if not self.stopping:
+            # Whatever the kernel already queued is served, not left to be reset.
+            for entry in accepting:
+                while self._accept_batch(*entry) == "more":
+                    pass
         self.stopping = True
         self.drain_deadline = time.monotonic() + drain_timeout_s
         for loop in self.loops:
@@ -213,6 +263,9 @@ class Worker:
         if active:
             log.info("worker %d: draining %d connection(s) for up to %.1f s", self.slot,
                      active, self._drain_left())
+        deadline = time.monotonic() + self._drain_left() + 5.0
         for loop in self.loops:
-            loop.join(self._drain_left() + 5.0)
+            while not loop.join(HEARTBEAT_S) and time.monotonic() < deadline:
+                self._beat(time.monotonic())  # still alive while draining
+        self._beat(time.monotonic())
         log.info("worker %d: stopped", self.slot)

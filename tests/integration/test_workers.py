@@ -66,7 +66,7 @@ def test_process_titles_name_master_and_workers(backend_factory, proxy_factory):
     pids = proxy.wait_workers(3)
     assert process_title(proxy.pid).startswith("prefork-proxy: master")
     titles = sorted(process_title(pid) for pid in pids)
-    assert titles == [f"prefork-proxy: worker {slot}" for slot in range(3)]
+    assert titles == [f"prefork-proxy: worker {slot} gen 1" for slot in range(3)]
 
 
 @pytest.mark.timeout(120)
