@@ -76,12 +76,25 @@ def stop_master(pidfile: str, timeout_s: float, fast: bool = False) -> int:
     pid = signal_master(pidfile, signal.SIGINT if fast else signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _running(pid):
             return pid
         time.sleep(0.05)  # polling another process's exit: there is nothing to wait on
     raise ProxyError(f"master {pid} still running after {timeout_s:.0f} s")
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an exited master whose parent has not reaped it yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: fall back to signal 0
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
 
 
 def read_status(pidfile: str) -> Dict[str, Any]:

@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-from prefork_proxy import control, logsetup
+from prefork_proxy import control, logsetup, notify
 from prefork_proxy.config import Config
 from prefork_proxy.errors import EXIT_FAILURE, EXIT_OK, ProxyError
 from prefork_proxy.listeners import ListenerSet, bound_address
@@ -106,6 +106,9 @@ def drop_privileges(user: Optional[str], group: Optional[str]) -> None:
     """Become ``user``/``group`` (supplementary groups, then gid, then uid)."""
     if not user and not group:
         return
+    # Load what may be imported lazily later: after the switch, the Python
+    # installation may not be readable (e.g. under /root).
+    import encodings.idna  # noqa: F401  (getaddrinfo on a hostname imports it)
     import grp
     import pwd
 
@@ -167,9 +170,10 @@ class Master:
         try:
             if pidfile:
                 control.write_pidfile(pidfile, self.pid)
-            drop_privileges(self.config.server.user, self.config.server.group)
+            # Shared memory first: allocating it may need files only root can create.
             self.shared = SharedState(self.config)
             self.board = Scoreboard()
+            drop_privileges(self.config.server.user, self.config.server.group)
             set_title("prefork-proxy: master")
             signals = SignalQueue(HANDLED_SIGNALS)
         except BaseException:
@@ -450,10 +454,6 @@ class Master:
     @staticmethod
     def _notify(state: str) -> None:
         """Tell systemd (Type=notify) where we are, when it is listening."""
-        try:
-            from prefork_proxy import notify
-        except ImportError:  # the notify module is being written
-            return
         getattr(notify, state)()
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import socket
 import sys
@@ -95,8 +96,6 @@ def set_pipe_size(write_end: int, size: int) -> int:
     Growing can fail (``EPERM`` once a non-root user's pipes pass
     ``/proc/sys/fs/pipe-user-pages-soft``); the pipe then keeps its default size.
     """
-    import fcntl
-
     try:
         return fcntl.fcntl(write_end, F_SETPIPE_SZ, size)
     except OSError:

@@ -33,6 +33,7 @@ at once would burn a core.  The worker stops watching its listeners for
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -128,8 +129,6 @@ class Worker:
     def _ask_for_parent_death_signal(self) -> None:
         """Have the kernel send SIGTERM when the master dies (Linux; polling covers the rest)."""
         try:
-            import ctypes
-
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         except (OSError, AttributeError):
@@ -235,6 +234,9 @@ class Worker:
         if signum == signal.SIGUSR1:
             logsetup.reopen_log_files()
         elif signum == signal.SIGTERM:
+            if os.getppid() != self.master_pid:  # PR_SET_PDEATHSIG: the master died
+                log.warning("worker %d: master %d is gone; draining", self.slot,
+                            self.master_pid)
             self._begin_stop(self.config.server.drain_timeout_s, accepting)
         else:  # SIGINT, SIGQUIT: fast stop
             self._begin_stop(0.0, [])
@@ -249,6 +251,9 @@ class Worker:
             for entry in accepting:
                 while self._accept_batch(*entry) == "more":
                     pass
+        if not self.stopping:
+            log.info("worker %d gen %d: stopped accepting; draining %d connection(s) for up to "
+                     "%.1f s", self.slot, self.generation, self.active(), drain_timeout_s)
         self.stopping = True
         self.drain_deadline = time.monotonic() + drain_timeout_s
         for loop in self.loops:
@@ -259,10 +264,6 @@ class Worker:
 
     def _finish(self) -> None:
         """Wait for the relay loops to drain (they close what is left at the deadline)."""
-        active = self.active()
-        if active:
-            log.info("worker %d: draining %d connection(s) for up to %.1f s", self.slot,
-                     active, self._drain_left())
         deadline = time.monotonic() + self._drain_left() + 5.0
         for loop in self.loops:
             while not loop.join(HEARTBEAT_S) and time.monotonic() < deadline:

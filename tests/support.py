@@ -148,6 +148,15 @@ def children_of(pid: int) -> List[int]:
     return sorted(pids)
 
 
+def alive(pid: int) -> bool:
+    """The process exists and has not exited (a zombie waiting to be reaped has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def thread_count(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
