@@ -14,8 +14,23 @@ The file speaks the seed's language::
 
     [[tcp_proxy]]            # one listener per section
     bind = "0.0.0.0:5432"    # "[::1]:5432" for IPv6
-    backends = ["db-primary:5432", { address = "db-replica:5432", weight = 2 }]
+    backends = ["db-primary:5432", { address = "db-replica:5432", weight = 2 },
+                { address = "db-dr:5432", backup = true }]
     connect_timeout_ms = 3000
+    balance = "round_robin"  # | "least_conn" | "random_two" | "source_hash"
+    retries = 2              # other backends tried when one fails (default: every one once)
+    connect_budget_ms = 5000 # all attempts together (default: no total limit)
+    fall = 3                 # passive: consecutive connect failures that mark a backend down
+    fail_timeout_ms = 10000  # passive: how long it then stays down before it is tried again
+    resolve_interval_ms = 5000   # how often backend hostnames are resolved again
+
+    [tcp_proxy.health_check] # optional: active checks, by the health-check process
+    interval_ms = 2000
+    timeout_ms = 1000
+    rise = 2                 # consecutive passes that bring a backend (back) up
+    fall = 3                 # consecutive failures that take it down
+    send = "PING\\r\\n"      # optional: bytes sent once connected
+    expect = "+PONG"         # optional: the reply must start with these bytes
 
 Principle: every error is a ``ConfigError`` whose message names the file, the
 line (found by scanning the raw text, since ``tomllib`` only reports lines for
@@ -28,6 +43,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional, Sequence, Tuple
@@ -44,6 +60,15 @@ DEFAULT_CONNECT_TIMEOUT_MS = 5000
 DEFAULT_THREADS = 2
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 DEFAULT_WORKER_TIMEOUT_S = 30.0
+BALANCE_MODES = ("round_robin", "least_conn", "random_two", "source_hash")
+DEFAULT_FALL = 3
+DEFAULT_FAIL_TIMEOUT_MS = 10_000
+DEFAULT_RESOLVE_INTERVAL_MS = 5_000
+MAX_MS = 86_400_000  # one day: the largest interval any *_ms key accepts
+#: Backend addresses the shared state holds (fixed: shared memory cannot grow after fork).
+#: An IP address takes one; a hostname reserves ADDRESSES_PER_NAME, one per address it resolves to.
+MAX_BACKEND_ADDRESSES = 4096
+ADDRESSES_PER_NAME = 8
 MAX_THREADS = 256
 MAX_WORKERS = 1024
 
@@ -60,10 +85,25 @@ class Endpoint:
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    def is_ip_literal(self) -> bool:
+        """True for an IPv4/IPv6 address (no DNS needed), False for a hostname."""
+        host = self.host.split("%", 1)[0]
+        for family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                socket.inet_pton(family, host)
+                return True
+            except OSError:
+                pass
+        return False
+
 
 @dataclass(frozen=True)
 class Backend:
-    """One upstream server of a listener.  ``weight``/``backup`` serve later balancers."""
+    """One upstream server of a listener, as configured (a hostname may stand for several).
+
+    ``weight`` counts wherever the listener's ``balance`` can use it; a ``backup``
+    serves only while every primary is down.
+    """
 
     address: Endpoint
     weight: int = 1
@@ -71,13 +111,42 @@ class Backend:
 
 
 @dataclass(frozen=True)
+class HealthCheck:
+    """A listener's ``health_check`` table: active probes of every backend address.
+
+    A probe connects within ``timeout_ms``; with ``send`` it sends those bytes,
+    with ``expect`` the reply must start with those bytes.  ``rise`` passes in a
+    row bring a backend up, ``fall`` failures in a row take it down.
+    """
+
+    interval_ms: int = 2000
+    timeout_ms: int = 1000  # default: 1000, or interval_ms if shorter
+    rise: int = 2
+    fall: int = 3
+    send: bytes = b""
+    expect: bytes = b""
+
+
+@dataclass(frozen=True)
 class ListenerConfig:
-    """One ``[[tcp_proxy]]`` section: a bind address and the backends it relays to."""
+    """One ``[[tcp_proxy]]`` section: a bind address, its backends and how to choose them.
+
+    ``retries`` None means every other backend once; ``connect_budget_ms`` None
+    means no total limit beyond ``connect_timeout_ms`` per attempt.  ``fall`` 0
+    turns passive marking off.
+    """
 
     bind: Endpoint
     backends: Tuple[Backend, ...]
     connect_timeout_ms: int = DEFAULT_CONNECT_TIMEOUT_MS
     name: str = ""
+    balance: str = "round_robin"
+    retries: Optional[int] = None
+    connect_budget_ms: Optional[int] = None
+    fall: int = DEFAULT_FALL
+    fail_timeout_ms: int = DEFAULT_FAIL_TIMEOUT_MS
+    resolve_interval_ms: int = DEFAULT_RESOLVE_INTERVAL_MS
+    health_check: Optional[HealthCheck] = None
 
     @property
     def label(self) -> str:
@@ -218,6 +287,10 @@ def with_overrides(config: Config, **overrides: Any) -> Config:
 # --------------------------------------------------------------------------- validation
 
 
+def _is_int_between(value: Any, low: int, high: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and low <= value <= high
+
+
 def _describe(value: Any) -> str:
     """How an error message shows a wrong value: its TOML type and the value itself."""
     kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
@@ -234,8 +307,11 @@ class _Validator:
 
     SERVER_KEYS = ("workers", "threads", "relay", "drain_timeout_s", "worker_timeout_s",
                    "pidfile", "log_file", "user", "group")
-    LISTENER_KEYS = ("bind", "backends", "connect_timeout_ms", "name")
+    LISTENER_KEYS = ("bind", "backends", "connect_timeout_ms", "name", "balance", "retries",
+                     "connect_budget_ms", "fall", "fail_timeout_ms", "resolve_interval_ms",
+                     "health_check")
     BACKEND_KEYS = ("address", "weight", "backup")
+    HEALTH_KEYS = ("interval_ms", "timeout_ms", "rise", "fall", "send", "expect")
 
     def __init__(self, text: str, source: str) -> None:
         self.lines = text.splitlines()
@@ -266,9 +342,40 @@ class _Validator:
                 return number
         return start
 
+    def _health_line(self, occurrence: int, key: Optional[str]) -> Optional[int]:
+        """Line of ``key`` in the ``occurrence``-th listener's ``health_check`` table.
+
+        The table is either a ``[tcp_proxy.health_check]`` section after the
+        listener's header, or an inline ``health_check = { ... }`` line in it.
+        """
+        start = self._line_of("[[tcp_proxy]]", occurrence, None)
+        if start is None:
+            return None
+        inline = self._line_of("[[tcp_proxy]]", occurrence, "health_check")
+        sub_re = re.compile(r"^\s*\[\s*tcp_proxy\s*\.\s*health_check\s*\]\s*(#.*)?$")
+        for number in range(start + 1, len(self.lines) + 1):
+            line = self.lines[number - 1]
+            if re.match(r"^\s*\[\[", line):
+                break
+            if sub_re.match(line):
+                if key is None:
+                    return number
+                key_re = re.compile(r"^\s*" + re.escape(key) + r"\s*=")
+                for inner in range(number + 1, len(self.lines) + 1):
+                    if re.match(r"^\s*\[", self.lines[inner - 1]):
+                        break
+                    if key_re.match(self.lines[inner - 1]):
+                        return inner
+                return number
+        return inline if inline != start else start
+
     def fail(self, section: str, key: Optional[str], expected: str, *,
              header: str = "", occurrence: int = 0) -> ConfigError:
-        line = self._line_of(header, occurrence, key) if header else None
+        if header == "health_check":
+            line = self._health_line(occurrence, key)
+            key = f"health_check.{key}" if key else "health_check"
+        else:
+            line = self._line_of(header, occurrence, key) if header else None
         where = f"{self.source}:{line}" if line else self.source
         key_part = f": key \"{key}\"" if key else ""
         return ConfigError(f"{where}: {section}{key_part}: {expected}")
@@ -300,6 +407,12 @@ class _Validator:
                                 f"duplicate bind address: tcp_proxy[{seen[key] + 1}] "
                                 "already binds it", header="[[tcp_proxy]]", occurrence=index)
             seen[key] = index
+        needed = sum(1 if b.address.is_ip_literal() else ADDRESSES_PER_NAME
+                     for listener in listeners for b in listener.backends)
+        if needed > MAX_BACKEND_ADDRESSES:
+            raise ConfigError(f"{self.source}: too many backends: they need {needed} address "
+                              f"slots (an IP address takes 1, a hostname {ADDRESSES_PER_NAME}), "
+                              f"at most {MAX_BACKEND_ADDRESSES}")
         return Config(server=server, listeners=listeners,
                       source=None if self.source == "command line" else self.source)
 
@@ -385,7 +498,83 @@ class _Validator:
         name = doc.get("name", "")
         if not isinstance(name, str):
             raise fail("name", f"expected a string, got {_describe(name)}")
-        return ListenerConfig(bind=bind, backends=backends, connect_timeout_ms=timeout, name=name)
+        if all(b.backup for b in backends):
+            raise fail("backends", "every backend is a backup: expected at least one primary "
+                                   "(a backend without backup = true)")
+
+        balance = doc.get("balance", "round_robin")
+        if balance not in BALANCE_MODES:
+            raise fail("balance", "expected one of " + ", ".join(f'"{m}"' for m in BALANCE_MODES)
+                       + f", got {_describe(balance)}")
+        retries = doc.get("retries")
+        if retries is not None and not _is_int_between(retries, 0, 1000):
+            raise fail("retries", "expected an integer between 0 and 1000 (other backends "
+                                  f"tried after a failed connect), got {_describe(retries)}")
+        budget = doc.get("connect_budget_ms")
+        if budget is not None:
+            if not _is_int_between(budget, 1, MAX_MS):
+                raise fail("connect_budget_ms", "expected an integer number of milliseconds "
+                                                f"between 1 and {MAX_MS}, got {_describe(budget)}")
+            if budget < timeout:
+                raise fail("connect_budget_ms", "expected at least connect_timeout_ms "
+                                                f"({timeout}), got {budget}: the budget covers "
+                                                "every attempt together")
+        fall = doc.get("fall", DEFAULT_FALL)
+        if not _is_int_between(fall, 0, 1000):
+            raise fail("fall", "expected an integer between 0 and 1000 (consecutive connect "
+                               f"failures that mark a backend down; 0: never), got "
+                               f"{_describe(fall)}")
+        fail_timeout = doc.get("fail_timeout_ms", DEFAULT_FAIL_TIMEOUT_MS)
+        if not _is_int_between(fail_timeout, 1, MAX_MS):
+            raise fail("fail_timeout_ms", "expected an integer number of milliseconds between 1 "
+                                          f"and {MAX_MS}, got {_describe(fail_timeout)}")
+        resolve_interval = doc.get("resolve_interval_ms", DEFAULT_RESOLVE_INTERVAL_MS)
+        if not _is_int_between(resolve_interval, 100, MAX_MS):
+            raise fail("resolve_interval_ms", "expected an integer number of milliseconds "
+                                              f"between 100 and {MAX_MS}, got "
+                                              f"{_describe(resolve_interval)}")
+        health = None
+        if "health_check" in doc:
+            health = self.health_check(doc["health_check"], section, index)
+        return ListenerConfig(bind=bind, backends=backends, connect_timeout_ms=timeout, name=name,
+                              balance=balance, retries=retries, connect_budget_ms=budget,
+                              fall=fall, fail_timeout_ms=fail_timeout,
+                              resolve_interval_ms=resolve_interval, health_check=health)
+
+    def health_check(self, doc: Any, section: str, index: int) -> HealthCheck:
+        def fail(key: Optional[str], expected: str) -> ConfigError:
+            return self.fail(section, key, expected, header="health_check", occurrence=index)
+
+        if not isinstance(doc, dict):
+            raise fail(None, "expected a table, e.g. [tcp_proxy.health_check] or "
+                             f"health_check = {{ interval_ms = 2000 }}, got {_describe(doc)}")
+        for key in doc:
+            if key not in self.HEALTH_KEYS:
+                raise fail(key, "unknown key: expected one of " + ", ".join(self.HEALTH_KEYS))
+        defaults = HealthCheck()
+        values: dict[str, Any] = {}
+        for key, low, high, what in (("interval_ms", 10, MAX_MS, "milliseconds"),
+                                     ("timeout_ms", 1, MAX_MS, "milliseconds"),
+                                     ("rise", 1, 1000, "consecutive passes"),
+                                     ("fall", 1, 1000, "consecutive failures")):
+            value = doc.get(key, getattr(defaults, key))
+            if key == "timeout_ms" and key not in doc:
+                value = min(value, values["interval_ms"])  # a short interval implies a short probe
+            if not _is_int_between(value, low, high):
+                raise fail(key, f"expected an integer number of {what} between {low} and "
+                                f"{high}, got {_describe(value)}")
+            values[key] = value
+        if values["timeout_ms"] > values["interval_ms"]:
+            raise fail("timeout_ms", f"expected at most interval_ms ({values['interval_ms']}), "
+                                     f"got {values['timeout_ms']}: a probe must end before "
+                                     "the next one is due")
+        for key in ("send", "expect"):
+            if key in doc:
+                if not isinstance(doc[key], str) or not doc[key]:
+                    raise fail(key, "expected a non-empty string (TOML escapes such as \\r\\n "
+                                    f"work), got {_describe(doc[key])}")
+                values[key] = doc[key].encode("utf-8")
+        return HealthCheck(**values)
 
     def backend(self, item: Any, position: int, fail: Any) -> Backend:
         where = f"backends[{position + 1}]"

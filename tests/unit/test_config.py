@@ -40,6 +40,36 @@ def test_good_file_parses_into_dataclasses():
     assert second.backends[1].backup is True
 
 
+def test_balancing_and_health_keys_parse():
+    loaded = config.load_text(LISTENER + """balance = "least_conn"
+retries = 1
+connect_budget_ms = 6000
+fall = 5
+fail_timeout_ms = 2000
+resolve_interval_ms = 1000
+
+[tcp_proxy.health_check]
+interval_ms = 500
+rise = 3
+send = "PING\\r\\n"
+expect = "+PONG"
+""")
+    listener = loaded.listeners[0]
+    assert (listener.balance, listener.retries, listener.connect_budget_ms) == \
+        ("least_conn", 1, 6000)
+    assert (listener.fall, listener.fail_timeout_ms, listener.resolve_interval_ms) == \
+        (5, 2000, 1000)
+    assert listener.health_check == config.HealthCheck(interval_ms=500, timeout_ms=500, rise=3,
+                                                       fall=3, send=b"PING\r\n",
+                                                       expect=b"+PONG")
+    defaults = config.load_text(LISTENER).listeners[0]
+    assert (defaults.balance, defaults.retries, defaults.connect_budget_ms) == \
+        ("round_robin", None, None)
+    assert (defaults.fall, defaults.fail_timeout_ms, defaults.health_check) == (3, 10000, None)
+    inline = config.load_text(LISTENER + "health_check = { interval_ms = 3000 }\n")
+    assert inline.listeners[0].health_check == config.HealthCheck(interval_ms=3000)
+
+
 def test_defaults_without_server_section():
     loaded = config.load_text('[[tcp_proxy]]\nbind = "127.0.0.1:1"\nbackends = ["a:2"]\n')
     assert loaded.server.workers >= 1 and loaded.server.threads == 2
@@ -102,6 +132,48 @@ BAD = [
     ("[tcp_proxy]\nbind = \"127.0.0.1:7000\"\nbackends = [\"a:1\"]\n",
      "must be written as [[tcp_proxy]] sections"),
     ("[listen]\nport = 1\n" + LISTENER, 'unknown top-level key or section "listen"'),
+    # backends, balancing, failover, health ([[tcp_proxy]] keys)
+    (LISTENER.replace('["127.0.0.1:7001"]', '[{ address = "a:1", backup = true }]'),
+     'proxy.toml:3: tcp_proxy[1] (bind "127.0.0.1:7000"): key "backends": every backend is a '
+     "backup"),
+    ("[[tcp_proxy]]\nbind = \"127.0.0.1:7000\"\nbackends = [{ address = \"a:1\", backup = 1 }]\n",
+     "backends[1]: backup: expected true or false, got an integer 1"),
+    (LISTENER + 'balance = "leastconn"\n',
+     'proxy.toml:4: tcp_proxy[1] (bind "127.0.0.1:7000"): key "balance": expected one of '
+     '"round_robin", "least_conn", "random_two", "source_hash", got a string'),
+    (LISTENER + "retries = -1\n", 'proxy.toml:4: tcp_proxy[1] (bind "127.0.0.1:7000"): key '
+                                  '"retries": expected an integer between 0 and 1000'),
+    (LISTENER + "retries = true\n", 'key "retries": expected an integer'),
+    (LISTENER + "connect_timeout_ms = 3000\nconnect_budget_ms = 1000\n",
+     'proxy.toml:5: tcp_proxy[1] (bind "127.0.0.1:7000"): key "connect_budget_ms": expected at '
+     "least connect_timeout_ms (3000), got 1000"),
+    (LISTENER + 'connect_budget_ms = "5s"\n', 'key "connect_budget_ms": expected an integer'),
+    (LISTENER + "fall = -1\n", 'proxy.toml:4: tcp_proxy[1] (bind "127.0.0.1:7000"): key "fall": '
+                               "expected an integer between 0 and 1000"),
+    (LISTENER + "fail_timeout_ms = 0\n", 'key "fail_timeout_ms": expected an integer number'),
+    (LISTENER + "resolve_interval_ms = 10\n",
+     'key "resolve_interval_ms": expected an integer number of milliseconds between 100'),
+    (LISTENER + "health_check = 5\n",
+     'proxy.toml:4: tcp_proxy[1] (bind "127.0.0.1:7000"): key "health_check": expected a table'),
+    (LISTENER + "\n[tcp_proxy.health_check]\ninterval_ms = 1000\nrize = 2\n",
+     'proxy.toml:7: tcp_proxy[1] (bind "127.0.0.1:7000"): key "health_check.rize": unknown key: '
+     "expected one of interval_ms, timeout_ms, rise, fall, send, expect"),
+    (LISTENER + "\n[tcp_proxy.health_check]\ninterval_ms = 0\n",
+     'proxy.toml:6: tcp_proxy[1] (bind "127.0.0.1:7000"): key "health_check.interval_ms": '
+     "expected an integer number of milliseconds between 10"),
+    (LISTENER + "\n[tcp_proxy.health_check]\ninterval_ms = 500\ntimeout_ms = 800\n",
+     'key "health_check.timeout_ms": expected at most interval_ms (500), got 800'),
+    (LISTENER + "health_check = { rise = 0 }\n",
+     'proxy.toml:4: tcp_proxy[1] (bind "127.0.0.1:7000"): key "health_check.rise": expected an '
+     "integer number of consecutive passes between 1 and 1000"),
+    (LISTENER + "health_check = { fall = 1.5 }\n", 'key "health_check.fall": expected an integer'),
+    (LISTENER + 'health_check = { send = "" }\n',
+     'key "health_check.send": expected a non-empty string'),
+    (LISTENER + "health_check = { expect = 1 }\n",
+     'key "health_check.expect": expected a non-empty string'),
+    ("[[tcp_proxy]]\nbind = \"127.0.0.1:7000\"\nbackends = ["
+     + ", ".join(f'"host{i}:1"' for i in range(513)) + "]\n",
+     "proxy.toml: too many backends: they need 4104 address slots"),
 ]
 
 
