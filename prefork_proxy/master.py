@@ -47,6 +47,7 @@ from typing import Callable, Dict, List, Optional
 from prefork_proxy import control, logsetup, notify
 from prefork_proxy.config import Config
 from prefork_proxy.errors import EXIT_FAILURE, EXIT_OK, ProxyError
+from prefork_proxy.health import HealthChecker, describe_backends
 from prefork_proxy.listeners import ListenerSet, bound_address
 from prefork_proxy.proctitle import set_title
 from prefork_proxy.relay import choose_mode
@@ -148,6 +149,7 @@ class Master:
         self.started = time.monotonic()
         self.mode = "copy"
         self.shared: Optional[SharedState] = None
+        self.health: Optional[HealthChecker] = None  # checks and DNS, in their own process
         self.board: Optional[Scoreboard] = None
         self.stopping = False
         self.stop_deadline = 0.0
@@ -172,6 +174,7 @@ class Master:
                 control.write_pidfile(pidfile, self.pid)
             # Shared memory first: allocating it may need files only root can create.
             self.shared = SharedState(self.config)
+            self.health = HealthChecker(self.shared)
             self.board = Scoreboard()
             drop_privileges(self.config.server.user, self.config.server.group)
             set_title("prefork-proxy: master")
@@ -192,6 +195,8 @@ class Master:
             self._loop(signals)
         finally:
             self._signal_all(signal.SIGKILL)
+            if self.health is not None:
+                self.health.stop()
             signals.close()
             self.listeners.close()
             for sock in self.closing_sockets:
@@ -221,6 +226,8 @@ class Master:
                 self.kill_hung_and_overdue(now)
                 self.manage_workers()
                 self.close_unused_sockets()
+                if self.health is not None:
+                    self.health.tick()  # (re)starts the health-check process as needed
             if now >= self.next_status:
                 self.next_status = now + STATUS_INTERVAL_S
                 self.write_status(now)
@@ -445,7 +452,8 @@ class Master:
         status = {"pid": self.pid, "uptime_s": now - self.started, "generation": self.generation,
                   "desired_workers": self.desired, "relay": self.mode,
                   "listeners": [bound_address(s) for s in self.sockets],
-                  "workers": workers, "written_at": time.time()}
+                  "workers": workers, "written_at": time.time(),
+                  "backends": describe_backends(self.shared) if self.shared else []}
         try:
             control.write_atomically(control.status_path(pidfile), json.dumps(status))
         except OSError as exc:

@@ -44,7 +44,7 @@ import selectors
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
 
 from prefork_proxy import splice as splice_module
@@ -290,11 +290,21 @@ CONNECTED, FAILED, RELEASED = "connected", "failed", "released"
 
 @dataclass(frozen=True)
 class Target:
-    """One backend address to try: the resolved socket address and the name to log."""
+    """One backend address to try: the resolved socket address and the name to log.
+
+    ``timeout_s``, when set, bounds this attempt instead of the connection's
+    timeout (the balancer spends a budget across attempts).  ``report``, when
+    set, hears how the attempt went, on the relay thread (it must not block):
+    ``CONNECTED`` once connected, then exactly one of ``FAILED`` with the reason
+    (the backend could not be reached) or ``RELEASED`` (the connection ended,
+    or the attempt was abandoned for a reason of ours, not the backend's).
+    """
 
     family: int
     sockaddr: tuple
     name: str
+    timeout_s: Optional[float] = None
+    report: Optional[Callable[[str, str], None]] = field(default=None, compare=False)
 
 
 class Connection:
@@ -453,11 +463,13 @@ class RelayLoop:
 
     # connect phase
 
-    def _connect_next(self, conn: Connection, reason: Optional[str]) -> None:
+    def _connect_next(self, conn: Connection, reason: Optional[str],
+                      backend_failed: bool = True) -> None:
         """Start connecting to the next target, or give up and close the client."""
         if conn.target is not None:
             log.warning("backend %s unreachable for client %s: %s", conn.target.name,
                         conn.peer or "?", reason)
+            self._report(conn, FAILED if backend_failed else RELEASED, reason or "")
         if conn.backend is not None:
             self._set_interest(conn, conn.backend, 0)
             conn.backend.close()
@@ -474,7 +486,8 @@ class RelayLoop:
         try:
             backend = socket.socket(target.family, socket.SOCK_STREAM)
         except OSError as exc:  # EMFILE/ENFILE: out of descriptors for this one
-            self._connect_next(conn, f"cannot create a socket: {exc.strerror}")
+            self._connect_next(conn, f"cannot create a socket: {exc.strerror}",
+                               backend_failed=False)
             return
         backend.setblocking(False)
         conn.backend = backend
@@ -482,7 +495,7 @@ class RelayLoop:
         if code not in (0, errno.EINPROGRESS):
             self._connect_next(conn, os.strerror(code))
             return
-        conn.deadline = time.monotonic() + conn.timeout_s
+        conn.deadline = time.monotonic() + self._attempt_timeout(conn)
         heapq.heappush(self._timeouts, (conn.deadline, next(self._timeout_sequence), conn))
         self._set_interest(conn, backend, selectors.EVENT_WRITE)
 
@@ -494,6 +507,7 @@ class RelayLoop:
             self._connect_next(conn, os.strerror(code))
             return
         conn.deadline = 0.0
+        self._report(conn, CONNECTED)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("client %s connected to backend %s", conn.peer or "?", conn.target.name)
         for sock in (conn.client, backend):
@@ -502,6 +516,23 @@ class RelayLoop:
         conn.upstream = Direction(conn.client, backend, self._mover(), by_fd)
         conn.downstream = Direction(backend, conn.client, self._mover(), by_fd)
         self._update_interest(conn)
+
+    @staticmethod
+    def _attempt_timeout(conn: Connection) -> float:
+        target = conn.target
+        return conn.timeout_s if target is None or target.timeout_s is None else target.timeout_s
+
+    @staticmethod
+    def _report(conn: Connection, outcome: str, reason: str = "") -> None:
+        """Tell the target's balancer how its attempt went; the final outcome only once."""
+        target = conn.target
+        if outcome != CONNECTED:
+            conn.target = None
+        if target is not None and target.report is not None:
+            try:
+                target.report(outcome, reason)
+            except Exception:  # bookkeeping must never cost the connection
+                log.exception("reporting %s for backend %s failed", outcome, target.name)
 
     def _mover(self) -> object:
         if self.mode == "splice":
@@ -514,8 +545,8 @@ class RelayLoop:
         while self._timeouts and self._timeouts[0][0] <= now:
             deadline, _, conn = heapq.heappop(self._timeouts)
             if not conn.closed and conn.deadline == deadline:
-                self._guarded(conn, self._connect_next, conn,
-                              f"connect timed out after {conn.timeout_s * 1000:.0f} ms")
+                self._guarded(conn, self._connect_next, conn, "connect timed out after "
+                              f"{self._attempt_timeout(conn) * 1000:.0f} ms")
 
     # relay phase
 
@@ -592,6 +623,8 @@ class RelayLoop:
         conn.client.close()
         if conn.backend is not None:
             conn.backend.close()
+        if conn.target is not None:
+            self._report(conn, RELEASED)
         self.finished += 1
         if self._on_closed is not None:
             self._on_closed()

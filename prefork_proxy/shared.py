@@ -1,26 +1,54 @@
-"""Values shared by the master and every worker, created in the master before fork.
+"""Values shared by the master, the workers and the health-check process, created before fork.
 
-Each value names its one writer.  Workers inherit them through ``fork``; a new
-generation of workers (after a reload) gets the values the master created for
-that generation.
+The master creates one ``SharedState`` before the first fork; every child
+inherits it.  Each value names its writers.  Shared memory cannot grow once
+children exist, so capacities are fixed (``MAX_BACKEND_ADDRESSES`` address
+slots, ``WORKER_ROWS`` rows of connection counts).
 
-Principle: ``multiprocessing.Value`` lives in shared memory and carries a
-process-shared semaphore.  A worker killed with SIGKILL while it holds that
-semaphore would block every other worker forever, so ``RoundRobinCounter``
-waits a bounded time for it and, past that, proceeds without it: rotation may
-then be off by one once, but no worker ever hangs.
+Principle (no lock a dead process can keep): ``multiprocessing.Value`` carries a
+process-shared semaphore, and a worker killed with SIGKILL while it holds one
+would block every other worker forever.  ``RoundRobinCounter`` therefore waits
+a bounded time for its semaphore and proceeds without it past that.  The
+backend table, whose lock relay threads take on every failed connect, uses a
+kernel record lock (``fcntl.lockf``) instead: the kernel releases it when its
+holder dies, however it dies.  Most cells need no lock at all because they
+have one writer: a worker's own row of connection counts, the health-check
+process's check results and the addresses it resolves.
+
+Layout of the backend table: one anonymous shared ``mmap``, cut into typed
+``memoryview`` arrays indexed by *slot*.  A slot is one backend address of one
+listener: an IP literal in the config takes one slot, a hostname reserves
+``ADDRESSES_PER_NAME`` slots, filled with the addresses it resolves to.
+``SharedState.reconfigure`` (master only) assigns slots to the config's
+backends and keeps the slots of backends that survive a reload, so their
+health and counts survive it too.
 """
 
 from __future__ import annotations
 
+import collections
+import fcntl
+import logging
+import mmap
 import multiprocessing
-from typing import TYPE_CHECKING, Dict
+import os
+import socket
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Deque, Dict, List, Optional, Tuple
+
+from prefork_proxy.config import ADDRESSES_PER_NAME, MAX_BACKEND_ADDRESSES, Backend
 
 if TYPE_CHECKING:
     from prefork_proxy.config import Config, ListenerConfig
 
+log = logging.getLogger("prefork_proxy.shared")
+
 #: How long a worker waits for the counter's lock before going on without it.
 LOCK_WAIT_S = 0.05
+#: Rows of per-worker connection counts: live workers of every generation at once.
+WORKER_ROWS = 256
 
 
 class RoundRobinCounter:
@@ -44,24 +72,298 @@ class RoundRobinCounter:
                 lock.release()
 
 
+class ProcessLock:
+    """Mutual exclusion across processes and threads that a dead holder cannot keep.
+
+    A POSIX record lock on one byte of an unlinked temporary file: the kernel
+    drops it when the holding process exits or is killed.  Record locks belong
+    to a process, not a thread, so a per-process ``threading.Lock`` orders the
+    threads of one process first.  Not reentrant.
+    """
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="prefork-proxy-lock-")
+        self._pid = -1
+        self._threads = threading.Lock()
+
+    def __enter__(self) -> "ProcessLock":
+        if self._pid != os.getpid():  # a fresh thread lock in each process, after fork
+            self._threads = threading.Lock()
+            self._pid = os.getpid()
+        self._threads.acquire()
+        try:
+            fcntl.lockf(self._file.fileno(), fcntl.LOCK_EX, 1, 0)
+        except BaseException:
+            self._threads.release()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            fcntl.lockf(self._file.fileno(), fcntl.LOCK_UN, 1, 0)
+        finally:
+            self._threads.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class BackendTable:
+    """Per backend address: where it is, whether it is up, how many connections it holds.
+
+    Writers, cell by cell:
+
+    - ``family``/``port``/``scope``/``ip`` (the address): the master, for IP
+      literals, into freshly assigned slots before it forks the workers that
+      read them; the health-check process, for resolved hostnames, inside
+      ``begin_write``/``end_write`` (a sequence lock: readers retry or keep
+      their previous view while ``version`` is odd or has moved).
+    - ``fails``, ``passive_down``, ``down_until`` (passive health): workers'
+      relay threads, under ``lock``; the health-check process clears them when
+      checks bring a backend back.
+    - ``active_down``, ``last_check``, ``last_check_ok`` (active health): the
+      health-check process only.
+    - ``active`` (connections per worker row and slot): the worker owning the
+      row only; ``row_owner`` is claimed and swept under ``lock``.
+    """
+
+    def __init__(self, slots: int = MAX_BACKEND_ADDRESSES, rows: int = WORKER_ROWS) -> None:
+        self.slots, self.rows = slots, rows
+        fields = [("family", "i", slots), ("port", "i", slots), ("scope", "I", slots),
+                  ("fails", "i", slots), ("passive_down", "i", slots),
+                  ("active_down", "i", slots), ("last_check_ok", "i", slots),
+                  ("down_until", "d", slots), ("last_check", "d", slots),
+                  ("ip", "B", slots * 16), ("version", "Q", 1), ("rows_used", "i", 1),
+                  ("row_owner", "i", rows), ("active", "i", rows * slots)]
+        sizes = {"i": 4, "I": 4, "d": 8, "B": 1, "Q": 8}
+        total = sum((sizes[kind] * count + 7) // 8 * 8 for _, kind, count in fields)
+        # Anonymous and MAP_SHARED: zero-filled, inherited by every child, no file.
+        self._map = mmap.mmap(-1, total)
+        offset = 0
+        for name, kind, count in fields:
+            size = sizes[kind] * count
+            setattr(self, name, memoryview(self._map)[offset:offset + size].cast(kind))
+            offset += (size + 7) // 8 * 8
+        self.lock = ProcessLock()
+        self._row_pid = -1
+        self._row = -1
+        self._private: Dict[int, int] = {}  # counts of a worker that found no free row
+        self._row_lock = threading.Lock()
+
+    # -- addresses
+
+    def address(self, slot: int) -> Optional[Tuple[int, tuple]]:
+        """``(family, sockaddr)`` of a slot, or None while it holds no address."""
+        family = self.family[slot]
+        if not family:
+            return None
+        raw = bytes(self.ip[slot * 16:slot * 16 + 16])
+        if family == socket.AF_INET6:
+            return family, (socket.inet_ntop(family, raw), self.port[slot], 0, self.scope[slot])
+        return family, (socket.inet_ntop(family, raw[:4]), self.port[slot])
+
+    def set_address(self, slot: int, family: int, sockaddr: tuple) -> None:
+        """Write a slot's address and start its health afresh (see the class for who may)."""
+        packed = socket.inet_pton(family, sockaddr[0].split("%", 1)[0])
+        self.ip[slot * 16:slot * 16 + 16] = packed.ljust(16, b"\0")
+        self.port[slot] = sockaddr[1]
+        self.scope[slot] = sockaddr[3] if family == socket.AF_INET6 else 0
+        self.reset_health(slot)
+        self.family[slot] = family
+
+    def clear_address(self, slot: int) -> None:
+        self.family[slot] = 0
+        self.reset_health(slot)
+
+    def reset_health(self, slot: int) -> None:
+        self.fails[slot] = self.passive_down[slot] = self.active_down[slot] = 0
+        self.last_check_ok[slot] = 0
+        self.down_until[slot] = self.last_check[slot] = 0.0
+
+    def begin_write(self) -> None:
+        """Health-check process: start changing addresses (readers see an odd version)."""
+        self.version[0] += 1
+
+    def end_write(self) -> None:
+        self.version[0] += 1
+
+    # -- health, read by the balancers on every pick
+
+    def eligible(self, slot: int, now: float) -> bool:
+        """Up for new connections: has an address, not down by checks nor by failures."""
+        return (self.family[slot] != 0 and not self.active_down[slot]
+                and self.down_until[slot] <= now)
+
+    def record_failure(self, slot: int, fall: int, fail_timeout_s: float,
+                       now: float) -> Tuple[int, bool]:
+        """A client's connect failed.  Returns (consecutive failures, newly marked down).
+
+        With ``fall`` > 0, reaching ``fall`` marks the backend down until
+        ``now + fail_timeout_s``; a failure while it is still marked (the one
+        try after the timeout) marks it down again, without a new state change.
+        """
+        with self.lock:
+            fails = self.fails[slot] + 1
+            self.fails[slot] = fails
+            newly = False
+            if fall and fails >= fall:
+                self.down_until[slot] = now + fail_timeout_s
+                newly = not self.passive_down[slot]
+                self.passive_down[slot] = 1
+            return fails, newly
+
+    def record_success(self, slot: int) -> bool:
+        """A client connected: the failure run ends.  True if that brings it back up."""
+        if not self.fails[slot] and not self.passive_down[slot]:
+            return False  # the common case costs two reads and no lock
+        with self.lock:
+            was_down = bool(self.passive_down[slot])
+            self.fails[slot] = self.passive_down[slot] = 0
+            self.down_until[slot] = 0.0
+            return was_down
+
+    # -- connection counts: one row per worker process
+
+    def _my_row(self) -> int:
+        pid = os.getpid()
+        if self._row_pid != pid:
+            self._row_pid, self._private = pid, {}
+            self._row_lock = threading.Lock()
+            self._row = self._claim_row(pid)
+        return self._row
+
+    def _claim_row(self, pid: int) -> int:
+        with self.lock:
+            for row in range(self.rows):
+                owner = self.row_owner[row]
+                if owner == pid or owner == 0 or not _pid_alive(owner):
+                    self._zero_row(row)
+                    self.row_owner[row] = pid
+                    self.rows_used[0] = max(self.rows_used[0], row + 1)
+                    return row
+        log.warning("no free row for process %d's connection counts (%d rows): least_conn and "
+                    "status will not see its connections", pid, self.rows)
+        return -1
+
+    def _zero_row(self, row: int) -> None:
+        self.active[row * self.slots:(row + 1) * self.slots] = \
+            memoryview(bytes(4 * self.slots)).cast("i")
+
+    def acquire(self, slot: int) -> None:
+        """This process opens a connection to ``slot`` (relay threads; row-local)."""
+        row = self._my_row()
+        with self._row_lock:
+            if row < 0:
+                self._private[slot] = self._private.get(slot, 0) + 1
+            else:
+                self.active[row * self.slots + slot] += 1
+
+    def release(self, slot: int) -> None:
+        row = self._my_row()
+        with self._row_lock:
+            if row < 0:
+                self._private[slot] = self._private.get(slot, 0) - 1
+            else:
+                self.active[row * self.slots + slot] -= 1
+
+    def active_count(self, slot: int) -> int:
+        """Connections to ``slot`` from every worker (a sum over the used rows)."""
+        end = self.rows_used[0] * self.slots
+        return sum(self.active[slot:end:self.slots]) if end else 0
+
+    def sweep_rows(self) -> int:
+        """Master: free the rows of dead processes, so their counts stop counting."""
+        freed = 0
+        with self.lock:
+            for row in range(self.rows_used[0]):
+                owner = self.row_owner[row]
+                if owner and not _pid_alive(owner):
+                    self._zero_row(row)
+                    self.row_owner[row] = 0
+                    freed += 1
+        return freed
+
+
+@dataclass(frozen=True)
+class PoolEntry:
+    """One configured backend of a listener and the slots of its addresses."""
+
+    backend: Backend
+    slots: Tuple[int, ...]  # one for an IP literal, ADDRESSES_PER_NAME for a hostname
+    literal: bool
+
+
 class SharedState:
     """Everything the workers share, created by the master before the first fork.
 
     The master calls ``reconfigure`` on every reload, before forking the new
     generation: state that belongs to something that still exists (a listener
-    with the same bind address) is kept, so a reload does not restart the
-    rotation.  Only the master calls ``reconfigure``; workers only read and draw.
+    with the same bind address, a backend with the same address in it) is kept,
+    so a reload restarts neither the rotation nor the health of a backend.
+    Only the master calls ``reconfigure``; workers only read and draw.
     """
 
     def __init__(self, config: "Config") -> None:
+        self.table = BackendTable()
+        self.config = config
         self._round_robin: Dict[str, RoundRobinCounter] = {}
+        self._pools: Dict[str, Tuple[PoolEntry, ...]] = {}
+        self._entry_slots: Dict[Tuple[str, str, int], Tuple[int, ...]] = {}
+        self._next_fresh = 0
+        self._retired: Deque[int] = collections.deque()  # freed slots, reused oldest first
         self.reconfigure(config)
 
     def reconfigure(self, config: "Config") -> None:
+        self.config = config
+        wanted: Dict[Tuple[str, str, int], Tuple[str, Backend]] = {}
+        order: Dict[str, List[Tuple[str, str, int]]] = {}
         for index, listener in enumerate(config.listeners):
             key = self._key(listener, index)
             if key not in self._round_robin:
                 self._round_robin[key] = RoundRobinCounter()
+            seen: Dict[str, int] = collections.Counter()
+            order[key] = []
+            for backend in listener.backends:
+                name = str(backend.address)
+                entry_key = (key, name, seen[name])
+                seen[name] += 1
+                wanted[entry_key] = (key, backend)
+                order[key].append(entry_key)
+        # Free what is gone first, so a config that fits the capacity always fits.
+        for entry_key in [k for k in self._entry_slots if k not in wanted]:
+            self._retired.extend(self._entry_slots.pop(entry_key))
+        pools: Dict[str, List[PoolEntry]] = collections.defaultdict(list)
+        for key, entry_keys in order.items():
+            for entry_key in entry_keys:
+                backend = wanted[entry_key][1]
+                literal = backend.address.is_ip_literal()
+                slots = self._entry_slots.get(entry_key)
+                if slots is None or len(slots) != (1 if literal else ADDRESSES_PER_NAME):
+                    if slots is not None:
+                        self._retired.extend(slots)
+                    slots = tuple(self._allocate() for _ in range(1 if literal
+                                                                  else ADDRESSES_PER_NAME))
+                    self._entry_slots[entry_key] = slots
+                    for slot in slots:
+                        self.table.clear_address(slot)
+                    if literal:  # no DNS: the master writes it before any reader exists
+                        family, sockaddr = _numeric_address(backend)
+                        self.table.set_address(slots[0], family, sockaddr)
+                pools[key].append(PoolEntry(backend, slots, literal))
+        self._pools = {key: tuple(entries) for key, entries in pools.items()}
+
+    def _allocate(self) -> int:
+        if self._next_fresh < self.table.slots:
+            self._next_fresh += 1
+            return self._next_fresh - 1
+        return self._retired.popleft()  # config validation guarantees enough are free
 
     @staticmethod
     def _key(listener: "ListenerConfig", index: int) -> str:
@@ -70,3 +372,19 @@ class SharedState:
     def round_robin(self, listener: "ListenerConfig", index: int) -> RoundRobinCounter:
         """The counter of the ``index``-th listener of the config the worker serves."""
         return self._round_robin[self._key(listener, index)]
+
+    def pool(self, listener: "ListenerConfig", index: int) -> Tuple[PoolEntry, ...]:
+        """The backends of the ``index``-th listener, with their slots."""
+        return self._pools[self._key(listener, index)]
+
+    def pools(self) -> List[Tuple[int, "ListenerConfig", Tuple[PoolEntry, ...]]]:
+        """Every listener of the current config with its pool (health checks, status)."""
+        return [(index, listener, self.pool(listener, index))
+                for index, listener in enumerate(self.config.listeners)]
+
+
+def _numeric_address(backend: Backend) -> Tuple[int, tuple]:
+    endpoint = backend.address
+    info = socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM,
+                              flags=socket.AI_NUMERICHOST)[0]
+    return info[0], info[4]

@@ -151,7 +151,7 @@ class Worker:
     def _serve(self, signals: SignalQueue) -> None:
         selector = selectors.DefaultSelector()
         selector.register(signals.read_fd, selectors.EVENT_READ, None)
-        accepting = [(lst, sock, Balancer(lst, self.shared.round_robin(lst, index)))
+        accepting = [(lst, sock, Balancer(lst, self.shared, index))
                      for index, (lst, sock) in enumerate(self.listeners)]
         for entry in accepting:
             selector.register(entry[1], selectors.EVENT_READ, entry)
@@ -226,7 +226,7 @@ class Worker:
             self.accepted += 1
             peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
             loop = min(self.loops, key=lambda candidate: candidate.active)
-            loop.submit(client, balancer.targets(), timeout_s, peer)
+            loop.submit(client, balancer.targets(address), timeout_s, peer)
         return "more"
 
     def _handle_signal(self, signum: int, accepting: List[Tuple[ListenerConfig, socket.socket,

@@ -14,6 +14,8 @@ crossed the backend, as nginx's stream tests do):
   ``\\n``, and ``--reply-bytes`` bytes: the first 64 KiB received, repeated and
   transformed; then close.
 - ``reset``: echo, but after ``--reset-after`` bytes received, close with RST.
+- ``pong``: a Redis-like health-check target: answer ``+PONG\\r\\n`` to each
+  ``PING\\r\\n`` line (``-ERR\\r\\n`` to any other line), untransformed.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Session:
         self.hasher = hashlib.sha256()
         self.read_eof = False
         self.after_eof_buffer: list[bytes] = []
+        self.line = b""
         if server.mode == "tag":
             self.out += f"{server.name}\n".encode()
 
@@ -66,6 +69,13 @@ class Session:
             self.update()
             return
         self.received += len(data)
+        if self.server.mode == "pong":
+            self.line += data
+            while b"\n" in self.line:
+                request, _, self.line = self.line.partition(b"\n")
+                self.out += b"+PONG\r\n" if request == b"PING\r" else b"-ERR\r\n"
+            self.on_writable()
+            return
         if self.server.mode == "reply-after-eof":
             self.hasher.update(data)
             if sum(map(len, self.after_eof_buffer)) < 65536:
@@ -159,7 +169,7 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["echo", "tag", "reply-after-eof", "reset"])
+    parser.add_argument("mode", choices=["echo", "tag", "reply-after-eof", "reset", "pong"])
     parser.add_argument("--name", default="backend")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)

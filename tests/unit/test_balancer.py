@@ -1,17 +1,48 @@
-"""Backend choice: the weighted schedule and the counter shared across processes."""
+"""Backend choice: schedules, algorithms, failover order, passive health, shared counts."""
 
 from __future__ import annotations
 
+import collections
+import logging
 import os
+import signal
+import time
 
+import pytest
+
+from prefork_proxy import balancer as balancer_module
+from prefork_proxy import config
 from prefork_proxy.balancer import Balancer, smooth_weighted_schedule
-from prefork_proxy.config import Backend, Endpoint, ListenerConfig
-from prefork_proxy.shared import RoundRobinCounter
+from prefork_proxy.config import Backend, Endpoint
+from prefork_proxy.relay import CONNECTED, FAILED, RELEASED
+from prefork_proxy.shared import BackendTable, RoundRobinCounter, SharedState
 
 
 def _backends(*weights: int, backup: int = -1):
     return [Backend(Endpoint(f"b{i}", 1000 + i), weight=w, backup=(i == backup))
             for i, w in enumerate(weights)]
+
+
+def _balancer(backends: str, **keys: object) -> Balancer:
+    """A balancer over ``backends`` (a TOML array) with extra listener keys, fresh state."""
+    extra = "".join(f"{key} = {value!r}\n".replace("'", '"') for key, value in keys.items())
+    loaded = config.load_text(f'[[tcp_proxy]]\nbind = "127.0.0.1:0"\nbackends = {backends}\n'
+                              + extra)
+    return Balancer(loaded.listeners[0], SharedState(loaded), 0)
+
+
+THREE = '["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]'
+
+
+def _names(targets) -> list:
+    return [t.name for t in targets]
+
+
+def _first(balancer: Balancer, client: object = None, outcome: str = RELEASED) -> str:
+    """Choose for one client, connect to the first choice, end the connection at once."""
+    target = next(balancer.targets(client))
+    target.report(outcome, "")
+    return target.name
 
 
 def test_equal_weights_rotate_in_order():
@@ -24,30 +55,216 @@ def test_smooth_weighted_spreads_heavy_backends():
     assert smooth_weighted_schedule([a, b, c]) == [a, a, b, a, c, a, a]
 
 
-def test_backups_are_left_out_of_the_rotation():
-    backends = _backends(1, 1, 1, backup=2)
-    listener = ListenerConfig(Endpoint("127.0.0.1", 1), tuple(backends))
-    balancer = Balancer(listener, RoundRobinCounter())
-    assert [balancer.pick() for _ in range(4)] == [backends[0], backends[1]] * 2
+def test_weights_1_to_3_split_exactly_25_75():
+    balancer = _balancer('["10.0.0.1:1", { address = "10.0.0.2:1", weight = 3 }]')
+    counts = collections.Counter(_first(balancer) for _ in range(10_000))
+    assert counts == {"10.0.0.1:1": 2500, "10.0.0.2:1": 7500}
+
+
+def test_failover_tries_every_backend_once_in_rotation_order():
+    balancer = _balancer(THREE)
+    assert _names(balancer.targets()) == ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]
+    assert _names(balancer.targets()) == ["10.0.0.2:1", "10.0.0.3:1", "10.0.0.1:1"]
+
+
+class _Clock:
+    """Stands in for the ``time`` module inside balancer.py: time moves when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_retries_limit_the_attempts_and_the_budget_bounds_each(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(balancer_module, "time", clock)
+    balancer = _balancer(THREE, retries=1, connect_timeout_ms=300, connect_budget_ms=500)
+    targets = balancer.targets()
+    assert next(targets).timeout_s == pytest.approx(0.3)
+    clock.now += 0.3  # the first attempt timed out
+    assert next(targets).timeout_s == pytest.approx(0.2)  # what is left of the budget
+    assert next(targets, None) is None  # retries = 1: two attempts in all
+    late = balancer.targets()
+    clock.now += 0.5  # the budget counts from the accept: spent before the first attempt
+    assert list(late) == []
+
+
+def test_backups_serve_only_while_every_primary_is_down():
+    balancer = _balancer('["10.0.0.1:1", "10.0.0.2:1", { address = "10.0.0.9:1", backup = true }]')
+    assert {_first(balancer) for _ in range(6)} == {"10.0.0.1:1", "10.0.0.2:1"}
+    # Failover order: the primaries first, the backup after them.
+    assert _names(balancer.targets())[-1] == "10.0.0.9:1"
+    table = balancer.table
+    for member in balancer.members()[:2]:
+        table.active_down[member.slot] = 1
+    assert {_first(balancer) for _ in range(4)} == {"10.0.0.9:1"}
+    table.active_down[balancer.members()[0].slot] = 0
+    assert {_first(balancer) for _ in range(4)} == {"10.0.0.1:1"}
+
+
+def test_everything_down_still_tries_everything():
+    balancer = _balancer(THREE)
+    for member in balancer.members():
+        balancer.table.active_down[member.slot] = 1
+    assert sorted(_names(balancer.targets())) == ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]
+
+
+def test_passive_fall_marks_down_once_for_everyone_and_success_brings_it_back(caplog):
+    balancer = _balancer(THREE, fall=2, fail_timeout_ms=60_000)
+    other_worker = Balancer(balancer.listener, _shared_of(balancer), 0)
+    dead = balancer.members()[1]
+    caplog.set_level(logging.INFO, logger="prefork_proxy.balancer")
+    for _ in range(2):
+        target = next(t for t in balancer.targets() if t.name == dead.name)
+        target.report(FAILED, "Connection refused")
+    assert caplog.text.count("backend 10.0.0.2:1 down: Connection refused (2/2") == 1
+    # Down for every balancer on the table, as for every worker.
+    assert dead.name not in {_first(other_worker) for _ in range(9)}
+    assert _names(other_worker.targets())[-1] == dead.name  # last resort only
+    # One more failure (the try after fail_timeout) logs nothing new.
+    next(t for t in balancer.targets() if t.name == dead.name).report(FAILED, "refused")
+    assert caplog.text.count("down:") == 1
+    # A success ends the run and brings it back, logged once.
+    next(t for t in balancer.targets() if t.name == dead.name).report(CONNECTED, "")
+    assert "backend 10.0.0.2:1 up" in caplog.text
+    assert dead.name in {_first(other_worker) for _ in range(3)}
+
+
+def test_passive_down_ends_after_fail_timeout():
+    balancer = _balancer(THREE, fall=1, fail_timeout_ms=50)
+    dead = balancer.members()[0]
+    next(balancer.targets()).report(FAILED, "refused")
+    assert dead.name not in {_first(balancer) for _ in range(6)}
+    time.sleep(0.06)
+    assert dead.name in {_first(balancer) for _ in range(3)}
+
+
+def test_fall_zero_never_marks_down():
+    balancer = _balancer(THREE, fall=0)
+    for _ in range(5):
+        next(balancer.targets()).report(FAILED, "refused")
+    assert {_first(balancer) for _ in range(3)} == {m.name for m in balancer.members()}
+
+
+def test_least_conn_picks_the_fewest_active_per_weight():
+    balancer = _balancer('["10.0.0.1:1", "10.0.0.2:1", { address = "10.0.0.3:1", weight = 2 }]',
+                         balance="least_conn")
+    held = [next(balancer.targets()) for _ in range(8)]  # connected, never released
+    counts = collections.Counter(t.name for t in held)
+    assert counts == {"10.0.0.1:1": 2, "10.0.0.2:1": 2, "10.0.0.3:1": 4}
+    for target in held:
+        if target.name == "10.0.0.1:1":
+            target.report(RELEASED, "")
+    assert [_first(balancer, outcome=CONNECTED) for _ in range(2)] == ["10.0.0.1:1"] * 2
+
+
+def test_random_two_prefers_the_less_loaded_and_spreads():
+    balancer = _balancer(THREE, balance="random_two")
+    held = [next(balancer.targets()) for _ in range(300)]
+    counts = collections.Counter(t.name for t in held)
+    assert max(counts.values()) - min(counts.values()) <= 3, counts
+
+
+def test_source_hash_is_stable_and_moves_only_the_lost_backends_clients():
+    four = '["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1", "10.0.0.4:1"]'
+    balancer = _balancer(four, balance="source_hash")
+    clients = [(f"127.0.{i // 250}.{i % 250 + 1}", 40000 + i) for i in range(1000)]
+    before = {c[0]: _first(balancer, c) for c in clients}
+    assert all(_first(balancer, (c[0], 1)) == before[c[0]] for c in clients[:100])  # port ignored
+    assert min(collections.Counter(before.values()).values()) > 180  # roughly a quarter each
+    lost = balancer.members()[3]
+    balancer.table.active_down[lost.slot] = 1
+    after = {c[0]: _first(balancer, c) for c in clients}
+    moved = {c for c in before if before[c] != after[c]}
+    assert moved == {c for c in before if before[c] == lost.name}
+    assert 0.18 < len(moved) / len(clients) < 0.32
 
 
 def test_counter_is_global_across_forked_processes():
     """8 processes draw 500 tickets each: every ticket is drawn exactly once."""
     counter = RoundRobinCounter()
+    drawn = []
+    for output in _in_children(8, lambda: ",".join(str(counter.draw()) for _ in range(500))):
+        drawn.extend(int(t) for t in output.split(","))
+    assert sorted(drawn) == list(range(4000))
+
+
+def test_active_counts_are_global_and_a_dead_workers_counts_are_swept():
+    table = BackendTable(slots=8, rows=16)
+    go_read, go_write = os.pipe()
+    done_read, done_write = os.pipe()
+    children = []
+    for _ in range(4):
+        pid = os.fork()
+        if pid == 0:  # child: hold 60 connections, say so, live until the parent lets go
+            os.close(go_write)
+            for _ in range(100):
+                table.acquire(3)
+            for _ in range(40):
+                table.release(3)
+            os.write(done_write, b"x")
+            os.read(go_read, 1)
+            os._exit(0)
+        children.append(pid)
+    for _ in range(4):
+        assert os.read(done_read, 1) == b"x"
+    assert table.active_count(3) == 4 * 60
+    os.close(go_write)  # the children exit without releasing, as if killed
+    for pid in children:
+        os.waitpid(pid, 0)
+    for fd in (go_read, done_read, done_write):
+        os.close(fd)
+    assert table.active_count(3) == 4 * 60
+    assert table.sweep_rows() == 4
+    assert table.active_count(3) == 0
+
+
+def test_table_lock_is_released_when_its_holder_is_killed():
+    table = BackendTable(slots=8, rows=4)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: take the lock, say so, and wait to be killed holding it
+        table.lock.__enter__()
+        os.write(write_end, b"x")
+        time.sleep(60)
+        os._exit(0)
+    assert os.read(read_end, 1) == b"x"
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    os.close(read_end)
+    os.close(write_end)
+    started = time.monotonic()
+    assert table.record_failure(0, 3, 1.0, 0.0) == (1, False)
+    assert time.monotonic() - started < 1.0
+
+
+def _shared_of(balancer: Balancer) -> SharedState:
+    shared = SharedState.__new__(SharedState)  # the same table and pools, as a forked worker has
+    shared.table = balancer.table
+    shared._round_robin = {"127.0.0.1:0#0": balancer.counter}
+    shared._pools = {"127.0.0.1:0#0": balancer.entries}
+    return shared
+
+
+def _in_children(count: int, work) -> list:
+    """Run ``work`` in ``count`` forked children at once; return what each returned."""
     readers = []
-    for _ in range(8):
+    for _ in range(count):
         read_end, write_end = os.pipe()
         pid = os.fork()
-        if pid == 0:  # child: draw and report, then leave without running pytest's teardown
+        if pid == 0:  # child: report, then leave without running pytest's teardown
             os.close(read_end)
-            tickets = ",".join(str(counter.draw()) for _ in range(500))
-            os.write(write_end, tickets.encode())
-            os._exit(0)
+            try:
+                os.write(write_end, work().encode())
+            finally:
+                os._exit(0)
         os.close(write_end)
         readers.append((pid, read_end))
-    drawn = []
+    outputs = []
     for pid, read_end in readers:
         with os.fdopen(read_end, "rb") as f:
-            drawn.extend(int(t) for t in f.read().decode().split(","))
+            outputs.append(f.read().decode())
         os.waitpid(pid, 0)
-    assert sorted(drawn) == list(range(4000))
+    return outputs

@@ -1,0 +1,521 @@
+"""Active health checks and DNS re-resolution, in one process beside the workers.
+
+The master owns a ``HealthChecker`` (a handle; no thread, no blocking): it
+forks the health-check process when the config needs one (a listener with a
+``health_check`` table, or a backend given by hostname), restarts it when it
+dies or when a reload changed the config, stops it when the master stops, and
+frees the connection-count rows of dead workers.  The master calls ``tick``
+from its loop at least once a second.
+
+The health-check process (``prefork-proxy: health``) is the one writer of:
+
+- addresses of hostname backends: a thread resolves each name every
+  ``resolve_interval_ms`` (``getaddrinfo`` blocks, so never on a relay
+  thread); the main thread writes every address of the name into the name's
+  slots, keeping an address in its slot (and its health) while it stays;
+- active health: every ``interval_ms`` a probe connects to each address
+  within ``timeout_ms``, optionally sends ``send`` and reads until the reply
+  can be compared with ``expect``.  Probes run concurrently on one selector,
+  so a hanging backend delays no other.  ``fall`` failures in a row mark a
+  backend down, ``rise`` passes bring it up; a backend marked down by client
+  failures (passive) is brought back by ``rise`` passes too.  Each change is
+  logged once: ``backend db-2:5432 down: connect refused (3/3)``.
+
+Workers only read what it writes (see ``shared.BackendTable``), so a check
+never blocks the relay.  ``describe_backends`` renders the table for
+``prefork-proxy status``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import selectors
+import signal
+import socket
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from prefork_proxy.balancer import backend_name
+from prefork_proxy.config import ADDRESSES_PER_NAME, HealthCheck, ListenerConfig
+from prefork_proxy.proctitle import set_title
+from prefork_proxy.shared import BackendTable, PoolEntry, SharedState
+
+log = logging.getLogger("prefork_proxy.health")
+
+#: How often the master frees the connection-count rows of dead workers.
+SWEEP_INTERVAL_S = 1.0
+#: Wait before restarting a health-check process that died (it should not die).
+RESTART_DELAY_S = 1.0
+#: The health-check process's longest sleep: it checks on its master this often.
+MAX_WAIT_S = 0.5
+PR_SET_PDEATHSIG = 1
+
+
+def needs_process(shared: SharedState) -> bool:
+    """Does the current config need a health-check process (checks, or names to resolve)?"""
+    return any(listener.health_check is not None or any(not e.literal for e in entries)
+               for _, listener, entries in shared.pools())
+
+
+# --------------------------------------------------------------------------- master side
+
+
+class HealthChecker:
+    """The master's handle on the health-check process.  Called from the master's loop only."""
+
+    def __init__(self, shared: SharedState) -> None:
+        self.shared = shared
+        self.pid = 0
+        self._config: object = None  # the config the running process serves
+        self._restart_at = 0.0
+        self._next_sweep = 0.0
+
+    def tick(self) -> None:
+        """Converge: a live process for the current config if it needs one; sweep rows."""
+        now = time.monotonic()
+        if self.pid and self.shared.config is not self._config:
+            log.info("health checks: the config changed; restarting the health-check process")
+            self.stop()
+        if self.pid and not self._alive():
+            log.warning("health-check process %d died; restarting it in %.0f s", self.pid,
+                        RESTART_DELAY_S)
+            self.pid = 0
+            self._restart_at = now + RESTART_DELAY_S
+        if not self.pid and now >= self._restart_at and needs_process(self.shared):
+            self._start()
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_INTERVAL_S
+            self.shared.table.sweep_rows()
+
+    def stop(self) -> None:
+        """Stop the process (bounded: SIGTERM, then SIGKILL after a second)."""
+        if not self.pid:
+            return
+        pid, self.pid = self.pid, 0
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 1.0
+        while True:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # already reaped by the master's reap()
+                return
+            if done:
+                return
+            if time.monotonic() >= deadline:
+                os.kill(pid, signal.SIGKILL)
+                deadline = float("inf")
+            time.sleep(0.01)  # a child's exit has nothing to wait on here but polling
+
+    def _alive(self) -> bool:
+        try:
+            done, _ = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # the master's reap() collected it
+            return False
+        return done == 0
+
+    def _start(self) -> None:
+        self._config = self.shared.config
+        master_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                _CheckerProcess(self.shared, master_pid).run()
+                code = 0
+            except BaseException:
+                log.exception("health-check process crashed")
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.pid = pid
+        log.info("health-check process started: pid=%d", pid)
+
+
+# --------------------------------------------------------------------------- status
+
+
+def describe_backends(shared: SharedState) -> List[str]:
+    """One line per backend address, for ``prefork-proxy status`` (master process).
+
+    Columns: listener, backend, state (``up``, ``down (checks)``, ``down
+    (failures, N s left)``, ``backup``), active connections across workers,
+    consecutive connect failures seen by clients, age and result of the last
+    active check.
+    """
+    table = shared.table
+    now, wall = time.monotonic(), time.time()
+    lines = [f"{'listener':<22} {'backend':<34} {'state':<26} {'active':>6} {'fails':>5}  "
+             "last check"]
+    for _, listener, entries in shared.pools():
+        for entry in entries:
+            slots = [s for s in entry.slots if table.family[s]]
+            if not slots:
+                lines.append(f"{listener.label:<22} {str(entry.backend.address):<34} "
+                             f"{'not resolved yet':<26} {table.active_count(entry.slots[0]):>6} "
+                             f"{table.fails[entry.slots[0]]:>5}  -")
+            for slot in slots:
+                address = table.address(slot)
+                name = backend_name(entry.backend, address[1] if address else None,
+                                    entry.literal)
+                if table.active_down[slot]:
+                    state = "down (checks)"
+                elif table.down_until[slot] > now:
+                    state = f"down (failures, {table.down_until[slot] - now:.0f} s left)"
+                else:
+                    state = "up"
+                if entry.backend.backup:
+                    state += ", backup"
+                checked = "-"
+                if table.last_check[slot]:
+                    result = "ok" if table.last_check_ok[slot] else "failed"
+                    checked = f"{max(0.0, wall - table.last_check[slot]):.1f} s ago, {result}"
+                lines.append(f"{listener.label:<22} {name:<34} {state:<26} "
+                             f"{table.active_count(slot):>6} {table.fails[slot]:>5}  {checked}")
+    return lines
+
+
+# --------------------------------------------------------------------------- the process
+
+
+@dataclass
+class _Streak:
+    """What the checker remembers of one address between probes."""
+
+    passes: int = 0
+    failures: int = 0
+    saw_passive: bool = False  # passes counted since clients' failures marked it down
+
+
+@dataclass
+class _Probe:
+    """One check in flight: connect, then maybe send, then maybe read the reply."""
+
+    slot: int
+    name: str
+    check: HealthCheck
+    sock: socket.socket
+    deadline: float
+    phase: str = "connect"
+    unsent: bytes = b""
+    reply: bytearray = field(default_factory=bytearray)
+
+
+class _CheckerProcess:
+    """The health-check process's main thread (plus one resolver thread if names exist)."""
+
+    def __init__(self, shared: SharedState, master_pid: int) -> None:
+        self.shared = shared
+        self.table: BackendTable = shared.table
+        self.master_pid = master_pid
+        self.selector = selectors.DefaultSelector()
+        self.probes: Dict[int, _Probe] = {}
+        self.due: Dict[int, float] = {}
+        self.streaks: Dict[int, _Streak] = {}
+        self.results: "queue.SimpleQueue[Tuple[int, object]]" = queue.SimpleQueue()
+        self.stopping = threading.Event()
+        self._log_inode: Dict[int, Tuple[int, int]] = {}
+
+    # -- setup
+
+    def run(self) -> None:
+        set_title("prefork-proxy: health")
+        self._detach_from_master()
+        if self.table.version[0] & 1:  # a predecessor was killed in the middle of a write
+            self.table.version[0] += 1
+        names = [(i, listener, entry) for i, (_, listener, entries)
+                 in enumerate(self.shared.pools()) for entry in entries if not entry.literal]
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector.register(wake_r, selectors.EVENT_READ, None)
+        if names:
+            threading.Thread(target=self._resolve_forever, args=(names, wake_w),
+                             name="resolver", daemon=True).start()
+        log.info("health-check process ready: %d address(es) to check, %d name(s) to resolve",
+                 len(self._plan()), len(names))
+        while os.getppid() == self.master_pid:
+            self._turn(wake_r)
+        self.stopping.set()
+
+    def _detach_from_master(self) -> None:
+        """Undo what fork copied from the master: its signal handlers, its listeners."""
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
+            signal.signal(signum, signal.SIG_IGN)
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the getppid() check in the loop covers it
+        # A listening socket held here would outlive its removal by a reload.
+        for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []:
+            fd = int(name)
+            try:
+                if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    continue
+                sock = socket.socket(fileno=fd)
+            except OSError:
+                continue
+            try:
+                listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            except OSError:
+                listening = 0
+            if listening:
+                sock.close()
+            else:
+                sock.detach()
+
+    # -- the loop
+
+    def _plan(self) -> Dict[int, Tuple[str, HealthCheck]]:
+        """Every address to probe now: slot -> (name, check)."""
+        plan = {}
+        for _, listener, entries in self.shared.pools():
+            if listener.health_check is None:
+                continue
+            for entry in entries:
+                for slot in entry.slots:
+                    address = self.table.address(slot)
+                    if address is not None:
+                        plan[slot] = (backend_name(entry.backend, address[1], entry.literal),
+                                      listener.health_check)
+        return plan
+
+    def _turn(self, wake_r: int) -> None:
+        now = time.monotonic()
+        plan = self._plan()
+        for slot, (name, check) in plan.items():
+            if slot not in self.probes and now >= self.due.get(slot, 0.0):
+                self.due[slot] = now + check.interval_ms / 1000.0
+                self._start_probe(slot, name, check, now)
+        for slot in [s for s in self.due if s not in plan]:
+            del self.due[slot]
+            self.streaks.pop(slot, None)
+        wait = min([MAX_WAIT_S] + [d - now for d in self.due.values()]
+                   + [p.deadline - now for p in self.probes.values()])
+        for key, events in self.selector.select(max(0.0, wait)):
+            if key.data is None:
+                self._apply_resolutions(wake_r)
+            else:
+                self._advance(key.data, events)
+        now = time.monotonic()
+        for probe in [p for p in self.probes.values() if p.deadline <= now]:
+            what = "connect" if probe.phase == "connect" else "reply"
+            self._finish(probe, False, f"{what} timed out after {probe.check.timeout_ms} ms")
+        self._follow_log_rotation()
+
+    def _start_probe(self, slot: int, name: str, check: HealthCheck, now: float) -> None:
+        address = self.table.address(slot)
+        if address is None:
+            return
+        sock = socket.socket(address[0], socket.SOCK_STREAM)
+        sock.setblocking(False)
+        probe = _Probe(slot, name, check, sock, now + check.timeout_ms / 1000.0,
+                       unsent=check.send)
+        self.probes[slot] = probe
+        code = sock.connect_ex(address[1])
+        if code not in (0, errno.EINPROGRESS):
+            self._finish(probe, False, _connect_reason(code))
+            return
+        self.selector.register(sock, selectors.EVENT_WRITE, probe)
+
+    def _advance(self, probe: _Probe, events: int) -> None:
+        sock, check = probe.sock, probe.check
+        try:
+            if probe.phase == "connect":
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code:
+                    self._finish(probe, False, _connect_reason(code))
+                    return
+                probe.phase = "send"
+            if probe.phase == "send":
+                if probe.unsent:
+                    probe.unsent = probe.unsent[sock.send(probe.unsent):]
+                    if probe.unsent:
+                        return  # still writable-bound
+                if not check.expect:
+                    self._finish(probe, True, "")
+                    return
+                probe.phase = "read"
+                self.selector.modify(sock, selectors.EVENT_READ, probe)
+                return
+            data = sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._finish(probe, False, f"{probe.phase}: {exc.strerror or exc}")
+            return
+        expect = check.expect
+        probe.reply += data
+        if data and len(probe.reply) < len(expect) and expect.startswith(probe.reply):
+            return  # a prefix so far: wait for the rest
+        got = bytes(probe.reply[:len(expect)])
+        if got == expect:
+            self._finish(probe, True, "")
+        elif not probe.reply:
+            self._finish(probe, False, "closed without replying")
+        else:
+            self._finish(probe, False, f"reply {got!r} does not start with {expect!r}")
+
+    def _finish(self, probe: _Probe, passed: bool, reason: str) -> None:
+        self.probes.pop(probe.slot, None)
+        try:
+            self.selector.unregister(probe.sock)
+        except (KeyError, ValueError):
+            pass
+        probe.sock.close()
+        self._record(probe.slot, probe.name, probe.check, passed, reason)
+
+    def _record(self, slot: int, name: str, check: HealthCheck, passed: bool,
+                reason: str) -> None:
+        """Count a probe's result; change the backend's state at rise/fall, logging it once."""
+        table = self.table
+        table.last_check[slot] = time.time()
+        table.last_check_ok[slot] = int(passed)
+        streak = self.streaks.setdefault(slot, _Streak())
+        if table.passive_down[slot] and not streak.saw_passive:
+            streak.saw_passive, streak.passes = True, 0  # count passes from the mark on
+        elif not table.passive_down[slot]:
+            streak.saw_passive = False
+        if passed:
+            streak.passes, streak.failures = streak.passes + 1, 0
+            if streak.passes >= check.rise:
+                if table.active_down[slot]:
+                    table.active_down[slot] = 0
+                    self._clear_passive(slot)
+                    log.warning("backend %s up: health check passed (%d/%d)", name,
+                                check.rise, check.rise)
+                elif table.passive_down[slot]:
+                    self._clear_passive(slot)
+                    streak.saw_passive = False
+                    log.warning("backend %s up: health check passed (%d/%d) since client "
+                                "connects failed", name, check.rise, check.rise)
+        else:
+            streak.failures, streak.passes = streak.failures + 1, 0
+            if streak.failures >= check.fall and not table.active_down[slot]:
+                table.active_down[slot] = 1
+                log.warning("backend %s down: %s (%d/%d)", name, reason, check.fall,
+                            check.fall)
+
+    def _clear_passive(self, slot: int) -> None:
+        with self.table.lock:
+            self.table.fails[slot] = self.table.passive_down[slot] = 0
+            self.table.down_until[slot] = 0.0
+
+    # -- names
+
+    def _resolve_forever(self, names: List[Tuple[int, ListenerConfig, PoolEntry]],
+                         wake_w: int) -> None:
+        """Resolver thread: resolve each name on its listener's interval; post the results."""
+        due = [0.0] * len(names)
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            for position, (_, listener, entry) in enumerate(names):
+                if now < due[position]:
+                    continue
+                due[position] = now + listener.resolve_interval_ms / 1000.0
+                endpoint = entry.backend.address
+                result: object
+                try:
+                    infos = socket.getaddrinfo(endpoint.host, endpoint.port,
+                                               type=socket.SOCK_STREAM)
+                    unique = {}
+                    for family, _, _, _, sockaddr in infos:
+                        unique.setdefault(_address_key(family, sockaddr), (family, sockaddr))
+                    result = [unique[key] for key in sorted(unique)]
+                except OSError as exc:
+                    result = exc
+                self.results.put((position, (entry, result)))
+                try:
+                    os.write(wake_w, b"\0")
+                except BlockingIOError:
+                    pass
+            self.stopping.wait(max(0.05, min(due) - time.monotonic()))
+
+    def _apply_resolutions(self, wake_r: int) -> None:
+        try:
+            os.read(wake_r, 4096)
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                _, (entry, result) = self.results.get_nowait()
+            except queue.Empty:
+                return
+            self._apply_addresses(entry, result)
+
+    def _apply_addresses(self, entry: PoolEntry, result: object) -> None:
+        """Write a name's addresses into its slots: kept ones stay, new ones take free slots."""
+        table = self.table
+        label = str(entry.backend.address)
+        if isinstance(result, OSError):
+            kept = "; keeping its last addresses" if any(table.family[s] for s in entry.slots) \
+                else ""
+            log.warning("backend %s: cannot resolve: %s%s", label, result, kept)
+            return
+        assert isinstance(result, list)
+        if len(result) > ADDRESSES_PER_NAME:
+            log.warning("backend %s resolves to %d addresses; using the first %d", label,
+                        len(result), ADDRESSES_PER_NAME)
+        wanted = {_address_key(family, sockaddr): (family, sockaddr)
+                  for family, sockaddr in result[:ADDRESSES_PER_NAME]}
+        current = {}
+        for slot in entry.slots:
+            address = table.address(slot)
+            if address is not None:
+                current[_address_key(*address)] = slot
+        if current.keys() == wanted.keys():
+            return
+        table.begin_write()
+        try:
+            for key, slot in current.items():
+                if key not in wanted:
+                    table.clear_address(slot)
+            free = [s for s in entry.slots if not table.family[s]]
+            for key, (family, sockaddr) in wanted.items():
+                if key not in current:
+                    table.set_address(free.pop(0), family, sockaddr)
+        finally:
+            table.end_write()
+        log.info("backend %s resolves to %s", label, ", ".join(key[1] for key in wanted))
+
+    # -- logs
+
+    def _follow_log_rotation(self) -> None:
+        """Reopen a log file renamed by logrotate (the master signals workers, not us)."""
+        for handler in logging.getLogger().handlers:
+            if not isinstance(handler, logging.FileHandler) or handler.stream is None:
+                continue
+            try:
+                on_disk = os.stat(handler.baseFilename)
+                is_open = os.fstat(handler.stream.fileno())
+            except OSError:
+                on_disk = None
+            if on_disk is None or (on_disk.st_dev, on_disk.st_ino) != \
+                    (is_open.st_dev, is_open.st_ino):
+                handler.acquire()
+                try:
+                    old, handler.stream = handler.stream, handler._open()
+                    old.close()
+                finally:
+                    handler.release()
+
+
+def _address_key(family: int, sockaddr: tuple) -> Tuple[int, str, int]:
+    return family, sockaddr[0].split("%", 1)[0], sockaddr[1]
+
+
+def _connect_reason(code: int) -> str:
+    if code == errno.ECONNREFUSED:
+        return "connect refused"
+    return f"connect failed: {os.strerror(code)}"
