@@ -39,7 +39,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 from prefork_proxy.balancer import backend_name
 from prefork_proxy.config import ADDRESSES_PER_NAME, HealthCheck, ListenerConfig

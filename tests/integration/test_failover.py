@@ -10,25 +10,16 @@ sizes (1,000 connections) and prints the figures (``pytest -s``).
 
 from __future__ import annotations
 
-import collections
-import os
 import socket
 import statistics
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
+from backend_clients import FIGURES, Blackhole, figure, free_port, run_clients, tag
 from support import wait_for, write_config
-
-FIGURES = os.environ.get("PREFORK_PROXY_FIGURES") == "1"
-
-
-def figure(text: str) -> None:
-    """A measured number, for the report (shown with pytest -s)."""
-    print(f"FIGURE {text}", file=sys.stderr)
 
 
 def proxy_config(path, backends: List[str], *, workers: int = 2, listener: str = "",
@@ -47,74 +38,6 @@ def proxy_config(path, backends: List[str], *, workers: int = 2, listener: str =
     if health:
         text += "\n[tcp_proxy.health_check]\n" + textwrap.dedent(health)
     return str(write_config(path, text))
-
-
-def free_port() -> int:
-    """A loopback port with nothing listening (connects to it are refused)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def tag(port: int, source: str = "127.0.0.1", timeout: float = 10.0) -> str:
-    """Connect through the proxy, read the backend's name line, close."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout,
-                                  source_address=(source, 0)) as sock:
-        line = sock.makefile("rb").readline().decode().strip()
-    if not line:
-        raise ConnectionError("closed by the proxy before the backend's tag")
-    return line
-
-
-def run_clients(port: int, total: int, threads: int = 4) -> Tuple[collections.Counter, int,
-                                                                      List[float]]:
-    """``total`` connections from ``threads`` threads: names seen, failures, latencies."""
-    names: collections.Counter = collections.Counter()
-    latencies: List[float] = []
-    failures = [0]
-    lock = threading.Lock()
-    per_thread = [total // threads + (1 if i < total % threads else 0) for i in range(threads)]
-
-    def client(count: int) -> None:
-        for _ in range(count):
-            started = time.monotonic()
-            try:
-                name = tag(port)
-            except OSError:
-                with lock:
-                    failures[0] += 1
-                continue
-            with lock:
-                names[name] += 1
-                latencies.append(time.monotonic() - started)
-
-    workers = [threading.Thread(target=client, args=(n,)) for n in per_thread]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(100)
-    return names, failures[0], latencies
-
-
-class Blackhole:
-    """A listener that never accepts and whose queue is full: connects to it hang."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(0)
-        self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
-        self.fillers = []
-        for _ in range(8):  # fill the queue; later SYNs are dropped
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(self.sock.getsockname())
-            self.fillers.append(filler)
-
-    def close(self) -> None:
-        for filler in self.fillers:
-            filler.close()
-        self.sock.close()
 
 
 def log_lines_after(log: str, marker: str) -> str:
