@@ -268,3 +268,27 @@ def _in_children(count: int, work) -> list:
             outputs.append(f.read().decode())
         os.waitpid(pid, 0)
     return outputs
+
+
+def test_a_reload_keeps_the_state_of_backends_and_listeners_that_stay():
+    def load(backends: str) -> config.Config:
+        return config.load_text(f'[[tcp_proxy]]\nbind = "127.0.0.1:7000"\nbackends = {backends}\n')
+
+    first = load('["10.0.0.1:1", "10.0.0.2:1", "db:5"]')
+    shared = SharedState(first)
+    slots = {str(e.backend.address): e.slots for e in shared.pool(first.listeners[0], 0)}
+    counter = shared.round_robin(first.listeners[0], 0)
+    shared.table.active_down[slots["10.0.0.2:1"][0]] = 1
+    shared.table.fails[slots["10.0.0.2:1"][0]] = 7
+
+    second = load('[{ address = "10.0.0.2:1", weight = 2 }, "10.0.0.3:1"]')
+    shared.reconfigure(second)
+    kept = {str(e.backend.address): e.slots for e in shared.pool(second.listeners[0], 0)}
+    assert kept["10.0.0.2:1"] == slots["10.0.0.2:1"]
+    assert shared.table.active_down[kept["10.0.0.2:1"][0]] == 1
+    assert shared.table.fails[kept["10.0.0.2:1"][0]] == 7
+    assert kept["10.0.0.3:1"][0] not in {s for group in slots.values() for s in group}
+    assert shared.round_robin(second.listeners[0], 0) is counter
+    balancer = Balancer(second.listeners[0], shared, 0)  # a worker of the new generation
+    assert [m.name for m in balancer.members()] == ["10.0.0.2:1", "10.0.0.3:1"]
+    assert {_first(balancer) for _ in range(3)} == {"10.0.0.3:1"}  # 10.0.0.2 is still down
