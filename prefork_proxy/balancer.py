@@ -115,6 +115,7 @@ class Balancer:
         self._order = {"round_robin": self._round_robin, "least_conn": self._least_conn,
                        "random_two": self._random_two,
                        "source_hash": self._source_hash}[listener.balance]
+        self.table.claim_row()  # now, in the worker's main thread, before relay threads count
 
     # -- the accept thread
 

@@ -222,7 +222,8 @@ class _CheckerProcess:
         self.streaks: Dict[int, _Streak] = {}
         self.results: "queue.SimpleQueue[Tuple[int, object]]" = queue.SimpleQueue()
         self.stopping = threading.Event()
-        self._log_inode: Dict[int, Tuple[int, int]] = {}
+        self._plan_version = -1
+        self._cached_plan: Dict[int, Tuple[str, HealthCheck]] = {}
 
     # -- setup
 
@@ -278,7 +279,10 @@ class _CheckerProcess:
     # -- the loop
 
     def _plan(self) -> Dict[int, Tuple[str, HealthCheck]]:
-        """Every address to probe now: slot -> (name, check)."""
+        """Every address to probe now: slot -> (name, check); rebuilt when addresses change."""
+        version = self.table.version[0]
+        if self._plan_version == version:
+            return self._cached_plan
         plan = {}
         for _, listener, entries in self.shared.pools():
             if listener.health_check is None:
@@ -289,6 +293,7 @@ class _CheckerProcess:
                     if address is not None:
                         plan[slot] = (backend_name(entry.backend, address[1], entry.literal),
                                       listener.health_check)
+        self._plan_version, self._cached_plan = version, plan
         return plan
 
     def _turn(self, wake_r: int) -> None:
@@ -318,7 +323,11 @@ class _CheckerProcess:
         address = self.table.address(slot)
         if address is None:
             return
-        sock = socket.socket(address[0], socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(address[0], socket.SOCK_STREAM)
+        except OSError as exc:  # out of descriptors: ours to fix, not the backend's fault
+            log.warning("health check of %s skipped: cannot create a socket: %s", name, exc)
+            return
         sock.setblocking(False)
         probe = _Probe(slot, name, check, sock, now + check.timeout_ms / 1000.0,
                        unsent=check.send)
@@ -481,10 +490,13 @@ class _CheckerProcess:
             for key, slot in current.items():
                 if key not in wanted:
                     table.clear_address(slot)
+                    self.streaks.pop(slot, None)
             free = [s for s in entry.slots if not table.family[s]]
             for key, (family, sockaddr) in wanted.items():
                 if key not in current:
-                    table.set_address(free.pop(0), family, sockaddr)
+                    slot = free.pop(0)
+                    table.set_address(slot, family, sockaddr)
+                    self.streaks.pop(slot, None)  # a new address starts its counts afresh
         finally:
             table.end_write()
         log.info("backend %s resolves to %s", label, ", ".join(key[1] for key in wanted))

@@ -49,6 +49,9 @@ log = logging.getLogger("prefork_proxy.shared")
 LOCK_WAIT_S = 0.05
 #: Rows of per-worker connection counts: live workers of every generation at once.
 WORKER_ROWS = 256
+#: Orders the threads of one process claiming its row (the master never claims one,
+#: so no child inherits this lock held).
+_CLAIM_LOCK = threading.Lock()
 
 
 class RoundRobinCounter:
@@ -231,19 +234,26 @@ class BackendTable:
 
     # -- connection counts: one row per worker process
 
-    def _my_row(self) -> int:
+    def claim_row(self) -> int:
+        """This process's row of connection counts, claimed on first use (after fork)."""
         pid = os.getpid()
         if self._row_pid != pid:
-            self._row_pid, self._private = pid, {}
-            self._row_lock = threading.Lock()
-            self._row = self._claim_row(pid)
+            with _CLAIM_LOCK:  # relay threads of a new worker may race to claim
+                if self._row_pid != pid:
+                    self._private = {}
+                    self._row_lock = threading.Lock()
+                    self._row = self._claim_row(pid)
+                    self._row_pid = pid
         return self._row
 
     def _claim_row(self, pid: int) -> int:
         with self.lock:
             for row in range(self.rows):
+                if self.row_owner[row] == pid:
+                    return row
+            for row in range(self.rows):
                 owner = self.row_owner[row]
-                if owner == pid or owner == 0 or not _pid_alive(owner):
+                if owner == 0 or not _pid_alive(owner):
                     self._zero_row(row)
                     self.row_owner[row] = pid
                     self.rows_used[0] = max(self.rows_used[0], row + 1)
@@ -258,7 +268,7 @@ class BackendTable:
 
     def acquire(self, slot: int) -> None:
         """This process opens a connection to ``slot`` (relay threads; row-local)."""
-        row = self._my_row()
+        row = self.claim_row()
         with self._row_lock:
             if row < 0:
                 self._private[slot] = self._private.get(slot, 0) + 1
@@ -266,7 +276,7 @@ class BackendTable:
                 self.active[row * self.slots + slot] += 1
 
     def release(self, slot: int) -> None:
-        row = self._my_row()
+        row = self.claim_row()
         with self._row_lock:
             if row < 0:
                 self._private[slot] = self._private.get(slot, 0) - 1
