@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (("reload", "reload the config of a running proxy (SIGHUP)"),
                        ("stop", "stop a running proxy gracefully (SIGTERM) and wait"),
-                       ("status", "show the master, its generation and its workers")):
+                       ("status", "show the master, its generation and its workers; "
+                                  "exit 1 if it is stuck or no worker serves")):
         command = commands.add_parser(name, help=text, description=text)
         where = command.add_mutually_exclusive_group(required=True)
         where.add_argument("--pidfile", metavar="FILE", help="the running master's pidfile")
@@ -114,7 +115,10 @@ def control_command(args: argparse.Namespace) -> int:
             pid = control.stop_master(pidfile, args.timeout, fast=args.fast)
             print(f"master {pid} stopped")
         else:
-            print(control.format_status(control.read_status(pidfile)))
+            status = control.read_status(pidfile)
+            print(control.format_status(status))
+            if control.problems(status):
+                return EXIT_FAILURE  # health checks (Docker HEALTHCHECK, probes) rely on it
     except ConfigError as exc:
         print(f"prefork-proxy: {exc}", file=sys.stderr)
         return EXIT_CONFIG

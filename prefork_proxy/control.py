@@ -15,7 +15,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from prefork_proxy.errors import ProxyError
 
@@ -109,6 +109,21 @@ def read_status(pidfile: str) -> Dict[str, Any]:
     return status
 
 
+#: A status file older than this means the master loop is not turning.
+STALE_AFTER_S = 5.0
+
+
+def problems(status: Dict[str, Any]) -> List[str]:
+    """Why this master is not healthy, if it is not (``status`` then exits 1)."""
+    found = []
+    if status.get("stale_s", 0.0) > STALE_AFTER_S:
+        found.append(f"the status file was written {status['stale_s']:.0f} s ago: "
+                     "the master loop is stuck")
+    if not any(w["state"] == "serving" for w in status.get("workers", [])):
+        found.append("no worker is serving")
+    return found
+
+
 def format_status(status: Dict[str, Any]) -> str:
     """The text ``prefork-proxy status`` prints."""
     lines = [f"master pid {status['pid']}  uptime {_duration(status['uptime_s'])}  "
@@ -123,8 +138,7 @@ def format_status(status: Dict[str, Any]) -> str:
                      f"{worker['accepted']:>9} {worker['state']}")
     for line in status.get("backends", []):
         lines.append(line)
-    if status.get("stale_s", 0) > 5:
-        lines.append(f"(status written {status['stale_s']:.0f} s ago: the master may be busy)")
+    lines.extend(f"UNHEALTHY: {problem}" for problem in problems(status))
     return "\n".join(lines)
 
 

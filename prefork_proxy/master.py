@@ -297,6 +297,10 @@ class Master:
             log.error("reload failed, still serving generation %d: %s", self.generation, exc)
             self._notify("ready")
             return
+        except Exception:  # a bug while loading must not take the serving proxy down
+            log.exception("reload failed, still serving generation %d", self.generation)
+            self._notify("ready")
+            return
         assert self.shared is not None
         self.closing_sockets.extend(self.listeners.retain(config.listeners))
         self.shared.reconfigure(config)

@@ -417,3 +417,25 @@ def test_binds_as_root_then_serves_as_user(backend_factory, proxy_factory, tmp_p
     with socket.create_connection(("127.0.0.1", proxy.port()), timeout=5) as sock:
         sock.sendall(b"ok")
         assert recv_exactly(sock, 2) == transform(b"ok")
+
+
+def test_status_exits_1_when_the_master_is_stuck(backend_factory, proxy_factory, tmp_path):
+    echo = backend_factory("echo")
+    pidfile = tmp_path / "proxy.pid"
+    config = _config(tmp_path / "proxy.toml", [echo.address], workers=1,
+                     extra_server=f'pidfile = "{pidfile}"')
+    proxy = proxy_factory("start", "--config", str(config))
+    proxy.wait_workers(1)
+
+    def status():
+        return subprocess.run([sys.executable, "-m", "prefork_proxy", "status", "--pidfile",
+                               str(pidfile)], capture_output=True, text=True, timeout=30)
+
+    wait_for(lambda: status().returncode == 0, message="a healthy status")
+    os.kill(proxy.pid, signal.SIGSTOP)  # a master whose loop no longer turns
+    try:
+        result = wait_for(lambda: (lambda r: r.returncode == 1 and r)(status()), 15,
+                          interval=0.5, message="status to report the stuck master")
+        assert "UNHEALTHY: the status file was written" in result.stdout
+    finally:
+        os.kill(proxy.pid, signal.SIGCONT)
