@@ -81,12 +81,24 @@ def test_least_conn_keeps_active_counts_within_one(backend_factory, proxy_factor
     held: List[socket.socket] = []
     held_names: List[str] = []
     rounds = 30
-    for _ in range(rounds):  # long connections, with short ones between them
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        held.append(sock)
-        held_names.append(sock.makefile("rb").readline().decode().strip())
-        _short(port)
-        _short(port)
+
+    def settled() -> bool:
+        """Status counts exactly the held connections: every short one has been released.
+
+        A short connection's count is released just after its client sees EOF, so
+        without this wait a pick could see a stale count on a loaded machine.
+        """
+        counts = _active_counts(pidfile)
+        return bool(counts) and sum(counts.values()) == len(held)
+
+    for _ in range(rounds // 6):  # long connections, then short ones, and again
+        for _ in range(6):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            held.append(sock)
+            held_names.append(sock.makefile("rb").readline().decode().strip())
+        for _ in range(6):
+            _short(port)
+        wait_for(settled, timeout=15, message="the short connections to be released")
     counts = collections.Counter(held_names)
     assert max(counts.values()) - min(counts.values()) <= 1, counts
 
@@ -103,7 +115,6 @@ def test_least_conn_keeps_active_counts_within_one(backend_factory, proxy_factor
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         held.append(sock)
         held_names.append(sock.makefile("rb").readline().decode().strip())
-        _short(port)
     counts = collections.Counter(held_names)
     active = wait_for(lambda: (lambda c: c if c and sum(c.values()) == rounds else None)(
         _active_counts(pidfile)), timeout=15, message="status to show every held connection")

@@ -146,7 +146,7 @@ def test_health_checks_send_expect_and_status_shows_every_backend(
     pidfile = str(tmp_path / "proxy.pid")
     config = proxy_config(tmp_path / "p.toml", [good.address, wrong.address, dead],
                           pidfile=pidfile,
-                          health='interval_ms = 100\nrise = 2\nfall = 2\n'
+                          health='interval_ms = 300\nrise = 2\nfall = 2\n'
                                  'send = "PING\\r\\n"\nexpect = "+PONG"\n')
     proxy = proxy_factory("start", "--config", config)
     wait_for(lambda: proxy.log.count(" down: ") >= 2, message="two backends marked down")
