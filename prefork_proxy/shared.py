@@ -5,15 +5,14 @@ inherits it.  Each value names its writers.  Shared memory cannot grow once
 children exist, so capacities are fixed (``MAX_BACKEND_ADDRESSES`` address
 slots, ``WORKER_ROWS`` rows of connection counts).
 
-Principle (no lock a dead process can keep): ``multiprocessing.Value`` carries a
-process-shared semaphore, and a worker killed with SIGKILL while it holds one
-would block every other worker forever.  ``RoundRobinCounter`` therefore waits
-a bounded time for its semaphore and proceeds without it past that.  The
-backend table, whose lock relay threads take on every failed connect, uses a
-kernel record lock (``fcntl.lockf``) instead: the kernel releases it when its
-holder dies, however it dies.  Most cells need no lock at all because they
-have one writer: a worker's own row of connection counts, the health-check
-process's check results and the addresses it resolves.
+Principle (no lock a dead process can keep): a process-shared semaphore (what
+``multiprocessing.Value`` carries) stays taken forever if its holder is killed
+with SIGKILL, and every other worker would then block or time out on every
+draw.  The locks here are kernel record locks (``fcntl.lockf``, see
+``ProcessLock``), which the kernel releases when their holder dies, however
+it dies.  Most cells need no lock at all because they have one writer: a
+worker's own row of connection counts, the health-check process's check
+results and the addresses it resolves.
 
 Layout of the backend table: one anonymous shared ``mmap``, cut into typed
 ``memoryview`` arrays indexed by *slot*.  A slot is one backend address of one
@@ -45,34 +44,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("prefork_proxy.shared")
 
-#: How long a worker waits for the counter's lock before going on without it.
-LOCK_WAIT_S = 0.05
 #: Rows of per-worker connection counts: live workers of every generation at once.
 WORKER_ROWS = 256
 #: Orders the threads of one process claiming its row (the master never claims one,
 #: so no child inherits this lock held).
 _CLAIM_LOCK = threading.Lock()
-
-
-class RoundRobinCounter:
-    """A global ticket counter: every worker draws the next number.  Writers: all workers."""
-
-    def __init__(self) -> None:
-        # The fork context, explicitly: the semaphore is then unlinked at once and no
-        # resource-tracker process is started (the default start method may differ).
-        self._value = multiprocessing.get_context("fork").Value("Q", 0, lock=True)
-
-    def draw(self) -> int:
-        """Return the current ticket and advance it, atomically across processes."""
-        lock = self._value.get_lock()
-        locked = lock.acquire(timeout=LOCK_WAIT_S)
-        try:
-            ticket = self._value.value
-            self._value.value = (ticket + 1) % (1 << 63)
-            return ticket
-        finally:
-            if locked:
-                lock.release()
 
 
 class ProcessLock:
@@ -106,6 +82,26 @@ class ProcessLock:
             fcntl.lockf(self._file.fileno(), fcntl.LOCK_UN, 1, 0)
         finally:
             self._threads.release()
+
+
+class RoundRobinCounter:
+    """A global ticket counter: every worker draws the next number.  Writers: all workers.
+
+    Drawn on relay threads for every connection, so its lock is a ``ProcessLock``:
+    a worker killed in the middle of a draw cannot leave every later draw waiting.
+    """
+
+    def __init__(self) -> None:
+        # The fork context, explicitly: no resource-tracker process is started.
+        self._value = multiprocessing.get_context("fork").RawValue("Q", 0)
+        self._lock = ProcessLock()
+
+    def draw(self) -> int:
+        """Return the current ticket and advance it, atomically across processes."""
+        with self._lock:
+            ticket = self._value.value
+            self._value.value = (ticket + 1) % (1 << 63)
+            return ticket
 
 
 def _pid_alive(pid: int) -> bool:

@@ -221,12 +221,14 @@ def test_active_counts_are_global_and_a_dead_workers_counts_are_swept():
     assert table.active_count(3) == 0
 
 
-def test_table_lock_is_released_when_its_holder_is_killed():
+def test_locks_are_released_when_their_holder_is_killed():
     table = BackendTable(slots=8, rows=4)
+    counter = RoundRobinCounter()
     read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # child: take the lock, say so, and wait to be killed holding it
+    if pid == 0:  # child: take the locks, say so, and wait to be killed holding them
         table.lock.__enter__()
+        counter._lock.__enter__()
         os.write(write_end, b"x")
         time.sleep(60)
         os._exit(0)
@@ -237,6 +239,7 @@ def test_table_lock_is_released_when_its_holder_is_killed():
     os.close(write_end)
     started = time.monotonic()
     assert table.record_failure(0, 3, 1.0, 0.0) == (1, False)
+    assert [counter.draw() for _ in range(100)] == list(range(100))
     assert time.monotonic() - started < 1.0
 
 
