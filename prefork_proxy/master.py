@@ -151,6 +151,7 @@ class Master:
         self.shared: Optional[SharedState] = None
         self.health: Optional[HealthChecker] = None  # checks and DNS, in their own process
         self.board: Optional[Scoreboard] = None
+        self.signal_queue: Optional[SignalQueue] = None
         self.stopping = False
         self.stop_deadline = 0.0
         self.exit_code = EXIT_OK
@@ -178,7 +179,7 @@ class Master:
             self.board = Scoreboard()
             drop_privileges(self.config.server.user, self.config.server.group)
             set_title("prefork-proxy: master")
-            signals = SignalQueue(HANDLED_SIGNALS)
+            signals = self.signal_queue = SignalQueue(HANDLED_SIGNALS)
         except BaseException:
             self.listeners.close()
             if pidfile:
@@ -355,9 +356,16 @@ class Master:
         worker = Worker(slot, self.generation, self.config, list(zip(self.config.listeners,
                                                                      self.sockets)),
                         self.shared, self.mode, self.pid, self.board, row)
+        # Signals stay blocked across fork: a SIGTERM that reached the child before
+        # it installed its own handlers would otherwise land in the master's
+        # handler, copied into the child, and be lost.  The child unblocks them
+        # once its handlers are in place, and then receives whatever came.
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         pid = os.fork()
         if pid == 0:
-            worker.run()  # never returns
+            assert self.signal_queue is not None
+            worker.run(previous_mask, self.signal_queue.fds())  # never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         self.board.pid[row] = pid
         self.workers[pid] = WorkerProcess(pid, slot, self.generation, row, now)
 

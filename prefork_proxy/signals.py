@@ -34,6 +34,10 @@ class SignalQueue:
         except BlockingIOError:
             pass
 
+    def fds(self) -> tuple:
+        """The wake-up pipe's descriptors, for a forked child to close."""
+        return (self.read_fd, self._write_fd)
+
     def close(self) -> None:
         signal.set_wakeup_fd(-1)
         os.close(self.read_fd)

@@ -42,7 +42,7 @@ import selectors
 import signal
 import socket
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Set, Tuple
 
 from prefork_proxy import logsetup
 from prefork_proxy.balancer import Balancer
@@ -96,11 +96,16 @@ class Worker:
 
     # -- the child, after fork
 
-    def run(self) -> None:
-        """The child's whole life.  Never returns."""
+    def run(self, signal_mask: Iterable[int] = (), inherited_fds: Iterable[int] = ()) -> None:
+        """The child's whole life.  Never returns.
+
+        The master forks with its signals blocked; ``signal_mask`` is the mask
+        to restore once this worker's handlers are installed, and
+        ``inherited_fds`` are the master's descriptors this child must close.
+        """
         code = EXIT_BOOT_FAILED
         try:
-            signals = self._boot()
+            signals = self._boot(set(signal_mask), inherited_fds)
             code = 0
             self._serve(signals)
         except BaseException:
@@ -110,17 +115,20 @@ class Worker:
             logging.shutdown()
             os._exit(code)
 
-    def _boot(self) -> SignalQueue:
+    def _boot(self, signal_mask: Set[int], inherited_fds: Iterable[int]) -> SignalQueue:
         set_title(f"prefork-proxy: worker {self.slot} gen {self.generation}")
         for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(signum, signal.SIG_IGN)  # the master's business, not ours
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1))
+        for fd in inherited_fds:
+            os.close(fd)
         self._ask_for_parent_death_signal()
         for index in range(self.config.server.threads):
             loop = RelayLoop(self.mode, name=f"relay-{index}")
-            loop.start()
+            loop.start()  # relay threads inherit the blocked mask: signals go to this thread
             self.loops.append(loop)
+        signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
         self.max_connections = self._connection_budget()
         log.info("worker %d booted: pid=%d threads=%d relay=%s max_connections=%d", self.slot,
                  os.getpid(), len(self.loops), self.mode, self.max_connections)

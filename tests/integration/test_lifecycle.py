@@ -439,3 +439,21 @@ def test_status_exits_1_when_the_master_is_stuck(backend_factory, proxy_factory,
         assert "UNHEALTHY: the status file was written" in result.stdout
     finally:
         os.kill(proxy.pid, signal.SIGCONT)
+
+
+def test_rapid_reloads_retire_every_old_generation_at_once(backend_factory, proxy_factory,
+                                                           tmp_path):
+    """A worker retired right after its fork still gets its SIGTERM (signals are blocked
+    across fork, not lost in the master's copied handler) and stops within seconds,
+    not at the 30 s drain deadline."""
+    echo = backend_factory("echo")
+    config = _config(tmp_path / "proxy.toml", [echo.address], workers=3)
+    proxy = proxy_factory("start", "--config", str(config))
+    proxy.wait_workers(3)
+    for generation in range(2, 8):  # each reload retires a generation that just forked
+        proxy.signal(signal.SIGHUP)
+        wait_for(lambda: f"generation {generation} serves" in proxy.log,
+                 message=f"generation {generation}")
+    wait_for(lambda: all(process_title(pid).endswith("gen 7") for pid in proxy.worker_pids())
+             and len(proxy.worker_pids()) == 3, 10, message="only generation 7 left")
+    assert "still draining at its deadline" not in proxy.log
