@@ -17,7 +17,7 @@ import time
 
 
 def run_backend(name: str) -> int:
-    """A tiny line server: answers every line with the name of the backend and the line, upper-cased."""
+    """A tiny line server: answers each line with its own name and the line, upper-cased."""
     server = socket.create_server(("127.0.0.1", 0))
 
     def serve(conn: socket.socket) -> None:

@@ -64,7 +64,8 @@ class Session:
             if self.server.mode == "reply-after-eof":
                 digest = self.hasher.hexdigest().encode()
                 body = b"".join(self.after_eof_buffer)[:65536] or b"-"
-                reply = (body * (self.server.reply_bytes // len(body) + 1))[:self.server.reply_bytes]
+                size = self.server.reply_bytes
+                reply = (body * (size // len(body) + 1))[:size]
                 self.out += digest + b"\n" + transform(reply)
             self.update()
             return

@@ -6,7 +6,6 @@ import resource
 from typing import Callable, Iterator, List
 
 import pytest
-
 from support import BackendProcess, ProxyProcess
 
 # Tests hold thousands of sockets: raise this process's soft open-file limit to the hard one.

@@ -10,7 +10,6 @@ import sys
 import textwrap
 
 import pytest
-
 from support import ProxyProcess, alive, recv_exactly, transform, write_config
 
 

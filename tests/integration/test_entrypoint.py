@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
-
-from support import (ProxyProcess, children_of, recv_exactly, transform, wait_for,
-                     write_config)
+from support import ProxyProcess, children_of, recv_exactly, transform, wait_for, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = ROOT / "deploy" / "docker-entrypoint.sh"

@@ -17,9 +17,17 @@ import textwrap
 import time
 
 import pytest
-
-from support import (ProxyProcess, alive, children_of, process_title, recv_exactly, recv_until_eof,
-                     transform, wait_for, write_config)
+from support import (
+    ProxyProcess,
+    alive,
+    children_of,
+    process_title,
+    recv_exactly,
+    recv_until_eof,
+    transform,
+    wait_for,
+    write_config,
+)
 
 
 def _config(path, backends, *, workers=2, extra_server="", extra_listeners="", bind="127.0.0.1:0"):
@@ -132,7 +140,7 @@ def test_invalid_reload_keeps_workers_and_old_config(backend_factory, proxy_fact
 
 
 def test_reload_adds_and_removes_listeners(backend_factory, proxy_factory, tmp_path):
-    a, b = backend_factory("tag", "A"), backend_factory("tag", "B")
+    a = backend_factory("tag", "A")
     first, second = _free_port(), _free_port()
     config = _config(tmp_path / "proxy.toml", [a.address], bind=f"127.0.0.1:{first}")
     proxy = proxy_factory("start", "--config", str(config))
@@ -165,11 +173,13 @@ def test_ttin_ttou_scale_without_resetting_streams(backend_factory, proxy_factor
     # Standard signals do not queue: send each one after the previous took effect.
     for before, after in ((2, 3), (3, 4)):
         proxy.signal(signal.SIGTTIN)
-        wait_for(lambda: f"SIGTTIN: workers {before} -> {after}" in proxy.log, message="TTIN")
+        line = f"SIGTTIN: workers {before} -> {after}"
+        wait_for(lambda line=line: line in proxy.log, message=line)
     wait_for(lambda: len(_worker_pids(proxy, 1)) == 4, message="4 workers")
     for before, after in ((4, 3), (3, 2), (2, 1)):
         proxy.signal(signal.SIGTTOU)
-        wait_for(lambda: f"SIGTTOU: workers {before} -> {after}" in proxy.log, message="TTOU")
+        line = f"SIGTTOU: workers {before} -> {after}"
+        wait_for(lambda line=line: line in proxy.log, message=line)
     proxy.signal(signal.SIGTTOU)
     wait_for(lambda: "SIGTTOU ignored: already at one worker" in proxy.log,
              message="the floor of one worker")
@@ -283,7 +293,7 @@ def test_killed_worker_is_respawned_quickly(backend_factory, proxy_factory):
         before = set(proxy.worker_pids())
         killed = time.monotonic()
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: len(set(proxy.worker_pids()) - before) == 1
+        wait_for(lambda before=before: len(set(proxy.worker_pids()) - before) == 1
                  and all(f"pid={p} " in proxy.log for p in proxy.worker_pids()), 10,
                  interval=0.002, message="a booted replacement")
         delays.append(time.monotonic() - killed)
@@ -302,7 +312,8 @@ def test_crash_loop_backs_off_and_master_stays_up(backend_factory, proxy_factory
     for _ in range(5):  # kill the slot's worker as soon as it has booted, again and again
         [worker] = proxy.wait_workers(1, timeout=15)
         os.kill(worker, signal.SIGKILL)
-        wait_for(lambda: worker not in proxy.worker_pids(), message="the death to be reaped")
+        wait_for(lambda worker=worker: worker not in proxy.worker_pids(),
+                 message="the death to be reaped")
     delays = [float(d) for d in re.findall(r"respawning in ([\d.]+) s \(crash loop", proxy.log)]
     assert delays == sorted(delays) and len(delays) >= 3 and delays[-1] > delays[0], delays
     assert proxy.process.poll() is None
@@ -452,8 +463,8 @@ def test_rapid_reloads_retire_every_old_generation_at_once(backend_factory, prox
     proxy.wait_workers(3)
     for generation in range(2, 8):  # each reload retires a generation that just forked
         proxy.signal(signal.SIGHUP)
-        wait_for(lambda: f"generation {generation} serves" in proxy.log,
-                 message=f"generation {generation}")
+        line = f"generation {generation} serves"
+        wait_for(lambda line=line: line in proxy.log, message=line)
     wait_for(lambda: all(process_title(pid).endswith("gen 7") for pid in proxy.worker_pids())
              and len(proxy.worker_pids()) == 3, 10, message="only generation 7 left")
     assert "still draining at its deadline" not in proxy.log

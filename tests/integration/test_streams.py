@@ -8,7 +8,6 @@ import socket
 import threading
 
 import pytest
-
 from support import recv_exactly, recv_until_eof, sha256, transform
 
 MODES = ["splice", "copy"]

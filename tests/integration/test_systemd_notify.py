@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Iterator, Tuple
 
 import pytest
-
 from support import recv_exactly, transform, write_config
 
 

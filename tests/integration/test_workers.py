@@ -9,9 +9,16 @@ import socket
 import time
 
 import pytest
-
-from support import (cpu_seconds, process_title, recv_exactly, rss_kib, thread_count,
-                     transform, wait_for, write_config)
+from support import (
+    cpu_seconds,
+    process_title,
+    recv_exactly,
+    rss_kib,
+    thread_count,
+    transform,
+    wait_for,
+    write_config,
+)
 
 
 def _backend_name(port: int) -> str:

@@ -112,7 +112,7 @@ BAD = [
      'backends[1]: unknown key "adress"'),
     ("[[tcp_proxy]]\nbind = \"127.0.0.1:7000\"\nbackends = [{ address = \"a:1\", weight = 0 }]\n",
      "backends[1]: weight: expected an integer between 1 and 1000"),
-    ("[[tcp_proxy]]\nbind = \"127.0.0.1:7000\"\nbackends = [\"a:1\"]\nconnect_timeout_ms = \"3s\"\n",
+    (LISTENER + "connect_timeout_ms = \"3s\"\n",
      'proxy.toml:4: tcp_proxy[1] (bind "127.0.0.1:7000"): key "connect_timeout_ms": expected an '
      'integer number of milliseconds'),
     ("[[tcp_proxy]]\nbind = \"127.0.0.1:7000\"\nbackends = [\"a:1\"]\nconect_timeout_ms = 5\n",
@@ -187,7 +187,8 @@ def test_bad_file_names_file_line_section_key(text, expected):
 
 def test_second_section_error_points_at_its_line():
     text = LISTENER + '\n[[tcp_proxy]]\nbind = "127.0.0.1:7002"\nbackends = []\n'
-    with pytest.raises(ConfigError, match=r'^proxy.toml:7: tcp_proxy\[2\] \(bind "127.0.0.1:7002"\)'):
+    expected = r'^proxy.toml:7: tcp_proxy\[2\] \(bind "127.0.0.1:7002"\)'
+    with pytest.raises(ConfigError, match=expected):
         config.load_text(text, source="proxy.toml")
 
 

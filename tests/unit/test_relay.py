@@ -12,10 +12,10 @@ import threading
 import time
 
 import pytest
+from support import recv_exactly, recv_until_eof, wait_for
 
 from prefork_proxy import splice as splice_module
 from prefork_proxy.relay import RelayLoop, Target, choose_mode
-from support import recv_exactly, recv_until_eof, wait_for
 
 MOVERS = {
     "os-splice": ("splice", splice_module.splice),
