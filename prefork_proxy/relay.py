@@ -565,6 +565,7 @@ class RelayLoop:
         is_client = sock is conn.client
         reading = conn.upstream if is_client else conn.downstream
         writing = conn.downstream if is_client else conn.upstream
+        before = (reading.state, writing.state)
         try:
             if events & selectors.EVENT_READ and reading.state == WANT_READ:
                 reading.state = reading.pump()
@@ -578,7 +579,9 @@ class RelayLoop:
             return
         if conn.upstream.state == DONE and conn.downstream.state == DONE:
             self._close(conn)
-        else:
+        elif (reading.state, writing.state) != before:
+            # Most events (request/response traffic) leave both states as they
+            # were; then the registered interests are already right.
             self._update_interest(conn)
 
     def _update_interest(self, conn: Connection) -> None:
