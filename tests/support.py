@@ -148,29 +148,35 @@ def children_of(pid: int) -> List[int]:
     return sorted(pids)
 
 
-def alive(pid: int) -> bool:
-    """The process exists and has not exited (a zombie waiting to be reaped has exited)."""
+def process_state(pid: int) -> Optional[str]:
+    """The one-letter state in /proc/PID/stat (``Z`` for a zombie), None when gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
-        return False
+        return None
+
+
+def alive(pid: int) -> bool:
+    """The process exists and has not exited (a zombie waiting to be reaped has exited)."""
+    return process_state(pid) not in (None, "Z")
+
+
+def status_field(pid: int, name: str) -> int:
+    """The first number of the ``name:`` line in /proc/PID/status (Threads, VmRSS, PPid...)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(name + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {name}: line in /proc/{pid}/status")
 
 
 def thread_count(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("Threads:"):
-                return int(line.split()[1])
-    raise AssertionError("no Threads: line")
+    return status_field(pid, "Threads")
 
 
 def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS: line")
+    return status_field(pid, "VmRSS")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
-from support import ProxyProcess, children_of, recv_exactly, transform, wait_for, write_config
+from support import (
+    ProxyProcess,
+    children_of,
+    process_state,
+    recv_exactly,
+    status_field,
+    transform,
+    wait_for,
+    write_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = ROOT / "deploy" / "docker-entrypoint.sh"
@@ -59,21 +68,8 @@ def ready_line(proxy: ProxyProcess) -> str:
     return match.group(0)
 
 
-def process_state(pid: int) -> Optional[str]:
-    """The one-letter state in /proc/PID/stat (``Z`` for a zombie), None when gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return None
-
-
 def parent_pid(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("PPid:"):
-                return int(line.split()[1])
-    raise AssertionError("no PPid: line")
+    return status_field(pid, "PPid")
 
 
 def round_trip(proxy: ProxyProcess, size: int = 256 * 1024) -> None:
