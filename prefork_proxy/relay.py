@@ -59,8 +59,8 @@ PIPE_SIZE = 1024 * 1024
 BUFFER_SIZE = 256 * 1024
 #: Idle pipes/buffers a loop keeps for reuse; more are closed or freed.
 POOL_KEEP = 8
-#: Bytes read per round by a splice direction that could not get a pipe.
-FALLBACK_READ = 64 * 1024
+#: A read this large in splice mode means a bulk stream: move it by splice from then on.
+BULK_READ = 64 * 1024
 #: Read/write rounds a direction may take per readiness event, so one busy
 #: stream cannot starve the others in its loop (epoll is level-triggered, so
 #: the rest is picked up on the next turn).
@@ -139,59 +139,84 @@ class BufferPool:
 
 
 class SpliceMover:
-    """One direction's bytes in flight, held in a pipe between two ``splice`` calls.
+    """One direction's bytes in flight: in a pipe between two ``splice`` calls for
+    bulk streams, in a small buffer (``readv``/``write``) for small bursts.
 
-    When no pipe can be had (the process is out of file descriptors), one round
-    goes through a small buffer with ``read``/``write`` instead: slower, but
-    the stream keeps flowing rather than being cut.
+    Principle (splice where it pays): zero-copy costs two system calls and a
+    pipe per burst, which is dearer than copying when a burst is a few hundred
+    bytes (a database query, a Redis PING).  A direction starts by copying;
+    a read that finds ``BULK_READ`` bytes or more waiting means a bulk stream,
+    so it switches to the pipe; a splice that moves less than ``SHORT_READ``
+    switches it back.  When no pipe can be had (out of file descriptors) it
+    keeps copying: slower, but the stream flows rather than being cut.
     """
 
-    __slots__ = ("pool", "splice", "pipe", "pending", "fallback")
+    __slots__ = ("pool", "buffers", "splice", "pipe", "buffer", "start", "pending", "bulk",
+                 "in_pipe")
 
-    def __init__(self, pool: PipePool, splice: SpliceFunction) -> None:
+    def __init__(self, pool: PipePool, buffers: BufferPool, splice: SpliceFunction) -> None:
         self.pool = pool
+        self.buffers = buffers
         self.splice = splice
         self.pipe: Optional[Tuple[int, int, int]] = None
-        self.pending = 0  # bytes in the pipe: splice counts slots, so we count bytes
-        self.fallback: Optional[bytes] = None  # bytes read without a pipe, not yet written
+        self.buffer: Optional[memoryview] = None
+        self.start = 0
+        self.pending = 0  # bytes held: splice counts pipe slots, so we count bytes
+        self.bulk = False  # move by splice (True) or by copying (False)
+        self.in_pipe = False  # where the pending bytes are
 
     def fill(self, src: int) -> int:
-        """Splice what the source has into the (empty) pipe; 0 means EOF."""
-        if self.pipe is None:
-            try:
-                self.pipe = self.pool.take()
-            except OSError as exc:
-                if exc.errno not in (errno.EMFILE, errno.ENFILE):
-                    raise
-                data = os.read(src, FALLBACK_READ)
-                self.fallback = data or None
-                self.pending = len(data)
-                return len(data)
-        n = self.splice(src, self.pipe[1], self.pipe[2], SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
-        self.pending += n
+        """Read what the source has into the (empty) pipe or buffer; 0 means EOF."""
+        if self.bulk:
+            if self.pipe is None:
+                try:
+                    self.pipe = self.pool.take()
+                except OSError as exc:
+                    if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                        raise
+                    self.bulk = False
+                    return self.fill(src)
+            n = self.splice(src, self.pipe[1], self.pipe[2], SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            self.pending, self.in_pipe = n, True
+            if 0 < n < SHORT_READ:
+                self.bulk = False
+            return n
+        if self.buffer is None:
+            self.buffer = self.buffers.take()
+        n = os.readv(src, (self.buffer,))
+        self.start, self.pending, self.in_pipe = 0, n, False
+        if n >= BULK_READ:
+            self.bulk = True
         return n
 
     def flush(self, dst: int) -> None:
-        """Splice pending bytes from the pipe to the destination."""
-        if self.fallback is not None:
-            written = os.write(dst, self.fallback)
-            self.fallback = self.fallback[written:] or None
-            self.pending -= written
+        """Write pending bytes to the destination, from the pipe or the buffer."""
+        if self.in_pipe:
+            assert self.pipe is not None
+            self.pending -= self.splice(self.pipe[0], dst, self.pending,
+                                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             return
-        assert self.pipe is not None
-        self.pending -= self.splice(self.pipe[0], dst, self.pending,
-                                    SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+        assert self.buffer is not None
+        written = os.write(dst, self.buffer[self.start:self.start + self.pending])
+        self.start += written
+        self.pending -= written
 
     def idle(self) -> None:
-        """Called when the direction waits with nothing pending: lend the pipe back."""
+        """Called when the direction waits with nothing pending: lend pipe and buffer back."""
         if self.pipe is not None:
             self.pool.give_back(self.pipe, empty=True)
             self.pipe = None
+        if self.buffer is not None:
+            self.buffers.give_back(self.buffer)
+            self.buffer = None
 
     def release(self) -> None:
         if self.pipe is not None:
-            self.pool.give_back(self.pipe, empty=self.pending == 0)
+            self.pool.give_back(self.pipe, empty=not (self.in_pipe and self.pending))
             self.pipe = None
+        if self.buffer is not None:
+            self.buffers.give_back(self.buffer)
+            self.buffer = None
 
 
 class CopyMover:
@@ -537,7 +562,7 @@ class RelayLoop:
     def _mover(self) -> object:
         if self.mode == "splice":
             assert self._splice is not None
-            return SpliceMover(self._pipes, self._splice)
+            return SpliceMover(self._pipes, self._buffers, self._splice)
         return CopyMover(self._buffers)
 
     def _expire_timeouts(self) -> None:

@@ -26,11 +26,23 @@ MOVERS = {
 
 @pytest.fixture(params=list(MOVERS))
 def relay(request):
-    """A started RelayLoop plus a function that opens (client, backend-side) socket pairs."""
+    """A started RelayLoop plus a function that opens (client, backend-side) socket pairs.
+
+    ``loop.splice_calls`` counts the bytes moved by the splice function, so a
+    test can check that zero-copy really carried a bulk stream.
+    """
     mode, function = MOVERS[request.param]
     if mode == "splice" and not splice_module.works(function):
         pytest.skip(f"{request.param} is not available here")
-    loop = RelayLoop(mode, splice=function)
+    spliced = [0]
+
+    def counting_splice(src, dst, count, flags=0):
+        moved = function(src, dst, count, flags)
+        spliced[0] += moved
+        return moved
+
+    loop = RelayLoop(mode, splice=counting_splice if function else None)
+    loop.spliced = spliced
     loop.start()
     backend_listener = socket.create_server(("127.0.0.1", 0))
     front_listener = socket.create_server(("127.0.0.1", 0))
@@ -64,6 +76,8 @@ def test_bytes_cross_both_ways_exactly(relay):
     assert recv_exactly(client, len(down)) == down
     sender.join(10)
     backend_sender.join(10)
+    if loop.mode == "splice":  # the bulk of both streams went through pipes (x2: in and out)
+        assert loop.spliced[0] >= len(up) + len(down)
     client.close()
     backend.close()
 
@@ -173,8 +187,10 @@ def test_idle_connections_hold_no_pipes_or_buffers(relay):
         assert recv_exactly(backend, 3) == b"abc"
         backend.sendall(b"def")
         assert recv_exactly(client, 3) == b"def"
+    if loop.mode == "splice":  # small bursts are copied: a pipe would cost more
+        assert loop.spliced[0] == 0
     # Every direction went idle, so its pipe or buffer went back to the pool.
-    pool = loop._pipes if loop.mode == "splice" else loop._buffers
+    pool = loop._buffers
     wait_for(lambda: len(pool._idle) <= 4, 5, message="idle pool to stay small")
     open_fds = len(os.listdir("/proc/self/fd"))
     assert open_fds < 50 * 2 * 2 + 64  # two sockets per pair on each side, no pipes
@@ -206,8 +222,11 @@ def test_splice_direction_without_a_pipe_falls_back_to_read_write():
     for sock in (src, dst):
         sock.setblocking(False)
     try:
-        direction = Direction(src, dst, SpliceMover(_ExhaustedPipePool(), splice_module.splice),
-                              by_fd=True)
+        from prefork_proxy.relay import BufferPool
+
+        mover = SpliceMover(_ExhaustedPipePool(), BufferPool(), splice_module.splice)
+        mover.bulk = True  # as if a bulk stream had begun: it must then want a pipe
+        direction = Direction(src, dst, mover, by_fd=True)
         payload = os.urandom(200_000)
         src_peer.sendall(payload[:100_000])
         received = bytearray()
