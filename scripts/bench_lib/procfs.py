@@ -108,3 +108,48 @@ def tree_pss_kib(root: int) -> tuple[int, int]:
     """(summed PSS in KiB, number of processes) of the live tree."""
     pids = tree_pids(root)
     return sum(pss_kib(pid) for pid in pids), len(pids)
+
+
+def system_busy_seconds() -> float:
+    """CPU time spent in user+nice+system+irq+softirq on all CPUs since boot.
+
+    irq/softirq count: loopback traffic is largely processed in softirq, which
+    /proc/stat books apart but the kernel also charges to the process it
+    interrupted (on this machine an iperf3 run's own CPU matched
+    user+nice+system+softirq, not user+nice+system).
+    """
+    fields = (PROC / "stat").read_text().splitlines()[0].split()
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[1:8])
+    return (user + nice + system + irq + softirq) / CLK_TCK
+
+
+class ForeignCpu:
+    """CPU used by processes that are not this benchmark or its descendants.
+
+    Everything the benchmark runs (clients, backends, proxies) descends from
+    this process, and the CPU of reaped children is in our cutime/cstime, so
+    system busy time minus our tree's time is other load on the machine - a
+    concurrent test suite, say - which would skew every figure.
+    """
+
+    def __init__(self) -> None:
+        self.start_busy = system_busy_seconds()
+        self.start_own = tree_cpu_seconds(os.getpid())
+
+    def seconds(self) -> float:
+        busy = system_busy_seconds() - self.start_busy
+        own = tree_cpu_seconds(os.getpid()) - self.start_own
+        return max(0.0, busy - own)
+
+
+def time_wait_sockets() -> int:
+    """TCP sockets in TIME_WAIT (state 06) in /proc/net/tcp and tcp6."""
+    count = 0
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(PROC / "net" / name) as f:
+                next(f, None)
+                count += sum(1 for line in f if line.split(None, 4)[3] == "06")
+        except OSError:
+            pass
+    return count

@@ -8,6 +8,7 @@ benchmark did not start is ever signalled.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -74,6 +75,14 @@ class Managed:
             _kill(pid, signal.SIGKILL)
 
 
+def ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def _killpg(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
@@ -120,15 +129,27 @@ class Registry:
         return proc
 
     def free_port(self) -> int:
-        """A loopback port that is free now and not handed out before in this run."""
-        for _ in range(100):
+        """A loopback port that is free now and not handed out before in this run.
+
+        Taken from below the kernel's ephemeral range: the new-connection test
+        leaves tens of thousands of TIME_WAIT sockets on ephemeral ports, and
+        when every ephemeral port holds one, asking the kernel for port 0
+        fails with EADDRINUSE.
+        """
+        low = ephemeral_range()[0]
+        candidates = list(range(max(1024, low - 12000), low)) if low > 3000 else []
+        random.shuffle(candidates)
+        for port in candidates[:500] or [0] * 20:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind(("127.0.0.1", 0))
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
                 port = sock.getsockname()[1]
             if port not in self._used_ports:
                 self._used_ports.add(port)
                 return port
-        raise StartError("no free port found")
+        raise StartError("no free loopback port found")
 
     def stop(self, proc: Managed) -> None:
         """Stop one process now and forget it (it must not be signalled twice)."""

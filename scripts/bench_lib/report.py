@@ -11,23 +11,29 @@ from pathlib import Path
 class Metric:
     key: str
     label: str
+    short: str  # x-axis label in the chart
     unit: str
     higher_is_better: bool
     has_direct: bool = True  # False: nothing to measure when no proxy sits in between
 
 
 METRICS = [
-    Metric("bulk_p1_fwd_gbps", "Bulk, 1 stream, client→server", "Gbit/s", True),
-    Metric("bulk_p1_rev_gbps", "Bulk, 1 stream, server→client (-R)", "Gbit/s", True),
-    Metric("bulk_p8_fwd_gbps", "Bulk, 8 streams, client→server", "Gbit/s", True),
-    Metric("bulk_p8_rev_gbps", "Bulk, 8 streams, server→client (-R)", "Gbit/s", True),
-    Metric("cpu_s_per_gb", "Proxy CPU per GB relayed (all bulk runs)", "CPU-s/GB", False, False),
-    Metric("keepalive_rps", "Keep-alive PING, 50 conns", "req/s", True),
-    Metric("keepalive_p50_ms", "Keep-alive PING p50 latency", "ms", False),
-    Metric("keepalive_p99_ms", "Keep-alive PING p99 latency", "ms", False),
-    Metric("newconn_cps", "New connection per PING (-k 0)", "conn/s", True),
-    Metric("newconn_p99_ms", "New connection per PING p99 latency", "ms", False),
-    Metric("idle_kib_per_conn", "Idle connections: proxy PSS per conn", "KiB/conn", False, False),
+    Metric("bulk_p1_fwd_gbps", "Bulk, 1 stream, client→server", "bulk\n1 stream →", "Gbit/s", True),
+    Metric("bulk_p1_rev_gbps", "Bulk, 1 stream, server→client (-R)", "bulk\n1 stream ←", "Gbit/s",
+           True),
+    Metric("bulk_p8_fwd_gbps", "Bulk, 8 streams, client→server", "bulk\n8 streams →", "Gbit/s",
+           True),
+    Metric("bulk_p8_rev_gbps", "Bulk, 8 streams, server→client (-R)", "bulk\n8 streams ←",
+           "Gbit/s", True),
+    Metric("cpu_s_per_gb", "Proxy CPU per GB relayed (all bulk runs)", "CPU/GB", "CPU-s/GB",
+           False, False),
+    Metric("keepalive_rps", "Keep-alive PING, 50 conns", "keep-alive\nreq/s", "req/s", True),
+    Metric("keepalive_p50_ms", "Keep-alive PING p50 latency", "keep-alive\np50", "ms", False),
+    Metric("keepalive_p99_ms", "Keep-alive PING p99 latency", "keep-alive\np99", "ms", False),
+    Metric("newconn_cps", "New connection per PING (-k 0)", "new conn\nconn/s", "conn/s", True),
+    Metric("newconn_p99_ms", "New connection per PING p99 latency", "new conn\np99", "ms", False),
+    Metric("idle_kib_per_conn", "Idle connections: proxy PSS per conn", "PSS/conn", "KiB/conn",
+           False, False),
 ]
 METRIC_BY_KEY = {m.key: m for m in METRICS}
 
@@ -127,7 +133,8 @@ def write_chart(path: Path, meds: dict, peers: list[str], title: str) -> bool:
         return False
     metrics = [m for m in METRICS if m.has_direct and "direct" in meds.get(m.key, {})]
     shown = [p for p in peers if p != "direct"]
-    panels = [[m for m in metrics if m.higher_is_better], [m for m in metrics if not m.higher_is_better]]
+    panels = [[m for m in metrics if m.higher_is_better],
+              [m for m in metrics if not m.higher_is_better]]
     panels = [panel for panel in panels if panel]
     if not panels or not shown:
         return False
@@ -135,9 +142,10 @@ def write_chart(path: Path, meds: dict, peers: list[str], title: str) -> bool:
                              gridspec_kw={"width_ratios": [len(p) for p in panels]})
     for ax, panel in zip(axes[0], panels):
         _bar_panel(ax, meds, panel, shown)
-    axes[0][0].legend()
-    fig.suptitle(title)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", ncol=len(shown))
+    fig.suptitle(title, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -153,6 +161,6 @@ def _bar_panel(ax, meds: dict, metrics: list[Metric], peers: list[str]) -> None:
         ax.bar_label(bars, labels=[f"{y:.2f}" if y else "" for y in ys], fontsize=6)
     ax.axhline(1.0, color="black", linewidth=0.8)  # direct = 1.0
     ax.set_xticks(range(len(metrics)))
-    ax.set_xticklabels([m.label.replace(", ", ",\n", 1) for m in metrics], fontsize=7)
+    ax.set_xticklabels([m.short for m in metrics], fontsize=8)
     better = "higher" if metrics[0].higher_is_better else "lower"
     ax.set_ylabel(f"median / direct median ({better} is better)")

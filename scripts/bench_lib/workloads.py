@@ -95,9 +95,10 @@ def parse_redis_text(text: str) -> list[dict]:
     """Fallback for older redis-benchmark: rps only, from its old 2-column CSV
     (`"PING_INLINE","12345.67"`) or its normal `NAME: N requests per second` lines."""
     rows = []
+    old_csv = re.compile(r'^"([^"]+)","([\d.]+)"$')
+    plain = re.compile(r"^([A-Z_]+(?: \([^)]*\))?): ([\d.]+) requests per second")
     for line in text.splitlines():
-        match = (re.match(r'^"([^"]+)","([\d.]+)"$', line.strip())
-                 or re.match(r"^([A-Z_]+(?: \([^)]*\))?): ([\d.]+) requests per second", line.strip()))
+        match = old_csv.match(line.strip()) or plain.match(line.strip())
         if match:
             rows.append({"test": match.group(1), "rps": float(match.group(2))})
     return rows
