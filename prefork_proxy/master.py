@@ -427,6 +427,15 @@ class Master:
                     worker.kill_at = now + KILL_GRACE_S
                 continue
             silent = now - self.board.heartbeat[worker.row]
+            if silent > timeout and not self.board.booted[worker.row]:
+                # Stuck before serving (e.g. a thread that could not start under a
+                # memory limit): respawning would hang the same way, forever.
+                log.error("worker %d (pid %d) did not finish booting within %.0f s; stopping: "
+                          "fix the error above", worker.slot, worker.pid, timeout)
+                self._kill(worker.pid, signal.SIGKILL)
+                self.exit_code = EXIT_FAILURE
+                self._stop(signal.SIGQUIT, 0.0)
+                return
             if silent > timeout:
                 log.error("worker %d (pid %d) hung: no heartbeat for %.1f s; killing it",
                           worker.slot, worker.pid, silent)

@@ -34,6 +34,7 @@ class Scoreboard:
         self.heartbeat = context.Array("d", capacity, lock=False)
         self.active = context.Array("q", capacity, lock=False)  # open connections
         self.accepted = context.Array("q", capacity, lock=False)  # connections accepted so far
+        self.booted = context.Array("b", capacity, lock=False)  # 1 once the worker serves
         self._free: List[int] = list(range(capacity - 1, -1, -1))
 
     # -- master
@@ -48,6 +49,7 @@ class Scoreboard:
         self.heartbeat[row] = now
         self.active[row] = 0
         self.accepted[row] = 0
+        self.booted[row] = 0
         return row
 
     def release(self, row: int) -> None:

@@ -106,6 +106,7 @@ class Worker:
         code = EXIT_BOOT_FAILED
         try:
             signals = self._boot(set(signal_mask), inherited_fds)
+            self.board.booted[self.row] = 1
             code = 0
             self._serve(signals)
         except BaseException:
