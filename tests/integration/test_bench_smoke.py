@@ -19,7 +19,6 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 from bench_lib import procfs, report, workloads  # noqa: E402
-
 from support import wait_for  # noqa: E402
 
 
