@@ -59,6 +59,8 @@ log = logging.getLogger("prefork_proxy.worker")
 EXIT_BOOT_FAILED = 3
 #: Connections accepted per readiness event before looking at other listeners.
 ACCEPT_BATCH = 64
+#: Outcomes of one accept batch.
+QUEUE_EMPTY, BATCH_DONE, PAUSE = "queue empty", "batch done", "pause"
 #: How long accepting pauses after running out of file descriptors.
 ACCEPT_PAUSE_S = 0.1
 #: How often the worker stamps its heartbeat and checks that its master is alive.
@@ -175,7 +177,7 @@ class Worker:
                     continue
                 if paused_until or self.stopping:
                     continue
-                if not self._accept_batch(*key.data):
+                if self._accept_batch(*key.data) == PAUSE:
                     paused_until = time.monotonic() + ACCEPT_PAUSE_S
                     for entry in accepting:
                         selector.unregister(entry[1])
@@ -202,11 +204,11 @@ class Worker:
         self.board.beat(self.row, oldest, self.active(), self.accepted)
 
     def _accept_batch(self, listener: ListenerConfig, sock: socket.socket,
-                      balancer: Balancer) -> object:
+                      balancer: Balancer) -> str:
         """Accept what is queued, up to a batch.
 
-        Returns True when the queue is empty, ``"more"`` when the batch ran out
-        first (epoll will report the rest), False to pause accepting a while.
+        Returns ``QUEUE_EMPTY``, ``BATCH_DONE`` when the batch ran out first
+        (epoll reports the rest), or ``PAUSE`` to stop accepting for a while.
         """
         timeout_s = listener.connect_timeout_ms / 1000.0
         for _ in range(ACCEPT_BATCH):
@@ -216,18 +218,18 @@ class Worker:
                     log.warning("worker %d: at its limit of %d connections (open-file limit); "
                                 "new clients wait in the accept queue", self.slot,
                                 self.max_connections)
-                return False
+                return PAUSE
             self.at_limit = False
             try:
                 client, address = sock.accept()
             except BlockingIOError:
-                return True  # the queue is empty, or a sibling worker was faster
+                return QUEUE_EMPTY  # or a sibling worker was faster
             except OSError as exc:
                 if exc.errno in _OUT_OF_DESCRIPTORS:
                     log.warning("worker %d: cannot accept on %s: %s; pausing accept for "
                                 "%.0f ms", self.slot, listener.label, exc.strerror,
                                 ACCEPT_PAUSE_S * 1000)
-                    return False
+                    return PAUSE
                 if exc.errno == errno.ECONNABORTED:
                     continue
                 raise
@@ -236,7 +238,7 @@ class Worker:
             peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
             loop = min(self.loops, key=lambda candidate: candidate.active)
             loop.submit(client, balancer.targets(address), timeout_s, peer)
-        return "more"
+        return BATCH_DONE
 
     def _handle_signal(self, signum: int, accepting: List[Tuple[ListenerConfig, socket.socket,
                                                                   Balancer]]) -> None:
@@ -258,7 +260,7 @@ class Worker:
         if not self.stopping:
             # Whatever the kernel already queued is served, not left to be reset.
             for entry in accepting:
-                while self._accept_batch(*entry) == "more":
+                while self._accept_batch(*entry) == BATCH_DONE:
                     pass
         if not self.stopping:
             log.info("worker %d gen %d: stopped accepting; draining %d connection(s) for up to "
