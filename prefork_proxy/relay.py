@@ -364,8 +364,7 @@ class RelayLoop:
     """
 
     def __init__(self, mode: str, name: str = "relay",
-                 splice: Optional[SpliceFunction] = None,
-                 on_closed: Optional[Callable[[], None]] = None) -> None:
+                 splice: Optional[SpliceFunction] = None) -> None:
         if mode not in ("splice", "copy"):
             raise ValueError(f"mode must be 'splice' or 'copy', not {mode!r}")
         self.mode = mode
@@ -373,7 +372,6 @@ class RelayLoop:
         self._splice = splice or splice_module.splice
         if mode == "splice" and self._splice is None:
             raise ProxyError("splice mode asked for, but no splice function is available")
-        self._on_closed = on_closed
         self._selector = selectors.DefaultSelector()
         self._pipes = PipePool()
         self._buffers = BufferPool()
@@ -654,5 +652,3 @@ class RelayLoop:
         if conn.target is not None:
             self._report(conn, RELEASED)
         self.finished += 1
-        if self._on_closed is not None:
-            self._on_closed()

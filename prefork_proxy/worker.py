@@ -199,8 +199,14 @@ class Worker:
         self._finish()
 
     def _beat(self, now: float) -> None:
-        """Stamp the scoreboard row; the oldest relay-loop tick stands for the whole worker."""
-        oldest = min([now] + [loop.last_tick for loop in self.loops if loop.join(0) is False])
+        """Stamp the scoreboard row; the oldest relay-loop tick stands for the whole worker.
+
+        A loop that has ended while the worker serves (its thread crashed) stops
+        ticking too, so the master sees a hung worker and replaces it, rather
+        than this thread handing clients to a loop that will never serve them.
+        """
+        ticks = [] if self.stopping else [loop.last_tick for loop in self.loops]
+        oldest = min([now] + ticks)
         self.board.beat(self.row, oldest, self.active(), self.accepted)
 
     def _accept_batch(self, listener: ListenerConfig, sock: socket.socket,

@@ -25,7 +25,11 @@ import subprocess
 import sys
 import time
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_lib.procfs import tree_cpu_seconds  # noqa: E402  (the benchmark's /proc reader)
 
 CHUNK = 1 << 20
 
@@ -60,20 +64,6 @@ def send(port: int, total: int) -> float:
         elapsed = time.perf_counter() - start
     assert confirmed == total, (confirmed, total)
     return elapsed
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """utime+stime of ``pid`` and its children, in seconds."""
-    total = 0.0
-    pids = [pid]
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            pids += [int(p) for p in f.read().split()]
-    for p in pids:
-        with open(f"/proc/{p}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
 
 
 def start_proxy(backend_port: int, relay: str) -> tuple:

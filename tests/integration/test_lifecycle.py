@@ -71,6 +71,15 @@ class Stream:
         self.sock.close()
 
 
+def _echo_proxy(backend_factory, proxy_factory, workers: int) -> ProxyProcess:
+    """An echo backend, the proxy in front of it, and its workers booted."""
+    echo = backend_factory("echo")
+    proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", echo.address,
+                          "--workers", str(workers))
+    proxy.wait_workers(workers)
+    return proxy
+
+
 def _worker_pids(proxy: ProxyProcess, generation: int) -> list:
     return [pid for pid in proxy.worker_pids()
             if process_title(pid).endswith(f"gen {generation}")]
@@ -165,10 +174,7 @@ def test_reload_adds_and_removes_listeners(backend_factory, proxy_factory, tmp_p
 
 
 def test_ttin_ttou_scale_without_resetting_streams(backend_factory, proxy_factory):
-    echo = backend_factory("echo")
-    proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", echo.address,
-                          "--workers", "2")
-    proxy.wait_workers(2)
+    proxy = _echo_proxy(backend_factory, proxy_factory, workers=2)
     streams = [Stream(proxy.port()) for _ in range(8)]
     # Standard signals do not queue: send each one after the previous took effect.
     for before, after in ((2, 3), (3, 4)):
@@ -195,10 +201,7 @@ def test_ttin_ttou_scale_without_resetting_streams(backend_factory, proxy_factor
 
 @pytest.mark.timeout(90)
 def test_sigterm_drains_20_long_streams_to_completion(backend_factory, proxy_factory):
-    echo = backend_factory("echo")
-    proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", echo.address,
-                          "--workers", "2")
-    proxy.wait_workers(2)
+    proxy = _echo_proxy(backend_factory, proxy_factory, workers=2)
     streams = [Stream(proxy.port()) for _ in range(20)]
     for stream in streams:
         stream.turn()
@@ -283,10 +286,7 @@ def test_master_sigkill_leaves_no_orphans_after_drain(backend_factory, proxy_fac
 
 
 def test_killed_worker_is_respawned_quickly(backend_factory, proxy_factory):
-    echo = backend_factory("echo")
-    proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", echo.address,
-                          "--workers", "2")
-    proxy.wait_workers(2)
+    proxy = _echo_proxy(backend_factory, proxy_factory, workers=2)
     delays = []
     for _ in range(5):
         victim = proxy.worker_pids()[0]
