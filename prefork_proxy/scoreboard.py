@@ -10,6 +10,15 @@ before the fork and only reads afterwards.  Each cell is one aligned 8-byte
 value, which the CPU stores atomically, so a reader never sees half a value,
 and a worker killed at any instant can never leave a lock held.
 
+Principle (balance by live counts): every worker of a generation accepts from
+the same kernel queue, and left alone the first worker the kernel wakes takes
+most connections (one worker ends up relaying three times what its sibling
+does, on one core).  So each worker publishes its open connections in
+``active`` every time it accepts, and before accepting it looks at the other
+accepting workers' counts (``lightest_other``): the worker holding more than
+the lightest one lets it take the connection.  Only rows below ``rows_used``
+can be live (rows are claimed lowest first), so the scan stays a few cells long.
+
 ``heartbeat`` is a ``time.monotonic()`` value: CLOCK_MONOTONIC is one clock for
 the whole machine, so the master can compare it with its own ``time.monotonic()``.
 """
@@ -35,6 +44,9 @@ class Scoreboard:
         self.active = context.Array("q", capacity, lock=False)  # open connections
         self.accepted = context.Array("q", capacity, lock=False)  # connections accepted so far
         self.booted = context.Array("b", capacity, lock=False)  # 1 once the worker serves
+        self.accepting = context.Array("b", capacity, lock=False)  # 1 while it takes clients
+        # One past the highest row ever claimed (rows are claimed lowest first).
+        self._rows_used = context.Value("q", 0, lock=False)
         self._free: List[int] = list(range(capacity - 1, -1, -1))
 
     # -- master
@@ -50,13 +62,34 @@ class Scoreboard:
         self.active[row] = 0
         self.accepted[row] = 0
         self.booted[row] = 0
+        self.accepting[row] = 0
+        self._rows_used.value = max(self._rows_used.value, row + 1)
         return row
 
     def release(self, row: int) -> None:
         self.pid[row] = 0
+        self.accepting[row] = 0
         self._free.append(row)
 
     # -- worker (its own row only)
+
+    def accepting_rows(self, exclude: int) -> List[int]:
+        """Rows of the workers accepting now, but ``exclude`` (a worker's siblings)."""
+        used = self._rows_used.value
+        return [row for row, accepting in enumerate(self.accepting[:used])
+                if accepting and row != exclude]
+
+    def lightest_of(self, rows: List[int]) -> Optional[int]:
+        """The fewest open connections among ``rows`` (None when there are none).
+
+        Called by a worker's accept thread before each accept; it reads cells
+        that other processes write, so the answer may be a moment old, which
+        only ever makes the balance a little less even.
+        """
+        active = self.active
+        if not rows:
+            return None
+        return min([active[row] for row in rows])
 
     def beat(self, row: int, now: float, active: int, accepted: int) -> None:
         self.active[row] = active

@@ -25,6 +25,15 @@ backend socket would drop a client that the kernel had already accepted;
 left in the kernel's queue (which the master keeps open), it is served as
 soon as another connection ends.
 
+Principle (even load across workers): every worker accepts from the same
+kernel queue, so a worker that holds more connections than its lightest
+accepting sibling (by more than ``BALANCE_SLACK``, counts from the
+scoreboard) leaves a waiting client to that sibling: it stops watching its
+listeners for ``DEFER_S``.  The kernel wakes every worker for a new client, so
+the sibling is already on its way; if the client is still queued when the
+pause ends, the sibling is busy, and this worker takes one client without
+looking, so no client waits longer than ``DEFER_S`` for the balance.
+
 Principle (accept never spins): while paused, or when ``accept`` fails
 anyway with ``EMFILE``/``ENFILE``, the listener stays readable, and retrying
 at once would burn a core.  The worker stops watching its listeners for
@@ -35,6 +44,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import gc
 import logging
 import os
 import resource
@@ -42,7 +52,7 @@ import selectors
 import signal
 import socket
 import time
-from typing import Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from prefork_proxy import logsetup
 from prefork_proxy.balancer import Balancer
@@ -60,12 +70,18 @@ EXIT_BOOT_FAILED = 3
 #: Connections accepted per readiness event before looking at other listeners.
 ACCEPT_BATCH = 64
 #: Outcomes of one accept batch.
-QUEUE_EMPTY, BATCH_DONE, PAUSE = "queue empty", "batch done", "pause"
+QUEUE_EMPTY, BATCH_DONE, PAUSE, DEFER = "queue empty", "batch done", "pause", "defer"
+#: A worker holding more than this many connections over its lightest sibling defers to it.
+BALANCE_SLACK = 1
+#: How long a deferring worker leaves the queue to its siblings.
+DEFER_S = 0.002
 #: How long accepting pauses after running out of file descriptors.
 ACCEPT_PAUSE_S = 0.1
 #: How often the worker stamps its heartbeat and checks that its master is alive.
 HEARTBEAT_S = 0.5
 PR_SET_PDEATHSIG = 1
+#: Allocations between two young-generation collections (CPython's default is 700).
+GC_FIRST_THRESHOLD = 10_000
 #: File descriptors kept free for pipes, logs and the like when sizing max_connections.
 RESERVED_FDS_PER_THREAD = 8
 RESERVED_FDS = 16
@@ -95,6 +111,7 @@ class Worker:
         self.drain_deadline: Optional[float] = None
         self.max_connections = 0
         self.at_limit = False
+        self.families: Dict[int, int] = {}  # listener fd -> address family, as a plain int
 
     # -- the child, after fork
 
@@ -133,9 +150,26 @@ class Worker:
             self.loops.append(loop)
         signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
         self.max_connections = self._connection_budget()
+        self._tune_garbage_collector()
         log.info("worker %d booted: pid=%d threads=%d relay=%s max_connections=%d", self.slot,
                  os.getpid(), len(self.loops), self.mode, self.max_connections)
         return signals
+
+    @staticmethod
+    def _tune_garbage_collector() -> None:
+        """Keep the cycle collector off the relay's hot path.
+
+        Principle: connections are freed by reference counting (the relay
+        makes no reference cycles), yet every few hundred allocations CPython
+        runs a collection that scans young objects, and each new connection
+        allocates dozens.  ``gc.freeze`` moves everything alive after boot
+        (modules, config) out of the collector's sight for good, and a larger
+        first threshold makes collections rarer; they still run, so a cycle
+        made by some rare path is still freed.
+        """
+        gc.freeze()
+        _, second, third = gc.get_threshold()
+        gc.set_threshold(GC_FIRST_THRESHOLD, second, third)
 
     def _ask_for_parent_death_signal(self) -> None:
         """Have the kernel send SIGTERM when the master dies (Linux; polling covers the rest)."""
@@ -168,24 +202,34 @@ class Worker:
             selector.register(entry[1], selectors.EVENT_READ, entry)
         paused_until = 0.0
         next_beat = 0.0
+        self.families = {sock.fileno(): int(sock.family) for _, sock in self.listeners}
+        deferred = False  # the current pause is a deferral to a sibling
+        force = False  # True for the first look after a deferral: take one client regardless
+        self.board.accepting[self.row] = 1
 
         while not self.stopping:
-            timeout = HEARTBEAT_S if not paused_until else ACCEPT_PAUSE_S
+            timeout = HEARTBEAT_S
+            if paused_until:
+                timeout = max(0.0, paused_until - time.monotonic())
             for key, _ in selector.select(timeout):
                 if key.data is None:
                     signals.drain_wakeups()
                     continue
                 if paused_until or self.stopping:
                     continue
-                if self._accept_batch(*key.data) == PAUSE:
-                    paused_until = time.monotonic() + ACCEPT_PAUSE_S
+                outcome = self._accept_batch(*key.data, balance=True, force_first=force)
+                if outcome in (PAUSE, DEFER):
+                    deferred = outcome == DEFER
+                    paused_until = time.monotonic() + (DEFER_S if deferred else ACCEPT_PAUSE_S)
                     for entry in accepting:
                         selector.unregister(entry[1])
+            force = False
             while signals.pending:
                 self._handle_signal(signals.pending.popleft(), accepting)
             now = time.monotonic()
             if paused_until and now >= paused_until and not self.stopping:
                 paused_until = 0.0
+                force = deferred
                 for entry in accepting:
                     selector.register(entry[1], selectors.EVENT_READ, entry)
             if now >= next_beat:
@@ -210,15 +254,35 @@ class Worker:
         self.board.beat(self.row, oldest, self.active(), self.accepted)
 
     def _accept_batch(self, listener: ListenerConfig, sock: socket.socket,
-                      balancer: Balancer) -> str:
+                      balancer: Balancer, balance: bool = False,
+                      force_first: bool = False) -> str:
         """Accept what is queued, up to a batch.
 
         Returns ``QUEUE_EMPTY``, ``BATCH_DONE`` when the batch ran out first
-        (epoll reports the rest), or ``PAUSE`` to stop accepting for a while.
+        (epoll reports the rest), ``PAUSE`` to stop accepting for a while, or
+        (only when ``balance`` is asked for) ``DEFER`` to leave the queue to a
+        lighter sibling for a moment.  ``force_first`` takes the first client
+        without looking at the balance (the sibling had its chance).
         """
         timeout_s = listener.connect_timeout_ms / 1000.0
+        family = self.families[sock.fileno()]
+        board, row, loops = self.board, self.row, self.loops
+        siblings = board.accepting_rows(exclude=row) if balance else []
         for _ in range(ACCEPT_BATCH):
-            if self.active() >= self.max_connections:
+            # One pass over the loops: the worker's open connections, and the
+            # loop holding the fewest, which gets the client.
+            active = 0
+            least, least_active = loops[0], -1
+            for loop in loops:
+                held = loop.submitted - loop.finished
+                active += held
+                if least_active < 0 or held < least_active:
+                    least, least_active = loop, held
+            if balance and active > BALANCE_SLACK and not force_first:
+                lightest = board.lightest_of(siblings)
+                if lightest is not None and active > lightest + BALANCE_SLACK:
+                    return DEFER
+            if active >= self.max_connections:
                 if not self.at_limit:
                     self.at_limit = True
                     log.warning("worker %d: at its limit of %d connections (open-file limit); "
@@ -227,7 +291,11 @@ class Worker:
                 return PAUSE
             self.at_limit = False
             try:
-                client, address = sock.accept()
+                # ``_accept`` (what ``socket.accept`` wraps) returns the bare
+                # descriptor: building the socket object ourselves, with the
+                # listener's family known, skips the enum conversions that
+                # ``socket.accept`` spends on every client.
+                fd, address = sock._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
                 return QUEUE_EMPTY  # or a sibling worker was faster
             except OSError as exc:
@@ -239,11 +307,13 @@ class Worker:
                 if exc.errno == errno.ECONNABORTED:
                     continue
                 raise
+            client = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             client.setblocking(False)
             self.accepted += 1
+            board.active[row] = active + 1
             peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
-            loop = min(self.loops, key=lambda candidate: candidate.active)
-            loop.submit(client, balancer.targets(address), timeout_s, peer)
+            least.submit(client, balancer.targets(address), timeout_s, peer)
+            force_first = False
         return BATCH_DONE
 
     def _handle_signal(self, signum: int, accepting: List[Tuple[ListenerConfig, socket.socket,
@@ -263,6 +333,7 @@ class Worker:
         """Stop accepting (after one last sweep of the queues) and start draining."""
         if self.stopping and drain_timeout_s >= self._drain_left():
             return
+        self.board.accepting[self.row] = 0
         if not self.stopping:
             # Whatever the kernel already queued is served, not left to be reset.
             for entry in accepting:

@@ -76,6 +76,52 @@ def test_process_titles_name_master_and_workers(backend_factory, proxy_factory):
     assert titles == [f"prefork-proxy: worker {slot} gen 1" for slot in range(3)]
 
 
+def _socket_count(pid: int) -> int:
+    count = 0
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:")
+        except OSError:
+            pass  # closed meanwhile
+    return count
+
+
+def test_a_burst_of_clients_is_shared_evenly_by_the_workers(backend_factory, proxy_factory):
+    """60 clients arriving at once end up 30 and 30 (give or take 3), not most on one worker.
+
+    Without balancing, the worker the kernel wakes first accepts most of a
+    burst (24/36 here; 11/39 of redis-benchmark's 50 under load), and then
+    relays them on one core while the other core idles.
+    """
+    backend = backend_factory("echo")
+    proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", backend.address,
+                          "--workers", "2")
+    pids = proxy.wait_workers(2)
+    before = {pid: _socket_count(pid) for pid in pids}
+    # All 60 handshakes start at once, so they sit in the accept queue together.
+    clients = []
+    for _ in range(60):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", proxy.port()))
+        clients.append(sock)
+    try:
+        for sock in clients:
+            sock.settimeout(10)
+        for index, sock in enumerate(clients):
+            message = index.to_bytes(4, "big")
+            sock.sendall(message)
+            assert recv_exactly(sock, 4) == transform(message)
+        # Each relayed connection holds two sockets in its worker: client and backend.
+        held = {pid: (_socket_count(pid) - before[pid]) // 2 for pid in pids}
+        print(f"\nconnections per worker: {sorted(held.values())}")
+        assert sum(held.values()) == 60
+        assert min(held.values()) >= 27, f"uneven: {held}"
+    finally:
+        for sock in clients:
+            sock.close()
+
+
 @pytest.mark.timeout(120)
 def test_one_worker_holds_2000_idle_connections_with_fixed_threads(backend_factory,
                                                                   proxy_factory):
