@@ -71,6 +71,11 @@ def bind_listener(endpoint: Endpoint) -> socket.socket:
         if family == socket.AF_INET6:
             # One socket per address family: "[::]:5432" must not also grab 0.0.0.0:5432.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # Accepted sockets inherit TCP_NODELAY from their listener (Linux and
+        # the BSDs), which saves a system call per client: a relay forwards
+        # each burst as it comes, so batching it in Nagle's algorithm would
+        # only add latency.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(sockaddr)
         sock.listen(BACKLOG)
         sock.setblocking(False)

@@ -40,11 +40,10 @@ import heapq
 import itertools
 import logging
 import os
-import selectors
+import select
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
 
 from prefork_proxy import splice as splice_module
@@ -121,199 +120,214 @@ class PipePool:
 
 
 class BufferPool:
-    """Buffers lent to copy directions; owned by one ``RelayLoop`` thread."""
+    """Buffers for copied bytes; owned by one ``RelayLoop`` thread.
+
+    ``scratch`` is the loop's reading buffer.  A direction reads a burst into
+    it and writes the burst straight out; only when the destination cannot
+    take it all does the direction keep that buffer (``adopt_scratch``) and
+    the loop gets a fresh scratch.  So request/response traffic takes nothing
+    from the pool and gives nothing back, burst after burst.
+    """
 
     def __init__(self, size: int = BUFFER_SIZE) -> None:
         self.size = size
         self._idle: List[memoryview] = []
+        self.scratch = memoryview(bytearray(size))
 
     def take(self) -> memoryview:
         return self._idle.pop() if self._idle else memoryview(bytearray(self.size))
 
     def give_back(self, buffer: memoryview) -> None:
-        if len(self._idle) < POOL_KEEP:
+        if buffer is not self.scratch and len(self._idle) < POOL_KEEP:
             self._idle.append(buffer)
+
+    def adopt_scratch(self) -> memoryview:
+        """Hand the scratch buffer (holding unwritten bytes) to a direction for keeps."""
+        buffer, self.scratch = self.scratch, self.take()
+        return buffer
 
     def close(self) -> None:
         self._idle.clear()
 
 
-class SpliceMover:
-    """One direction's bytes in flight: in a pipe between two ``splice`` calls for
-    bulk streams, in a small buffer (``readv``/``write``) for small bursts.
-
-    Principle (splice where it pays): zero-copy costs two system calls and a
-    pipe per burst, which is dearer than copying when a burst is a few hundred
-    bytes (a database query, a Redis PING).  A direction starts by copying;
-    a read that finds ``BULK_READ`` bytes or more waiting means a bulk stream,
-    so it switches to the pipe; a splice that moves less than ``SHORT_READ``
-    switches it back.  When no pipe can be had (out of file descriptors) it
-    keeps copying: slower, but the stream flows rather than being cut.
-    """
-
-    __slots__ = ("pool", "buffers", "splice", "pipe", "buffer", "start", "pending", "bulk",
-                 "in_pipe")
-
-    def __init__(self, pool: PipePool, buffers: BufferPool, splice: SpliceFunction) -> None:
-        self.pool = pool
-        self.buffers = buffers
-        self.splice = splice
-        self.pipe: Optional[Tuple[int, int, int]] = None
-        self.buffer: Optional[memoryview] = None
-        self.start = 0
-        self.pending = 0  # bytes held: splice counts pipe slots, so we count bytes
-        self.bulk = False  # move by splice (True) or by copying (False)
-        self.in_pipe = False  # where the pending bytes are
-
-    def fill(self, src: int) -> int:
-        """Read what the source has into the (empty) pipe or buffer; 0 means EOF."""
-        if self.bulk:
-            if self.pipe is None:
-                try:
-                    self.pipe = self.pool.take()
-                except OSError as exc:
-                    if exc.errno not in (errno.EMFILE, errno.ENFILE):
-                        raise
-                    self.bulk = False
-                    return self.fill(src)
-            n = self.splice(src, self.pipe[1], self.pipe[2], SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
-            self.pending, self.in_pipe = n, True
-            if 0 < n < SHORT_READ:
-                self.bulk = False
-            return n
-        if self.buffer is None:
-            self.buffer = self.buffers.take()
-        n = os.readv(src, (self.buffer,))
-        self.start, self.pending, self.in_pipe = 0, n, False
-        if n >= BULK_READ:
-            self.bulk = True
-        return n
-
-    def flush(self, dst: int) -> None:
-        """Write pending bytes to the destination, from the pipe or the buffer."""
-        if self.in_pipe:
-            assert self.pipe is not None
-            self.pending -= self.splice(self.pipe[0], dst, self.pending,
-                                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
-            return
-        assert self.buffer is not None
-        written = os.write(dst, self.buffer[self.start:self.start + self.pending])
-        self.start += written
-        self.pending -= written
-
-    def idle(self) -> None:
-        """Called when the direction waits with nothing pending: lend pipe and buffer back."""
-        if self.pipe is not None:
-            self.pool.give_back(self.pipe, empty=True)
-            self.pipe = None
-        if self.buffer is not None:
-            self.buffers.give_back(self.buffer)
-            self.buffer = None
-
-    def release(self) -> None:
-        if self.pipe is not None:
-            self.pool.give_back(self.pipe, empty=not (self.in_pipe and self.pending))
-            self.pipe = None
-        if self.buffer is not None:
-            self.buffers.give_back(self.buffer)
-            self.buffer = None
-
-
-class CopyMover:
-    """One direction's bytes in flight, held in a user-space buffer."""
-
-    __slots__ = ("pool", "buffer", "start", "end")
-
-    def __init__(self, pool: BufferPool) -> None:
-        self.pool = pool
-        self.buffer: Optional[memoryview] = None
-        self.start = self.end = 0
-
-    @property
-    def pending(self) -> int:
-        return self.end - self.start
-
-    def fill(self, src: socket.socket) -> int:
-        if self.buffer is None:
-            self.buffer = self.pool.take()
-        n = src.recv_into(self.buffer)
-        self.start, self.end = 0, n
-        return n
-
-    def flush(self, dst: socket.socket) -> None:
-        assert self.buffer is not None
-        self.start += dst.send(self.buffer[self.start:self.end])
-
-    def idle(self) -> None:
-        if self.buffer is not None:
-            self.pool.give_back(self.buffer)
-            self.buffer = None
-
-    def release(self) -> None:
-        self.idle()
-
-
-# --------------------------------------------------------------------------- one connection
+# --------------------------------------------------------------------------- one direction
 
 
 class Direction:
-    """Bytes flowing one way, from ``src`` to ``dst``; ``state`` says what it waits for."""
+    """Bytes flowing one way, from ``src`` to ``dst``; ``state`` says what it waits for.
 
-    __slots__ = ("src", "dst", "src_io", "dst_io", "mover", "eof", "state")
+    Owned by one ``RelayLoop`` thread.  Bytes in flight are held either in a
+    buffer (``held``, from ``start``, ``pending`` bytes) or in a pipe
+    (``in_pipe``: between two ``splice`` calls).  Within ``pump`` a burst may
+    sit in the loop's scratch buffer; ``pump`` never returns still holding it.
 
-    def __init__(self, src: socket.socket, dst: socket.socket, mover: object,
-                 by_fd: bool) -> None:
+    Principle (splice where it pays): zero-copy costs two system calls and a
+    pipe per burst, which is dearer than copying when a burst is a few hundred
+    bytes (a database query, a Redis PING).  A direction starts by copying
+    (``recv_into``/``send``); when ``splice`` is given (splice mode), a read
+    that finds ``BULK_READ`` bytes or more waiting means a bulk stream, so it
+    switches to the pipe; a splice that moves less than ``SHORT_READ``
+    switches it back.  When no pipe can be had (out of file descriptors) it
+    keeps copying: slower, but the stream flows rather than being cut.
+
+    Principle (no read just to hear EAGAIN): after a short read has been
+    written out, the source is almost surely empty, and reading it again
+    would only fail with EAGAIN; epoll is level-triggered, so if bytes did
+    arrive meanwhile it reports the source again.  For request/response
+    traffic this saves one system call in four.
+    """
+
+    __slots__ = ("src", "dst", "src_fd", "dst_fd", "buffers", "pipes", "splice", "state",
+                 "eof", "held", "start", "pending", "pipe", "in_pipe", "bulk")
+
+    def __init__(self, src: socket.socket, dst: socket.socket, buffers: BufferPool,
+                 pipes: Optional[PipePool] = None,
+                 splice: Optional[SpliceFunction] = None) -> None:
         self.src, self.dst = src, dst
-        # splice wants file descriptors, copy wants the socket objects
-        self.src_io = src.fileno() if by_fd else src
-        self.dst_io = dst.fileno() if by_fd else dst
-        self.mover = mover
-        self.eof = False
+        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.buffers = buffers
+        self.pipes = pipes
+        self.splice = splice if pipes is not None else None  # None: copy only
         self.state = WANT_READ
+        self.eof = False
+        self.held: Optional[memoryview] = None
+        self.start = 0
+        self.pending = 0  # bytes held: splice counts pipe slots, so we count bytes
+        self.pipe: Optional[Tuple[int, int, int]] = None
+        self.in_pipe = False
+        self.bulk = False
 
     def pump(self) -> str:
         """Move what can move now without blocking; return what to wait for next.
 
         Raises ``OSError`` (other than ``BlockingIOError``) when either socket fails.
-
-        Principle (no read just to hear EAGAIN): after a short read has been
-        written out, the source is almost surely empty, and reading it again
-        would only fail with EAGAIN; epoll is level-triggered, so if bytes did
-        arrive meanwhile it reports the source again.  For request/response
-        traffic this saves one system call in four.
         """
-        mover = self.mover
         short_read = False
-        for _ in range(ROUNDS_PER_EVENT):
-            if mover.pending:
+        buffers = self.buffers
+        if not self.pending and not self.bulk and not self.eof:
+            # The common case, spelled out because it runs once per request of
+            # request/response traffic: a burst arrived; read it into the
+            # scratch buffer (or the buffer this direction already holds) and
+            # write it straight out.
+            held = self.held
+            buffer = buffers.scratch if held is None else held
+            try:
+                n = self.src.recv_into(buffer)
+            except BlockingIOError:
+                if held is not None:
+                    self.idle()
+                return WANT_READ
+            if 0 < n < SHORT_READ:
                 try:
-                    mover.flush(self.dst_io)
+                    written = self.dst.send(buffer[:n])
                 except BlockingIOError:
+                    written = 0
+                if written == n:
+                    if held is not None:
+                        self.idle()
+                    return WANT_READ
+                self.held = buffers.adopt_scratch() if held is None else held
+                self.start, self.pending, self.in_pipe = written, n - written, False
+                return WANT_WRITE
+            # End of stream or a big read: the general rounds below carry on.
+            self.held = buffer
+            self.start, self.pending, self.in_pipe = 0, n, False
+            if n == 0:
+                self.eof = True
+            elif n >= BULK_READ and self.splice is not None:
+                self.bulk = True
+            short_read = n < SHORT_READ
+        for _ in range(ROUNDS_PER_EVENT):
+            if self.pending:
+                try:
+                    if self.in_pipe:
+                        self.pending -= self.splice(self.pipe[0], self.dst_fd, self.pending,
+                                                    SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+                    else:
+                        start = self.start
+                        written = self.dst.send(self.held[start:start + self.pending])
+                        self.start = start + written
+                        self.pending -= written
+                except BlockingIOError:
+                    if self.held is buffers.scratch:
+                        self.held = buffers.adopt_scratch()
                     return WANT_WRITE
                 continue
             if self.eof:
-                mover.release()
+                self.release()
                 self.dst.shutdown(socket.SHUT_WR)
                 return DONE
             if short_read:
-                mover.idle()
+                self.idle()
                 return WANT_READ
             try:
-                n = mover.fill(self.src_io)
+                n = self._fill_pipe() if self.bulk else self._fill_buffer()
             except BlockingIOError:
-                mover.idle()
+                self.idle()
                 return WANT_READ
             if n == 0:
                 self.eof = True
             short_read = n < SHORT_READ
-        return WANT_WRITE if mover.pending else WANT_READ
+        # Rounds used up.  Whatever this direction returns with, it never
+        # keeps pointing at the loop's scratch buffer, which the next event
+        # of any connection reads into.
+        if self.held is buffers.scratch:
+            self.held = buffers.adopt_scratch() if self.pending else None
+        return WANT_WRITE if self.pending else WANT_READ
+
+    def _fill_buffer(self) -> int:
+        held = self.held
+        if held is None:
+            held = self.held = self.buffers.scratch
+        n = self.src.recv_into(held)
+        self.start, self.pending, self.in_pipe = 0, n, False
+        if n >= BULK_READ and self.splice is not None:
+            self.bulk = True
+        return n
+
+    def _fill_pipe(self) -> int:
+        if self.pipe is None:
+            assert self.pipes is not None
+            try:
+                self.pipe = self.pipes.take()
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                self.bulk = False
+                return self._fill_buffer()
+        if self.held is not None:  # switching from copying: no buffer needed now
+            self.buffers.give_back(self.held)
+            self.held = None
+        n = self.splice(self.src_fd, self.pipe[1], self.pipe[2],
+                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+        self.pending, self.in_pipe = n, True
+        if 0 < n < SHORT_READ:
+            self.bulk = False
+        return n
+
+    def idle(self) -> None:
+        """Nothing pending: lend the pipe and the buffer back (an idle direction holds none)."""
+        if self.pipe is not None:
+            self.pipes.give_back(self.pipe, empty=True)
+            self.pipe = None
+        if self.held is not None:
+            self.buffers.give_back(self.held)
+            self.held = None
+
+    def release(self) -> None:
+        """The direction ends: give back what it holds (a pipe with bytes in it is closed)."""
+        if self.pipe is not None:
+            self.pipes.give_back(self.pipe, empty=not (self.in_pipe and self.pending))
+            self.pipe = None
+        if self.held is not None:
+            self.buffers.give_back(self.held)
+            self.held = None
 
 
 #: Outcomes of one connect attempt, passed to ``Target.report``.
 CONNECTED, FAILED, RELEASED = "connected", "failed", "released"
 
 
-@dataclass(frozen=True)
 class Target:
     """One backend address to try: the resolved socket address and the name to log.
 
@@ -323,37 +337,72 @@ class Target:
     ``CONNECTED`` once connected, then exactly one of ``FAILED`` with the reason
     (the backend could not be reached) or ``RELEASED`` (the connection ended,
     or the attempt was abandoned for a reason of ours, not the backend's).
+
+    Immutable by convention; a plain slotted class rather than a dataclass
+    because one is made per connection and held for its whole life.
     """
 
-    family: int
-    sockaddr: tuple
-    name: str
-    timeout_s: Optional[float] = None
-    report: Optional[Callable[[str, str], None]] = field(default=None, compare=False)
+    __slots__ = ("family", "sockaddr", "name", "timeout_s", "report")
+
+    def __init__(self, family: int, sockaddr: tuple, name: str,
+                 timeout_s: Optional[float] = None,
+                 report: Optional[Callable[[str, str], None]] = None) -> None:
+        self.family = family
+        self.sockaddr = sockaddr
+        self.name = name
+        self.timeout_s = timeout_s
+        self.report = report
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Target):
+            return NotImplemented
+        return (self.family, self.sockaddr, self.name, self.timeout_s) == \
+            (other.family, other.sockaddr, other.name, other.timeout_s)
+
+    def __hash__(self) -> int:
+        return hash((self.family, self.sockaddr, self.name, self.timeout_s))
+
+    def __repr__(self) -> str:
+        return f"Target({self.name!r}, {self.sockaddr!r}, timeout_s={self.timeout_s!r})"
 
 
 class Connection:
-    """A client and its backend, owned by one ``RelayLoop``."""
+    """A client and its backend, owned by one ``RelayLoop``.
 
-    __slots__ = ("client", "backend", "targets", "target", "timeout_s", "deadline", "upstream",
-                 "downstream", "interest", "peer", "closed")
+    ``client_mask``/``backend_mask`` are the epoll events registered for each
+    socket (0: not registered).  ``targets`` is dropped once connected: the
+    balancer's generators behind it are only needed to fail over, and an idle
+    connection should hold as little as possible.
+    """
 
-    def __init__(self, client: socket.socket, targets: Iterator[Target], timeout_s: float,
-                 peer: str) -> None:
+    __slots__ = ("client", "backend", "client_fd", "backend_fd", "targets", "target",
+                 "timeout_s", "deadline", "upstream", "downstream", "client_mask",
+                 "backend_mask", "peer", "closed")
+
+    def __init__(self, client: socket.socket, targets: Optional[Iterator[Target]],
+                 timeout_s: float, peer: str) -> None:
         self.client = client
+        self.client_fd = client.fileno()
         self.backend: Optional[socket.socket] = None
+        self.backend_fd = -1
         self.targets = targets
         self.target: Optional[Target] = None
         self.timeout_s = timeout_s
         self.deadline = 0.0
         self.upstream: Optional[Direction] = None  # client -> backend
         self.downstream: Optional[Direction] = None  # backend -> client
-        self.interest: Dict[int, int] = {}  # fd -> selector events currently registered
+        self.client_mask = 0
+        self.backend_mask = 0
         self.peer = peer
         self.closed = False
 
 
 # --------------------------------------------------------------------------- the loop
+
+_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+_ERROR = select.EPOLLERR | select.EPOLLHUP
+#: Errors that are simply how TCP connections end; anything else is logged.
+_ORDINARY_ENDINGS = frozenset((errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT))
 
 
 class RelayLoop:
@@ -361,6 +410,20 @@ class RelayLoop:
 
     Created and started by the worker; ``submit`` and ``stop`` may be called
     from any thread, everything else runs on the loop's own thread.
+
+    Principle (the hot path is a few lookups): the loop uses ``select.epoll``
+    directly, with one dict from file descriptor to connection, rather than
+    ``selectors`` (whose per-event key objects cost time on every event and
+    memory on every connection).  A relay event is a dict lookup, one or two
+    ``pump`` calls and, only when a direction changed what it waits for, an
+    ``epoll_ctl``.
+
+    Principle (no descriptor is reused within one batch of events): sockets
+    of connections that end are closed only after the whole batch returned by
+    one ``epoll.poll`` has been handled.  Otherwise a later event of the same
+    batch, meant for the closed socket, could reach a new backend socket that
+    got the same descriptor number during failover.  Freshly submitted
+    clients are likewise taken in only between batches.
     """
 
     def __init__(self, mode: str, name: str = "relay",
@@ -372,7 +435,8 @@ class RelayLoop:
         self._splice = splice or splice_module.splice
         if mode == "splice" and self._splice is None:
             raise ProxyError("splice mode asked for, but no splice function is available")
-        self._selector = selectors.DefaultSelector()
+        self._epoll = select.epoll()
+        self._by_fd: Dict[int, Connection] = {}
         self._pipes = PipePool()
         self._buffers = BufferPool()
         self._inbox: Deque[Tuple[socket.socket, Iterator[Target], float, str]] = \
@@ -383,10 +447,18 @@ class RelayLoop:
         # writing and closing exclusive, so a stale write can never land in a
         # descriptor number that another socket has reused.
         self._wake_lock = threading.Lock()
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._wake_pending = False
+        self._epoll.register(self._wake_r, _IN)
+        # Connect deadlines: a heap of (deadline, sequence, connection).  An
+        # entry goes stale when its connect ends; stale entries are skipped,
+        # and the whole heap is dropped whenever no connect is in progress, so
+        # under a stream of short connections it stays a few entries long and
+        # never keeps ended connections alive.
         self._timeouts: List[Tuple[float, int, Connection]] = []
+        self._connecting: Set[Connection] = set()
         self._timeout_sequence = itertools.count()  # ties in the heap never compare Connections
         self._connections: Set[Connection] = set()
+        self._to_close: List[socket.socket] = []  # closed after the current batch
         self._stopping = False
         self._drain_deadline = 0.0
         self._thread: Optional[threading.Thread] = None
@@ -409,10 +481,15 @@ class RelayLoop:
 
     def submit(self, client: socket.socket, targets: Iterator[Target], timeout_s: float,
                peer: str = "") -> None:
-        """Hand a freshly accepted client over; the loop owns it from now on."""
+        """Hand a freshly accepted, non-blocking client over; the loop owns it from now on."""
         self.submitted += 1
         self._inbox.append((client, targets, timeout_s, peer))
-        self._wake()
+        if not self._wake_pending:
+            # One wake-up per batch is enough: the loop clears the flag before
+            # it empties the inbox, so a client appended after that finds the
+            # flag clear and wakes it again.
+            self._wake_pending = True
+            self._wake()
 
     def stop(self, drain_timeout_s: Optional[float] = None) -> None:
         """Ask the loop to end: at once, or once its connections end or the drain time passes."""
@@ -438,15 +515,36 @@ class RelayLoop:
     # -- the loop's own thread
 
     def run(self) -> None:
+        poll = self._epoll.poll
+        by_fd = self._by_fd
+        wake_fd = self._wake_r
+        to_close = self._to_close
         try:
             while not (self._stopping and (not self._connections and not self._inbox
                                            or time.monotonic() >= self._drain_deadline)):
-                for key, events in self._selector.select(self._poll_timeout()):
-                    if key.data is None:
-                        self._take_inbox()
-                    elif not key.data.closed:
-                        self._guarded(key.data, self._on_event, key.data, key.fileobj, events)
-                self._expire_timeouts()
+                woken = False
+                for fd, events in poll(self._poll_timeout()):
+                    conn = by_fd.get(fd)
+                    if conn is None:
+                        woken = woken or fd == wake_fd
+                        continue  # the wake pipe, or a socket closed earlier in this batch
+                    try:
+                        if conn.upstream is None:
+                            self._on_connect_ready(conn, events)
+                        else:
+                            self._on_event(conn, fd, events)
+                    except Exception:
+                        log.exception("relay error on the connection from %s; closing it",
+                                      conn.peer or "?")
+                        self._close(conn)
+                while to_close:
+                    to_close.pop().close()
+                if woken or self._inbox:
+                    self._take_inbox()
+                if self._timeouts:
+                    self._expire_timeouts()
+                while to_close:
+                    to_close.pop().close()
                 self.last_tick = time.monotonic()
         except BaseException:
             log.exception("relay loop %s crashed; closing its connections", self.name)
@@ -457,9 +555,12 @@ class RelayLoop:
             while self._inbox:
                 self._inbox.popleft()[0].close()
                 self.finished += 1
+            for sock in to_close:
+                sock.close()
+            to_close.clear()
             self._pipes.close()
             self._buffers.close()
-            self._selector.close()
+            self._epoll.close()
             with self._wake_lock:
                 os.close(self._wake_r)
                 os.close(self._wake_w)
@@ -474,10 +575,15 @@ class RelayLoop:
         return timeout
 
     def _take_inbox(self) -> None:
+        # Order matters: empty the wake pipe, then clear the flag, then take the
+        # clients.  A client submitted after the flag is cleared writes a new
+        # wake-up; clearing the flag before reading the pipe could swallow that
+        # wake-up and leave a later client waiting with the flag still set.
         try:
             os.read(self._wake_r, 4096)
         except BlockingIOError:
             pass
+        self._wake_pending = False
         while self._inbox:
             client, targets, timeout_s, peer = self._inbox.popleft()
             conn = Connection(client, targets, timeout_s, peer)
@@ -494,11 +600,9 @@ class RelayLoop:
                         conn.peer or "?", reason)
             self._report(conn, FAILED if backend_failed else RELEASED, reason or "")
         if conn.backend is not None:
-            self._set_interest(conn, conn.backend, 0)
-            conn.backend.close()
-            conn.backend = None
+            self._forget_backend(conn)
         try:
-            target = next(conn.targets, None)
+            target = next(conn.targets, None) if conn.targets is not None else None
         except Exception as exc:  # a resolver failure while choosing the next backend
             log.warning("no backend for client %s: %s", conn.peer or "?", exc)
             target = None
@@ -514,31 +618,59 @@ class RelayLoop:
             return
         backend.setblocking(False)
         conn.backend = backend
+        conn.backend_fd = backend.fileno()
+        if target.family in (socket.AF_INET, socket.AF_INET6):
+            backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         code = backend.connect_ex(target.sockaddr)
         if code not in (0, errno.EINPROGRESS):
             self._connect_next(conn, os.strerror(code))
             return
         conn.deadline = time.monotonic() + self._attempt_timeout(conn)
         heapq.heappush(self._timeouts, (conn.deadline, next(self._timeout_sequence), conn))
-        self._set_interest(conn, backend, selectors.EVENT_WRITE)
+        self._connecting.add(conn)
+        self._by_fd[conn.backend_fd] = conn
+        self._epoll.register(conn.backend_fd, _OUT)
+        conn.backend_mask = _OUT
 
-    def _on_connect_ready(self, conn: Connection) -> None:
+    def _forget_backend(self, conn: Connection) -> None:
+        """Drop a backend socket that failed to connect (its fd closes after this batch)."""
         backend = conn.backend
         assert backend is not None
-        code = backend.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code:
-            self._connect_next(conn, os.strerror(code))
-            return
+        if conn.backend_mask:
+            self._epoll.unregister(conn.backend_fd)
+            conn.backend_mask = 0
+        self._by_fd.pop(conn.backend_fd, None)
+        self._to_close.append(backend)
+        conn.backend = None
+        conn.backend_fd = -1
+
+    def _on_connect_ready(self, conn: Connection, events: int) -> None:
+        backend = conn.backend
+        assert backend is not None
+        if events & _ERROR:
+            # Only then can the connect have failed: on success epoll reports
+            # the socket writable and nothing else, which saves a system call
+            # per connection.
+            code = backend.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                self._connect_next(conn, os.strerror(code))
+                return
         conn.deadline = 0.0
+        self._connect_ended(conn)
+        conn.targets = None  # connected: no failover from here on
         self._report(conn, CONNECTED)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("client %s connected to backend %s", conn.peer or "?", conn.target.name)
-        for sock in (conn.client, backend):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        by_fd = self.mode == "splice"
-        conn.upstream = Direction(conn.client, backend, self._mover(), by_fd)
-        conn.downstream = Direction(backend, conn.client, self._mover(), by_fd)
+        pipes = self._pipes if self.mode == "splice" else None
+        conn.upstream = Direction(conn.client, backend, self._buffers, pipes, self._splice)
+        conn.downstream = Direction(backend, conn.client, self._buffers, pipes, self._splice)
+        self._by_fd[conn.client_fd] = conn
         self._update_interest(conn)
+
+    def _connect_ended(self, conn: Connection) -> None:
+        self._connecting.discard(conn)
+        if not self._connecting:
+            self._timeouts.clear()  # every entry left is stale
 
     @staticmethod
     def _attempt_timeout(conn: Connection) -> float:
@@ -556,12 +688,6 @@ class RelayLoop:
                 target.report(outcome, reason)
             except Exception:  # bookkeeping must never cost the connection
                 log.exception("reporting %s for backend %s failed", outcome, target.name)
-
-    def _mover(self) -> object:
-        if self.mode == "splice":
-            assert self._splice is not None
-            return SpliceMover(self._pipes, self._buffers, self._splice)
-        return CopyMover(self._buffers)
 
     def _expire_timeouts(self) -> None:
         now = time.monotonic()
@@ -581,74 +707,77 @@ class RelayLoop:
             log.exception("relay error on the connection from %s; closing it", conn.peer or "?")
             self._close(conn)
 
-    def _on_event(self, conn: Connection, sock: socket.socket, events: int) -> None:
-        if conn.upstream is None:
-            self._on_connect_ready(conn)
-            return
-        is_client = sock is conn.client
-        reading = conn.upstream if is_client else conn.downstream
-        writing = conn.downstream if is_client else conn.upstream
-        before = (reading.state, writing.state)
+    def _on_event(self, conn: Connection, fd: int, events: int) -> None:
+        if fd == conn.client_fd:
+            reading, writing = conn.upstream, conn.downstream
+        else:
+            reading, writing = conn.downstream, conn.upstream
+        read_state, write_state = reading.state, writing.state
         try:
-            if events & selectors.EVENT_READ and reading.state == WANT_READ:
+            # As ``selectors`` does: an error or hang-up counts as both readable
+            # and writable, so whichever direction waits on this socket hears it.
+            if events & ~_OUT and read_state == WANT_READ:
                 reading.state = reading.pump()
-            if events & selectors.EVENT_WRITE and writing.state == WANT_WRITE:
+            if events & ~_IN and write_state == WANT_WRITE:
                 writing.state = writing.pump()
         except OSError as exc:
-            if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN,
-                                 errno.ETIMEDOUT):
+            if exc.errno not in _ORDINARY_ENDINGS:
                 log.info("connection from %s closed on error: %s", conn.peer or "?", exc)
             self._close(conn)
             return
-        if conn.upstream.state == DONE and conn.downstream.state == DONE:
+        if reading.state == DONE and writing.state == DONE:
             self._close(conn)
-        elif (reading.state, writing.state) != before:
+        elif reading.state != read_state or writing.state != write_state:
             # Most events (request/response traffic) leave both states as they
             # were; then the registered interests are already right.
             self._update_interest(conn)
 
     def _update_interest(self, conn: Connection) -> None:
-        assert conn.upstream is not None and conn.downstream is not None and conn.backend
         up, down = conn.upstream, conn.downstream
-        self._set_interest(conn, conn.client,
-                           (selectors.EVENT_READ if up.state == WANT_READ else 0)
-                           | (selectors.EVENT_WRITE if down.state == WANT_WRITE else 0))
-        self._set_interest(conn, conn.backend,
-                           (selectors.EVENT_READ if down.state == WANT_READ else 0)
-                           | (selectors.EVENT_WRITE if up.state == WANT_WRITE else 0))
+        assert up is not None and down is not None
+        client_mask = (_IN if up.state == WANT_READ else 0) | \
+            (_OUT if down.state == WANT_WRITE else 0)
+        backend_mask = (_IN if down.state == WANT_READ else 0) | \
+            (_OUT if up.state == WANT_WRITE else 0)
+        if client_mask != conn.client_mask:
+            self._set_mask(conn.client_fd, conn.client_mask, client_mask)
+            conn.client_mask = client_mask
+        if backend_mask != conn.backend_mask:
+            self._set_mask(conn.backend_fd, conn.backend_mask, backend_mask)
+            conn.backend_mask = backend_mask
 
-    def _set_interest(self, conn: Connection, sock: socket.socket, events: int) -> None:
-        fd = sock.fileno()
-        current = conn.interest.get(fd, 0)
-        if events == current:
-            return
+    def _set_mask(self, fd: int, current: int, wanted: int) -> None:
+        """Register, modify or unregister: a socket nobody waits on is not left in epoll,
+        where a hang-up would be reported on every turn."""
         if not current:
-            self._selector.register(sock, events, conn)
-        elif not events:
-            self._selector.unregister(sock)
+            self._epoll.register(fd, wanted)
+        elif not wanted:
+            self._epoll.unregister(fd)
         else:
-            self._selector.modify(sock, events, conn)
-        if events:
-            conn.interest[fd] = events
-        else:
-            conn.interest.pop(fd, None)
+            self._epoll.modify(fd, wanted)
 
     def _close(self, conn: Connection) -> None:
+        """End a connection: forget its sockets now, close them after the current batch.
+
+        Closing a socket also takes it out of epoll, so no ``unregister`` is needed.
+        """
         if conn.closed:
             return
         conn.closed = True
-        for sock in (conn.client, conn.backend):
-            if sock is None:
-                continue
-            if conn.interest.pop(sock.fileno(), 0):
-                self._selector.unregister(sock)
+        by_fd = self._by_fd
+        by_fd.pop(conn.client_fd, None)
+        if conn.backend is not None:
+            by_fd.pop(conn.backend_fd, None)
         self._connections.discard(conn)
+        if conn.deadline:
+            self._connect_ended(conn)
         for direction in (conn.upstream, conn.downstream):
             if direction is not None:
-                direction.mover.release()
-        conn.client.close()
+                direction.release()
+        self._to_close.append(conn.client)
         if conn.backend is not None:
-            conn.backend.close()
+            self._to_close.append(conn.backend)
         if conn.target is not None:
             self._report(conn, RELEASED)
+        conn.targets = None
         self.finished += 1

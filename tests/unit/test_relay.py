@@ -7,6 +7,7 @@ the backend, so the test sees both ends of the relay.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 import time
@@ -215,18 +216,16 @@ class _ExhaustedPipePool:
 
 
 def test_splice_direction_without_a_pipe_falls_back_to_read_write():
-    from prefork_proxy.relay import Direction, SpliceMover
+    from prefork_proxy.relay import BufferPool, Direction
 
     src_peer, src = socket.socketpair()
     dst, dst_peer = socket.socketpair()
     for sock in (src, dst):
         sock.setblocking(False)
     try:
-        from prefork_proxy.relay import BufferPool
-
-        mover = SpliceMover(_ExhaustedPipePool(), BufferPool(), splice_module.splice)
-        mover.bulk = True  # as if a bulk stream had begun: it must then want a pipe
-        direction = Direction(src, dst, mover, by_fd=True)
+        direction = Direction(src, dst, BufferPool(), _ExhaustedPipePool(),
+                              splice_module.splice)
+        direction.bulk = True  # as if a bulk stream had begun: it must then want a pipe
         payload = os.urandom(200_000)
         src_peer.sendall(payload[:100_000])
         received = bytearray()
@@ -243,3 +242,151 @@ def test_splice_direction_without_a_pipe_falls_back_to_read_write():
     finally:
         for sock in (src_peer, src, dst, dst_peer):
             sock.close()
+
+
+def test_directions_sharing_the_scratch_buffer_never_mix_bytes():
+    """A direction whose destination is full keeps its bytes while another one flows.
+
+    Both directions read through the loop's one scratch buffer; the stuck one
+    must have taken its bytes out of it, or the flowing one would overwrite them.
+    """
+    from prefork_proxy.relay import BufferPool, Direction
+
+    buffers = BufferPool()
+    pairs = [socket.socketpair() for _ in range(4)]
+    (stuck_peer, stuck_src), (stuck_dst, stuck_sink), (flow_peer, flow_src), \
+        (flow_dst, flow_sink) = pairs
+    for sock in (stuck_src, stuck_dst, flow_src, flow_dst):
+        sock.setblocking(False)
+    try:
+        stuck = Direction(stuck_src, stuck_dst, buffers)
+        flowing = Direction(flow_src, flow_dst, buffers)
+        payload = os.urandom(4 << 20)
+        sent = 0
+        # Fill the stuck path until the direction holds bytes it cannot write.
+        stuck_peer.setblocking(False)
+        while stuck.state != "write":
+            try:
+                sent += stuck_peer.send(payload[sent:sent + 65536])
+            except BlockingIOError:
+                pass
+            stuck.state = stuck.pump()
+        assert stuck.pending and stuck.held is not buffers.scratch
+        # Meanwhile small bursts flow the other way through the scratch buffer.
+        for index in range(200):
+            message = f"message {index:04d}".encode() * 7
+            flow_peer.sendall(message)
+            assert flowing.pump() == "read"
+            assert recv_exactly(flow_sink, len(message)) == message
+        # The stuck direction's bytes are intact once its destination drains.
+        received = bytearray()
+        deadline = time.monotonic() + 20
+        while stuck.state != "done" and time.monotonic() < deadline:
+            if sent < len(payload):
+                try:
+                    sent += stuck_peer.send(payload[sent:sent + 65536])
+                except BlockingIOError:
+                    pass
+                if sent == len(payload):
+                    stuck_peer.shutdown(socket.SHUT_WR)
+            stuck.state = stuck.pump()
+            try:
+                received += stuck_sink.recv(1 << 20, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+        received += recv_until_eof(stuck_sink)
+        assert bytes(received) == payload
+    finally:
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
+
+
+def test_every_submitted_client_is_taken_even_in_a_burst():
+    """Clients handed over by two threads, faster than the loop wakes, are all served.
+
+    The loop takes one wake-up per batch of submissions (``_wake_pending``);
+    a lost wake-up would leave a client in the inbox for good, and ``active``
+    would never come back to zero.  (The next test pins the one interleaving
+    that lost wake-ups in an earlier version.)
+    """
+    loop = RelayLoop("copy")
+    loop.start()
+    backend_listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    target = Target(socket.AF_INET, backend_listener.getsockname(), "sink")
+    stop = threading.Event()
+
+    def backend() -> None:  # accept and hang up at once: each connection then ends
+        backend_listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                sock, _ = backend_listener.accept()
+            except socket.timeout:
+                continue
+            sock.close()
+
+    acceptor = threading.Thread(target=backend, daemon=True)
+    acceptor.start()
+
+    def submitter(name: str) -> None:
+        for _ in range(20):
+            for _ in range(50):
+                ours, theirs = socket.socketpair()
+                theirs.setblocking(False)
+                loop.submit(theirs, iter([target]), 5.0, name)
+                ours.close()
+            wait_for(lambda: loop.active < 400, 20, message="the loop to keep up")
+
+    try:
+        submitters = [threading.Thread(target=submitter, args=(f"submitter {index}",))
+                      for index in range(2)]
+        for thread in submitters:
+            thread.start()
+        for thread in submitters:
+            thread.join(60)
+        wait_for(lambda: loop.active == 0, 20,
+                 message=f"every client to be served ({loop.active} left)")
+    finally:
+        stop.set()
+        acceptor.join(5)
+        loop.stop()
+        assert loop.join(5)
+        backend_listener.close()
+
+
+def test_a_client_submitted_while_the_loop_takes_its_inbox_still_wakes_it(monkeypatch):
+    """The hand-over's order, pinned: empty the wake pipe, then clear the flag.
+
+    Replays one interleaving deterministically: a second client arrives just
+    as the loop starts emptying its wake pipe.  Afterwards a third client must
+    still leave the loop something to wake up for.  (Clearing the flag before
+    emptying the pipe swallows the second client's wake-up, leaves the flag
+    set, and the third client then waits forever.)
+    """
+    from prefork_proxy import relay as relay_module
+
+    loop = RelayLoop("copy")  # not started: this thread plays the loop's part
+    pairs = [socket.socketpair() for _ in range(3)]
+    real_read = os.read
+    arrived = []
+
+    def read_after_a_late_submission(fd, size):
+        if fd == loop._wake_r and not arrived:
+            arrived.append(True)
+            loop.submit(pairs[1][1], iter([]), 1.0, "second")
+        return real_read(fd, size)
+
+    monkeypatch.setattr(relay_module.os, "read", read_after_a_late_submission)
+    try:
+        loop.submit(pairs[0][1], iter([]), 1.0, "first")
+        loop._take_inbox()
+        assert arrived and not loop._inbox
+        loop.submit(pairs[2][1], iter([]), 1.0, "third")
+        readable, _, _ = select.select([loop._wake_r], [], [], 0)
+        assert readable, "the third client was queued without waking the loop"
+    finally:
+        monkeypatch.undo()
+        loop.stop()
+        loop.run()  # ends at once (stopping) and closes what it holds
+        for ours, _ in pairs:
+            ours.close()
