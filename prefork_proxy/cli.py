@@ -21,6 +21,10 @@ from prefork_proxy.config import RELAY_MODES, Config
 from prefork_proxy.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, ProxyError
 
 
+def _threads_argument(text: str) -> object:
+    """``--threads``: "auto" or a count (the config validates the range)."""
+    return text if text == "auto" else int(text)
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefork-proxy",
@@ -42,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="backend connect timeout with --bind (default %(default)s)")
     start.add_argument("--workers", "-w", type=int, metavar="N",
                        help="worker processes (default: [server] workers, else CPU count)")
-    start.add_argument("--threads", type=int, metavar="N", help="relay threads per worker")
+    start.add_argument("--threads", type=_threads_argument, metavar="N|auto",
+                       help="relay threads per worker (default auto: CPUs / workers)")
     start.add_argument("--relay", choices=RELAY_MODES, help="how bytes move (default auto)")
     start.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])

@@ -191,7 +191,7 @@ class Master:
                      file_limit, max(0, (file_limit - 64) // 2))
             log.info("ready pid=%d listeners=%s workers=%d threads=%d relay=%s", self.pid,
                      ",".join(bound_address(sock) for sock in self.sockets), self.desired,
-                     self.config.server.threads, self.mode)
+                     self.config.server.relay_threads, self.mode)
             self._notify("ready")
             self._loop(signals)
         finally:

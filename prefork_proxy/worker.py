@@ -144,7 +144,7 @@ class Worker:
         for fd in inherited_fds:
             os.close(fd)
         self._ask_for_parent_death_signal()
-        for index in range(self.config.server.threads):
+        for index in range(self.config.server.relay_threads):
             loop = RelayLoop(self.mode, name=f"relay-{index}")
             loop.start()  # relay threads inherit the blocked mask: signals go to this thread
             self.loops.append(loop)

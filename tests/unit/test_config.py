@@ -70,9 +70,22 @@ expect = "+PONG"
     assert inline.listeners[0].health_check == config.HealthCheck(interval_ms=3000)
 
 
+def test_auto_threads_share_the_cpus_among_the_workers():
+    def threads(server: str) -> int:
+        text = server + '[[tcp_proxy]]\nbind = "127.0.0.1:1"\nbackends = ["a:2"]\n'
+        return config.load_text(text).server.relay_threads
+
+    cpus = config.usable_cpus()
+    assert threads('[server]\nworkers = 1\nthreads = "auto"\n') == cpus
+    assert threads(f"[server]\nworkers = {cpus}\n") == 1
+    assert threads(f"[server]\nworkers = {cpus * 4}\n") == 1  # never fewer than one
+    assert threads("[server]\nworkers = 1\nthreads = 3\n") == 3  # an explicit count wins
+
+
 def test_defaults_without_server_section():
     loaded = config.load_text('[[tcp_proxy]]\nbind = "127.0.0.1:1"\nbackends = ["a:2"]\n')
-    assert loaded.server.workers >= 1 and loaded.server.threads == 2
+    assert loaded.server.workers >= 1 and loaded.server.threads is None  # "auto"
+    assert loaded.server.relay_threads == max(1, config.usable_cpus() // loaded.server.workers)
     assert loaded.server.relay == "auto" and loaded.server.drain_timeout_s == 30.0
 
 
@@ -124,7 +137,9 @@ BAD = [
      'proxy.toml:2: server: key "workers": expected an integer between 1 and 1024, got an '
      "integer 0"),
     ("[server]\nworkers = \"4\"\n" + LISTENER, 'key "workers": expected an integer'),
-    ("[server]\nthreads = 0\n" + LISTENER, 'key "threads": expected an integer'),
+    ("[server]\nthreads = 0\n" + LISTENER, 'key "threads": expected "auto" or an integer'),
+    ("[server]\nthreads = \"many\"\n" + LISTENER,
+     'key "threads": expected "auto" or an integer between 1 and 256, got a string'),
     ("[server]\nrelay = \"zerocopy\"\n" + LISTENER,
      'proxy.toml:2: server: key "relay": expected one of "auto", "splice", "copy"'),
     ("[server]\ndrain_timeout_s = -1\n" + LISTENER, 'key "drain_timeout_s": expected a number'),
