@@ -1,11 +1,12 @@
 """Moving bytes between two sockets: the one module that owns the relay.
 
-Each worker runs a few ``RelayLoop`` threads; each loop owns an epoll selector
+Each worker runs a few ``RelayLoop`` threads; each loop owns an epoll instance
 and every connection handed to it, from the backend connect until both sockets
-are closed.  The worker's accept thread hands a client over with ``submit``;
-after that only the loop's thread touches the connection, so connections need
-no locks.  This module knows sockets and addresses, nothing of the config or
-of processes.
+are closed.  One loop per worker also watches the listeners and lets its
+``Acceptor`` (the worker) accept, which hands each client to a loop with
+``submit``; after that only the loop's thread touches the connection, so
+connections need no locks.  This module knows sockets and addresses, nothing
+of the config or of processes.
 
 How a connection is served:
 
@@ -44,7 +45,7 @@ import select
 import socket
 import threading
 import time
-from typing import Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Protocol, Set, Tuple
 
 from prefork_proxy import splice as splice_module
 from prefork_proxy.errors import ProxyError
@@ -399,8 +400,30 @@ class Connection:
 
 # --------------------------------------------------------------------------- the loop
 
+#: The longest a loop sleeps in epoll with nothing due: its heartbeat stays fresh.
+IDLE_POLL_S = 1.0
+#: How long accepting pauses after an unexpected error from the acceptor.
+ACCEPT_ERROR_PAUSE_S = 0.1
+
+
+class Acceptor(Protocol):
+    """What a relay loop that accepts needs from its worker (``Worker`` is one)."""
+
+    def listening_sockets(self) -> List[socket.socket]:
+        """The listeners to watch; asked once, when the loop starts."""
+
+    def accept_ready(self, sock: socket.socket,
+                     force: bool) -> Optional[Tuple[float, bool]]:
+        """Accept what ``sock`` has queued, handing clients to loops with ``submit``.
+
+        Runs on the loop's thread.  Returns None to keep watching, or
+        ``(pause_s, force_next)`` to stop watching the listeners for
+        ``pause_s`` and then, if ``force_next``, pass ``force=True`` once.
+        """
+
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _ERROR = select.EPOLLERR | select.EPOLLHUP
+_SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
 #: Errors that are simply how TCP connections end; anything else is logged.
 _ORDINARY_ENDINGS = frozenset((errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT))
 
@@ -427,7 +450,8 @@ class RelayLoop:
     """
 
     def __init__(self, mode: str, name: str = "relay",
-                 splice: Optional[SpliceFunction] = None) -> None:
+                 splice: Optional[SpliceFunction] = None,
+                 acceptor: Optional["Acceptor"] = None) -> None:
         if mode not in ("splice", "copy"):
             raise ValueError(f"mode must be 'splice' or 'copy', not {mode!r}")
         self.mode = mode
@@ -462,6 +486,16 @@ class RelayLoop:
         self._stopping = False
         self._drain_deadline = 0.0
         self._thread: Optional[threading.Thread] = None
+        self._thread_id = -1
+        # Accepting (only the loop given an ``acceptor``): listener fd -> socket,
+        # whether they are in epoll, and a pause (``_accept_resume_at``).
+        self._acceptor = acceptor
+        self._listeners: Dict[int, socket.socket] = {}
+        self._listening = False
+        self._accept_resume_at = 0.0
+        self._accept_force_next = False  # after a deferral: take one client regardless
+        self._accept_stop_requested = False
+        self._accept_stopped = threading.Event()
         # Two counters, each with one writer, so no lock is needed: ``submitted``
         # is written by the submitting thread, ``finished`` by the loop.
         self.submitted = 0
@@ -484,12 +518,26 @@ class RelayLoop:
         """Hand a freshly accepted, non-blocking client over; the loop owns it from now on."""
         self.submitted += 1
         self._inbox.append((client, targets, timeout_s, peer))
+        if threading.get_ident() == self._thread_id:
+            return  # accepted by this loop itself: it looks at its inbox after each batch
         if not self._wake_pending:
             # One wake-up per batch is enough: the loop clears the flag before
             # it empties the inbox, so a client appended after that finds the
             # flag clear and wakes it again.
             self._wake_pending = True
             self._wake()
+
+    def stop_accepting(self, timeout_s: float = 1.0) -> bool:
+        """Stop taking clients from the listeners; True once the loop has confirmed it.
+
+        Called by the worker's main thread when it begins to stop, before its
+        own last sweep of the accept queues.
+        """
+        if self._acceptor is None:
+            return True
+        self._accept_stop_requested = True
+        self._wake()
+        return self._accept_stopped.wait(timeout_s)
 
     def stop(self, drain_timeout_s: Optional[float] = None) -> None:
         """Ask the loop to end: at once, or once its connections end or the drain time passes."""
@@ -519,15 +567,28 @@ class RelayLoop:
         by_fd = self._by_fd
         wake_fd = self._wake_r
         to_close = self._to_close
+        listeners = self._listeners
+        self._thread_id = threading.get_ident()
         try:
+            if self._acceptor is not None:
+                for sock in self._acceptor.listening_sockets():
+                    listeners[sock.fileno()] = sock
+                self._listen(True)
             while not (self._stopping and (not self._connections and not self._inbox
                                            or time.monotonic() >= self._drain_deadline)):
                 woken = False
-                for fd, events in poll(self._poll_timeout()):
+                if self._timeouts or self._stopping or self._accept_resume_at:
+                    timeout = self._poll_timeout()
+                else:
+                    timeout = IDLE_POLL_S
+                for fd, events in poll(timeout):
                     conn = by_fd.get(fd)
                     if conn is None:
-                        woken = woken or fd == wake_fd
-                        continue  # the wake pipe, or a socket closed earlier in this batch
+                        if fd in listeners:
+                            self._on_listener(listeners[fd])
+                        else:
+                            woken = woken or fd == wake_fd
+                        continue  # or a socket closed earlier in this batch
                     try:
                         if conn.upstream is None:
                             self._on_connect_ready(conn, events)
@@ -541,6 +602,8 @@ class RelayLoop:
                     to_close.pop().close()
                 if woken or self._inbox:
                     self._take_inbox()
+                if self._accept_resume_at or self._accept_stop_requested:
+                    self._review_accepting()
                 if self._timeouts:
                     self._expire_timeouts()
                 while to_close:
@@ -550,6 +613,7 @@ class RelayLoop:
             log.exception("relay loop %s crashed; closing its connections", self.name)
             raise
         finally:
+            self._accept_stopped.set()
             for conn in list(self._connections):
                 self._close(conn)
             while self._inbox:
@@ -567,12 +631,53 @@ class RelayLoop:
                 self._wake_r = self._wake_w = -1
 
     def _poll_timeout(self) -> float:
-        timeout = 1.0
+        timeout = IDLE_POLL_S
         if self._timeouts:
             timeout = min(timeout, max(0.0, self._timeouts[0][0] - time.monotonic()))
         if self._stopping:
             timeout = min(timeout, max(0.0, self._drain_deadline - time.monotonic()))
+        if self._accept_resume_at:
+            timeout = min(timeout, max(0.0, self._accept_resume_at - time.monotonic()))
         return timeout
+
+    # accepting (the loop with an acceptor only)
+
+    def _listen(self, on: bool) -> None:
+        """Put the listeners into epoll, or take them out (a pause, or for good)."""
+        if on == self._listening:
+            return
+        for fd in self._listeners:
+            if on:
+                self._epoll.register(fd, _IN)
+            else:
+                self._epoll.unregister(fd)
+        self._listening = on
+
+    def _on_listener(self, sock: socket.socket) -> None:
+        if not self._listening:
+            return  # taken out of epoll earlier in this batch
+        assert self._acceptor is not None
+        force, self._accept_force_next = self._accept_force_next, False
+        try:
+            pause = self._acceptor.accept_ready(sock, force)
+        except Exception:
+            log.exception("accepting on %s failed; pausing accept", sock)
+            pause = (ACCEPT_ERROR_PAUSE_S, False)
+        if pause is not None:
+            pause_s, self._accept_force_next = pause
+            self._accept_resume_at = time.monotonic() + pause_s
+            self._listen(False)
+
+    def _review_accepting(self) -> None:
+        """After each batch: end a pause that is over, or stop accepting when asked."""
+        if self._accept_stop_requested:
+            if not self._accept_stopped.is_set():
+                self._listen(False)
+                self._accept_resume_at = 0.0
+                self._accept_stopped.set()
+        elif self._accept_resume_at and time.monotonic() >= self._accept_resume_at:
+            self._accept_resume_at = 0.0
+            self._listen(True)
 
     def _take_inbox(self) -> None:
         # Order matters: empty the wake pipe, then clear the flag, then take the
@@ -611,12 +716,14 @@ class RelayLoop:
             return
         conn.target = target
         try:
-            backend = socket.socket(target.family, socket.SOCK_STREAM)
+            # Non-blocking from birth where the flag exists: one system call fewer.
+            backend = socket.socket(target.family, socket.SOCK_STREAM | _SOCK_NONBLOCK)
         except OSError as exc:  # EMFILE/ENFILE: out of descriptors for this one
             self._connect_next(conn, f"cannot create a socket: {exc.strerror}",
                                backend_failed=False)
             return
-        backend.setblocking(False)
+        if not _SOCK_NONBLOCK:
+            backend.setblocking(False)
         conn.backend = backend
         conn.backend_fd = backend.fileno()
         if target.family in (socket.AF_INET, socket.AF_INET6):
@@ -665,7 +772,12 @@ class RelayLoop:
         conn.upstream = Direction(conn.client, backend, self._buffers, pipes, self._splice)
         conn.downstream = Direction(backend, conn.client, self._buffers, pipes, self._splice)
         self._by_fd[conn.client_fd] = conn
-        self._update_interest(conn)
+        # Speculative read: a client that speaks first (HTTP, Redis, PostgreSQL)
+        # has usually sent its first bytes while we connected.  Moving them now
+        # saves a trip through epoll; if nothing is there, it costs one recv.
+        self._on_event(conn, conn.client_fd, _IN)
+        if not conn.closed:
+            self._update_interest(conn)
 
     def _connect_ended(self, conn: Connection) -> None:
         self._connecting.discard(conn)

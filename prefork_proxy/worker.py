@@ -4,11 +4,20 @@
 the child will need) and ``run`` is called in the child right after ``fork``;
 it never returns, the child leaves through ``os._exit``.
 
-Threads in a worker: the main thread accepts (one epoll over every listener
-and the signal pipe) and ``threads`` relay threads each run a ``RelayLoop``.
-The thread count is fixed at boot: 10 or 10,000 connections, same threads.
-The main thread also stamps the worker's scoreboard row (heartbeat, open and
-accepted connections) at least every ``HEARTBEAT_S``.
+Threads in a worker: ``threads`` relay threads each run a ``RelayLoop``; the
+first of them also watches the listeners and accepts (``accept_ready``, with
+the worker's balancing and limits), handing each client to the loop that
+holds the fewest connections, itself included.  The main thread handles
+signals, stamps the worker's scoreboard row (heartbeat, open and accepted
+connections) at least every ``HEARTBEAT_S``, and runs the stop.  The thread
+count is fixed at boot: 10 or 10,000 connections, same threads.
+
+Principle (no hand-off on the hot path): a separate accept thread would
+contend with the relay threads for the GIL on every system call of both; a
+strace of the earlier design counted some fifty futex calls per connection.
+Accepting on a relay loop removes that contention, and with one relay thread
+per worker (``threads = "auto"`` with one worker per CPU) a client never
+crosses threads.
 
 Stopping: SIGTERM (from the master: a graceful stop, a reload or a scale-down)
 makes the worker accept once more everything already queued, stop accepting,
@@ -107,6 +116,8 @@ class Worker:
         self.mode = mode
         self.master_pid = master_pid
         self.loops: List[RelayLoop] = []
+        self.accepting: List[Tuple[ListenerConfig, socket.socket, Balancer]] = []
+        self.by_listener: Dict[int, Tuple[ListenerConfig, socket.socket, Balancer]] = {}
         self.stopping = False
         self.drain_deadline: Optional[float] = None
         self.max_connections = 0
@@ -144,8 +155,16 @@ class Worker:
         for fd in inherited_fds:
             os.close(fd)
         self._ask_for_parent_death_signal()
+        self.accepting = [(lst, sock, Balancer(lst, self.shared, index))
+                          for index, (lst, sock) in enumerate(self.listeners)]
+        self.by_listener = {entry[1].fileno(): entry for entry in self.accepting}
+        self.families = {sock.fileno(): int(sock.family) for _, sock in self.listeners}
+        self.board.accepting[self.row] = 1
         for index in range(self.config.server.relay_threads):
-            loop = RelayLoop(self.mode, name=f"relay-{index}")
+            # The first loop also accepts: with one relay thread per worker (the
+            # default with one worker per CPU) no client crosses threads at all.
+            loop = RelayLoop(self.mode, name=f"relay-{index}",
+                             acceptor=self if index == 0 else None)
             loop.start()  # relay threads inherit the blocked mask: signals go to this thread
             self.loops.append(loop)
         signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
@@ -193,45 +212,35 @@ class Worker:
     def active(self) -> int:
         return sum(loop.active for loop in self.loops)
 
+    # -- the first relay loop's thread (see ``RelayLoop``'s ``Acceptor``)
+
+    def listening_sockets(self) -> List[socket.socket]:
+        return [sock for _, sock, _ in self.accepting]
+
+    def accept_ready(self, sock: socket.socket, force: bool) -> Optional[Tuple[float, bool]]:
+        """A listener is readable: accept a batch; say how long to pause, if at all."""
+        outcome = self._accept_batch(*self.by_listener[sock.fileno()], balance=True,
+                                     force_first=force)
+        if outcome == PAUSE:
+            return ACCEPT_PAUSE_S, False
+        if outcome == DEFER:
+            return DEFER_S, True
+        return None
+
+    # -- the main thread
+
     def _serve(self, signals: SignalQueue) -> None:
         selector = selectors.DefaultSelector()
         selector.register(signals.read_fd, selectors.EVENT_READ, None)
-        accepting = [(lst, sock, Balancer(lst, self.shared, index))
-                     for index, (lst, sock) in enumerate(self.listeners)]
-        for entry in accepting:
-            selector.register(entry[1], selectors.EVENT_READ, entry)
-        paused_until = 0.0
+        accepting = self.accepting
         next_beat = 0.0
-        self.families = {sock.fileno(): int(sock.family) for _, sock in self.listeners}
-        deferred = False  # the current pause is a deferral to a sibling
-        force = False  # True for the first look after a deferral: take one client regardless
-        self.board.accepting[self.row] = 1
 
         while not self.stopping:
-            timeout = HEARTBEAT_S
-            if paused_until:
-                timeout = max(0.0, paused_until - time.monotonic())
-            for key, _ in selector.select(timeout):
-                if key.data is None:
-                    signals.drain_wakeups()
-                    continue
-                if paused_until or self.stopping:
-                    continue
-                outcome = self._accept_batch(*key.data, balance=True, force_first=force)
-                if outcome in (PAUSE, DEFER):
-                    deferred = outcome == DEFER
-                    paused_until = time.monotonic() + (DEFER_S if deferred else ACCEPT_PAUSE_S)
-                    for entry in accepting:
-                        selector.unregister(entry[1])
-            force = False
+            for _ in selector.select(HEARTBEAT_S):
+                signals.drain_wakeups()
             while signals.pending:
                 self._handle_signal(signals.pending.popleft(), accepting)
             now = time.monotonic()
-            if paused_until and now >= paused_until and not self.stopping:
-                paused_until = 0.0
-                force = deferred
-                for entry in accepting:
-                    selector.register(entry[1], selectors.EVENT_READ, entry)
             if now >= next_beat:
                 next_beat = now + HEARTBEAT_S
                 self._beat(now)
@@ -335,7 +344,12 @@ class Worker:
             return
         self.board.accepting[self.row] = 0
         if not self.stopping:
-            # Whatever the kernel already queued is served, not left to be reset.
+            # The accepting loop stops first, so that after this sweep nothing
+            # more is taken from the queues; whatever the kernel already
+            # queued is served, not left to be reset.
+            if not self.loops[0].stop_accepting():
+                log.warning("worker %d: the accepting relay loop did not confirm that it "
+                            "stopped accepting", self.slot)
             for entry in accepting:
                 while self._accept_batch(*entry) == BATCH_DONE:
                     pass
