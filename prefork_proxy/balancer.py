@@ -111,6 +111,7 @@ class Balancer:
         self.fail_timeout_s = listener.fail_timeout_ms / 1000.0
         self._version = -1
         self._members: List[Member] = []
+        self._any_backup = False
         self._schedules: Dict[Tuple[int, ...], List[Member]] = {}
         self._order = {"round_robin": self._round_robin, "least_conn": self._least_conn,
                        "random_two": self._random_two,
@@ -152,6 +153,7 @@ class Balancer:
                                             str(entry.backend.address), None))
         if table.version[0] == version:
             self._members, self._version = members, version
+            self._any_backup = any(m.backend.backup for m in members)
             self._schedules.clear()
         return members
 
@@ -173,6 +175,9 @@ class Balancer:
         members = self.members()
         eligible = self.table.eligible
         up = [m for m in members if eligible(m.slot, now)]
+        if len(up) == len(members) and not self._any_backup:
+            yield from self._order(members, host)  # the common case: every backend up
+            return
         primaries = [m for m in up if not m.backend.backup]
         backups = [m for m in up if m.backend.backup]
         if primaries:
@@ -213,7 +218,11 @@ class Balancer:
                                                          member.name))
             tried += 1
             self.table.acquire(member.slot)
-            yield Target(target.family, target.sockaddr, target.name, timeout, target.report)
+            if deadline is None:
+                yield target  # no budget: the connection's own timeout applies as it is
+            else:
+                yield Target(target.family, target.sockaddr, target.name, timeout,
+                             target.report)
 
     def _report(self, slot: int, name: str, outcome: str, reason: str) -> None:
         """How an attempt went (called by the relay thread through ``Target.report``)."""

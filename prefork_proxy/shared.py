@@ -104,6 +104,24 @@ class RoundRobinCounter:
             return ticket
 
 
+# The pid of this process, kept current across fork: ``claim_row`` runs twice per
+# connection, and ``os.getpid`` is a system call each time.
+_PID = [os.getpid()]
+
+
+def _refresh_pid() -> None:
+    _PID[0] = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_refresh_pid)
+
+    def _current_pid() -> int:
+        return _PID[0]
+else:  # pragma: no cover - every supported Python has it on POSIX
+    _current_pid = os.getpid
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -232,7 +250,7 @@ class BackendTable:
 
     def claim_row(self) -> int:
         """This process's row of connection counts, claimed on first use (after fork)."""
-        pid = os.getpid()
+        pid = _current_pid()
         if self._row_pid != pid:
             with _CLAIM_LOCK:  # relay threads of a new worker may race to claim
                 if self._row_pid != pid:
