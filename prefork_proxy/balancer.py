@@ -1,6 +1,6 @@
 """Choosing the backends to try for each new connection, and hearing how each try went.
 
-A ``Balancer`` per listener lives in every worker.  The accept thread calls
+A ``Balancer`` per listener lives in every worker.  The accepting relay loop calls
 ``targets(client_address)`` for each client; the relay thread that owns the
 connection then draws from the iterator one backend per connect attempt, so
 everything here runs on relay threads and never blocks (the addresses of
@@ -118,7 +118,7 @@ class Balancer:
                        "source_hash": self._source_hash}[listener.balance]
         self.table.claim_row()  # now, in the worker's main thread, before relay threads count
 
-    # -- the accept thread
+    # -- the accepting relay loop
 
     def targets(self, client: object = None) -> Iterator[Target]:
         """The backends to try for one client, in order, chosen lazily on the relay thread.

@@ -25,7 +25,7 @@ Principle: the master owns the listening sockets for its whole life (see
 a connection waiting in an accept queue.
 
 Principle (supervision by heartbeat): every worker stamps its scoreboard row
-at least once a second from its accept thread, with the oldest tick of its
+at least once a second from its main thread, with the oldest tick of its
 relay loops, so a worker whose any thread stops turning is killed and replaced
 after ``worker_timeout_s``.
 """

@@ -82,7 +82,7 @@ class Scoreboard:
     def lightest_of(self, rows: List[int]) -> Optional[int]:
         """The fewest open connections among ``rows`` (None when there are none).
 
-        Called by a worker's accept thread before each accept; it reads cells
+        Called by a worker's accepting relay loop before each accept; it reads cells
         that other processes write, so the answer may be a moment old, which
         only ever makes the balance a little less even.
         """

@@ -69,7 +69,7 @@ def send(port: int, total: int) -> float:
 def start_proxy(backend_port: int, relay: str) -> tuple:
     proxy = subprocess.Popen([sys.executable, "-m", "prefork_proxy", "start", "--bind",
                               "127.0.0.1:0", "--backend", f"127.0.0.1:{backend_port}",
-                              "--workers", "1", "--relay", relay],
+                              "--workers", "1", "--threads", "2", "--relay", relay],
                              stderr=subprocess.PIPE, text=True)
     assert proxy.stderr is not None
     deadline = time.monotonic() + 15
@@ -155,7 +155,7 @@ def idle(count: int) -> None:
         [worker] = workers_of(proxy.pid)
         deadline = time.monotonic() + 10
         while memory(worker)["Threads"] < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)  # until its accept thread and 2 relay threads run
+            time.sleep(0.01)  # until its main thread and 2 relay threads run
         before = memory(worker)
         for _ in range(count):
             sock = socket.create_connection(("127.0.0.1", port), timeout=10)

@@ -130,7 +130,7 @@ def test_one_worker_holds_2000_idle_connections_with_fixed_threads(backend_facto
                           "--workers", "1", "--threads", "2")
     [worker] = proxy.wait_workers(1)
     threads_before = thread_count(worker)
-    assert threads_before == 3  # the accept thread and 2 relay threads
+    assert threads_before == 3  # the main thread and 2 relay threads (the first accepts)
     rss_before = rss_kib(worker)
     clients = []
     try:
