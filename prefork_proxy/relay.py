@@ -45,6 +45,7 @@ import select
 import socket
 import threading
 import time
+from _socket import socket as StreamSocket
 from typing import Callable, Deque, Dict, Iterator, List, Optional, Protocol, Set, Tuple
 
 from prefork_proxy import splice as splice_module
@@ -52,6 +53,12 @@ from prefork_proxy.errors import ProxyError
 from prefork_proxy.splice import SPLICE_F_MOVE, SPLICE_F_NONBLOCK, SpliceFunction
 
 log = logging.getLogger("prefork_proxy.relay")
+
+# ``StreamSocket`` is ``_socket.socket``, the C class that ``socket.socket``
+# extends with Python-level bookkeeping (``makefile`` reference counts, enum
+# conversions).  The relay uses none of it, and making and closing two plain
+# C sockets per connection instead saves a few microseconds each.  Anything
+# ``socket.socket`` is accepted too: it is a subclass.
 
 #: Pipe size asked for in splice mode (grown with F_SETPIPE_SZ where allowed).
 PIPE_SIZE = 1024 * 1024
@@ -179,9 +186,9 @@ class Direction:
     """
 
     __slots__ = ("src", "dst", "src_fd", "dst_fd", "buffers", "pipes", "splice", "state",
-                 "eof", "held", "start", "pending", "pipe", "in_pipe", "bulk")
+                 "eof", "held", "start", "pending", "pipe", "in_pipe", "bulk", "last")
 
-    def __init__(self, src: socket.socket, dst: socket.socket, buffers: BufferPool,
+    def __init__(self, src: StreamSocket, dst: StreamSocket, buffers: BufferPool,
                  pipes: Optional[PipePool] = None,
                  splice: Optional[SpliceFunction] = None) -> None:
         self.src, self.dst = src, dst
@@ -197,6 +204,10 @@ class Direction:
         self.pipe: Optional[Tuple[int, int, int]] = None
         self.in_pipe = False
         self.bulk = False
+        # Set by the loop once the other direction is done: this one's end is
+        # then the connection's end, and closing the socket sends the FIN that
+        # ``shutdown`` would have sent, one system call sooner.
+        self.last = False
 
     def pump(self) -> str:
         """Move what can move now without blocking; return what to wait for next.
@@ -256,7 +267,8 @@ class Direction:
                 continue
             if self.eof:
                 self.release()
-                self.dst.shutdown(socket.SHUT_WR)
+                if not self.last:
+                    self.dst.shutdown(socket.SHUT_WR)
                 return DONE
             if short_read:
                 self.idle()
@@ -380,11 +392,11 @@ class Connection:
                  "timeout_s", "deadline", "upstream", "downstream", "client_mask",
                  "backend_mask", "peer", "closed")
 
-    def __init__(self, client: socket.socket, targets: Optional[Iterator[Target]],
+    def __init__(self, client: StreamSocket, targets: Optional[Iterator[Target]],
                  timeout_s: float, peer: str) -> None:
         self.client = client
         self.client_fd = client.fileno()
-        self.backend: Optional[socket.socket] = None
+        self.backend: Optional[StreamSocket] = None
         self.backend_fd = -1
         self.targets = targets
         self.target: Optional[Target] = None
@@ -424,6 +436,8 @@ class Acceptor(Protocol):
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _ERROR = select.EPOLLERR | select.EPOLLHUP
 _SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+_STREAM_NONBLOCK = int(socket.SOCK_STREAM) | _SOCK_NONBLOCK  # plain ints: no enum arithmetic
+_TCP_FAMILIES = frozenset((int(socket.AF_INET), int(socket.AF_INET6)))
 #: Errors that are simply how TCP connections end; anything else is logged.
 _ORDINARY_ENDINGS = frozenset((errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT))
 
@@ -463,7 +477,7 @@ class RelayLoop:
         self._by_fd: Dict[int, Connection] = {}
         self._pipes = PipePool()
         self._buffers = BufferPool()
-        self._inbox: Deque[Tuple[socket.socket, Iterator[Target], float, str]] = \
+        self._inbox: Deque[Tuple[StreamSocket, Iterator[Target], float, str]] = \
             collections.deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # The loop may end (and close the wake pipe) the moment ``stop`` sets
@@ -482,7 +496,7 @@ class RelayLoop:
         self._connecting: Set[Connection] = set()
         self._timeout_sequence = itertools.count()  # ties in the heap never compare Connections
         self._connections: Set[Connection] = set()
-        self._to_close: List[socket.socket] = []  # closed after the current batch
+        self._to_close: List[StreamSocket] = []  # closed after the current batch
         self._stopping = False
         self._drain_deadline = 0.0
         self._thread: Optional[threading.Thread] = None
@@ -513,7 +527,7 @@ class RelayLoop:
         self._thread = threading.Thread(target=self.run, name=self.name, daemon=True)
         self._thread.start()
 
-    def submit(self, client: socket.socket, targets: Iterator[Target], timeout_s: float,
+    def submit(self, client: StreamSocket, targets: Iterator[Target], timeout_s: float,
                peer: str = "") -> None:
         """Hand a freshly accepted, non-blocking client over; the loop owns it from now on."""
         self.submitted += 1
@@ -717,7 +731,7 @@ class RelayLoop:
         conn.target = target
         try:
             # Non-blocking from birth where the flag exists: one system call fewer.
-            backend = socket.socket(target.family, socket.SOCK_STREAM | _SOCK_NONBLOCK)
+            backend = StreamSocket(target.family, _STREAM_NONBLOCK)
         except OSError as exc:  # EMFILE/ENFILE: out of descriptors for this one
             self._connect_next(conn, f"cannot create a socket: {exc.strerror}",
                                backend_failed=False)
@@ -726,7 +740,7 @@ class RelayLoop:
             backend.setblocking(False)
         conn.backend = backend
         conn.backend_fd = backend.fileno()
-        if target.family in (socket.AF_INET, socket.AF_INET6):
+        if target.family in _TCP_FAMILIES:
             backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         code = backend.connect_ex(target.sockaddr)
         if code not in (0, errno.EINPROGRESS):
@@ -837,9 +851,14 @@ class RelayLoop:
                 log.info("connection from %s closed on error: %s", conn.peer or "?", exc)
             self._close(conn)
             return
-        if reading.state == DONE and writing.state == DONE:
-            self._close(conn)
-        elif reading.state != read_state or writing.state != write_state:
+        if reading.state == DONE:
+            if writing.state == DONE:
+                self._close(conn)
+                return
+            writing.last = True
+        elif writing.state == DONE:
+            reading.last = True
+        if reading.state != read_state or writing.state != write_state:
             # Most events (request/response traffic) leave both states as they
             # were; then the registered interests are already right.
             self._update_interest(conn)

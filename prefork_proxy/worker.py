@@ -67,7 +67,7 @@ from prefork_proxy import logsetup
 from prefork_proxy.balancer import Balancer
 from prefork_proxy.config import Config, ListenerConfig
 from prefork_proxy.proctitle import set_title
-from prefork_proxy.relay import RelayLoop
+from prefork_proxy.relay import RelayLoop, StreamSocket
 from prefork_proxy.scoreboard import Scoreboard
 from prefork_proxy.shared import SharedState
 from prefork_proxy.signals import SignalQueue
@@ -82,6 +82,8 @@ ACCEPT_BATCH = 64
 QUEUE_EMPTY, BATCH_DONE, PAUSE, DEFER = "queue empty", "batch done", "pause", "defer"
 #: A worker holding more than this many connections over its lightest sibling defers to it.
 BALANCE_SLACK = 1
+#: How often the accepting loop looks up which workers are its accepting siblings.
+SIBLINGS_REFRESH_S = 0.1
 #: How long a deferring worker leaves the queue to its siblings.
 DEFER_S = 0.002
 #: How long accepting pauses after running out of file descriptors.
@@ -95,6 +97,7 @@ GC_FIRST_THRESHOLD = 10_000
 RESERVED_FDS_PER_THREAD = 8
 RESERVED_FDS = 16
 
+_SOCK_STREAM = int(socket.SOCK_STREAM)
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -123,6 +126,8 @@ class Worker:
         self.max_connections = 0
         self.at_limit = False
         self.families: Dict[int, int] = {}  # listener fd -> address family, as a plain int
+        self.siblings: List[int] = []  # scoreboard rows of the other accepting workers
+        self.siblings_due = 0.0  # when to look them up again
 
     # -- the child, after fork
 
@@ -276,7 +281,13 @@ class Worker:
         timeout_s = listener.connect_timeout_ms / 1000.0
         family = self.families[sock.fileno()]
         board, row, loops = self.board, self.row, self.loops
-        siblings = board.accepting_rows(exclude=row) if balance else []
+        siblings: List[int] = []
+        if balance:
+            now = time.monotonic()
+            if now >= self.siblings_due:
+                self.siblings = board.accepting_rows(exclude=row)
+                self.siblings_due = now + SIBLINGS_REFRESH_S
+            siblings = self.siblings
         for _ in range(ACCEPT_BATCH):
             # One pass over the loops: the worker's open connections, and the
             # loop holding the fewest, which gets the client.
@@ -287,7 +298,7 @@ class Worker:
                 active += held
                 if least_active < 0 or held < least_active:
                     least, least_active = loop, held
-            if balance and active > BALANCE_SLACK and not force_first:
+            if siblings and active > BALANCE_SLACK and not force_first:
                 lightest = board.lightest_of(siblings)
                 if lightest is not None and active > lightest + BALANCE_SLACK:
                     return DEFER
@@ -316,7 +327,7 @@ class Worker:
                 if exc.errno == errno.ECONNABORTED:
                     continue
                 raise
-            client = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            client = StreamSocket(family, _SOCK_STREAM, 0, fd)
             client.setblocking(False)
             self.accepted += 1
             board.active[row] = active + 1
