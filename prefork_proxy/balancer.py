@@ -126,6 +126,14 @@ class Balancer:
         ``client`` is the accepted address (``source_hash`` hashes its IP).  The
         connect budget starts now, when the client is accepted.
         """
+        if self.budget_s is None:
+            members = self.members()
+            if len(members) == 1 and members[0].target is not None:
+                # One backend: whatever its health, it is the one and only try
+                # (see ``_ordered``), so the ordering machinery can be skipped.
+                member = members[0]
+                self.table.acquire(member.slot)
+                return iter((member.target,))
         host = client[0] if isinstance(client, tuple) else str(client or "")
         return self._attempts(host, time.monotonic())
 

@@ -582,6 +582,7 @@ class RelayLoop:
         wake_fd = self._wake_r
         to_close = self._to_close
         listeners = self._listeners
+        on_event, on_connect_ready = self._on_event, self._on_connect_ready
         self._thread_id = threading.get_ident()
         try:
             if self._acceptor is not None:
@@ -605,9 +606,9 @@ class RelayLoop:
                         continue  # or a socket closed earlier in this batch
                     try:
                         if conn.upstream is None:
-                            self._on_connect_ready(conn, events)
+                            on_connect_ready(conn, events)
                         else:
-                            self._on_event(conn, fd, events)
+                            on_event(conn, fd, events)
                     except Exception:
                         log.exception("relay error on the connection from %s; closing it",
                                       conn.peer or "?")
@@ -703,11 +704,16 @@ class RelayLoop:
         except BlockingIOError:
             pass
         self._wake_pending = False
-        while self._inbox:
-            client, targets, timeout_s, peer = self._inbox.popleft()
-            conn = Connection(client, targets, timeout_s, peer)
-            self._connections.add(conn)
-            self._guarded(conn, self._connect_next, conn, None)
+        inbox, connections, connect = self._inbox, self._connections, self._connect_next
+        while inbox:
+            conn = Connection(*inbox.popleft())
+            connections.add(conn)
+            try:
+                connect(conn, None)
+            except Exception:
+                log.exception("relay error on the connection from %s; closing it",
+                              conn.peer or "?")
+                self._close(conn)
 
     # connect phase
 
