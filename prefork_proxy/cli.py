@@ -23,7 +23,12 @@ from prefork_proxy.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError
 
 def _threads_argument(text: str) -> object:
     """``--threads``: "auto" or a count (the config validates the range)."""
-    return text if text == "auto" else int(text)
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected \"auto\" or a number, got {text!r}") from None
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

@@ -81,6 +81,18 @@ def test_workers_default_to_cpu_count(backend_factory, proxy_factory):
     proxy.wait_workers(os.cpu_count())
 
 
+def test_threads_auto_gives_each_worker_its_share_of_the_cpus(backend_factory, proxy_factory):
+    backend = backend_factory("echo")
+    proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", backend.address,
+                          "--workers", "1", "--threads", "auto")
+    cpus = len(os.sched_getaffinity(0))
+    assert f"workers=1 threads={cpus} " in proxy.log
+    result = run_cli("start", "--bind", "127.0.0.1:0", "--backend", backend.address,
+                     "--threads", "many")
+    assert result.returncode == 2
+    assert 'argument --threads: expected "auto" or a number' in result.stderr
+
+
 def test_sigterm_stops_master_and_workers_with_exit_0(backend_factory, proxy_factory):
     backend = backend_factory("echo")
     proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", backend.address,
