@@ -412,6 +412,8 @@ class Connection:
 
 # --------------------------------------------------------------------------- the loop
 
+#: Stale connect-deadline entries tolerated beyond twice the pending connects.
+TIMEOUTS_SLACK = 64
 #: The longest a loop sleeps in epoll with nothing due: its heartbeat stays fresh.
 IDLE_POLL_S = 1.0
 #: How long accepting pauses after an unexpected error from the acceptor.
@@ -753,7 +755,16 @@ class RelayLoop:
             self._connect_next(conn, os.strerror(code))
             return
         conn.deadline = time.monotonic() + self._attempt_timeout(conn)
-        heapq.heappush(self._timeouts, (conn.deadline, next(self._timeout_sequence), conn))
+        timeouts = self._timeouts
+        if len(timeouts) > 2 * len(self._connecting) + TIMEOUTS_SLACK:
+            # Connects keep overlapping, so the heap was never dropped whole:
+            # sift out the stale entries (amortized: at most once per as many
+            # pushes as there are live entries).
+            self._timeouts = timeouts = [entry for entry in timeouts
+                                         if entry[2].deadline == entry[0]
+                                         and not entry[2].closed]
+            heapq.heapify(timeouts)
+        heapq.heappush(timeouts, (conn.deadline, next(self._timeout_sequence), conn))
         self._connecting.add(conn)
         self._by_fd[conn.backend_fd] = conn
         self._epoll.register(conn.backend_fd, _OUT)
@@ -911,6 +922,7 @@ class RelayLoop:
         for direction in (conn.upstream, conn.downstream):
             if direction is not None:
                 direction.release()
+        conn.upstream = conn.downstream = None  # a stale timeout entry may outlive it
         self._to_close.append(conn.client)
         if conn.backend is not None:
             self._to_close.append(conn.backend)

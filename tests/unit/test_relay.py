@@ -16,7 +16,7 @@ import pytest
 from support import recv_exactly, recv_until_eof, wait_for
 
 from prefork_proxy import splice as splice_module
-from prefork_proxy.relay import RelayLoop, Target, choose_mode
+from prefork_proxy.relay import TIMEOUTS_SLACK, RelayLoop, Target, choose_mode
 
 MOVERS = {
     "os-splice": ("splice", splice_module.splice),
@@ -390,3 +390,63 @@ def test_a_client_submitted_while_the_loop_takes_its_inbox_still_wakes_it(monkey
         loop.run()  # ends at once (stopping) and closes what it holds
         for ours, _ in pairs:
             ours.close()
+
+
+def test_connect_deadlines_stay_few_while_another_connect_hangs():
+    """One backend never answers (its accept queue is full, so SYNs are dropped);
+    meanwhile hundreds of short connections come and go.  The deadline heap
+    must not keep an entry (and a Connection) for each of them until its
+    timeout: it is compacted, so it stays about as long as the pending connects.
+    """
+    loop = RelayLoop("copy")
+    loop.start()
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = []
+    live_listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    live = Target(socket.AF_INET, live_listener.getsockname(), "live")
+    dead = Target(socket.AF_INET, full.getsockname(), "never-answers")
+    stop = threading.Event()
+
+    def hang_up_at_once() -> None:
+        live_listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                sock, _ = live_listener.accept()
+            except socket.timeout:
+                continue
+            sock.close()
+
+    acceptor = threading.Thread(target=hang_up_at_once, daemon=True)
+    acceptor.start()
+    try:
+        # Fill the accept queue: from now on the kernel drops SYNs to ``full``.
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(full.getsockname())
+            fillers.append(filler)
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        loop.submit(theirs, iter([dead]), 30.0, "waits for a dead backend")
+        wait_for(lambda: len(loop._connecting) == 1, 5, message="the hanging connect")
+        for index in range(600):
+            client, accepted = socket.socketpair()
+            accepted.setblocking(False)
+            loop.submit(accepted, iter([live]), 30.0, f"short {index}")
+            client.close()
+            if index % 50 == 49:
+                wait_for(lambda: loop.active <= 1, 10, message="short connections to end")
+        wait_for(lambda: loop.active == 1, 10, message="only the hanging connect left")
+        assert len(loop._connecting) == 1
+        # At most 50 connects overlap (one burst), so the heap stays within
+        # twice that plus the slack, not one entry per connection (601).
+        assert len(loop._timeouts) <= 2 * 51 + TIMEOUTS_SLACK + 1
+    finally:
+        stop.set()
+        acceptor.join(5)
+        loop.stop()
+        assert loop.join(5)
+        for sock in fillers + [full, live_listener, ours]:
+            sock.close()
