@@ -15,9 +15,10 @@ How a connection is served:
    tries the next target, and when none is left it closes the client and logs
    one line naming the backend and the reason.
 2. Once connected, two ``Direction``s (client->backend, backend->client) pump
-   bytes.  ``choose_mode`` decides once per process how: ``splice`` moves them
-   socket -> pipe -> socket inside the kernel, ``copy`` uses
-   ``recv_into``/``send`` through a buffer.
+   bytes, starting with whatever the client already sent.  ``choose_mode``
+   decides once per process whether bulk streams may be spliced (socket ->
+   pipe -> socket inside the kernel); small bursts are always copied with
+   ``recv_into``/``send``, and in ``copy`` mode everything is.
 3. EOF on one side becomes ``shutdown(SHUT_WR)`` on the other while the other
    direction keeps flowing; when both directions have ended, both sockets are
    closed.  A reset or any other error closes both at once.
