@@ -302,6 +302,32 @@ def test_directions_sharing_the_scratch_buffer_never_mix_bytes():
                 sock.close()
 
 
+class _HangingUpBackend:
+    """A backend on loopback that accepts and closes at once, so each relayed
+    connection ends by itself; its accepting thread runs until ``close``."""
+
+    def __init__(self, name: str) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
+        self.target = Target(socket.AF_INET, self._listener.getsockname(), name)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self._listener.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            sock.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._listener.close()
+
+
 def test_every_submitted_client_is_taken_even_in_a_burst():
     """Clients handed over by two threads, faster than the loop wakes, are all served.
 
@@ -312,21 +338,8 @@ def test_every_submitted_client_is_taken_even_in_a_burst():
     """
     loop = RelayLoop("copy")
     loop.start()
-    backend_listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
-    target = Target(socket.AF_INET, backend_listener.getsockname(), "sink")
-    stop = threading.Event()
-
-    def backend() -> None:  # accept and hang up at once: each connection then ends
-        backend_listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                sock, _ = backend_listener.accept()
-            except socket.timeout:
-                continue
-            sock.close()
-
-    acceptor = threading.Thread(target=backend, daemon=True)
-    acceptor.start()
+    backend = _HangingUpBackend("sink")
+    target = backend.target
 
     def submitter(name: str) -> None:
         for _ in range(20):
@@ -347,11 +360,9 @@ def test_every_submitted_client_is_taken_even_in_a_burst():
         wait_for(lambda: loop.active == 0, 20,
                  message=f"every client to be served ({loop.active} left)")
     finally:
-        stop.set()
-        acceptor.join(5)
+        backend.close()
         loop.stop()
         assert loop.join(5)
-        backend_listener.close()
 
 
 def test_a_client_submitted_while_the_loop_takes_its_inbox_still_wakes_it(monkeypatch):
@@ -404,22 +415,9 @@ def test_connect_deadlines_stay_few_while_another_connect_hangs():
     full.bind(("127.0.0.1", 0))
     full.listen(0)
     fillers = []
-    live_listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
-    live = Target(socket.AF_INET, live_listener.getsockname(), "live")
+    backend = _HangingUpBackend("live")
+    live = backend.target
     dead = Target(socket.AF_INET, full.getsockname(), "never-answers")
-    stop = threading.Event()
-
-    def hang_up_at_once() -> None:
-        live_listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                sock, _ = live_listener.accept()
-            except socket.timeout:
-                continue
-            sock.close()
-
-    acceptor = threading.Thread(target=hang_up_at_once, daemon=True)
-    acceptor.start()
     try:
         # Fill the accept queue: from now on the kernel drops SYNs to ``full``.
         for _ in range(4):
@@ -444,9 +442,8 @@ def test_connect_deadlines_stay_few_while_another_connect_hangs():
         # twice that plus the slack, not one entry per connection (601).
         assert len(loop._timeouts) <= 2 * 51 + TIMEOUTS_SLACK + 1
     finally:
-        stop.set()
-        acceptor.join(5)
+        backend.close()
         loop.stop()
         assert loop.join(5)
-        for sock in fillers + [full, live_listener, ours]:
+        for sock in fillers + [full, ours]:
             sock.close()
