@@ -26,6 +26,7 @@ health and counts survive it too.
 from __future__ import annotations
 
 import collections
+import ctypes
 import fcntl
 import logging
 import mmap
@@ -35,7 +36,7 @@ import socket
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Deque, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Tuple
 
 from prefork_proxy.config import ADDRESSES_PER_NAME, MAX_BACKEND_ADDRESSES, Backend
 
@@ -87,21 +88,57 @@ class ProcessLock:
 class RoundRobinCounter:
     """A global ticket counter: every worker draws the next number.  Writers: all workers.
 
-    Drawn on relay threads for every connection, so its lock is a ``ProcessLock``:
-    a worker killed in the middle of a draw cannot leave every later draw waiting.
+    Drawn on relay threads for every connection.  Where the C runtime's
+    ``libatomic`` can be loaded, a draw is one atomic fetch-and-add on the
+    shared cell (about 1 µs from Python): nothing to hold, so nothing a killed
+    worker could keep.  Elsewhere a ``ProcessLock`` guards a read and a write
+    (two ``fcntl`` calls, about 3.5 µs), which a worker killed in the middle of
+    a draw still cannot leave held.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, atomic: bool = True) -> None:
         # The fork context, explicitly: no resource-tracker process is started.
         self._value = multiprocessing.get_context("fork").RawValue("Q", 0)
         self._lock = ProcessLock()
+        self._fetch_add = _ATOMIC_FETCH_ADD if atomic else None
+        self._address = ctypes.addressof(self._value)
+
+    @property
+    def atomic(self) -> bool:
+        """True when draws are lock-free atomic additions."""
+        return self._fetch_add is not None
 
     def draw(self) -> int:
         """Return the current ticket and advance it, atomically across processes."""
+        if self._fetch_add is not None:
+            return self._fetch_add(self._address, 1, _ATOMIC_SEQ_CST)
         with self._lock:
             ticket = self._value.value
-            self._value.value = (ticket + 1) % (1 << 63)
+            self._value.value = (ticket + 1) % (1 << 64)
             return ticket
+
+
+_ATOMIC_SEQ_CST = 5  # __ATOMIC_SEQ_CST
+
+
+def _load_atomic_fetch_add() -> Optional[Callable[[int, int, int], int]]:
+    """``__atomic_fetch_add_8`` from libatomic, or None where it cannot be loaded.
+
+    Loaded with ``PyDLL``: the call holds the GIL, which costs less than
+    dropping and taking it back around an operation of a few nanoseconds.
+    """
+    for name in ("libatomic.so.1", "libatomic.dylib"):
+        try:
+            function = ctypes.PyDLL(name).__atomic_fetch_add_8
+        except (OSError, AttributeError):
+            continue
+        function.restype = ctypes.c_uint64
+        function.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int]
+        return function
+    return None
+
+
+_ATOMIC_FETCH_ADD = _load_atomic_fetch_add()
 
 
 # The pid of this process, kept current across fork: ``claim_row`` runs twice per

@@ -182,9 +182,13 @@ def test_source_hash_is_stable_and_moves_only_the_lost_backends_clients():
     assert 0.18 < len(moved) / len(clients) < 0.32
 
 
-def test_counter_is_global_across_forked_processes():
+@pytest.mark.parametrize("atomic", [True, False], ids=["libatomic", "record-lock"])
+def test_counter_is_global_across_forked_processes(atomic):
     """8 processes draw 500 tickets each: every ticket is drawn exactly once."""
-    counter = RoundRobinCounter()
+    counter = RoundRobinCounter(atomic=atomic)
+    if atomic and not counter.atomic:
+        pytest.skip("libatomic cannot be loaded here")
+    assert counter.atomic == atomic
     drawn = []
     for output in _in_children(8, lambda: ",".join(str(counter.draw()) for _ in range(500))):
         drawn.extend(int(t) for t in output.split(","))
