@@ -30,6 +30,7 @@ def _threads_argument(text: str) -> object:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected \"auto\" or a number, got {text!r}") from None
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefork-proxy",

@@ -167,7 +167,6 @@ class ServerConfig:
     user: Optional[str] = None
     group: Optional[str] = None
 
-
     @property
     def relay_threads(self) -> int:
         """Relay threads per worker: ``threads``, or with "auto" the CPUs this
@@ -177,8 +176,9 @@ class ServerConfig:
         worker share CPython's GIL, which each of them drops and takes back
         around every system call; two busy threads in one worker hand the
         lock back and forth on nearly every call.  Measured here on 2 CPUs
-        with 2 workers, small request/response traffic ran 10-20 % faster
-        with 1 relay thread per worker than with 2.  Extra threads pay only
+        with 2 workers (interleaved A/Bs), 1 relay thread per worker served
+        1-14 % more kept-alive requests and up to 24 % more new connections
+        than 2, at 6 % less CPU per request.  Extra threads pay only
         where there are CPUs to spare for the time spent inside system calls
         (``splice`` of bulk streams), hence CPUs / workers.
         """
@@ -470,18 +470,14 @@ class _Validator:
                 raise fail("relay", "expected one of \"auto\", \"splice\", \"copy\", "
                                     f"got {_describe(doc['relay'])}")
             values["relay"] = doc["relay"]
-        if "drain_timeout_s" in doc:
-            drain = doc["drain_timeout_s"]
-            if isinstance(drain, bool) or not isinstance(drain, (int, float)) or drain < 0:
-                raise fail("drain_timeout_s", "expected a number of seconds >= 0, "
-                                              f"got {_describe(drain)}")
-            values["drain_timeout_s"] = float(drain)
-        if "worker_timeout_s" in doc:
-            hung = doc["worker_timeout_s"]
-            if isinstance(hung, bool) or not isinstance(hung, (int, float)) or hung < 1:
-                raise fail("worker_timeout_s", "expected a number of seconds >= 1, "
-                                               f"got {_describe(hung)}")
-            values["worker_timeout_s"] = float(hung)
+        for key, minimum in (("drain_timeout_s", 0), ("worker_timeout_s", 1)):
+            if key in doc:
+                seconds = doc[key]
+                if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
+                        or seconds < minimum:
+                    raise fail(key, f"expected a number of seconds >= {minimum}, "
+                                    f"got {_describe(seconds)}")
+                values[key] = float(seconds)
         for key in ("pidfile", "log_file", "user", "group"):
             if key in doc:
                 if not isinstance(doc[key], str) or not doc[key]:

@@ -367,15 +367,6 @@ class Target:
         self.timeout_s = timeout_s
         self.report = report
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Target):
-            return NotImplemented
-        return (self.family, self.sockaddr, self.name, self.timeout_s) == \
-            (other.family, other.sockaddr, other.name, other.timeout_s)
-
-    def __hash__(self) -> int:
-        return hash((self.family, self.sockaddr, self.name, self.timeout_s))
-
     def __repr__(self) -> str:
         return f"Target({self.name!r}, {self.sockaddr!r}, timeout_s={self.timeout_s!r})"
 
@@ -492,9 +483,9 @@ class RelayLoop:
         self._epoll.register(self._wake_r, _IN)
         # Connect deadlines: a heap of (deadline, sequence, connection).  An
         # entry goes stale when its connect ends; stale entries are skipped,
-        # and the whole heap is dropped whenever no connect is in progress, so
-        # under a stream of short connections it stays a few entries long and
-        # never keeps ended connections alive.
+        # the whole heap is dropped whenever no connect is in progress, and it
+        # is compacted when connects keep overlapping, so it stays about as
+        # long as the connects in progress.
         self._timeouts: List[Tuple[float, int, Connection]] = []
         self._connecting: Set[Connection] = set()
         self._timeout_sequence = itertools.count()  # ties in the heap never compare Connections
@@ -619,7 +610,7 @@ class RelayLoop:
                 while to_close:
                     to_close.pop().close()
                 if woken or self._inbox:
-                    self._take_inbox()
+                    self._take_inbox(woken)
                 if self._accept_resume_at or self._accept_stop_requested:
                     self._review_accepting()
                 if self._timeouts:
@@ -697,26 +688,27 @@ class RelayLoop:
             self._accept_resume_at = 0.0
             self._listen(True)
 
-    def _take_inbox(self) -> None:
-        # Order matters: empty the wake pipe, then clear the flag, then take the
-        # clients.  A client submitted after the flag is cleared writes a new
-        # wake-up; clearing the flag before reading the pipe could swallow that
-        # wake-up and leave a later client waiting with the flag still set.
-        try:
-            os.read(self._wake_r, 4096)
-        except BlockingIOError:
-            pass
-        self._wake_pending = False
-        inbox, connections, connect = self._inbox, self._connections, self._connect_next
+    def _take_inbox(self, woken: bool) -> None:
+        """Take in submitted clients; ``woken``: the wake pipe was reported readable.
+
+        Clients this loop accepted itself arrive without a wake-up, so the
+        pipe is read only when it has something to read.  Order matters:
+        empty the wake pipe, then clear the flag, then take the clients.  A
+        client submitted after the flag is cleared writes a new wake-up;
+        clearing the flag before reading the pipe could swallow that wake-up
+        and leave a later client waiting with the flag still set.
+        """
+        if woken:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+            self._wake_pending = False
+        inbox = self._inbox
         while inbox:
             conn = Connection(*inbox.popleft())
-            connections.add(conn)
-            try:
-                connect(conn, None)
-            except Exception:
-                log.exception("relay error on the connection from %s; closing it",
-                              conn.peer or "?")
-                self._close(conn)
+            self._connections.add(conn)
+            self._guarded(conn, self._connect_next, conn, None)
 
     # connect phase
 

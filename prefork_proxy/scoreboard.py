@@ -15,7 +15,7 @@ the same kernel queue, and left alone the first worker the kernel wakes takes
 most connections (one worker ends up relaying three times what its sibling
 does, on one core).  So each worker publishes its open connections in
 ``active`` every time it accepts, and before accepting it looks at the other
-accepting workers' counts (``lightest_other``): the worker holding more than
+accepting workers' counts (``accepting_rows``, ``lightest_of``): the worker holding more than
 the lightest one lets it take the connection.  Only rows below ``rows_used``
 can be live (rows are claimed lowest first), so the scan stays a few cells long.
 
@@ -79,18 +79,14 @@ class Scoreboard:
         return [row for row, accepting in enumerate(self.accepting[:used])
                 if accepting and row != exclude]
 
-    def lightest_of(self, rows: List[int]) -> Optional[int]:
-        """The fewest open connections among ``rows`` (None when there are none).
+    def lightest_of(self, rows: List[int]) -> int:
+        """The fewest open connections among ``rows`` (at least one row).
 
         Called by a worker's accepting relay loop before each accept; it reads cells
         that other processes write, so the answer may be a moment old, which
         only ever makes the balance a little less even.
         """
         active = self.active
-        if len(rows) == 1:  # the usual case: two workers
-            return active[rows[0]]
-        if not rows:
-            return None
         return min([active[row] for row in rows])
 
     def beat(self, row: int, now: float, active: int, accepted: int) -> None:

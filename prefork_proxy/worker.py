@@ -299,8 +299,7 @@ class Worker:
                 if least_active < 0 or held < least_active:
                     least, least_active = loop, held
             if siblings and active > BALANCE_SLACK and not force_first:
-                lightest = board.lightest_of(siblings)
-                if lightest is not None and active > lightest + BALANCE_SLACK:
+                if active > board.lightest_of(siblings) + BALANCE_SLACK:
                     return DEFER
             if active >= self.max_connections:
                 if not self.at_limit:

@@ -328,14 +328,18 @@ class _HangingUpBackend:
         self._listener.close()
 
 
-def test_every_submitted_client_is_taken_even_in_a_burst():
+def test_every_submitted_client_is_taken_even_in_a_burst(monkeypatch):
     """Clients handed over by two threads, faster than the loop wakes, are all served.
 
     The loop takes one wake-up per batch of submissions (``_wake_pending``);
-    a lost wake-up would leave a client in the inbox for good, and ``active``
-    would never come back to zero.  (The next test pins the one interleaving
-    that lost wake-ups in an earlier version.)
+    a lost wake-up would leave a client in the inbox until the loop wakes for
+    something else.  Its idle poll is stretched to a minute here, so only
+    wake-ups can bring the count back to zero in time.  (The next test pins
+    the one interleaving that lost wake-ups in an earlier version.)
     """
+    from prefork_proxy import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "IDLE_POLL_S", 60.0)
     loop = RelayLoop("copy")
     loop.start()
     backend = _HangingUpBackend("sink")
@@ -390,7 +394,7 @@ def test_a_client_submitted_while_the_loop_takes_its_inbox_still_wakes_it(monkey
     monkeypatch.setattr(relay_module.os, "read", read_after_a_late_submission)
     try:
         loop.submit(pairs[0][1], iter([]), 1.0, "first")
-        loop._take_inbox()
+        loop._take_inbox(woken=True)
         assert arrived and not loop._inbox
         loop.submit(pairs[2][1], iter([]), 1.0, "third")
         readable, _, _ = select.select([loop._wake_r], [], [], 0)
