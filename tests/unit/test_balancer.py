@@ -9,6 +9,7 @@ import signal
 import time
 
 import pytest
+from support import wait_for
 
 from prefork_proxy import balancer as balancer_module
 from prefork_proxy import config
@@ -133,12 +134,16 @@ def test_passive_fall_marks_down_once_for_everyone_and_success_brings_it_back(ca
 
 
 def test_passive_down_ends_after_fail_timeout():
-    balancer = _balancer(THREE, fall=1, fail_timeout_ms=50)
+    # 500 ms: long enough that the first check surely runs inside it, even on
+    # a loaded machine; the comeback is then waited for, not slept for.
+    balancer = _balancer(THREE, fall=1, fail_timeout_ms=500)
     dead = balancer.members()[0]
+    marked = time.monotonic()
     next(balancer.targets()).report(FAILED, "refused")
     assert dead.name not in {_first(balancer) for _ in range(6)}
-    time.sleep(0.06)
-    assert dead.name in {_first(balancer) for _ in range(3)}
+    wait_for(lambda: dead.name in {_first(balancer) for _ in range(3)}, 5,
+             message="the backend to be tried again after fail_timeout")
+    assert time.monotonic() - marked >= 0.5
 
 
 def test_fall_zero_never_marks_down():
