@@ -3,13 +3,20 @@ and the server over real loopback sockets (routes, errors, hostile clients, dead
 
 from __future__ import annotations
 
+import logging
+import selectors
+import socket
+import threading
 import time
+from typing import Dict, Iterator, List, Tuple
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from prefork_proxy.admin import server as admin_server
 from prefork_proxy.admin.httphead import BadRequest, Request, parse_request_head
+from prefork_proxy.admin.server import AdminServer, is_loopback
 
 LIMIT = 8192
 
@@ -210,3 +217,305 @@ def test_generated_valid_heads_round_trip(fields, path):
     assert request is not None and request.head_length == len(head)
     assert request.path == path.decode()
     assert request.headers == tuple((n.decode().lower(), v.decode("latin-1")) for n, v in fields)
+
+
+# --- the server over loopback sockets -----------------------------------------------------
+
+METRICS = b"# TYPE up gauge\nup 1\n"
+
+
+def _boom(request: Request):
+    raise RuntimeError("handler bug")
+
+
+ROUTES = {
+    "/metrics": lambda request: (200, "text/plain; version=0.0.4", METRICS),
+    "/live": lambda request: (200, "text/plain", b"ok\n"),
+    "/ready": lambda request: (503, "text/plain", b"draining\n"),
+    "/echo": lambda request: (200, "text/plain", f"{request.query}".encode()),
+    "/boom": _boom,
+}
+
+
+@pytest.fixture
+def admin_factory() -> Iterator:
+    """Start AdminServers on 127.0.0.1:<free port> with the given options; all stopped after."""
+    started: List[AdminServer] = []
+
+    def start(**options) -> AdminServer:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(512)
+        server = AdminServer(listener, ROUTES, **options)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+        server.listener.close()
+
+
+@pytest.fixture
+def admin(admin_factory) -> AdminServer:
+    return admin_factory()
+
+
+def _port(server: AdminServer) -> int:
+    return server.listener.getsockname()[1]
+
+
+def _exchange(server: AdminServer, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send ``data``, read until the server closes; the whole response."""
+    with socket.create_connection(("127.0.0.1", _port(server)), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+def _split(response: bytes) -> Tuple[int, Dict[str, str], bytes]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].startswith("HTTP/1.1 ")
+    fields = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in fields.items()}, body
+
+
+def _get(server: AdminServer, path: str, method: str = "GET") -> Tuple[int, Dict[str, str], bytes]:
+    return _split(_exchange(server, f"{method} {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode()))
+
+
+def test_get_returns_the_handlers_body_and_closes(admin):
+    status, fields, body = _get(admin, "/metrics")
+    assert (status, body) == (200, METRICS)
+    assert fields["content-type"] == "text/plain; version=0.0.4"
+    assert fields["content-length"] == str(len(METRICS))
+    assert fields["connection"] == "close"
+    assert _get(admin, "/ready")[::2] == (503, b"draining\n")
+    assert _get(admin, "/echo?a=1&b")[2] == b"a=1&b"
+
+
+def test_head_gives_the_same_head_without_a_body(admin):
+    get_status, get_fields, _ = _get(admin, "/metrics")
+    status, fields, body = _get(admin, "/metrics", "HEAD")
+    assert (status, fields, body) == (get_status, get_fields, b"")
+
+
+def test_errors_404_405_400_431_505_and_500(admin):
+    assert _get(admin, "/nope")[0] == 404
+    status, fields, _ = _get(admin, "/metrics", "POST")
+    assert (status, fields["allow"]) == (405, "GET, HEAD")
+    assert _split(_exchange(admin, b"GET  / HTTP/1.1\r\n\r\n"))[0] == 400
+    assert _split(_exchange(admin, b"GET / HTTP/1.1\r\n\r\n"))[0] == 400  # no Host
+    assert _split(_exchange(admin, b"GET / HTTP/2.0\r\n\r\n"))[0] == 505
+    assert _split(_exchange(admin, b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n"))[0] == 431
+    assert _get(admin, "/boom")[0] == 500
+    # The handler's fault was answered and logged; the endpoint goes on serving.
+    assert _get(admin, "/live")[::2] == (200, b"ok\n")
+    assert admin.stats["handler_errors"] == 1
+
+
+def test_a_head_sent_in_pieces_and_bytes_after_it_are_fine(admin):
+    with socket.create_connection(("127.0.0.1", _port(admin)), timeout=5) as sock:
+        for piece in (b"GE", b"T /li", b"ve HTTP/1.1\r", b"\nHost: t\r\n", b"\r"):
+            sock.sendall(piece)
+            time.sleep(0.01)  # separate segments; the answer waits for the last byte
+        sock.sendall(b"\nGET /metrics HTTP/1.1\r\nHost: t\r\n\r\n" + b"x" * 100000)
+        response = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            response += chunk
+    # One response (Connection: close), not reset by the unread pipelined bytes.
+    assert _split(response)[::2] == (200, b"ok\n")
+
+
+@pytest.mark.parametrize("sockaddr,expected", [
+    (("127.0.0.1", 9901), True), (("127.1.2.3", 1), True), (("::1", 9901, 0, 0), True),
+    (("::ffff:127.0.0.1", 1, 0, 0), True), (("0.0.0.0", 9901), False), (("::", 1, 0, 0), False),
+    (("10.0.0.1", 9901), False), (("fe80::1%eth0", 1, 0, 2), False), (("localhost", 1), False),
+    ("/run/prefork-proxy/admin.sock", True),
+])
+def test_is_loopback(sockaddr, expected):
+    assert is_loopback(sockaddr) is expected
+
+
+def test_start_warns_when_the_socket_is_not_on_loopback(monkeypatch, caplog):
+    # Binding a public address is not allowed here: the check itself is tested above.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    server = AdminServer(listener, ROUTES)
+    with caplog.at_level(logging.WARNING, logger="prefork_proxy.admin"):
+        server.start()
+        server.stop()
+        assert not caplog.records
+        monkeypatch.setattr(admin_server, "is_loopback", lambda sockaddr: False)
+        server = AdminServer(listener, ROUTES)
+        server.start()
+        server.stop()
+    listener.close()
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "not a loopback address" in caplog.records[0].getMessage()
+
+
+def test_slowloris_clients_are_closed_at_the_header_deadline(admin_factory):
+    admin = admin_factory(header_timeout=1.0)
+    clients = []
+    for _ in range(10):
+        sock = socket.create_connection(("127.0.0.1", _port(admin)), timeout=5)
+        clients.append((sock, time.monotonic()))
+    closed_after: List[float] = []
+    replies: List[bytes] = []
+    pending = dict(clients)
+    next_byte = time.monotonic()
+    deadline = time.monotonic() + 3.0
+    with selectors.DefaultSelector() as selector:
+        for sock, _ in clients:
+            selector.register(sock, selectors.EVENT_READ)
+        while pending and time.monotonic() < deadline:
+            if time.monotonic() >= next_byte:  # a byte every 100 ms, never a line end
+                for sock in pending:
+                    sock.send(b"G")
+                next_byte += 0.1
+            for key, _ in selector.select(max(0.0, next_byte - time.monotonic())):
+                sock = key.fileobj
+                try:
+                    data = sock.recv(4096)
+                except ConnectionResetError:  # our bytes met the closed socket: closed too
+                    data = b""
+                if data:
+                    replies.append(data)
+                    continue
+                closed_after.append(time.monotonic() - pending.pop(sock))
+                selector.unregister(sock)
+    for sock, _ in clients:
+        sock.close()
+    assert len(closed_after) == 10, "every slow client is closed"
+    assert all(0.8 <= t <= 1.2 for t in closed_after), closed_after
+    # The 408 may be lost to the reset our own late bytes cause; any that arrives is a 408.
+    assert all(reply.startswith(b"HTTP/1.1 408 ") for reply in replies), replies
+    assert admin.stats["header_timeouts"] == 10
+
+
+def test_past_the_cap_the_oldest_idle_connection_makes_room(admin_factory):
+    admin = admin_factory(max_connections=4)
+    idle = []
+    for count in range(1, 5):  # one at a time, so "oldest" is well defined
+        idle.append(socket.create_connection(("127.0.0.1", _port(admin)), timeout=5))
+        idle[-1].send(b"GET")
+        support_wait(lambda n=count: admin.stats.get("head_bytes") == 3 * n)
+    assert _get(admin, "/live")[::2] == (200, b"ok\n")
+    assert idle[0].recv(100) == b"", "the oldest idle connection was closed"
+    idle[1].sendall(b" /live HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert _split(idle[1].recv(4096))[0] == 200, "the others were kept"
+    assert admin.stats["evicted"] == 1
+    for sock in idle:
+        sock.close()
+
+
+def support_wait(condition, timeout: float = 5.0) -> None:
+    from support import wait_for
+    wait_for(condition, timeout=timeout)
+
+
+class _Attack:
+    """100 clients sending one byte a second (reconnecting when dropped) and one 1 MiB head."""
+
+    def __init__(self, port: int, slow: int = 100) -> None:
+        self.port = port
+        self.slow = slow
+        self.stop = threading.Event()
+        self.big_reply = b""
+        self.big_done = threading.Event()
+        self.slow_connected = threading.Event()
+        self.threads = [threading.Thread(target=self._slowloris, daemon=True),
+                        threading.Thread(target=self._big_header, daemon=True)]
+
+    def __enter__(self) -> "_Attack":
+        self.threads[0].start()
+        self.slow_connected.wait(10)
+        self.threads[1].start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(5)
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+        sock.setblocking(False)
+        return sock
+
+    def _slowloris(self) -> None:
+        socks = [self._connect() for _ in range(self.slow)]
+        self.slow_connected.set()
+        while not self.stop.is_set():
+            for i, sock in enumerate(socks):
+                try:
+                    sock.send(b"X")
+                except OSError:  # evicted or closed: come back, as an attacker would
+                    sock.close()
+                    try:
+                        socks[i] = self._connect()
+                    except OSError:
+                        pass
+            self.stop.wait(1.0)
+        for sock in socks:
+            sock.close()
+
+    def _big_header(self) -> None:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        reader = threading.Thread(target=self._read_big, args=(sock,), daemon=True)
+        reader.start()
+        try:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n")
+        except OSError:
+            pass  # the server answered at the limit and stopped reading
+        reader.join(5)
+        sock.close()
+
+    def _read_big(self, sock: socket.socket) -> None:
+        try:
+            while True:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                self.big_reply += chunk
+        except OSError:
+            pass
+        self.big_done.set()
+
+
+def test_hostile_clients_do_not_delay_a_normal_scrape_or_grow_memory(admin):
+    """The issue's figure: p-max of 20 normal GETs during the attack stays under 100 ms."""
+    port = _port(admin)
+    with _Attack(port) as attack:
+        support_wait(lambda: admin.stats.get("accepted", 0) >= 101)
+        latencies = []
+        buffered = []
+        for _ in range(20):
+            began = time.perf_counter()
+            status, _, body = _get(admin, "/metrics")
+            latencies.append(time.perf_counter() - began)
+            assert (status, body) == (200, METRICS)
+            buffered.append(admin.buffered_bytes())
+            time.sleep(0.05)  # spread the scrapes over the attack (1 s), not to wait for it
+        assert attack.big_done.wait(5)
+    print(f"\nadmin scrape under attack: max {max(latencies) * 1000:.1f} ms, "
+          f"median {sorted(latencies)[10] * 1000:.1f} ms; stats {admin.stats}")
+    assert max(latencies) < 0.100, latencies
+    # The 1 MiB head was refused at the 8 KiB limit, never buffered whole.
+    assert attack.big_reply.startswith(b"HTTP/1.1 431 "), attack.big_reply[:100]
+    assert admin.stats["bad_request.too_large"] == 1
+    assert admin.stats["head_bytes"] < 8192 + 20 * 100 + 200 * 10
+    assert admin.stats.get("discarded_bytes", 0) <= admin_server.LINGER_BYTES * 21
+    assert max(buffered) <= admin.max_connections * admin.head_limit
+    assert admin.connection_count() <= admin.max_connections
