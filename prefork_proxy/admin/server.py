@@ -60,6 +60,9 @@ Handler = Callable[[Request], Response]
 LINGER_BYTES = 64 * 1024
 #: Most connections accepted per wake-up, so a connect flood cannot starve reads.
 ACCEPT_BATCH = 64
+#: Pause in accepting after accept itself fails (out of descriptors): the listener
+#: stays readable, so retrying at once would spin the loop.
+ACCEPT_PAUSE_S = 0.1
 _READING, _WRITING, _LINGERING = "reading", "writing", "lingering"
 _STATUS_OF_REASON = {"too_large": 431, "bad_version": 505}
 _TEXT = "text/plain; charset=utf-8"
@@ -130,6 +133,7 @@ class AdminServer:
         self._selector: Optional[selectors.BaseSelector] = None
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
+        self._accept_paused_until: Optional[float] = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -184,10 +188,15 @@ class AdminServer:
         finally:
             for conn in list(self._connections.values()):
                 self._close(conn)
-            selector.unregister(self.listener)
+            if self._accept_paused_until is None:
+                selector.unregister(self.listener)
             selector.close()
 
     def _once(self, selector: selectors.BaseSelector) -> None:
+        paused = self._accept_paused_until
+        if paused is not None and time.monotonic() >= paused:
+            self._accept_paused_until = None
+            selector.register(self.listener, selectors.EVENT_READ, None)
         events = selector.select(self._timeout(time.monotonic()))
         for key, mask in events:
             if key.data is None:
@@ -212,10 +221,10 @@ class AdminServer:
             pass
 
     def _timeout(self, now: float) -> Optional[float]:
-        if not self._connections:
-            return None
-        first = min(conn.deadline for conn in self._connections.values())
-        return max(0.0, first - now)
+        deadlines = [conn.deadline for conn in self._connections.values()]
+        if self._accept_paused_until is not None:
+            deadlines.append(self._accept_paused_until)
+        return max(0.0, min(deadlines) - now) if deadlines else None
 
     def _expire(self, now: float) -> None:
         for conn in [c for c in self._connections.values() if c.deadline <= now]:
@@ -237,11 +246,16 @@ class AdminServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                # EMFILE and friends: the pending connection stays queued; retry next wake.
-                if exc.errno not in (errno.ECONNABORTED, errno.EPROTO):
-                    log.warning("admin accept failed: %s", exc)
-                    return
-                continue
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # that client gave up; the next one may be there
+                # EMFILE and friends: the connection stays queued; try again shortly.
+                log.warning("admin accept failed (%s); pausing accepts for %.1f s",
+                            exc, ACCEPT_PAUSE_S)
+                self._count("accept_errors")
+                assert self._selector is not None
+                self._selector.unregister(self.listener)
+                self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE_S
+                return
             self._count("accepted")
             if len(self._connections) >= self.max_connections and not self._evict():
                 self._count("refused")

@@ -519,3 +519,42 @@ def test_hostile_clients_do_not_delay_a_normal_scrape_or_grow_memory(admin):
     assert admin.stats.get("discarded_bytes", 0) <= admin_server.LINGER_BYTES * 21
     assert max(buffered) <= admin.max_connections * admin.head_limit
     assert admin.connection_count() <= admin.max_connections
+
+
+def test_out_of_descriptors_pauses_accepts_instead_of_spinning(admin, caplog):
+    import os
+    import resource
+
+    clients = [socket.socket() for _ in range(3)]  # their descriptors exist before the limit
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with caplog.at_level(logging.WARNING, logger="prefork_proxy.admin"):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")), hard))
+        try:
+            for sock in clients:
+                sock.connect(("127.0.0.1", _port(admin)))  # queued; accept gets EMFILE
+            support_wait(lambda: admin.stats.get("accept_errors", 0) >= 1)
+            time.sleep(0.3)  # the span the limit holds: spinning would log thousands
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    errors = admin.stats["accept_errors"]
+    assert 1 <= errors <= 5, errors
+    assert len(caplog.records) == errors
+    # Accepting resumes by itself once descriptors are back.
+    for sock in clients:
+        sock.settimeout(5)
+        sock.sendall(b"GET /live HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert _split(sock.recv(4096))[::2] == (200, b"ok\n")
+        sock.close()
+
+
+def test_a_client_that_never_reads_is_closed_at_the_send_deadline(admin_factory):
+    admin = admin_factory(send_timeout=0.5)
+    admin.routes = {**ROUTES, "/big": lambda request: (200, "text/plain", b"x" * (16 << 20))}
+    with socket.create_connection(("127.0.0.1", _port(admin)), timeout=5) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+        began = time.monotonic()
+        support_wait(lambda: admin.stats.get("send_timeouts") == 1)
+        assert 0.4 <= time.monotonic() - began <= 1.0
+        assert admin.connection_count() == 0
+    assert _get(admin, "/live")[0] == 200
