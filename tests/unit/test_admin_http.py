@@ -558,3 +558,97 @@ def test_a_client_that_never_reads_is_closed_at_the_send_deadline(admin_factory)
         assert 0.4 <= time.monotonic() - began <= 1.0
         assert admin.connection_count() == 0
     assert _get(admin, "/live")[0] == 200
+
+
+# --- Prometheus exposition ----------------------------------------------------------------
+
+class _DictCollector:
+    """A custom collector over a plain dict, as the master's will be over shared memory."""
+
+    def __init__(self, data: dict) -> None:
+        self.data = data
+
+    def collect(self):
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+        if self.data.get("fail"):
+            raise RuntimeError("shared memory unreadable")
+        connections = CounterMetricFamily("prefork_proxy_connections", "Accepted connections.",
+                                          labels=["listener"])
+        for listener, count in self.data["connections"].items():
+            connections.add_metric([listener], count)
+        yield connections
+        active = GaugeMetricFamily("prefork_proxy_connections_active", "Open connections.",
+                                   labels=["listener"])
+        for listener, count in self.data["active"].items():
+            active.add_metric([listener], count)
+        yield active
+        duration = HistogramMetricFamily("prefork_proxy_session_duration_seconds",
+                                         "Session durations.", labels=["listener"])
+        buckets, total = self.data["duration"]
+        duration.add_metric(["web"], buckets=buckets, sum_value=total)
+        yield duration
+
+
+DATA = {
+    "connections": {"web": 2001, "db \"primary\"": 7},   # a quote exercises label escaping
+    "active": {"web": 3, "db \"primary\"": 0},
+    "duration": ([("0.1", 1500.0), ("1.0", 1990.0), ("+Inf", 2001.0)], 152.25),
+}
+
+
+def _registry(data: dict):
+    from prometheus_client import CollectorRegistry
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_DictCollector(data))
+    return registry
+
+
+def _samples(text: str):
+    from prometheus_client.parser import text_string_to_metric_families
+    return {family.name: (family.type, sorted((s.name, tuple(sorted(s.labels.items())), s.value)
+                                              for s in family.samples))
+            for family in text_string_to_metric_families(text)}
+
+
+def test_a_custom_collector_renders_text_that_parses_back_exactly():
+    from prefork_proxy.admin.exposition import render
+    content_type, body = render(_registry(DATA))
+    assert content_type.startswith("text/plain; version=")
+    web, db = (("listener", "web"),), (("listener", 'db "primary"'),)
+    assert _samples(body.decode()) == {
+        "prefork_proxy_connections": ("counter", sorted([
+            ("prefork_proxy_connections_total", web, 2001.0),
+            ("prefork_proxy_connections_total", db, 7.0)])),
+        "prefork_proxy_connections_active": ("gauge", sorted([
+            ("prefork_proxy_connections_active", web, 3.0),
+            ("prefork_proxy_connections_active", db, 0.0)])),
+        "prefork_proxy_session_duration_seconds": ("histogram", sorted([
+            ("prefork_proxy_session_duration_seconds_bucket", (("le", "0.1"),) + web, 1500.0),
+            ("prefork_proxy_session_duration_seconds_bucket", (("le", "1.0"),) + web, 1990.0),
+            ("prefork_proxy_session_duration_seconds_bucket", (("le", "+Inf"),) + web, 2001.0),
+            ("prefork_proxy_session_duration_seconds_count", web, 2001.0),
+            ("prefork_proxy_session_duration_seconds_sum", web, 152.25)])),
+    }
+
+
+def test_metrics_route_serves_the_registry_and_negotiates_openmetrics(admin):
+    from prefork_proxy.admin.exposition import metrics_handler
+    data = dict(DATA)
+    admin.routes = {"/metrics": metrics_handler(_registry(data))}
+    status, fields, body = _get(admin, "/metrics")
+    assert status == 200 and fields["content-type"].startswith("text/plain; version=")
+    assert _samples(body.decode())["prefork_proxy_connections"][1][1][2] == 2001.0
+    raw = _exchange(admin, b"GET /metrics HTTP/1.1\r\nHost: t\r\nAccept: application/"
+                           b"openmetrics-text;version=1.0.0,text/plain;q=0.5\r\n\r\n")
+    status, fields, body = _split(raw)
+    assert fields["content-type"].startswith("application/openmetrics-text")
+    assert body.endswith(b"# EOF\n")
+    # A collector that fails is a 500 for that scrape, and the next one works again.
+    data["fail"] = True
+    assert _get(admin, "/metrics")[0] == 500
+    data["fail"] = False
+    assert _get(admin, "/metrics")[0] == 200
