@@ -37,6 +37,7 @@ import errno
 import ipaddress
 import logging
 import os
+import re
 import selectors
 import socket
 import threading
@@ -66,6 +67,7 @@ ACCEPT_PAUSE_S = 0.1
 _READING, _WRITING, _LINGERING = "reading", "writing", "lingering"
 _STATUS_OF_REASON = {"too_large": 431, "bad_version": 505}
 _TEXT = "text/plain; charset=utf-8"
+_FIELD_VALUE = re.compile(r"[\x21-\x7e]([ \x21-\x7e]*[\x21-\x7e])?")
 
 
 def is_loopback(sockaddr: Union[Tuple, str, bytes]) -> bool:
@@ -135,6 +137,7 @@ class AdminServer:
         self._stopping = False
         self._accept_paused_until: Optional[float] = None
         self._wake_r, self._wake_w = os.pipe()
+        self._wake_fds: Tuple[int, ...] = (self._wake_r, self._wake_w)
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._scratch = bytearray(16384)
@@ -155,13 +158,35 @@ class AdminServer:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the loop and close its connections; the listening socket stays the caller's."""
         self._stopping = True
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        if self._wake_fds:
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
         if self._thread is not None:
             self._thread.join(timeout)
-        for fd in (self._wake_r, self._wake_w):
+        self._close_wake()
+
+    def close_after_fork(self) -> None:
+        """In a child forked while the server ran: close every descriptor it holds.
+
+        The loop thread does not exist in the child, but its descriptors do; a
+        worker that kept the admin listener open would keep the port bound after
+        the master is gone.  Closes the listener too (the child's copy).
+        """
+        self._stopping = True
+        for conn in list(self._connections.values()):
+            conn.sock.close()
+        self._connections.clear()
+        if self._selector is not None:
+            self._selector.close()
+        self._close_wake()
+        self.listener.close()
+
+    def _close_wake(self) -> None:
+        # Once only: a second close could hit a descriptor number reused meanwhile.
+        fds, self._wake_fds = self._wake_fds, ()
+        for fd in fds:
             try:
                 os.close(fd)
             except OSError:
@@ -335,12 +360,20 @@ class AdminServer:
                                   extra=(("Allow", "GET, HEAD"),))
         try:
             status, content_type, body = handler(request)
+            # What goes on the wire is checked: no header injection, no str body.
+            if not (isinstance(status, int) and 100 <= status <= 599):
+                raise TypeError(f"status {status!r}")
+            if not isinstance(content_type, str) or not _FIELD_VALUE.fullmatch(content_type):
+                raise TypeError(f"content type {content_type!r}")
+            if not isinstance(body, (bytes, bytearray)):
+                raise TypeError(f"body of type {type(body).__name__}")
+            response = build_response(status, content_type, bytes(body), head_only)
         except Exception:
             log.exception("admin handler for %s failed", request.path)
             self._count("handler_errors")
             return build_response(500, _TEXT, b"internal error\n", head_only)
         self._count("served")
-        return build_response(status, content_type, body, head_only)
+        return response
 
     def _reply(self, conn: _Connection, response: bytes) -> None:
         conn.buffer = bytearray()

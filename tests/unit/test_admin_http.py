@@ -652,3 +652,47 @@ def test_metrics_route_serves_the_registry_and_negotiates_openmetrics(admin):
     assert _get(admin, "/metrics")[0] == 500
     data["fail"] = False
     assert _get(admin, "/metrics")[0] == 200
+
+
+def test_a_handler_returning_something_unsendable_is_a_500_not_a_broken_head(admin):
+    admin.routes = {
+        "/str": lambda request: (200, "text/plain", "not bytes"),
+        "/inject": lambda request: (200, "text/plain\r\nSet-Cookie: x=1", b""),
+        "/status": lambda request: (42, "text/plain", b""),
+        "/ok": lambda request: (200, "application/json", bytearray(b"{}")),
+    }
+    for path in ("/str", "/inject", "/status"):
+        status, fields, _ = _get(admin, path)
+        assert status == 500 and "set-cookie" not in fields
+    assert _get(admin, "/ok")[::2] == (200, b"{}")
+    assert admin.stats["handler_errors"] == 3
+
+
+def test_a_forked_child_closes_every_descriptor_of_the_server(admin):
+    import os
+    _get(admin, "/live")
+    held = [admin.listener.fileno(), *admin._wake_fds, admin._selector.fileno()]
+    slow = socket.create_connection(("127.0.0.1", _port(admin)), timeout=5)
+    slow.send(b"GET")  # one open connection in the table too
+    support_wait(lambda: admin.connection_count() == 1)
+    held += list(admin._connections)
+    pid = os.fork()
+    if pid == 0:  # the child: no loop thread, only descriptors
+        code = 1
+        try:
+            admin.close_after_fork()
+            still_open = []
+            for fd in held:
+                try:
+                    os.fstat(fd)
+                    still_open.append(fd)
+                except OSError:
+                    pass
+            code = 0 if not still_open else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's server is untouched.
+    assert _get(admin, "/live")[::2] == (200, b"ok\n")
+    slow.close()
