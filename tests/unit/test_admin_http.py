@@ -4,6 +4,8 @@ and the server over real loopback sockets (routes, errors, hostile clients, dead
 from __future__ import annotations
 
 import logging
+import os
+import resource
 import selectors
 import socket
 import threading
@@ -13,6 +15,7 @@ from typing import Dict, Iterator, List, Tuple
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import wait_for
 
 from prefork_proxy.admin import server as admin_server
 from prefork_proxy.admin.httphead import BadRequest, Request, parse_request_head
@@ -410,7 +413,7 @@ def test_past_the_cap_the_oldest_idle_connection_makes_room(admin_factory):
     for count in range(1, 5):  # one at a time, so "oldest" is well defined
         idle.append(socket.create_connection(("127.0.0.1", _port(admin)), timeout=5))
         idle[-1].send(b"GET")
-        support_wait(lambda n=count: admin.stats.get("head_bytes") == 3 * n)
+        wait_for(lambda n=count: admin.stats.get("head_bytes") == 3 * n)
     assert _get(admin, "/live")[::2] == (200, b"ok\n")
     assert idle[0].recv(100) == b"", "the oldest idle connection was closed"
     idle[1].sendall(b" /live HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -418,11 +421,6 @@ def test_past_the_cap_the_oldest_idle_connection_makes_room(admin_factory):
     assert admin.stats["evicted"] == 1
     for sock in idle:
         sock.close()
-
-
-def support_wait(condition, timeout: float = 5.0) -> None:
-    from support import wait_for
-    wait_for(condition, timeout=timeout)
 
 
 class _Attack:
@@ -498,7 +496,7 @@ def test_hostile_clients_do_not_delay_a_normal_scrape_or_grow_memory(admin):
     """The issue's figure: p-max of 20 normal GETs during the attack stays under 100 ms."""
     port = _port(admin)
     with _Attack(port) as attack:
-        support_wait(lambda: admin.stats.get("accepted", 0) >= 101)
+        wait_for(lambda: admin.stats.get("accepted", 0) >= 101)
         latencies = []
         buffered = []
         for _ in range(20):
@@ -522,9 +520,6 @@ def test_hostile_clients_do_not_delay_a_normal_scrape_or_grow_memory(admin):
 
 
 def test_out_of_descriptors_pauses_accepts_instead_of_spinning(admin, caplog):
-    import os
-    import resource
-
     clients = [socket.socket() for _ in range(3)]  # their descriptors exist before the limit
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with caplog.at_level(logging.WARNING, logger="prefork_proxy.admin"):
@@ -532,7 +527,7 @@ def test_out_of_descriptors_pauses_accepts_instead_of_spinning(admin, caplog):
         try:
             for sock in clients:
                 sock.connect(("127.0.0.1", _port(admin)))  # queued; accept gets EMFILE
-            support_wait(lambda: admin.stats.get("accept_errors", 0) >= 1)
+            wait_for(lambda: admin.stats.get("accept_errors", 0) >= 1)
             time.sleep(0.3)  # the span the limit holds: spinning would log thousands
         finally:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
@@ -554,7 +549,7 @@ def test_a_client_that_never_reads_is_closed_at_the_send_deadline(admin_factory)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
         began = time.monotonic()
-        support_wait(lambda: admin.stats.get("send_timeouts") == 1)
+        wait_for(lambda: admin.stats.get("send_timeouts") == 1)
         assert 0.4 <= time.monotonic() - began <= 1.0
         assert admin.connection_count() == 0
     assert _get(admin, "/live")[0] == 200
@@ -669,12 +664,11 @@ def test_a_handler_returning_something_unsendable_is_a_500_not_a_broken_head(adm
 
 
 def test_a_forked_child_closes_every_descriptor_of_the_server(admin):
-    import os
     _get(admin, "/live")
     held = [admin.listener.fileno(), *admin._wake_fds, admin._selector.fileno()]
     slow = socket.create_connection(("127.0.0.1", _port(admin)), timeout=5)
     slow.send(b"GET")  # one open connection in the table too
-    support_wait(lambda: admin.connection_count() == 1)
+    wait_for(lambda: admin.connection_count() == 1)
     held += list(admin._connections)
     pid = os.fork()
     if pid == 0:  # the child: no loop thread, only descriptors
