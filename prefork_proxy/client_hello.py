@@ -290,9 +290,7 @@ def _parse_body(body: memoryview, consumed: int, records: int) -> ClientHello:
     if pos < len(body):  # extensions are optional before TLS 1.3
         extensions, pos = _vector(body, pos, 2, "extensions")
         if pos != len(body):
-            raise ClientHelloError(
-                "bad_handshake", f"{len(body) - pos} bytes after the extensions"
-            )
+            raise ClientHelloError("bad_handshake", f"{len(body) - pos} bytes after the extensions")
         seen = set()
         epos = 0
         elen = len(extensions)

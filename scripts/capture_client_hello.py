@@ -129,7 +129,7 @@ def tool_version(argv: List[str]) -> str:
 
 
 def openssl_offers(group: str) -> bool:
-    """Whether this openssl s_client accepts ``-groups group`` (it fails before connecting if not)."""
+    """Whether this openssl s_client accepts ``-groups group`` (it fails before connecting)."""
     result = subprocess.run(
         ["openssl", "s_client", "-groups", group, "-connect", "127.0.0.1:9", "-tls1_3"],
         stdin=subprocess.DEVNULL,
@@ -146,8 +146,8 @@ def reframe(hello: bytes, cut: int) -> bytes:
     assert len(hello) == 5 + length, "reframe expects a one-record hello"
     head, message = hello[:3], hello[5:]
     first, second = message[:cut], message[cut:]
-    return (
-        head + struct.pack(">H", len(first)) + first + head + struct.pack(">H", len(second)) + second
+    return b"".join(
+        (head, struct.pack(">H", len(first)), first, head, struct.pack(">H", len(second)), second)
     )
 
 
