@@ -184,10 +184,7 @@ def read_client_hello(data: Union[bytes, bytearray, memoryview]) -> Result:
                 "too_large", f"record {records + 1} claims {length} > {MAX_RECORD_PAYLOAD} bytes"
             )
         records += 1
-        if hello_total >= 0 and RECORD_HEADER * records + hello_total > MAX_BUFFER:
-            raise ClientHelloError(
-                "too_large", f"hello spread over {records} records exceeds {MAX_BUFFER} bytes"
-            )
+        before = gathered  # handshake bytes in earlier records
         start = offset + RECORD_HEADER
         present = min(length, size - start)  # of this record's payload
         take = present if hello_total < 0 else min(present, missing)
@@ -200,16 +197,20 @@ def read_client_hello(data: Union[bytes, bytearray, memoryview]) -> Result:
             )
         if hello_total < 0 and gathered >= HANDSHAKE_HEADER:
             hello_total = _hello_total(pieces)
-            # The least buffering the rest costs: the headers so far plus the
-            # whole hello.  Refused now, not after 16 KiB have arrived.
-            if RECORD_HEADER * records + hello_total > MAX_BUFFER:
-                raise ClientHelloError(
-                    "too_large", f"hello of {hello_total} bytes exceeds {MAX_BUFFER} buffered"
-                )
             if gathered > hello_total:  # this record holds more than the hello
                 take -= gathered - hello_total
                 pieces[-1] = piece[:take]
                 gathered = hello_total
+        if hello_total >= 0:
+            # The least the whole hello costs to buffer: the record headers so
+            # far, one more if this record ends before the hello does, and the
+            # hello.  Refused as soon as the lengths say so, not 16 KiB later.
+            headers = records + (before + length < hello_total)
+            if RECORD_HEADER * headers + hello_total > MAX_BUFFER:
+                raise ClientHelloError(
+                    "too_large",
+                    f"hello of {hello_total} bytes in {headers}+ records exceeds {MAX_BUFFER}",
+                )
         missing = (hello_total if hello_total >= 0 else HANDSHAKE_HEADER) - gathered
         if missing == 0:
             consumed = start + take
@@ -335,22 +336,28 @@ def _parse_body(body: memoryview, consumed: int, records: int) -> ClientHello:
 
 def _server_name(data: memoryview) -> Optional[str]:
     """The first host_name of a server_name extension (RFC 6066 section 3)."""
-    names, pos = _vector(data, 0, 2, "server_name list")
-    if pos != len(data) or not names:
-        raise ClientHelloError("bad_server_name", "server_name list length does not fit")
-    npos = 0
-    host: Optional[str] = None
-    while npos < len(names):
-        name_type = names[npos]
-        name, npos = _vector(names, npos + 1, 2, "server name")
-        if name_type == NAME_TYPE_HOST_NAME and host is None:
-            raw = bytes(name)
-            if not _HOST_NAME_OK.match(raw):
-                raise ClientHelloError(
-                    "bad_server_name", f"host name {raw[:64]!r} is not printable ASCII (1-255)"
-                )
-            host = raw.decode("ascii")
+    try:
+        names, pos = _vector(data, 0, 2, "server_name list")
+        if pos != len(data) or not names:
+            raise ClientHelloError("bad_server_name", "server_name list length does not fit")
+        npos = 0
+        host: Optional[str] = None
+        while npos < len(names):
+            name_type = names[npos]
+            name, npos = _vector(names, npos + 1, 2, "server name")
+            if name_type == NAME_TYPE_HOST_NAME and host is None:
+                host = _host_name(bytes(name))
+    except ClientHelloError as exc:
+        raise ClientHelloError("bad_server_name", exc.detail) from None
     return host
+
+
+def _host_name(raw: bytes) -> str:
+    if not _HOST_NAME_OK.match(raw):
+        raise ClientHelloError(
+            "bad_server_name", f"host name {raw[:64]!r} is not printable ASCII (1-255)"
+        )
+    return raw.decode("ascii")
 
 
 def _alpn(data: memoryview) -> Tuple[bytes, ...]:
