@@ -19,6 +19,9 @@ from hypothesis import strategies as st
 
 from prefork_proxy.client_hello import (
     MAX_BUFFER,
+    MAX_EXTENSIONS,
+    MAX_LIST_ENTRIES,
+    MAX_RECORDS,
     ClientHello,
     ClientHelloError,
     NeedMore,
@@ -141,12 +144,19 @@ def test_reframed_across_two_records_at_any_cut_including_the_handshake_header(c
         assert isinstance(partial, NeedMore) and split + partial.at_least <= len(data), split
 
 
-def test_one_byte_records_reassemble() -> None:
+def test_tiny_records_reassemble_up_to_the_record_bound() -> None:
     message = single_record(fixture("openssl_tls13_alpn"))
-    data = frame(message, [1] * len(message))
+    data = frame(message, [1] * (MAX_RECORDS - 1))
     hello = read_client_hello(data)
     assert isinstance(hello, ClientHello)
-    assert hello.records == len(message) and hello.server_name == "api.example.com"
+    assert hello.records == MAX_RECORDS and hello.server_name == "api.example.com"
+    # One record more is refused as soon as the last allowed record is seen to
+    # end before the hello does.
+    data = frame(message, [1] * MAX_RECORDS)
+    assert isinstance(read_client_hello(data[: 6 * (MAX_RECORDS - 1)]), NeedMore)
+    with pytest.raises(ClientHelloError) as info:
+        read_client_hello(data[: 6 * MAX_RECORDS])
+    assert info.value.reason == "too_fragmented"
 
 
 # ---------------------------------------------------------------- a small builder
@@ -329,6 +339,18 @@ MUST_REJECT = {
     "alpn_zero_length_protocol": (hello(ext(16, u16(3) + b"\x00\x01h")), "bad_alpn"),
     "alpn_protocol_overlong": (hello(ext(16, u16(3) + b"\x05h2")), "bad_alpn"),
     "alpn_list_overlong": (hello(ext(16, u16(9) + b"\x02h2")), "bad_alpn"),
+    "sni_too_many_entries": (
+        hello(ext(0, u16(3 * (MAX_LIST_ENTRIES + 1)) + b"\x07\x00\x00" * (MAX_LIST_ENTRIES + 1))),
+        "bad_server_name",
+    ),
+    "alpn_too_many_protocols": (
+        hello(ext(16, u16(2 * (MAX_LIST_ENTRIES + 1)) + b"\x01a" * (MAX_LIST_ENTRIES + 1))),
+        "bad_alpn",
+    ),
+    "too_many_extensions": (
+        hello(b"".join(ext(1000 + i, b"") for i in range(MAX_EXTENSIONS + 1))),
+        "bad_handshake",
+    ),
     # supported_versions
     "versions_odd": (hello(ext(43, b"\x03\x03\x04\x03")), "bad_handshake"),
     "versions_overlong": (hello(ext(43, b"\x04\x03\x04")), "bad_handshake"),
