@@ -144,6 +144,18 @@ def test_reframed_across_two_records_at_any_cut_including_the_handshake_header(c
         assert isinstance(partial, NeedMore) and split + partial.at_least <= len(data), split
 
 
+def test_a_record_that_goes_on_after_the_hello() -> None:
+    # Not sent by real clients (TLS 1.3 requires the hello to end a record), but
+    # well-formed framing: the hello is read, the rest of the record is not.
+    message = single_record(fixture("openssl_tls12_sni"))
+    extra = b"\x10\x00\x00\x02ab"  # another handshake message in the same record
+    data = frame(message + extra)
+    hello = read_client_hello(data)
+    assert isinstance(hello, ClientHello) and hello.server_name == "a.test"
+    assert hello.consumed == 5 + len(message)
+    assert read_client_hello(data[: hello.consumed]) == hello
+
+
 def test_tiny_records_reassemble_up_to_the_record_bound() -> None:
     message = single_record(fixture("openssl_tls13_alpn"))
     data = frame(message, [1] * (MAX_RECORDS - 1))
@@ -497,9 +509,10 @@ ROUTE_ALPN = [None, ["postgresql"], None, None, None]
         ("api.example.com", (), 0),
         ("API.Example.COM.", (), 0),  # case and one trailing dot ignored
         ("a.api.example.com", (), 0),  # the wildcard: exactly one label
-        ("a.b.api.example.com", (), None),  # two labels: *.api... no, *.example.com no
+        ("a.b.api.example.com", (), None),  # two labels: neither wildcard
         ("x.example.com", (), 3),
         ("example.com", (), None),  # a wildcard needs its label
+        (".example.com", (), None),  # ... and not an empty one
         ("api.example.com.", (), 0),
         ("c.b.example.com", (), 4),  # the longer wildcard
         ("b.example.com", (), 3),
