@@ -231,6 +231,35 @@ def test_builder_hellos() -> None:
     assert isinstance(got, ClientHello) and got.max_version == TLS13
 
 
+def test_a_post_quantum_sized_hello_in_two_records() -> None:
+    # No installed client offers X25519MLKEM768 (OpenSSL 3.0, see the manifest),
+    # so this one is built: the hybrid share is 1,216 bytes (ML-KEM-768's 1,184
+    # plus X25519's 32), next to a plain X25519 share, as current browsers send.
+    shares = struct.pack(">HH", 0x11EC, 1216) + b"\x5a" * 1216
+    shares += struct.pack(">HH", 0x001D, 32) + b"\x25" * 32
+    extensions = (
+        sni(b"pq.test")
+        + ext(10, u16(4) + b"\x11\xec\x00\x1d")  # supported_groups
+        + ext(43, b"\x02\x03\x04")
+        + ext(51, u16(len(shares)) + shares)  # key_share
+        + alpn(b"h2")
+    )
+    message = handshake(body(extensions))
+    data = frame(message, [1000])
+    assert len(data) > 1300
+    for cut in range(len(data)):
+        partial = read_client_hello(data[:cut])
+        assert isinstance(partial, NeedMore) and cut + partial.at_least <= len(data), cut
+    got = read_client_hello(data)
+    assert isinstance(got, ClientHello)
+    assert (got.server_name, got.alpn, got.max_version, got.records) == (
+        "pq.test",
+        (b"h2",),
+        TLS13,
+        2,
+    )
+
+
 def test_the_cap_is_one_full_record_and_nothing_more() -> None:
     def padded(total: int) -> bytes:
         # A handshake message of exactly ``total`` bytes, with a padding extension (21).
