@@ -428,6 +428,7 @@ PROPERTY = settings(
     max_examples=300,
     deadline=None,
     derandomize=True,  # the same examples every run: no flaky CI
+    database=None,  # nothing written into the checkout
     suppress_health_check=[HealthCheck.too_slow],
 )
 
