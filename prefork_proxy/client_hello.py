@@ -22,9 +22,9 @@ the chosen backend unchanged.
   never looked at.
 - ``ClientHelloError`` with a short ``reason`` (``not_tls``, ``sslv2``,
   ``bad_record``, ``bad_handshake``, ``bad_server_name``, ``bad_alpn``,
-  ``too_large``, ``too_fragmented``): the connection is not a TLS client or its hello is
-  malformed; a proxy refuses it (or routes it to a default) and logs the
-  reason.  Nothing else is ever raised, whatever the bytes.
+  ``too_large``, ``too_fragmented``): the connection is not a TLS client or
+  its hello is malformed; a proxy refuses it (or routes it to a default) and
+  logs the reason.  Nothing else is ever raised, whatever the bytes.
 
 Wire formats read (RFC 8446 sections 4.1.2 and 5.1, RFC 5246 section 7.4.1.2):
 
@@ -42,7 +42,8 @@ Every length field is checked against the one that encloses it before
 anything inside it is read: a length that claims more than its container, or a
 container with bytes left over, is a rejection, not a read past the end.  All
 reads are ``struct.unpack_from`` and slices; the only Python loops are over
-records and over extensions, never over bytes.
+records, extensions, server names and ALPN names (each bounded by a count
+below), never over bytes.
 
 Cost: a hello is parsed completely only once (when all of it has arrived);
 until then each call reads record headers only.  Measured on this 2-core
