@@ -17,4 +17,6 @@ from __future__ import annotations
 from prefork_proxy.api import TcpProxy
 
 __all__ = ["TcpProxy"]
+#: The one place the version is written: pyproject.toml reads it (``dynamic = ["version"]``)
+#: into the package metadata, which ``prefork-proxy --version`` prints.
 __version__ = "0.1.0"

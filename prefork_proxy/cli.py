@@ -1,7 +1,8 @@
 """The ``prefork-proxy`` command: ``start``, ``check``, ``reload``, ``stop``, ``status``.
 
-``start`` runs in the process that becomes the master; the other commands are
-short-lived and talk to a running master through its pidfile (``control``).
+``--version`` prints the installed version.  ``start`` runs in the process
+that becomes the master; the other commands are short-lived and talk to a
+running master through its pidfile (``control``).
 Owns argument parsing, logging setup and exit codes (``errors.EXIT_*``): 0
 success, 1 a runtime failure (a listener cannot be bound, no master is
 running), 2 an invalid configuration or command line.
@@ -13,10 +14,10 @@ import argparse
 import logging
 import signal
 import sys
-from typing import List, Optional
+from typing import Any, List, Optional, Sequence, Union
 
+from prefork_proxy import __version__, control, logsetup
 from prefork_proxy import config as config_module
-from prefork_proxy import control, logsetup
 from prefork_proxy.config import RELAY_MODES, Config
 from prefork_proxy.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, ProxyError
 
@@ -31,11 +32,45 @@ def _threads_argument(text: str) -> object:
         raise argparse.ArgumentTypeError(f"expected \"auto\" or a number, got {text!r}") from None
 
 
+DISTRIBUTION = "prefork-proxy"
+
+
+def installed_version() -> str:
+    """The version in the installed package's metadata, else the source's ``__version__``.
+
+    The metadata is what pip, ``pip show`` and a wheel's name say; both come from
+    ``__version__`` at build time (pyproject.toml: ``dynamic = ["version"]``).  The
+    fallback covers running from a source tree that was never installed.
+    """
+    from importlib import metadata  # imported late: only --version needs it
+
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return __version__
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: print ``prefork-proxy X.Y.Z`` and exit 0, looking the version up only then."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Union[str, Sequence[Any], None],
+                 option_string: Optional[str] = None) -> None:
+        print(f"{parser.prog} {installed_version()}")
+        parser.exit(EXIT_OK)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefork-proxy",
         description="A Layer-4 TCP reverse proxy: a master process and prefork workers "
                     "relaying raw bytes to a pool of backends.")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the installed version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     start = commands.add_parser(
