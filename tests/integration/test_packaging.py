@@ -49,6 +49,8 @@ def test_version_is_the_package_metadata_and_the_source():
         assert result.stdout == expected
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11),
+                    reason="before 3.11 the TOML parser (tomli) is in site-packages: -S hides it")
 def test_version_falls_back_to_the_source_when_not_installed(tmp_path):
     """A source tree that was never installed has no metadata: ``__version__`` answers."""
     shutil.copytree(ROOT / "prefork_proxy", tmp_path / "prefork_proxy",
