@@ -160,7 +160,9 @@ def test_build_makes_an_sdist_and_a_wheel_that_installs_and_runs(tmp_path):
     wheel = dist / f"prefork_proxy-{version}-py3-none-any.whl"
     assert fnmatch.fnmatch(f"/wheels/{wheel.name}", wheel_install_glob())
 
-    modules = sorted(p.name for p in (ROOT / "prefork_proxy").glob("*.py"))
+    package = ROOT / "prefork_proxy"
+    modules = sorted(p.relative_to(package).as_posix() for p in package.rglob("*.py")
+                     if "__pycache__" not in p.parts)
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         entry_points = archive.read(f"prefork_proxy-{version}.dist-info/entry_points.txt")
