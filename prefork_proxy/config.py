@@ -10,7 +10,8 @@ The file speaks the seed's language::
     workers = 8              # default: CPU count
     threads = "auto"         # relay threads per worker (auto: CPUs / workers, at least 1)
     relay = "auto"           # "auto" | "splice" | "copy"
-    drain_timeout_s = 30     # how long a stopping worker lets streams finish
+    drain_timeout_s = 30     # how long a stopping worker lets streams finish (0 to 86400)
+    worker_timeout_s = 30    # a worker silent this long is hung (5 to 86400)
 
     [[tcp_proxy]]            # one listener per section
     bind = "0.0.0.0:5432"    # "[::1]:5432" for IPv6
@@ -36,11 +37,16 @@ Principle: every error is a ``ConfigError`` whose message names the file, the
 line (found by scanning the raw text, since ``tomllib`` only reports lines for
 syntax errors), the section (``tcp_proxy[1]`` counts from 1 and shows the
 section's bind), the key, and what was expected.  Unknown keys are errors, so a
-typo never silently falls back to a default.
+typo never silently falls back to a default.  Numbers are finite and within
+their documented range (``nan``, ``inf`` and booleans are refused everywhere);
+hostnames are valid DNS names and IP literals are usable as written (a scope
+id names an existing interface), so nothing that passes validation can make
+the master or the resolver fail on it later.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -64,14 +70,29 @@ DEFAULT_FALL = 3
 DEFAULT_FAIL_TIMEOUT_MS = 10_000
 DEFAULT_RESOLVE_INTERVAL_MS = 5_000
 MAX_MS = 86_400_000  # one day: the largest interval any *_ms key accepts
+MAX_S = 86_400.0  # one day: the largest duration any *_s key accepts
+#: The shortest ``worker_timeout_s``: a worker stamps its heartbeat every 0.5 s
+#: and an idle relay loop ticks once a second, so a shorter timeout would kill
+#: idle, healthy workers as hung.  Five seconds is several missed ticks.
+MIN_WORKER_TIMEOUT_S = 5.0
 #: Backend addresses the shared state holds (fixed: shared memory cannot grow after fork).
-#: An IP address takes one; a hostname reserves ADDRESSES_PER_NAME, one per address it resolves to.
-MAX_BACKEND_ADDRESSES = 4096
-ADDRESSES_PER_NAME = 8
+#: An IP address takes one; a hostname reserves ADDRESSES_PER_NAME, one per address it
+#: resolves to (a DNS answer with more keeps a subset, see ``health.select_addresses``).
+#: Memory: the per-worker connection counts dominate, 4 bytes x slots x 256 rows
+#: = 16 MiB of shared mapping, of which each worker touches only its own 64 KiB row.
+MAX_BACKEND_ADDRESSES = 16384
+ADDRESSES_PER_NAME = 64
+#: RFC 1123 / RFC 1035 limits on a DNS name, checked so ``getaddrinfo`` (and the
+#: IDNA encoding it does first) cannot refuse a name later.
+MAX_HOSTNAME = 253
+MAX_LABEL = 63
 MAX_THREADS = 256
 MAX_WORKERS = 1024
 
-_HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$|^\*$")
+# One label of a hostname: letters, digits, hyphens inside (RFC 1123); the
+# underscore is accepted too, as container and service names use it and the
+# resolver takes it.
+_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?$")
 
 
 @dataclass(frozen=True)
@@ -225,7 +246,7 @@ def parse_endpoint(text: str, *, allow_port_zero: bool = False) -> Endpoint:
         if close < 0 or not text[close + 1:].startswith(":"):
             raise ValueError(f"expected \"[ipv6]:port\", got {text!r}")
         host, port_text = text[1:close], text[close + 2:]
-        if not host or not re.fullmatch(r"[0-9A-Fa-f:.]+(%\w+)?", host):
+        if not host or not re.fullmatch(r"[0-9A-Fa-f:.]+(%[\w.-]+)?", host):
             raise ValueError(f"expected an IPv6 literal inside [...], got {text!r}")
     else:
         host, sep, port_text = text.rpartition(":")
@@ -233,8 +254,11 @@ def parse_endpoint(text: str, *, allow_port_zero: bool = False) -> Endpoint:
             raise ValueError(f"expected \"host:port\", got {text!r}")
         if ":" in host:
             raise ValueError(f"an IPv6 address needs brackets, as in \"[::1]:5432\"; got {text!r}")
-        if not _HOSTNAME.match(host):
-            raise ValueError(f"expected a hostname or IP address before ':', got {text!r}")
+        if host != "*":
+            problem = hostname_problem(host)
+            if problem:
+                raise ValueError(f"expected a hostname or IP address before ':', got {text!r}: "
+                                 f"{problem}")
     if not port_text.isdigit():
         raise ValueError(f"expected a numeric port after ':', got {text!r}")
     port = int(port_text)
@@ -242,6 +266,81 @@ def parse_endpoint(text: str, *, allow_port_zero: bool = False) -> Endpoint:
     if not low <= port <= 65535:
         raise ValueError(f"expected a port between {low} and 65535, got {text!r}")
     return Endpoint("0.0.0.0" if host == "*" else host, port)
+
+
+def hostname_problem(host: str) -> str:
+    """What makes ``host`` neither an IPv4 address nor a valid DNS name ("" if nothing).
+
+    A name is dot-separated labels of 1 to 63 characters (letters, digits,
+    ``-`` inside, ``_``), 253 characters at most: exactly what ``getaddrinfo``
+    will accept, so a name that passes here never makes the resolver raise
+    (its IDNA step raises ``UnicodeError``, not ``OSError``, on an empty or
+    overlong label).  A name whose last label is all digits would be read as
+    a shorthand IPv4 address ("10.1" is 10.0.0.1), so it must be a full
+    dotted quad.
+    """
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+        return ""
+    except OSError:
+        pass
+    if len(host) > MAX_HOSTNAME:
+        return f"a name is at most {MAX_HOSTNAME} characters, this one has {len(host)}"
+    labels = host.split(".")
+    for label in labels:
+        if not label:
+            return "empty label (two dots in a row, or a dot at an end)"
+        if len(label) > MAX_LABEL:
+            return f"label {label[:20]!r}... is {len(label)} characters, at most {MAX_LABEL}"
+        if not _LABEL.match(label):
+            return (f"label {label!r}: expected letters, digits, '-' and '_' only, "
+                    "not starting or ending with '-'")
+    if labels[-1].isdigit():
+        return "not a valid IPv4 address (expected four numbers 0-255, as in 10.0.0.1)"
+    try:
+        host.encode("idna")
+    except UnicodeError as exc:  # pragma: no cover - the checks above cover what IDNA checks
+        return f"not a valid DNS name: {exc}"
+    return ""
+
+
+def numeric_address(endpoint: Endpoint) -> Tuple[int, tuple]:
+    """``(family, sockaddr)`` of an IP literal, as the master writes it into shared memory.
+
+    Raises ``ValueError`` if the kernel could not use it: a scope id (``%eth0``,
+    ``%2``) must name an interface that exists.  Config validation calls this,
+    so what passes ``check`` is what the master can turn into a socket address.
+    """
+    host, _, scope = endpoint.host.partition("%")
+    if scope:
+        try:
+            if scope.isdigit():
+                socket.if_indextoname(int(scope))
+            else:
+                socket.if_nametoindex(scope)
+        except (OSError, OverflowError, ValueError):
+            raise ValueError(f"{endpoint}: scope id {scope!r} names no network interface "
+                             "of this host") from None
+    try:
+        info = socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM,
+                                  flags=socket.AI_NUMERICHOST)[0]
+    except (OSError, UnicodeError) as exc:
+        raise ValueError(f"{endpoint}: not a usable IP address: {exc}") from None
+    return info[0], info[4]
+
+
+def check_seconds(value: Any, low: float, high: float) -> Optional[float]:
+    """``value`` as a float if it is a finite number of seconds in [low, high], else None.
+
+    Booleans are not numbers here (TOML ``true`` is not 1 second); ``nan`` and
+    ``inf`` fail every comparison's intent, so they are rejected explicitly.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    seconds = float(value)
+    if not math.isfinite(seconds) or not low <= seconds <= high:
+        return None
+    return seconds
 
 
 # --------------------------------------------------------------------------- loading
@@ -312,6 +411,13 @@ def with_overrides(config: Config, **overrides: Any) -> Config:
 
 
 # --------------------------------------------------------------------------- validation
+
+
+def _usable(endpoint: Endpoint) -> Endpoint:
+    """``endpoint`` if the master can turn it into a socket address later; else ValueError."""
+    if endpoint.is_ip_literal():
+        numeric_address(endpoint)
+    return endpoint
 
 
 def _is_int_between(value: Any, low: int, high: int) -> bool:
@@ -470,14 +576,13 @@ class _Validator:
                 raise fail("relay", "expected one of \"auto\", \"splice\", \"copy\", "
                                     f"got {_describe(doc['relay'])}")
             values["relay"] = doc["relay"]
-        for key, minimum in (("drain_timeout_s", 0), ("worker_timeout_s", 1)):
+        for key, low in (("drain_timeout_s", 0.0), ("worker_timeout_s", MIN_WORKER_TIMEOUT_S)):
             if key in doc:
-                seconds = doc[key]
-                if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
-                        or seconds < minimum:
-                    raise fail(key, f"expected a number of seconds >= {minimum}, "
-                                    f"got {_describe(seconds)}")
-                values[key] = float(seconds)
+                seconds = check_seconds(doc[key], low, MAX_S)
+                if seconds is None:
+                    raise fail(key, f"expected a number of seconds between {low:g} and "
+                                    f"{MAX_S:g}, got {_describe(doc[key])}")
+                values[key] = seconds
         for key in ("pidfile", "log_file", "user", "group"):
             if key in doc:
                 if not isinstance(doc[key], str) or not doc[key]:
@@ -501,7 +606,7 @@ class _Validator:
             raise fail("bind", "missing: expected \"host:port\" to listen on, "
                                "e.g. \"0.0.0.0:5432\"")
         try:
-            bind = parse_endpoint(doc["bind"], allow_port_zero=True)
+            bind = _usable(parse_endpoint(doc["bind"], allow_port_zero=True))
         except ValueError as exc:
             raise fail("bind", str(exc)) from None
 
@@ -604,7 +709,7 @@ class _Validator:
         where = f"backends[{position + 1}]"
         if isinstance(item, str):
             try:
-                return Backend(parse_endpoint(item))
+                return Backend(_usable(parse_endpoint(item)))
             except ValueError as exc:
                 raise fail("backends", f"{where}: {exc}") from None
         if not isinstance(item, dict):
@@ -617,7 +722,7 @@ class _Validator:
         if "address" not in item:
             raise fail("backends", f"{where}: missing \"address\"")
         try:
-            address = parse_endpoint(item["address"])
+            address = _usable(parse_endpoint(item["address"]))
         except ValueError as exc:
             raise fail("backends", f"{where}: address: {exc}") from None
         weight = item.get("weight", 1)

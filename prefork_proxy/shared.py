@@ -38,7 +38,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Tuple
 
-from prefork_proxy.config import ADDRESSES_PER_NAME, MAX_BACKEND_ADDRESSES, Backend
+from prefork_proxy.config import ADDRESSES_PER_NAME, MAX_BACKEND_ADDRESSES, Backend, numeric_address
 
 if TYPE_CHECKING:
     from prefork_proxy.config import Config, ListenerConfig
@@ -407,8 +407,16 @@ class SharedState:
                     for slot in slots:
                         self.table.clear_address(slot)
                     if literal:  # no DNS: the master writes it before any reader exists
-                        family, sockaddr = _numeric_address(backend)
-                        self.table.set_address(slots[0], family, sockaddr)
+                        try:
+                            family, sockaddr = numeric_address(backend.address)
+                        except ValueError as exc:
+                            # Validated, but the host changed since (an interface
+                            # named by a scope id was removed): this one backend
+                            # stays unusable; the reload and the others go on.
+                            log.error("backend %s has no usable address: %s",
+                                      backend.address, exc)
+                        else:
+                            self.table.set_address(slots[0], family, sockaddr)
                 pools[key].append(PoolEntry(backend, slots, literal))
         self._pools = {key: tuple(entries) for key, entries in pools.items()}
 
@@ -434,10 +442,3 @@ class SharedState:
         """Every listener of the current config with its pool (health checks, status)."""
         return [(index, listener, self.pool(listener, index))
                 for index, listener in enumerate(self.config.listeners)]
-
-
-def _numeric_address(backend: Backend) -> Tuple[int, tuple]:
-    endpoint = backend.address
-    info = socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM,
-                              flags=socket.AI_NUMERICHOST)[0]
-    return info[0], info[4]

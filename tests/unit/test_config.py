@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from prefork_proxy import config
@@ -187,9 +189,62 @@ BAD = [
     (LISTENER + "health_check = { expect = 1 }\n",
      'key "health_check.expect": expected a non-empty string'),
     ("[[tcp_proxy]]\nbind = \"127.0.0.1:7000\"\nbackends = ["
-     + ", ".join(f'"host{i}:1"' for i in range(513)) + "]\n",
-     "proxy.toml: too many backends: they need 4104 address slots"),
+     + ", ".join(f'"host{i}:1"' for i in range(257)) + "]\n",
+     "proxy.toml: too many backends: they need 16448 address slots"),
 ]
+
+
+def _backend(address: str) -> str:
+    return f'[[tcp_proxy]]\nbind = "127.0.0.1:7000"\nbackends = ["{address}"]\n'
+
+
+# Names getaddrinfo would refuse (its IDNA step raises UnicodeError) or misread.
+BAD_NAMES = [
+    ("db..local:1", "empty label"),
+    (".db:1", "empty label"),
+    ("db.:1", "empty label"),
+    ("a" * 64 + ".local:1", "is 64 characters, at most 63"),
+    (".".join(["a" * 60] * 5) + ":1", "at most 253 characters, this one has 304"),
+    ("-db.local:1", "label '-db'"),
+    ("db-.local:1", "label 'db-'"),
+    ("db!.local:1", "expected a hostname or IP address"),
+    ("10.1:1", "not a valid IPv4 address"),
+    ("999.1.1.1:1", "not a valid IPv4 address"),
+    ("caf\u00e9.local:1", "label"),
+]
+BAD += [(_backend(address), expected) for address, expected in BAD_NAMES]
+BAD += [
+    (_backend("[fe80::1%nosuchif0]:80"),
+     'proxy.toml:3: tcp_proxy[1] (bind "127.0.0.1:7000"): key "backends": backends[1]: '
+     "[fe80::1%nosuchif0]:80: scope id 'nosuchif0' names no network interface"),
+    (_backend("[fe80::1%99999]:80"), "scope id '99999' names no network interface"),
+    ('[[tcp_proxy]]\nbind = "[fe80::1%nosuchif0]:80"\nbackends = ["a:1"]\n',
+     'proxy.toml:2: tcp_proxy[1] (bind "[fe80::1%nosuchif0]:80"): key "bind": '
+     "[fe80::1%nosuchif0]:80: scope id"),
+    ('[[tcp_proxy]]\nbind = "127.0.0.1:7000"\n'
+     'backends = [{ address = "[fe80::1%nosuchif0]:80" }]\n',
+     "backends[1]: address: [fe80::1%nosuchif0]:80: scope id"),
+]
+# Every *_s key: finite, not a boolean, within its documented range.
+for _key, _low in (("drain_timeout_s", "0"), ("worker_timeout_s", "5")):
+    for _value in ("nan", "inf", "-inf", "true", "-1", "86401", '"30"'):
+        BAD.append((f"[server]\n{_key} = {_value}\n" + LISTENER,
+                    f'proxy.toml:2: server: key "{_key}": expected a number of seconds '
+                    f"between {_low} and 86400"))
+BAD += [("[server]\nworker_timeout_s = 1\n" + LISTENER,
+         'key "worker_timeout_s": expected a number of seconds between 5 and 86400, '
+         "got an integer 1"),
+        ("[server]\nworker_timeout_s = 4.9\n" + LISTENER, "between 5 and 86400"),
+        ("[server]\ndrain_timeout_s = nan\n" + LISTENER, "got a number nan")]
+# Every *_ms key (and the counts): integers only, so nan/inf/booleans fail too.
+for _key in ("connect_timeout_ms", "connect_budget_ms", "fail_timeout_ms",
+             "resolve_interval_ms", "retries", "fall"):
+    for _value in ("nan", "inf", "true", "1.5"):
+        BAD.append((LISTENER + f"{_key} = {_value}\n", f'key "{_key}": expected an integer'))
+for _key in ("interval_ms", "timeout_ms", "rise", "fall"):
+    for _value in ("nan", "inf", "false"):
+        BAD.append((LISTENER + f"health_check = {{ {_key} = {_value} }}\n",
+                    f'key "health_check.{_key}": expected an integer'))
 
 
 @pytest.mark.parametrize("text, expected", BAD, ids=[b[1][:40] for b in BAD])
@@ -217,6 +272,10 @@ def test_missing_file_is_a_config_error(tmp_path):
     ("10.1.2.3:1", Endpoint("10.1.2.3", 1)),
     ("[::1]:6379", Endpoint("::1", 6379)),
     ("[fe80::1%eth0]:22", Endpoint("fe80::1%eth0", 22)),
+    ("[fe80::1%br-1a2b.10]:22", Endpoint("fe80::1%br-1a2b.10", 22)),  # real interface names
+    ("my_db.svc-1.cluster.local:5432", Endpoint("my_db.svc-1.cluster.local", 5432)),
+    ("a" * 63 + ".b:1", Endpoint("a" * 63 + ".b", 1)),
+    (".".join(["a" * 62] * 4) + ".b:1", Endpoint(".".join(["a" * 62] * 4) + ".b", 1)),
     ("*:80", Endpoint("0.0.0.0", 80)),
 ])
 def test_parse_endpoint(text, endpoint):
@@ -233,3 +292,24 @@ def test_command_line_arguments_are_validated_like_a_file():
         config.from_arguments(["127.0.0.1:6380"], ["nope"])
     with pytest.raises(ConfigError, match='server: key "workers"'):
         config.with_overrides(loaded, workers=0)
+
+
+def test_good_numbers_and_addresses_at_the_edges_of_their_ranges():
+    loaded = config.load_text("[server]\ndrain_timeout_s = 0\nworker_timeout_s = 5\n"
+                              + _backend("[fe80::1%lo]:80"))
+    assert (loaded.server.drain_timeout_s, loaded.server.worker_timeout_s) == (0.0, 5.0)
+    assert config.numeric_address(loaded.listeners[0].backends[0].address) == \
+        (socket.AF_INET6, ("fe80::1", 80, 0, socket.if_nametoindex("lo")))
+    assert config.load_text("[server]\nworker_timeout_s = 86400\n" + LISTENER) \
+        .server.worker_timeout_s == 86400.0
+
+
+def test_every_valid_name_is_one_getaddrinfo_can_encode():
+    """What passes the name check never makes the resolver raise UnicodeError."""
+    for address, _ in BAD_NAMES:
+        host = address.rsplit(":", 1)[0]
+        assert config.hostname_problem(host)
+    for host in ("db", "db-1.local", "a" * 63, ".".join(["a" * 62] * 4) + ".b", "x_y.z",
+                 "10.0.0.1", "localhost"):
+        assert config.hostname_problem(host) == ""
+        host.encode("idna")  # what getaddrinfo does first; raises on a bad label
