@@ -3,8 +3,14 @@
 A ``Balancer`` per listener lives in every worker.  The accepting relay loop calls
 ``targets(client_address)`` for each client; the relay thread that owns the
 connection then draws from the iterator one backend per connect attempt, so
-everything here runs on relay threads and never blocks (the addresses of
-hostnames come resolved from shared memory; see ``health``).
+everything here runs on relay threads and never blocks: the addresses of
+hostnames come resolved from shared memory (see ``health``), and nothing here
+ever calls the resolver.  A name without an address yet (at start, after a
+reload, while its DNS fails) is skipped like a backend that is down; when no
+backend has an address at all, the connection waits for the first answer in
+short pauses on its relay loop's timer (``relay.Target`` with no address),
+for at most its connect budget (or ``connect_timeout_ms``), while that loop
+serves every other connection.
 
 All state is global across workers, in ``shared.BackendTable``: whether a
 backend is up, its consecutive connect failures, its active connections.
@@ -47,13 +53,17 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from prefork_proxy.config import Backend, ListenerConfig
 from prefork_proxy.relay import CONNECTED, FAILED, RELEASED, Target
-from prefork_proxy.resolver import resolve
 from prefork_proxy.shared import BackendTable, PoolEntry, RoundRobinCounter, SharedState
 
 log = logging.getLogger("prefork_proxy.balancer")
 
 #: Round-robin schedules kept per set of up backends (a handful of sets ever occur).
 SCHEDULE_CACHE = 64
+#: While no backend has an address yet, a waiting connection looks again this often.
+#: Pauses end on multiples of it, so every waiting connection of a loop wakes in one batch.
+RESOLVE_WAIT_S = 0.02
+#: At most one "waited for DNS in vain" warning per listener and worker this often.
+WAIT_WARNING_INTERVAL_S = 5.0
 
 
 def smooth_weighted_order(weights: Sequence[int]) -> List[int]:
@@ -89,7 +99,7 @@ class Member:
     slot: int
     backend: Backend
     name: str
-    target: Optional[Target]  # None: a hostname not resolved yet (resolved on use)
+    target: Optional[Target]  # None: a hostname not resolved yet (skipped until it is)
     hash_key: bytes
 
     @property
@@ -113,6 +123,7 @@ class Balancer:
         self._members: List[Member] = []
         self._any_backup = False
         self._schedules: Dict[Tuple[int, ...], List[Member]] = {}
+        self._warned_wait = -WAIT_WARNING_INTERVAL_S
         self._order = {"round_robin": self._round_robin, "least_conn": self._least_conn,
                        "random_two": self._random_two,
                        "source_hash": self._source_hash}[listener.balance]
@@ -198,8 +209,24 @@ class Balancer:
             yield from self._order([m for m in down if not m.backend.backup], host)
             yield from self._order([m for m in down if m.backend.backup], host)
 
+    def _resolved(self, members: List[Member]) -> bool:
+        return any(member.target is not None for member in members)
+
     def _attempts(self, host: str, started: float) -> Iterator[Target]:
         members = self.members()
+        if not self._resolved(members):
+            # Hostnames only, none resolved yet: pause on the relay loop's timer
+            # and look again, never longer than this client may wait in all.
+            wait_until = started + (self.budget_s if self.budget_s is not None
+                                    else self.timeout_s)
+            while not self._resolved(members):
+                now = time.monotonic()
+                if now >= wait_until - 0.001:
+                    self._warn_unresolved(host, now - started)
+                    return
+                pause = min(RESOLVE_WAIT_S - now % RESOLVE_WAIT_S, wait_until - now)
+                yield Target(0, None, self.listener.label, max(pause, 0.001))
+                members = self.members()
         attempts = len(members) if self.listener.retries is None \
             else min(len(members), 1 + self.listener.retries)
         deadline = started + self.budget_s if self.budget_s is not None else None
@@ -215,15 +242,8 @@ class Balancer:
                                 self.listener.connect_budget_ms, host or "?")
                     return
             target = member.target
-            if target is None:  # a hostname the health process has not resolved yet
-                try:
-                    resolved = resolve(member.backend.address)
-                except OSError as exc:
-                    log.warning("backend %s: cannot resolve: %s", member.name, exc)
-                    continue
-                target = Target(resolved.family, resolved.sockaddr, member.name,
-                                report=functools.partial(self._report, member.slot,
-                                                         member.name))
+            if target is None:  # a hostname with no address yet: the next backend
+                continue
             tried += 1
             self.table.acquire(member.slot)
             if deadline is None:
@@ -231,6 +251,16 @@ class Balancer:
             else:
                 yield Target(target.family, target.sockaddr, target.name, timeout,
                              target.report)
+
+    def _warn_unresolved(self, host: str, waited_s: float) -> None:
+        now = time.monotonic()
+        if now - self._warned_wait < WAIT_WARNING_INTERVAL_S:
+            return
+        self._warned_wait = now
+        log.warning("listener %s: no backend address known yet (%s not resolved); "
+                    "client %s closed after waiting %.0f ms", self.listener.label,
+                    ", ".join(str(e.backend.address) for e in self.entries), host or "?",
+                    waited_s * 1000)
 
     def _report(self, slot: int, name: str, outcome: str, reason: str) -> None:
         """How an attempt went (called by the relay thread through ``Target.report``)."""

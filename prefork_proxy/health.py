@@ -24,11 +24,31 @@ The health-check process (``prefork-proxy: health``) is the one writer of:
 Workers only read what it writes (see ``shared.BackendTable``), so a check
 never blocks the relay.  ``describe_backends`` renders the table for
 ``prefork-proxy status``.
+
+Principle (a name can fail, the resolver cannot): a lookup that fails in
+any way (``gaierror``, ``UnicodeError``, anything else) only leaves that name
+as it was, with one warning per new error; every other name keeps being
+resolved.  Should the resolver thread die anyway, the main thread sees it
+on its next turn (within ``MAX_WAIT_S``), logs it and starts a new one.
+
+A DNS answer with more addresses than a name's ``ADDRESSES_PER_NAME`` slots
+keeps ``select_addresses``: a subset chosen by rendezvous hashing with a
+seed of this proxy instance (host name, boot id, master pid), so different
+proxies send traffic to different subsets and an address that comes or goes
+moves as few others as possible.  The truncation is logged once per change.
+
+Test hook: ``PREFORK_PROXY_TEST_DNS`` (see ``fake_getaddrinfo``), read once
+when the process starts, answers chosen names with fixed addresses, after a
+delay, or with an error.  It exists for the test suite; never set it in
+production.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import ipaddress
+import json
 import logging
 import os
 import queue
@@ -39,10 +59,10 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from prefork_proxy.balancer import backend_name
-from prefork_proxy.config import ADDRESSES_PER_NAME, HealthCheck, ListenerConfig
+from prefork_proxy.config import HealthCheck, ListenerConfig
 from prefork_proxy.proctitle import set_title
 from prefork_proxy.shared import BackendTable, PoolEntry, SharedState
 
@@ -55,6 +75,12 @@ RESTART_DELAY_S = 1.0
 #: The health-check process's longest sleep: it checks on its master this often.
 MAX_WAIT_S = 0.5
 PR_SET_PDEATHSIG = 1
+#: Wait before starting another resolver thread after one died.
+RESOLVER_RESTART_S = 1.0
+#: The environment variable of the test hook (see ``fake_getaddrinfo``).
+TEST_DNS_ENV = "PREFORK_PROXY_TEST_DNS"
+
+AddressList = List[Tuple[int, tuple]]
 
 
 def needs_process(shared: SharedState) -> bool:
@@ -224,6 +250,17 @@ class _CheckerProcess:
         self.stopping = threading.Event()
         self._plan_version = -1
         self._cached_plan: Dict[int, Tuple[str, HealthCheck]] = {}
+        self.getaddrinfo: Callable[..., Any] = socket.getaddrinfo
+        spec = os.environ.get(TEST_DNS_ENV)
+        if spec:
+            self.getaddrinfo = fake_getaddrinfo(spec)
+        self.seed = instance_seed(master_pid)
+        self._names: List[Tuple[int, ListenerConfig, PoolEntry]] = []
+        self._wake_w = -1
+        self._resolver: Optional[threading.Thread] = None
+        self._resolver_restart_at = 0.0
+        self._last_error: Dict[PoolEntry, str] = {}  # per name: the error last warned of
+        self._truncated: Dict[PoolEntry, Tuple[int, frozenset]] = {}  # ... the subset
 
     # -- setup
 
@@ -234,16 +271,36 @@ class _CheckerProcess:
             self.table.version[0] += 1
         names = [(i, listener, entry) for i, (_, listener, entries)
                  in enumerate(self.shared.pools()) for entry in entries if not entry.literal]
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector.register(wake_r, selectors.EVENT_READ, None)
-        if names:
-            threading.Thread(target=self._resolve_forever, args=(names, wake_w),
-                             name="resolver", daemon=True).start()
+        self._names = names
+        self._watch_resolver()
         log.info("health-check process ready: %d address(es) to check, %d name(s) to resolve",
                  len(self._plan()), len(names))
         while os.getppid() == self.master_pid:
             self._turn(wake_r)
         self.stopping.set()
+
+    def _watch_resolver(self) -> None:
+        """Main thread, every turn: a resolver thread runs whenever there are names."""
+        if not self._names or self.stopping.is_set():
+            return
+        thread = self._resolver
+        if thread is not None and thread.is_alive():
+            return
+        now = time.monotonic()
+        if thread is not None:
+            if not self._resolver_restart_at:
+                log.error("the resolver thread died; starting a new one in %.0f s",
+                          RESOLVER_RESTART_S)
+                self._resolver_restart_at = now + RESOLVER_RESTART_S
+            if now < self._resolver_restart_at:
+                return
+        self._resolver_restart_at = 0.0
+        self._resolver = threading.Thread(target=self._resolve_forever,
+                                          args=(self._names, self._wake_w),
+                                          name="resolver", daemon=True)
+        self._resolver.start()
 
     def _detach_from_master(self) -> None:
         """Undo what fork copied from the master: its signal handlers, its listeners."""
@@ -317,6 +374,7 @@ class _CheckerProcess:
         for probe in [p for p in self.probes.values() if p.deadline <= now]:
             what = "connect" if probe.phase == "connect" else "reply"
             self._finish(probe, False, f"{what} timed out after {probe.check.timeout_ms} ms")
+        self._watch_resolver()
         self._follow_log_rotation()
 
     def _start_probe(self, slot: int, name: str, check: HealthCheck, now: float) -> None:
@@ -425,31 +483,41 @@ class _CheckerProcess:
 
     def _resolve_forever(self, names: List[Tuple[int, ListenerConfig, PoolEntry]],
                          wake_w: int) -> None:
-        """Resolver thread: resolve each name on its listener's interval; post the results."""
-        due = [0.0] * len(names)
-        while not self.stopping.is_set():
-            now = time.monotonic()
-            for position, (_, listener, entry) in enumerate(names):
-                if now < due[position]:
-                    continue
-                due[position] = now + listener.resolve_interval_ms / 1000.0
-                endpoint = entry.backend.address
-                result: object
-                try:
-                    infos = socket.getaddrinfo(endpoint.host, endpoint.port,
-                                               type=socket.SOCK_STREAM)
-                    unique = {}
-                    for family, _, _, _, sockaddr in infos:
-                        unique.setdefault(_address_key(family, sockaddr), (family, sockaddr))
-                    result = [unique[key] for key in sorted(unique)]
-                except OSError as exc:
-                    result = exc
-                self.results.put((position, (entry, result)))
-                try:
-                    os.write(wake_w, b"\0")
-                except BlockingIOError:
-                    pass
-            self.stopping.wait(max(0.05, min(due) - time.monotonic()))
+        """Resolver thread: resolve each name on its listener's interval; post the results.
+
+        A failure of one lookup, of whatever type, is that name's result; if
+        the thread dies anyway, ``_watch_resolver`` replaces it.
+        """
+        try:
+            due = [0.0] * len(names)
+            while not self.stopping.is_set():
+                now = time.monotonic()
+                for position, (_, listener, entry) in enumerate(names):
+                    if now < due[position]:
+                        continue
+                    due[position] = now + listener.resolve_interval_ms / 1000.0
+                    self.results.put((position, (entry, self._lookup(entry))))
+                    try:
+                        os.write(wake_w, b"\0")
+                    except BlockingIOError:
+                        pass
+                self.stopping.wait(max(0.05, min(due) - time.monotonic()))
+        except BaseException:
+            log.exception("the resolver thread crashed")
+            raise
+
+    def _lookup(self, entry: PoolEntry) -> object:
+        """Every distinct address of one name, or the exception its lookup raised."""
+        endpoint = entry.backend.address
+        try:
+            infos = self.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
+            unique: Dict[Tuple[int, str, int], Tuple[int, tuple]] = {}
+            for family, _, _, _, sockaddr in infos:
+                if family in (socket.AF_INET, socket.AF_INET6):
+                    unique.setdefault(_address_key(family, sockaddr), (family, sockaddr))
+            return list(unique.values())
+        except Exception as exc:  # UnicodeError too: any failure is this name's alone
+            return exc
 
     def _apply_resolutions(self, wake_r: int) -> None:
         try:
@@ -461,23 +529,38 @@ class _CheckerProcess:
                 _, (entry, result) = self.results.get_nowait()
             except queue.Empty:
                 return
-            self._apply_addresses(entry, result)
+            try:
+                self._apply_addresses(entry, result)
+            except Exception:  # one name's trouble must not end the process
+                log.exception("backend %s: cannot apply its addresses", entry.backend.address)
 
     def _apply_addresses(self, entry: PoolEntry, result: object) -> None:
         """Write a name's addresses into its slots: kept ones stay, new ones take free slots."""
         table = self.table
         label = str(entry.backend.address)
-        if isinstance(result, OSError):
-            kept = "; keeping its last addresses" if any(table.family[s] for s in entry.slots) \
-                else ""
-            log.warning("backend %s: cannot resolve: %s%s", label, result, kept)
+        if not isinstance(result, list):
+            error = f"{type(result).__name__}: {result}" \
+                if not isinstance(result, OSError) else str(result)
+            if self._last_error.get(entry) != error:  # once per new error, not per lookup
+                self._last_error[entry] = error
+                kept = "; keeping its last addresses" \
+                    if any(table.family[s] for s in entry.slots) else ""
+                log.warning("backend %s: cannot resolve: %s%s", label, error, kept)
             return
-        assert isinstance(result, list)
-        if len(result) > ADDRESSES_PER_NAME:
-            log.warning("backend %s resolves to %d addresses; using the first %d", label,
-                        len(result), ADDRESSES_PER_NAME)
+        self._last_error.pop(entry, None)
+        limit = len(entry.slots)
+        chosen = select_addresses(label, result, limit, self.seed)
+        if len(result) > limit:
+            subset = (len(result), frozenset(_address_key(*a) for a in chosen))
+            if self._truncated.get(entry) != subset:
+                self._truncated[entry] = subset
+                log.warning("backend %s resolves to %d addresses, more than the %d a name "
+                            "may hold; this proxy uses a subset of %d (chosen per proxy "
+                            "instance)", label, len(result), limit, limit)
+        else:
+            self._truncated.pop(entry, None)
         wanted = {_address_key(family, sockaddr): (family, sockaddr)
-                  for family, sockaddr in result[:ADDRESSES_PER_NAME]}
+                  for family, sockaddr in chosen}
         current = {}
         for slot in entry.slots:
             address = table.address(slot)
@@ -525,6 +608,81 @@ class _CheckerProcess:
 
 def _address_key(family: int, sockaddr: tuple) -> Tuple[int, str, int]:
     return family, sockaddr[0].split("%", 1)[0], sockaddr[1]
+
+
+def _numeric_order(address: Tuple[int, tuple]) -> Tuple[int, int, int]:
+    family, sockaddr = address
+    return family, int(ipaddress.ip_address(sockaddr[0].split("%", 1)[0])), sockaddr[1]
+
+
+def instance_seed(master_pid: int) -> bytes:
+    """What tells this proxy instance from others: host name, boot id, master pid.
+
+    Containers often all run their master as pid 1 on one host (one boot id),
+    but each has its own host name; machines differ by boot id.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            boot_id = f.read().strip()
+    except OSError:
+        boot_id = b""
+    return b"|".join((socket.gethostname().encode(), boot_id, str(master_pid).encode()))
+
+
+def select_addresses(name: str, addresses: AddressList, limit: int, seed: bytes) -> AddressList:
+    """The addresses a name's slots hold, sorted numerically: all of them up to ``limit``.
+
+    Beyond ``limit``, the ``limit`` addresses with the highest rendezvous
+    score for (``seed``, ``name``, address): another seed (another proxy)
+    keeps another subset, and when one address comes or goes at most one
+    kept address changes.
+    """
+    if len(addresses) > limit:
+        def score(address: Tuple[int, tuple]) -> bytes:
+            key = "|".join(map(str, _address_key(*address))).encode()
+            return hashlib.blake2b(seed + b"|" + name.encode() + b"|" + key,
+                                   digest_size=8).digest()
+        addresses = sorted(addresses, key=score, reverse=True)[:limit]
+    return sorted(addresses, key=_numeric_order)
+
+
+def fake_getaddrinfo(spec: str) -> Callable[..., Any]:
+    """``getaddrinfo`` with chosen answers, for tests: the ``PREFORK_PROXY_TEST_DNS`` hook.
+
+    ``spec`` is a JSON object: hostname -> ``{"delay_s": 4, "addresses":
+    ["127.0.0.1", "::1"], "error": "UnicodeError"}`` (every key optional).
+    Such a name sleeps ``delay_s`` (in the resolver thread, as a slow DNS
+    server would make it), then raises the named error (``OSError``,
+    ``UnicodeError``, ``RuntimeError``) or answers ``addresses``.  Other
+    names go to the real ``getaddrinfo``.  A spec that is not valid JSON is
+    ignored with a warning.
+    """
+    try:
+        answers = json.loads(spec)
+        if not isinstance(answers, dict):
+            raise ValueError("expected a JSON object")
+    except ValueError as exc:
+        log.warning("%s ignored: %s", TEST_DNS_ENV, exc)
+        return socket.getaddrinfo
+    errors = {"OSError": socket.gaierror, "UnicodeError": UnicodeError,
+              "RuntimeError": RuntimeError}
+
+    def getaddrinfo(host: str, port: int, *args: Any, **kwargs: Any) -> list:
+        fake = answers.get(host)
+        if not isinstance(fake, dict):
+            return socket.getaddrinfo(host, port, *args, **kwargs)
+        time.sleep(float(fake.get("delay_s", 0)))
+        if "error" in fake:
+            raise errors.get(fake["error"], RuntimeError)(f"{fake['error']} for {host} "
+                                                          f"(injected by {TEST_DNS_ENV})")
+        infos = []
+        for text in fake.get("addresses", []):
+            if ipaddress.ip_address(text).version == 6:
+                infos.append((socket.AF_INET6, socket.SOCK_STREAM, 6, "", (text, port, 0, 0)))
+            else:
+                infos.append((socket.AF_INET, socket.SOCK_STREAM, 6, "", (text, port)))
+        return infos
+    return getaddrinfo
 
 
 def _connect_reason(code: int) -> str:

@@ -352,13 +352,18 @@ class Target:
     (the backend could not be reached) or ``RELEASED`` (the connection ended,
     or the attempt was abandoned for a reason of ours, not the backend's).
 
+    ``sockaddr`` None makes a pause, not an attempt: nothing to connect to
+    yet (the balancer's hostnames are not resolved yet).  The loop then waits
+    ``timeout_s`` without a socket, on its connect-deadline heap, and asks the
+    iterator again; the balancer bounds how long it keeps answering pauses.
+
     Immutable by convention; a plain slotted class rather than a dataclass
     because one is made per connection and held for its whole life.
     """
 
     __slots__ = ("family", "sockaddr", "name", "timeout_s", "report")
 
-    def __init__(self, family: int, sockaddr: tuple, name: str,
+    def __init__(self, family: int, sockaddr: Optional[tuple], name: str,
                  timeout_s: Optional[float] = None,
                  report: Optional[Callable[[str, str], None]] = None) -> None:
         self.family = family
@@ -723,11 +728,14 @@ class RelayLoop:
             self._forget_backend(conn)
         try:
             target = next(conn.targets, None) if conn.targets is not None else None
-        except Exception as exc:  # a resolver failure while choosing the next backend
+        except Exception as exc:  # a balancer failure while choosing the next backend
             log.warning("no backend for client %s: %s", conn.peer or "?", exc)
             target = None
         if target is None:
             self._close(conn)
+            return
+        if target.sockaddr is None:  # a pause (see Target): ask again after it
+            self._arm_deadline(conn, time.monotonic() + (target.timeout_s or 0.0))
             return
         conn.target = target
         try:
@@ -747,7 +755,14 @@ class RelayLoop:
         if code not in (0, errno.EINPROGRESS):
             self._connect_next(conn, os.strerror(code))
             return
-        conn.deadline = time.monotonic() + self._attempt_timeout(conn)
+        self._arm_deadline(conn, time.monotonic() + self._attempt_timeout(conn))
+        self._by_fd[conn.backend_fd] = conn
+        self._epoll.register(conn.backend_fd, _OUT)
+        conn.backend_mask = _OUT
+
+    def _arm_deadline(self, conn: Connection, deadline: float) -> None:
+        """When the connect in progress (or the pause) ends: ``_expire_timeouts`` moves on."""
+        conn.deadline = deadline
         timeouts = self._timeouts
         if len(timeouts) > 2 * len(self._connecting) + TIMEOUTS_SLACK:
             # Connects keep overlapping, so the heap was never dropped whole:
@@ -759,9 +774,6 @@ class RelayLoop:
             heapq.heapify(timeouts)
         heapq.heappush(timeouts, (conn.deadline, next(self._timeout_sequence), conn))
         self._connecting.add(conn)
-        self._by_fd[conn.backend_fd] = conn
-        self._epoll.register(conn.backend_fd, _OUT)
-        conn.backend_mask = _OUT
 
     def _forget_backend(self, conn: Connection) -> None:
         """Drop a backend socket that failed to connect (its fd closes after this batch)."""

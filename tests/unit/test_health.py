@@ -53,7 +53,7 @@ def test_rise_and_fall_change_state_once_each_and_clear_passive_marks(caplog):
     checker = _checker(NAMED + "[tcp_proxy.health_check]\ninterval_ms = 100\nrise = 2\n"
                                "fall = 3\n")
     check = checker.shared.config.listeners[0].health_check
-    table, slot = checker.table, 8  # the IP literal's slot (the name reserved 0-7)
+    table, slot = checker.table, config.ADDRESSES_PER_NAME  # the IP literal after the name
     caplog.set_level(logging.INFO, logger="prefork_proxy.health")
     for _ in range(2):
         checker._record(slot, "b", check, False, "connect refused")
