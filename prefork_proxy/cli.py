@@ -198,7 +198,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as exc:
         logging.getLogger("prefork_proxy").error("cannot open the log file: %s", exc)
         return EXIT_FAILURE
+    from prefork_proxy.health import install_test_dns
     from prefork_proxy.master import serve  # imported late: `check` never needs it
+
+    install_test_dns()  # only with PREFORK_PROXY_TEST_DNS set: the test suite's hook
 
     # SIGHUP re-reads the file with the same command-line overrides.
     loader = (lambda: config_from_start_args(args)) if args.config else None

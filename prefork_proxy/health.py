@@ -38,9 +38,10 @@ proxies send traffic to different subsets and an address that comes or goes
 moves as few others as possible.  The truncation is logged once per change.
 
 Test hook: ``PREFORK_PROXY_TEST_DNS`` (see ``fake_getaddrinfo``), read once
-when the process starts, answers chosen names with fixed addresses, after a
-delay, or with an error.  It exists for the test suite; never set it in
-production.
+by ``prefork-proxy start`` (``install_test_dns``), replaces ``socket.getaddrinfo``
+in the master and so in every process it forks: chosen names get fixed
+addresses, after a delay, or an error.  It exists for the test suite; never
+set it in production.
 """
 
 from __future__ import annotations
@@ -250,10 +251,7 @@ class _CheckerProcess:
         self.stopping = threading.Event()
         self._plan_version = -1
         self._cached_plan: Dict[int, Tuple[str, HealthCheck]] = {}
-        self.getaddrinfo: Callable[..., Any] = socket.getaddrinfo
-        spec = os.environ.get(TEST_DNS_ENV)
-        if spec:
-            self.getaddrinfo = fake_getaddrinfo(spec)
+        self.getaddrinfo: Callable[..., Any] = socket.getaddrinfo  # the hook's, if installed
         self.seed = instance_seed(master_pid)
         self._names: List[Tuple[int, ListenerConfig, PoolEntry]] = []
         self._wake_w = -1
@@ -646,6 +644,18 @@ def select_addresses(name: str, addresses: AddressList, limit: int, seed: bytes)
     return sorted(addresses, key=_numeric_order)
 
 
+def install_test_dns() -> None:
+    """The test hook: with ``PREFORK_PROXY_TEST_DNS`` set, ``socket.getaddrinfo`` fakes names.
+
+    Called once by ``prefork-proxy start`` before the master forks anything,
+    so every process (workers too) sees the same fake answers.
+    """
+    spec = os.environ.get(TEST_DNS_ENV)
+    if spec:
+        socket.getaddrinfo = fake_getaddrinfo(spec)  # type: ignore[assignment]
+        log.warning("%s is set: names it lists are answered by the test hook", TEST_DNS_ENV)
+
+
 def fake_getaddrinfo(spec: str) -> Callable[..., Any]:
     """``getaddrinfo`` with chosen answers, for tests: the ``PREFORK_PROXY_TEST_DNS`` hook.
 
@@ -664,13 +674,14 @@ def fake_getaddrinfo(spec: str) -> Callable[..., Any]:
     except ValueError as exc:
         log.warning("%s ignored: %s", TEST_DNS_ENV, exc)
         return socket.getaddrinfo
+    real = socket.getaddrinfo
     errors = {"OSError": socket.gaierror, "UnicodeError": UnicodeError,
               "RuntimeError": RuntimeError}
 
     def getaddrinfo(host: str, port: int, *args: Any, **kwargs: Any) -> list:
         fake = answers.get(host)
         if not isinstance(fake, dict):
-            return socket.getaddrinfo(host, port, *args, **kwargs)
+            return real(host, port, *args, **kwargs)
         time.sleep(float(fake.get("delay_s", 0)))
         if "error" in fake:
             raise errors.get(fake["error"], RuntimeError)(f"{fake['error']} for {host} "
