@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
+import selectors
 import socket
 import threading
 import time
 
 from prefork_proxy import config
+from prefork_proxy import health as health_module
 from prefork_proxy.balancer import Balancer
-from prefork_proxy.health import _CheckerProcess, describe_backends, needs_process
+from prefork_proxy.health import (
+    _CheckerProcess,
+    describe_backends,
+    instance_seed,
+    needs_process,
+    select_addresses,
+)
 from prefork_proxy.shared import SharedState
 
 NAMED = '''[[tcp_proxy]]
@@ -137,3 +145,143 @@ def test_status_lines_and_when_a_process_is_needed():
     assert lines[1].split()[1:5] == ["10.0.0.1:1", "up", "1", "0"]
     assert "down (failures, 30 s left), backup" in lines[2]
     table.release(0)
+
+
+# --------------------------------------------------------------------------- names
+
+
+TWO_NAMES = '''[[tcp_proxy]]
+bind = "127.0.0.1:0"
+backends = ["bad.test:1", "good.test:1"]
+resolve_interval_ms = 100
+'''
+
+
+def _results(checker: _CheckerProcess, count: int, timeout: float = 5.0) -> dict:
+    """The next ``count`` resolver results, by name (waits on the resolver's queue)."""
+    found = {}
+    deadline = time.monotonic() + timeout
+    while len(found) < count and time.monotonic() < deadline:
+        try:
+            _, (entry, result) = checker.results.get(timeout=0.05)
+        except Exception:
+            continue
+        found[entry.backend.address.host] = result
+    return found
+
+
+def test_a_lookup_failing_with_any_error_is_that_names_result_and_the_thread_lives(monkeypatch):
+    """UnicodeError is no OSError: it used to end the resolver thread silently."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host == "bad.test":
+            raise UnicodeError("label empty or too long")
+        if host == "good.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.5", port))]
+        return real(host, port, *args, **kwargs)
+
+    checker = _checker(TWO_NAMES)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)  # what the resolver thread calls
+    checker.getaddrinfo = getaddrinfo
+    names = [(0, checker.shared.config.listeners[0], e)
+             for e in checker.shared.pool(checker.shared.config.listeners[0], 0)]
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
+    thread = threading.Thread(target=checker._resolve_forever, args=(names, wake_w), daemon=True)
+    thread.start()
+    try:
+        first, again = _results(checker, 2), _results(checker, 2)  # two rounds
+        assert isinstance(first["bad.test"], UnicodeError)
+        assert first["good.test"] == [(socket.AF_INET, ("10.0.0.5", 1))]
+        assert set(again) == {"bad.test", "good.test"} and thread.is_alive()
+    finally:
+        checker.stopping.set()
+        thread.join(5)
+
+
+def test_a_dead_resolver_thread_is_noticed_and_replaced(monkeypatch, caplog):
+    class Fatal(BaseException):
+        """Something no ``except Exception`` catches: the thread dies of it."""
+
+    calls = []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        calls.append(host)
+        if len(calls) == 1:
+            raise Fatal()
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.5", port))]
+
+    monkeypatch.setattr(health_module, "RESOLVER_RESTART_S", 0.05)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # expected to die
+    caplog.set_level(logging.INFO, logger="prefork_proxy.health")
+    checker = _checker(TWO_NAMES)
+    checker.getaddrinfo = getaddrinfo
+    listener = checker.shared.config.listeners[0]
+    checker._names = [(0, listener, e) for e in checker.shared.pool(listener, 0)]
+    wake_r, checker._wake_w = os.pipe2(os.O_NONBLOCK)
+    checker.selector.register(wake_r, selectors.EVENT_READ, None)  # as run() does
+    try:
+        checker._watch_resolver()
+        first = checker._resolver
+        first.join(5)
+        assert not first.is_alive() and "the resolver thread crashed" in caplog.text
+        deadline = time.monotonic() + 5
+        while checker._resolver is first and time.monotonic() < deadline:
+            checker._turn(wake_r)  # what the process's main loop does
+        assert "the resolver thread died; starting a new one" in caplog.text
+        assert checker._resolver is not first and checker._resolver.is_alive()
+        while not checker.table.family[0] and time.monotonic() < deadline:
+            checker._turn(wake_r)  # the new thread resolves, the main thread applies
+        assert checker.table.address(0) == (socket.AF_INET, ("10.0.0.5", 1))
+    finally:
+        checker.stopping.set()
+        if checker._resolver is not None:
+            checker._resolver.join(5)
+
+
+def _hosts(*last_octets: int, port: int = 5432) -> list:
+    return _v4(*(f"10.0.0.{n}" for n in last_octets), port=port)
+
+
+def test_select_addresses_sorts_numerically_and_keeps_a_per_instance_subset():
+    shuffled = _hosts(10, 2, 1, 11, 3)
+    assert select_addresses("db", shuffled, 64, b"a") == _hosts(1, 2, 3, 10, 11)
+    v6 = [(socket.AF_INET6, ("fe80::a", 1, 0, 0)), (socket.AF_INET6, ("fe80::9", 1, 0, 0))]
+    assert select_addresses("db", v6 + _hosts(9), 64, b"a") == _hosts(9) + v6[::-1]
+    many = _hosts(*range(1, 101))
+    subsets = {seed: select_addresses("db", many, 64, seed) for seed in (b"a", b"b", b"c")}
+    for seed, subset in subsets.items():
+        assert len(subset) == 64
+        assert subset == sorted(subset, key=lambda a: int(a[1][0].rsplit(".", 1)[1]))
+        # The order of the answer does not matter.
+        assert subset == select_addresses("db", list(reversed(many)), 64, seed)
+    assert len({tuple(s) for s in subsets.values()}) == 3  # each proxy its own subset
+    # One address more in the answer changes at most one kept address.
+    grown = select_addresses("db", many + _hosts(101), 64, b"a")
+    assert len(set(grown) - set(subsets[b"a"])) <= 1
+    assert instance_seed(123) != instance_seed(124)
+
+
+def test_more_than_eight_addresses_are_all_held_in_numeric_order(caplog):
+    checker = _checker(NAMED)
+    shared = checker.shared
+    balancer = Balancer(shared.config.listeners[0], shared, 0)
+    entry = shared.pool(shared.config.listeners[0], 0)[0]
+    assert len(entry.slots) == config.ADDRESSES_PER_NAME >= 64
+    caplog.set_level(logging.INFO, logger="prefork_proxy.health")
+    checker._apply_addresses(entry, _hosts(*range(12, 0, -1)))  # 12, answered in reverse
+    names = [m.name for m in balancer.members()]
+    assert names == [f"db:5432 (10.0.0.{n})" for n in range(1, 13)] + ["10.0.0.9:5432"]
+    assert "more than" not in caplog.text
+    # 100 addresses: a subset of 64, warned once, not on every resolve.
+    for _ in range(3):
+        checker._apply_addresses(entry, _hosts(*range(1, 101)))
+    assert len(balancer.members()) == 64 + 1
+    assert caplog.text.count("resolves to 100 addresses, more than the 64") == 1
+    checker._apply_addresses(entry, _hosts(*range(1, 102)))  # the answer changed: warn again
+    assert caplog.text.count("more than the 64") == 2
+    # Failures of any type: warned once per new error, the addresses kept.
+    for _ in range(3):
+        checker._apply_addresses(entry, UnicodeError("label too long"))
+    assert caplog.text.count("cannot resolve: UnicodeError: label too long; keeping") == 1
+    assert len(balancer.members()) == 65
