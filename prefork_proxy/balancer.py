@@ -206,8 +206,12 @@ class Balancer:
         if len(up) < len(members):  # all tried or down: try the down ones rather than none
             up_slots = {m.slot for m in up}
             down = [m for m in members if m.slot not in up_slots]
-            yield from self._order([m for m in down if not m.backend.backup], host)
-            yield from self._order([m for m in down if m.backend.backup], host)
+            # An algorithm is never given an empty group (least_conn's min() and
+            # random_two's draw would raise at the end of the failover).
+            for group in ([m for m in down if not m.backend.backup],
+                          [m for m in down if m.backend.backup]):
+                if group:
+                    yield from self._order(group, host)
 
     def _resolved(self, members: List[Member]) -> bool:
         return any(member.target is not None for member in members)

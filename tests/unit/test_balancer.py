@@ -6,6 +6,7 @@ import collections
 import logging
 import os
 import signal
+import socket
 import time
 
 import pytest
@@ -304,3 +305,70 @@ def test_a_reload_keeps_the_state_of_backends_and_listeners_that_stay():
     balancer = Balancer(second.listeners[0], shared, 0)  # a worker of the new generation
     assert [m.name for m in balancer.members()] == ["10.0.0.2:1", "10.0.0.3:1"]
     assert {_first(balancer) for _ in range(3)} == {"10.0.0.3:1"}  # 10.0.0.2 is still down
+
+
+# --------------------------------------------------------------------------- names
+
+
+def _no_dns(monkeypatch) -> None:
+    """Any resolver call from a balancer is a bug: it would block the relay thread."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("getaddrinfo called from a balancer")
+
+    monkeypatch.setattr(socket, "getaddrinfo", forbidden)
+
+
+def test_an_unresolved_name_is_skipped_without_any_lookup(monkeypatch):
+    for balance in ("round_robin", "least_conn", "random_two", "source_hash"):
+        balancer = _balancer('["db.invalid:1", "10.0.0.2:1"]', balance=balance)
+        _no_dns(monkeypatch)
+        for _ in range(4):
+            assert _names(balancer.targets(("10.9.9.9", 1))) == ["10.0.0.2:1"]
+        monkeypatch.undo()
+
+
+def test_with_no_name_resolved_a_client_pauses_until_one_is(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(balancer_module, "time", clock)
+    balancer = _balancer('["db.invalid:1", "cache.invalid:2"]', connect_timeout_ms=300)
+    _no_dns(monkeypatch)
+    targets = balancer.targets()
+    pause = next(targets)
+    assert pause.sockaddr is None and 0 < pause.timeout_s <= balancer_module.RESOLVE_WAIT_S
+    clock.now += pause.timeout_s
+    assert next(targets).sockaddr is None  # still nothing: another pause
+    # The health process writes an address for the second name.
+    entry = _shared_of(balancer).pool(balancer.listener, 0)[1]
+    table = balancer.table
+    table.begin_write()
+    table.set_address(entry.slots[0], socket.AF_INET, ("10.0.0.7", 2))
+    table.end_write()
+    assert [(t.name, t.sockaddr) for t in targets] == [("cache.invalid:2 (10.0.0.7)",
+                                                        ("10.0.0.7", 2))]
+
+
+def test_a_pause_never_outlasts_the_connect_timeout_or_budget(monkeypatch, caplog):
+    clock = _Clock()
+    monkeypatch.setattr(balancer_module, "time", clock)
+    caplog.set_level(logging.INFO, logger="prefork_proxy.balancer")
+    for keys, limit in (({"connect_timeout_ms": 300}, 0.3),
+                        ({"connect_timeout_ms": 100, "connect_budget_ms": 250}, 0.25)):
+        balancer = _balancer('["db.invalid:1"]', **keys)
+        waited = 0.0
+        for pause in balancer.targets():
+            assert pause.sockaddr is None
+            waited += pause.timeout_s
+            clock.now += pause.timeout_s
+        assert waited == pytest.approx(limit, abs=0.002)
+    assert caplog.text.count("no backend address known yet (db.invalid:1 not resolved)") == 2
+
+
+def test_failover_past_a_down_backend_ends_cleanly_for_every_algorithm():
+    """least_conn and random_two used to raise at the end of such a failover (an empty
+    group of down backups reached min() / random.choices)."""
+    for balance in ("round_robin", "least_conn", "random_two", "source_hash"):
+        balancer = _balancer(THREE, balance=balance)
+        balancer.table.active_down[balancer.members()[0].slot] = 1
+        names = _names(balancer.targets(("10.9.9.9", 1)))
+        assert sorted(names) == ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"], balance
+        assert names[-1] == "10.0.0.1:1"  # the down one last

@@ -451,3 +451,38 @@ def test_connect_deadlines_stay_few_while_another_connect_hangs():
         assert loop.join(5)
         for sock in fillers + [full, ours]:
             sock.close()
+
+
+def test_a_pause_target_waits_on_the_timer_while_the_loop_serves_others(relay):
+    """A Target without an address (a balancer whose names are not resolved yet) makes
+    the loop wait on its timer heap, then ask again; other connections go on meanwhile."""
+    loop, open_pair = relay
+    backend_listener = socket.create_server(("127.0.0.1", 0))
+    front = socket.create_server(("127.0.0.1", 0))
+    resolved = threading.Event()
+    asked = []
+
+    def targets():
+        while not resolved.is_set():
+            asked.append(time.monotonic())
+            yield Target(0, None, "names", 0.02)  # a pause
+        yield Target(socket.AF_INET, backend_listener.getsockname(), "resolved")
+
+    waiting = socket.create_connection(front.getsockname(), timeout=10)
+    accepted, _ = front.accept()
+    accepted.setblocking(False)
+    loop.submit(accepted, targets(), 5.0)
+    wait_for(lambda: len(asked) >= 5, 5, message="several pauses")
+    client, backend = open_pair()  # served at once by the same loop
+    began = time.monotonic()
+    client.sendall(b"ping")
+    assert recv_exactly(backend, 4) == b"ping"
+    assert time.monotonic() - began < 0.5
+    resolved.set()
+    waited_backend, _ = backend_listener.accept()
+    waiting.sendall(b"late")
+    waited_backend.settimeout(10)
+    assert recv_exactly(waited_backend, 4) == b"late"
+    assert all(b - a >= 0.015 for a, b in zip(asked, asked[1:]))  # paused, not spinning
+    for sock in (waiting, client, backend, waited_backend, backend_listener, front):
+        sock.close()
