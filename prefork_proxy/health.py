@@ -109,6 +109,9 @@ class HealthChecker:
         if self.pid and self.shared.config is not self._config:
             log.info("health checks: the config changed; restarting the health-check process")
             self.stop()
+            # The old process may have written a verdict after ``reconfigure``
+            # cleared the unchecked ones; now that it is gone, clear them for good.
+            self.shared.clear_unchecked_verdicts()
         if self.pid and not self._alive():
             log.warning("health-check process %d died; restarting it in %.0f s", self.pid,
                         RESTART_DELAY_S)

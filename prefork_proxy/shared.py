@@ -175,7 +175,9 @@ class BackendTable:
       relay threads, under ``lock``; the health-check process clears them when
       checks bring a backend back.
     - ``active_down``, ``last_check``, ``last_check_ok`` (active health): the
-      health-check process only.
+      health-check process; the master clears them for backends whose listener
+      no longer has checks (``SharedState.clear_unchecked_verdicts``), once no
+      health-check process of the old config is left to write them.
     - ``active`` (connections per worker row and slot): the worker owning the
       row only; ``row_owner`` is claimed and swept under ``lock``.
     """
@@ -419,6 +421,31 @@ class SharedState:
                             self.table.set_address(slots[0], family, sockaddr)
                 pools[key].append(PoolEntry(backend, slots, literal))
         self._pools = {key: tuple(entries) for key, entries in pools.items()}
+        cleared = self.clear_unchecked_verdicts()
+        if cleared:
+            log.info("health checks removed: %d backend address(es) no longer held down "
+                     "by their last verdict", cleared)
+
+    def clear_unchecked_verdicts(self) -> int:
+        """Master: forget the active-check verdicts of backends no check looks at any more.
+
+        A backend marked down by checks would otherwise stay down forever once
+        a reload removed its listener's ``health_check`` table: its slot is
+        kept, and nothing probes it again.  Called by ``reconfigure`` and again
+        by the health checker once the old health-check process is gone (it
+        could still write a verdict in between).  Returns how many were cleared.
+        """
+        table, cleared = self.table, 0
+        for _, listener, entries in self.pools():
+            if listener.health_check is not None:
+                continue
+            for entry in entries:
+                for slot in entry.slots:
+                    if table.active_down[slot] or table.last_check[slot]:
+                        cleared += bool(table.active_down[slot])
+                        table.active_down[slot] = table.last_check_ok[slot] = 0
+                        table.last_check[slot] = 0.0
+        return cleared
 
     def _allocate(self) -> int:
         if self._next_fresh < self.table.slots:

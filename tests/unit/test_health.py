@@ -285,3 +285,32 @@ def test_more_than_eight_addresses_are_all_held_in_numeric_order(caplog):
         checker._apply_addresses(entry, UnicodeError("label too long"))
     assert caplog.text.count("cannot resolve: UnicodeError: label too long; keeping") == 1
     assert len(balancer.members()) == 65
+
+
+# --------------------------------------------------------------------------- reloads
+
+
+def test_removing_the_checks_by_a_reload_clears_their_verdicts(caplog):
+    checked = ('[[tcp_proxy]]\nbind = "127.0.0.1:7000"\nbackends = ["10.0.0.1:1", "10.0.0.2:1"]\n'
+               '[tcp_proxy.health_check]\ninterval_ms = 100\n')
+    other = '[[tcp_proxy]]\nbind = "127.0.0.1:7001"\nbackends = ["10.0.0.3:1"]\n' \
+            'health_check = { interval_ms = 100 }\n'
+    shared = SharedState(config.load_text(checked + other))
+    table = shared.table
+    slots = [entry.slots[0] for _, _, entries in shared.pools() for entry in entries]
+    for slot in slots:
+        table.active_down[slot], table.last_check[slot] = 1, time.time()
+    # Reloaded with the checks kept: the verdicts stay (the checks go on judging).
+    shared.reconfigure(config.load_text(checked + other))
+    assert [table.active_down[s] for s in slots] == [1, 1, 1]
+    caplog.set_level(logging.INFO, logger="prefork_proxy.shared")
+    # The first listener's table removed: its backends are no longer held down.
+    shared.reconfigure(config.load_text(checked.split("[tcp_proxy.health_check]")[0] + other))
+    kept = [entry.slots[0] for entry in shared.pool(shared.config.listeners[0], 0)]
+    assert kept == slots[:2]  # the same slots: only the verdicts went
+    assert [table.active_down[s] for s in slots] == [0, 0, 1]
+    assert table.last_check[slots[0]] == 0.0 and table.last_check[slots[2]] > 0
+    assert table.eligible(slots[0], time.monotonic())
+    assert "2 backend address(es) no longer held down" in caplog.text
+    lines = describe_backends(shared)
+    assert " up " in lines[1] and lines[1].rstrip().endswith("-")  # no stale "last check"
