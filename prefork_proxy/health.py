@@ -9,9 +9,10 @@ from its loop at least once a second.
 
 The health-check process (``prefork-proxy: health``) is the one writer of:
 
-- addresses of hostname backends: a thread resolves each name every
-  ``resolve_interval_ms`` (``getaddrinfo`` blocks, so never on a relay
-  thread); the main thread writes every address of the name into the name's
+- addresses of hostname backends: a resolver thread looks each name up
+  every ``resolve_interval_ms`` (``getaddrinfo`` blocks, so never on a relay
+  thread; each lookup in a thread of its own, so a slow name holds up no
+  other); the main thread writes every address of the name into the name's
   slots, keeping an address in its slot (and its health) while it stays;
 - active health: every ``interval_ms`` a probe connects to each address
   within ``timeout_ms``, optionally sends ``send`` and reads until the reply
@@ -484,28 +485,45 @@ class _CheckerProcess:
 
     def _resolve_forever(self, names: List[Tuple[int, ListenerConfig, PoolEntry]],
                          wake_w: int) -> None:
-        """Resolver thread: resolve each name on its listener's interval; post the results.
+        """Resolver thread: start each name's lookup on its listener's interval.
 
-        A failure of one lookup, of whatever type, is that name's result; if
-        the thread dies anyway, ``_watch_resolver`` replaces it.
+        Each lookup runs in a thread of its own (``_lookup_and_post``), at most
+        one per name at a time, so a name whose DNS server takes seconds to
+        answer delays no other name.  A failure of one lookup, of whatever
+        type, is that name's result; if this thread dies anyway,
+        ``_watch_resolver`` replaces it.
         """
         try:
             due = [0.0] * len(names)
+            in_flight: set = set()  # positions with a lookup running (set ops hold the GIL)
             while not self.stopping.is_set():
                 now = time.monotonic()
                 for position, (_, listener, entry) in enumerate(names):
-                    if now < due[position]:
+                    if now < due[position] or position in in_flight:
                         continue
                     due[position] = now + listener.resolve_interval_ms / 1000.0
-                    self.results.put((position, (entry, self._lookup(entry))))
-                    try:
-                        os.write(wake_w, b"\0")
-                    except BlockingIOError:
-                        pass
+                    in_flight.add(position)
+                    self._start_lookup(position, entry, wake_w, in_flight)
                 self.stopping.wait(max(0.05, min(due) - time.monotonic()))
         except BaseException:
             log.exception("the resolver thread crashed")
             raise
+
+    def _start_lookup(self, position: int, entry: PoolEntry, wake_w: int, in_flight: set) -> None:
+        threading.Thread(target=self._lookup_and_post, args=(position, entry, wake_w, in_flight),
+                         name=f"lookup {entry.backend.address.host}", daemon=True).start()
+
+    def _lookup_and_post(self, position: int, entry: PoolEntry, wake_w: int,
+                         in_flight: set) -> None:
+        """One lookup's thread: post its result and wake the main thread."""
+        try:
+            self.results.put((position, (entry, self._lookup(entry))))
+            try:
+                os.write(wake_w, b"\0")
+            except BlockingIOError:
+                pass
+        finally:
+            in_flight.discard(position)  # whatever happened, the name is looked up again
 
     def _lookup(self, entry: PoolEntry) -> object:
         """Every distinct address of one name, or the exception its lookup raised."""

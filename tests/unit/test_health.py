@@ -203,12 +203,7 @@ def test_a_dead_resolver_thread_is_noticed_and_replaced(monkeypatch, caplog):
     class Fatal(BaseException):
         """Something no ``except Exception`` catches: the thread dies of it."""
 
-    calls = []
-
     def getaddrinfo(host, port, *args, **kwargs):
-        calls.append(host)
-        if len(calls) == 1:
-            raise Fatal()
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.5", port))]
 
     monkeypatch.setattr(health_module, "RESOLVER_RESTART_S", 0.05)
@@ -216,6 +211,15 @@ def test_a_dead_resolver_thread_is_noticed_and_replaced(monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="prefork_proxy.health")
     checker = _checker(TWO_NAMES)
     checker.getaddrinfo = getaddrinfo
+    real_start, starts = checker._start_lookup, []
+
+    def start_lookup(*args):
+        starts.append(args)
+        if len(starts) == 1:
+            raise Fatal()  # in the resolver thread itself, outside any lookup
+        real_start(*args)
+
+    checker._start_lookup = start_lookup
     listener = checker.shared.config.listeners[0]
     checker._names = [(0, listener, e) for e in checker.shared.pool(listener, 0)]
     wake_r, checker._wake_w = os.pipe2(os.O_NONBLOCK)
@@ -314,3 +318,30 @@ def test_removing_the_checks_by_a_reload_clears_their_verdicts(caplog):
     assert "2 backend address(es) no longer held down" in caplog.text
     lines = describe_backends(shared)
     assert " up " in lines[1] and lines[1].rstrip().endswith("-")  # no stale "last check"
+
+
+def test_a_slow_name_delays_no_other_name():
+    """Lookups run concurrently: a name whose DNS takes 1.5 s does not hold the others."""
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host == "bad.test":
+            time.sleep(1.5)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.5", port))]
+
+    checker = _checker(TWO_NAMES)  # resolve_interval_ms = 100
+    checker.getaddrinfo = getaddrinfo
+    listener = checker.shared.config.listeners[0]
+    names = [(0, listener, e) for e in checker.shared.pool(listener, 0)]
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
+    thread = threading.Thread(target=checker._resolve_forever, args=(names, wake_w), daemon=True)
+    started = time.monotonic()
+    thread.start()
+    try:
+        good = 0
+        while good < 5 and time.monotonic() - started < 5:
+            _, (entry, _) = checker.results.get(timeout=5)
+            if entry.backend.address.host == "good.test":
+                good += 1
+        assert good == 5 and time.monotonic() - started < 1.2  # before the slow one answered
+    finally:
+        checker.stopping.set()
+        thread.join(5)
