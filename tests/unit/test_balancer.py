@@ -285,7 +285,10 @@ def _in_children(count: int, work) -> list:
 
 def test_a_reload_keeps_the_state_of_backends_and_listeners_that_stay():
     def load(backends: str) -> config.Config:
-        return config.load_text(f'[[tcp_proxy]]\nbind = "127.0.0.1:7000"\nbackends = {backends}\n')
+        # With checks in both configs: a verdict of checks survives a reload that
+        # keeps them (one that removes them clears it, see test_health).
+        return config.load_text(f'[[tcp_proxy]]\nbind = "127.0.0.1:7000"\nbackends = {backends}\n'
+                                'health_check = { interval_ms = 1000 }\n')
 
     first = load('["10.0.0.1:1", "10.0.0.2:1", "db:5"]')
     shared = SharedState(first)
