@@ -167,6 +167,9 @@ class ListenerConfig:
     fail_timeout_ms: int = DEFAULT_FAIL_TIMEOUT_MS
     resolve_interval_ms: int = DEFAULT_RESOLVE_INTERVAL_MS
     health_check: Optional[HealthCheck] = None
+    #: Share the address with another process already listening on it (SO_REUSEPORT);
+    #: off: binding an address in use fails with "address in use".
+    reuse_port: bool = False
 
     @property
     def label(self) -> str:
@@ -442,7 +445,7 @@ class _Validator:
                    "pidfile", "log_file", "user", "group")
     LISTENER_KEYS = ("bind", "backends", "connect_timeout_ms", "name", "balance", "retries",
                      "connect_budget_ms", "fall", "fail_timeout_ms", "resolve_interval_ms",
-                     "health_check")
+                     "health_check", "reuse_port")
     BACKEND_KEYS = ("address", "weight", "backup")
     HEALTH_KEYS = ("interval_ms", "timeout_ms", "rise", "fall", "send", "expect")
 
@@ -662,13 +665,17 @@ class _Validator:
             raise fail("resolve_interval_ms", "expected an integer number of milliseconds "
                                               f"between 100 and {MAX_MS}, got "
                                               f"{_describe(resolve_interval)}")
+        reuse_port = doc.get("reuse_port", False)
+        if not isinstance(reuse_port, bool):
+            raise fail("reuse_port", f"expected true or false, got {_describe(reuse_port)}")
         health = None
         if "health_check" in doc:
             health = self.health_check(doc["health_check"], section, index)
         return ListenerConfig(bind=bind, backends=backends, connect_timeout_ms=timeout, name=name,
                               balance=balance, retries=retries, connect_budget_ms=budget,
                               fall=fall, fail_timeout_ms=fail_timeout,
-                              resolve_interval_ms=resolve_interval, health_check=health)
+                              resolve_interval_ms=resolve_interval, health_check=health,
+                              reuse_port=reuse_port)
 
     def health_check(self, doc: Any, section: str, index: int) -> HealthCheck:
         def fail(key: Optional[str], expected: str) -> ConfigError:

@@ -11,12 +11,16 @@ never sees half of one.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import logging
 import os
 import signal
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+from prefork_proxy import hygiene
 from prefork_proxy.errors import ProxyError
 
 
@@ -31,37 +35,169 @@ def write_atomically(path: str, text: str) -> None:
     os.replace(temporary, path)
 
 
-def write_pidfile(pidfile: str, pid: int) -> None:
-    write_atomically(pidfile, f"{pid}\n")
+class PidFile:
+    """The master's pidfile, locked (``fcntl`` record lock) for the master's whole life.
 
+    Owned by the master (``Master.run``).  Principle (one master per pidfile):
+    the lock says "a master serves", the pid inside says which one.  A second
+    ``start`` on the same pidfile finds it locked and exits with a clear
+    message instead of overwriting it; ``read_pid`` in the CLI treats an
+    unlocked pidfile as stale, whatever process now has its pid.  The kernel
+    drops the lock when the master dies, even by SIGKILL.
 
-def remove_files(pidfile: str, pid: int) -> None:
-    """Remove the pidfile and status file, if they are still ours."""
-    try:
-        if read_pid(pidfile) != pid:
-            return
-    except ProxyError:
-        return
-    for path in (pidfile, status_path(pidfile)):
+    The file is written in place, never renamed over: the lock belongs to the
+    inode.  POSIX record locks are released by closing *any* descriptor of the
+    file in the locking process, so the master never opens the pidfile again
+    (``remove`` works from this descriptor); children do not inherit the lock,
+    and close their copy at fork (``hygiene``).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+
+    def acquire(self, pid: int, owner: Optional[Tuple[int, int]] = None) -> None:
+        """Lock the pidfile and write ``pid`` into it; ``ProxyError`` if a master holds it.
+
+        ``owner`` (uid, gid): the user the master will serve as, who must be
+        able to remove the file at exit (a sticky directory such as /tmp only
+        lets a file's owner remove it).
+        """
+        for _ in range(10):  # another master may remove the file between open and lock
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise ProxyError(f"{self.path}: cannot open the pidfile: "
+                                 f"{exc.strerror or exc}") from None
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise ProxyError(f"{self.path}: cannot lock the pidfile: "
+                                     f"{exc.strerror or exc}") from None
+                holder = _pid_in(self.path)
+                raise ProxyError(f"{self.path}: another prefork-proxy master "
+                                 f"{f'(pid {holder}) ' if holder else ''}is running with this "
+                                 "pidfile: stop it first, or give this one another pidfile"
+                                 ) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except OSError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # locked a file that was removed meanwhile: lock the new one
+        else:
+            raise ProxyError(f"{self.path}: the pidfile keeps being replaced; is another "
+                             "master starting?")
+        self.fd = fd
+        hygiene.master_only(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{pid}\n".encode(), 0)
+        if owner is not None:
+            os.fchown(fd, *owner)
         try:
-            os.unlink(path)
+            os.unlink(status_path(self.path))  # a crashed predecessor's, written as another user
         except OSError:
             pass
 
+    def remove(self) -> None:
+        """Remove the pidfile and the status file (if still ours), then release the lock."""
+        if self.fd < 0:
+            return
+        try:
+            ours = os.fstat(self.fd).st_ino == os.stat(self.path).st_ino
+        except OSError:
+            ours = False
+        if ours:
+            for path in (status_path(self.path), self.path):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    logging.getLogger("prefork_proxy.master").warning(
+                        "cannot remove %s: %s", path, exc.strerror or exc)
+        hygiene.forget(self.fd)
+        os.close(self.fd)  # releases the lock
+        self.fd = -1
 
-def read_pid(pidfile: str) -> int:
-    """The master's pid from ``pidfile``; ``ProxyError`` if absent or not running."""
+
+def _pid_in(pidfile: str) -> Optional[int]:
     try:
         with open(pidfile, encoding="utf-8") as f:
-            pid = int(f.read().strip())
-    except (OSError, ValueError) as exc:
-        raise ProxyError(f"{pidfile}: cannot read a pid: {exc}") from None
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def is_locked(pidfile: str) -> bool:
+    """Whether some process holds the pidfile's lock (a live master); CLI processes.
+
+    Tested with a non-blocking shared lock, which needs only read access and
+    is refused while the master holds its exclusive lock.  Taking it means no
+    master holds the file; it is released when the descriptor closes.
+    """
+    try:
+        fd = os.open(pidfile, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError as exc:
+        return exc.errno in (errno.EAGAIN, errno.EACCES)
+    finally:
+        os.close(fd)
+
+
+def _looks_like_master(pid: int) -> Optional[bool]:
+    """Whether process ``pid`` is a prefork-proxy (its title, or its command line
+    where ``setproctitle`` is missing); None where there is no /proc to tell."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    if cmdline.startswith("prefork-proxy: "):  # titled: a master, a worker, the health process
+        return cmdline.startswith("prefork-proxy: master")
+    return "prefork_proxy" in cmdline or "prefork-proxy" in cmdline
+
+
+def read_pid(pidfile: str) -> int:
+    """The master's pid from ``pidfile``; ``ProxyError`` unless a live master holds it.
+
+    Principle (never signal a stranger): after a crash the pid in a pidfile
+    can belong to any process that reused it.  The pid counts only if the
+    pidfile is locked (the master holds the lock for its life, see
+    ``PidFile``) and the process looks like a prefork-proxy (its title or
+    command line), so ``reload``/``stop`` never signal an unrelated process.
+    """
+    pid = _pid_in(pidfile)
+    if pid is None:
+        try:
+            with open(pidfile, encoding="utf-8") as f:
+                f.read()
+            problem = "it holds no pid"
+        except OSError as exc:
+            problem = str(exc)
+        raise ProxyError(f"{pidfile}: cannot read a pid: {problem}")
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         raise ProxyError(f"{pidfile}: no process {pid} is running (stale pidfile)") from None
     except PermissionError:
         pass  # it exists, under another user
+    if not is_locked(pidfile):
+        raise ProxyError(f"{pidfile}: stale pidfile: no prefork-proxy master holds its lock, "
+                         f"so process {pid} is not this proxy's master (its pid was reused); "
+                         "not signalling it")
+    if _looks_like_master(pid) is False:
+        raise ProxyError(f"{pidfile}: process {pid} is not a prefork-proxy master (its command "
+                         "line says otherwise); not signalling it")
     return pid
 
 

@@ -57,12 +57,12 @@ import queue
 import selectors
 import signal
 import socket
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from prefork_proxy import hygiene
 from prefork_proxy.balancer import backend_name
 from prefork_proxy.config import HealthCheck, ListenerConfig
 from prefork_proxy.proctitle import set_title
@@ -318,22 +318,7 @@ class _CheckerProcess:
         except (OSError, AttributeError):
             pass  # the getppid() check in the loop covers it
         # A listening socket held here would outlive its removal by a reload.
-        for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []:
-            fd = int(name)
-            try:
-                if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-                    continue
-                sock = socket.socket(fileno=fd)
-            except OSError:
-                continue
-            try:
-                listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-            except OSError:
-                listening = 0
-            if listening:
-                sock.close()
-            else:
-                sock.detach()
+        hygiene.after_fork(keep=())
 
     # -- the loop
 

@@ -19,7 +19,7 @@ import errno
 import logging
 import socket
 import struct
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from prefork_proxy.config import Endpoint, ListenerConfig
 from prefork_proxy.errors import BindError
@@ -55,14 +55,76 @@ def stop_new_handshakes(sock: socket.socket) -> bool:
 
 
 
-def bind_listener(endpoint: Endpoint) -> socket.socket:
-    """Bind and listen on ``endpoint``; raise ``BindError`` with a clear message on failure."""
+def allow_new_handshakes(sock: socket.socket) -> None:
+    """Undo ``stop_new_handshakes``: a removed listener that a reload adds back."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+    except OSError as exc:  # ENOENT: no filter was attached
+        log.debug("cannot detach the drop filter of %s: %s", sock, exc)
+
+
+#: An address as the kernel sees it: (family, proto, sockaddr).
+Resolved = Tuple[int, int, tuple]
+
+
+def resolve(endpoint: Endpoint) -> Resolved:
+    """The address ``bind_listener`` binds for ``endpoint`` (the first getaddrinfo answer)."""
     try:
         infos = socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise BindError(f"cannot bind {endpoint}: cannot resolve host: {exc.strerror}") from None
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise BindError(f"cannot bind {endpoint}: cannot resolve host: {reason}") from None
     family, _, proto, _, sockaddr = infos[0]
+    return family, proto, sockaddr
+
+
+def _bind_error(endpoint: Endpoint, exc: OSError) -> BindError:
+    reason = {errno.EADDRINUSE: "address already in use",
+              errno.EACCES: "permission denied (ports below 1024 need root or "
+                            "CAP_NET_BIND_SERVICE)",
+              errno.EADDRNOTAVAIL: "address not available on this machine"}.get(
+        exc.errno, exc.strerror or str(exc))
+    return BindError(f"cannot bind {endpoint}: {reason}")
+
+
+def check_not_in_use(endpoint: Endpoint, address: Resolved) -> None:
+    """Raise ``BindError`` if another socket already listens on ``address``.
+
+    Principle (no silent sharing): the real listener is bound with
+    SO_REUSEPORT, which lets any process of the same user bind the same
+    address beside it, and the kernel would then split the clients between
+    the two.  A probe bound *without* SO_REUSEPORT (with SO_REUSEADDR, so
+    TIME_WAIT leftovers do not count) fails with EADDRINUSE exactly when a
+    socket already listens there, whoever owns it; the probe never listens and
+    is closed at once.  (``localhost:80`` and ``127.0.0.1:80`` resolve to the
+    same address, so they collide here too.)
+    """
+    family, proto, sockaddr = address
+    probe = socket.socket(family, socket.SOCK_STREAM, proto)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        probe.bind(sockaddr)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise BindError(f"cannot bind {endpoint}: address already in use: another "
+                            f"process listens on {_show(address)} (set reuse_port = true in "
+                            "this [[tcp_proxy]] section if sharing it is intended)") from None
+        raise _bind_error(endpoint, exc) from None
+    finally:
+        probe.close()
+
+
+def _show(address: Resolved) -> str:
+    host, port = address[2][:2]
+    return f"[{host}]:{port}" if address[0] == socket.AF_INET6 else f"{host}:{port}"
+
+
+def bind_listener(endpoint: Endpoint, address: Optional[Resolved] = None) -> socket.socket:
+    """Bind and listen on ``endpoint``; raise ``BindError`` with a clear message on failure."""
+    family, proto, sockaddr = address or resolve(endpoint)
     sock = socket.socket(family, socket.SOCK_STREAM, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -81,12 +143,7 @@ def bind_listener(endpoint: Endpoint) -> socket.socket:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        reason = {errno.EADDRINUSE: "address already in use",
-                  errno.EACCES: "permission denied (ports below 1024 need root or "
-                                "CAP_NET_BIND_SERVICE)",
-                  errno.EADDRNOTAVAIL: "address not available on this machine"}.get(
-            exc.errno, exc.strerror or str(exc))
-        raise BindError(f"cannot bind {endpoint}: {reason}") from None
+        raise _bind_error(endpoint, exc) from None
     return sock
 
 
@@ -97,50 +154,115 @@ def bound_address(sock: socket.socket) -> str:
 
 
 class ListenerSet:
-    """The master's table of listening sockets, keyed by the endpoint as configured.
+    """The master's table of listening sockets, keyed by the address they bind.
+
+    The key is the address as the kernel sees it (family, IP, port), so
+    ``localhost:6380`` and ``127.0.0.1:6380`` are one listener, and a reload
+    that respells an address keeps its socket.  A listener on port 0 (the
+    kernel picks the port, as tests do) is keyed by its position, since two of
+    them are different sockets.
 
     ``open`` binds all of a config's listeners or none of them: if one fails,
-    the ones bound so far are closed and the error is raised.  A listener on
-    port 0 (the kernel picks the port, as tests do) is keyed by its position,
-    since two of them are different sockets.
+    the ones bound so far are closed and the error is raised.  ``retain``
+    moves the sockets a reload no longer uses to a retired table (their
+    queues frozen) until ``close_retired``; a reload that adds such an address
+    back takes its retired socket back, so no second socket ever joins its
+    SO_REUSEPORT group while the old one is still open and filtered (clients
+    hashed to the filtered one would hang).
     """
 
     def __init__(self) -> None:
         self._sockets: Dict[Tuple[object, ...], socket.socket] = {}
+        self._retired: Dict[Tuple[object, ...], socket.socket] = {}
 
     @staticmethod
-    def _key(listener: ListenerConfig, index: int) -> Tuple[object, ...]:
-        bind = listener.bind
-        return (bind.host, bind.port) if bind.port else (bind.host, 0, index)
+    def _key(listener: ListenerConfig, index: int, address: Resolved) -> Tuple[object, ...]:
+        family, _, sockaddr = address
+        if not listener.bind.port:
+            return ("port 0", index, family, sockaddr[0])
+        return (family,) + tuple(sockaddr[:2]) + tuple(sockaddr[3:4])  # scope id for IPv6
 
     def open(self, listeners: Sequence[ListenerConfig]) -> List[socket.socket]:
         """Bind what is not bound yet; return the sockets in the order of ``listeners``."""
+        addresses = [resolve(listener.bind) for listener in listeners]
+        keys = [self._key(lst, i, a) for i, (lst, a) in enumerate(zip(listeners, addresses))]
+        seen: Dict[Tuple[object, ...], ListenerConfig] = {}
+        for listener, key, address in zip(listeners, keys, addresses):
+            if key in seen:
+                raise BindError(f"cannot bind {listener.bind}: {seen[key].bind} in another "
+                                f"[[tcp_proxy]] section binds the same address "
+                                f"({_show(address)})")
+            seen[key] = listener
+        fresh = [(lst, key, address) for lst, key, address in zip(listeners, keys, addresses)
+                 if key not in self._sockets and key not in self._retired]
+        # Probe every new address before binding any: a listener of this very
+        # config (0.0.0.0:P beside 127.0.0.1:P) must not look like another process.
+        for listener, _, address in fresh:
+            if listener.bind.port and not listener.reuse_port \
+                    and not self._overlaps_ours(address):
+                check_not_in_use(listener.bind, address)
         opened: List[Tuple[object, ...]] = []
+        revived: List[Tuple[object, ...]] = []
         try:
-            for index, listener in enumerate(listeners):
-                key = self._key(listener, index)
-                if key not in self._sockets:
-                    self._sockets[key] = bind_listener(listener.bind)
+            for listener, key, address in zip(listeners, keys, addresses):
+                if key in self._sockets:
+                    continue
+                if key in self._retired:
+                    sock = self._retired.pop(key)
+                    allow_new_handshakes(sock)
+                    self._sockets[key] = sock
+                    revived.append(key)
+                    log.info("listener %s is back in the config: it keeps its socket",
+                             listener.bind)
+                else:
+                    self._sockets[key] = bind_listener(listener.bind, address)
                     opened.append(key)
         except BindError:
             for key in opened:
                 self._sockets.pop(key).close()
+            for key in revived:
+                sock = self._retired[key] = self._sockets.pop(key)
+                stop_new_handshakes(sock)
             raise
-        return [self._sockets[self._key(lst, i)] for i, lst in enumerate(listeners)]
+        return [self._sockets[key] for key in keys]
 
-    def retain(self, listeners: Sequence[ListenerConfig]) -> List[socket.socket]:
-        """Stop handshakes on every socket ``listeners`` no longer uses; return them.
+    def _overlaps_ours(self, address: Resolved) -> bool:
+        """Whether one of our own sockets (serving or retired) shares the port with a
+        wildcard on either side: the probe could not tell it from another process."""
+        family, _, sockaddr = address
+        wildcards = ("0.0.0.0", "::")
+        for sock in list(self._sockets.values()) + list(self._retired.values()):
+            if sock.family != family:
+                continue
+            host, port = sock.getsockname()[:2]
+            if port == sockaddr[1] and (host in wildcards or sockaddr[0] in wildcards):
+                return True
+        return False
 
-        The caller closes them with ``close_sockets`` once no worker that may
-        still accept from them is alive, so their queues are empty by then.
+    def retain(self, keep: Sequence[socket.socket]) -> List[socket.socket]:
+        """Retire every socket not in ``keep`` (what ``open`` returned for the new
+        config): stop its handshakes and hold it until ``close_retired``.
+
+        The caller closes them once no worker that may still accept from them
+        is alive, so their queues are empty by then.  Returns them.
         """
-        keep = {self._key(lst, i) for i, lst in enumerate(listeners)}
+        kept = {id(sock) for sock in keep}
         removed = []
-        for key in [k for k in self._sockets if k not in keep]:
+        for key in [k for k, sock in self._sockets.items() if id(sock) not in kept]:
             sock = self._sockets.pop(key)
             stop_new_handshakes(sock)
+            self._retired[key] = sock
             removed.append(sock)
         return removed
+
+    def has_retired(self) -> bool:
+        return bool(self._retired)
+
+    def close_retired(self) -> None:
+        """Close the retired sockets: their addresses are no longer bound."""
+        for sock in self._retired.values():
+            sock.close()
+        self._retired.clear()
 
     def stop_new_handshakes(self) -> None:
         """Freeze every queue (graceful stop): the workers' last accept sweep empties them."""
@@ -148,6 +270,7 @@ class ListenerSet:
             stop_new_handshakes(sock)
 
     def close(self) -> None:
+        self.close_retired()
         for sock in self._sockets.values():
             sock.close()
         self._sockets.clear()

@@ -49,6 +49,7 @@ from prefork_proxy.config import Config
 from prefork_proxy.errors import EXIT_FAILURE, EXIT_OK, ProxyError
 from prefork_proxy.health import HealthChecker, describe_backends
 from prefork_proxy.listeners import ListenerSet, bound_address
+from prefork_proxy.privileges import drop_privileges, prepare_runtime_dir
 from prefork_proxy.proctitle import set_title
 from prefork_proxy.relay import choose_mode
 from prefork_proxy.scoreboard import Scoreboard
@@ -103,35 +104,6 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-def drop_privileges(user: Optional[str], group: Optional[str]) -> None:
-    """Become ``user``/``group`` (supplementary groups, then gid, then uid)."""
-    if not user and not group:
-        return
-    # Load what may be imported lazily later: after the switch, the Python
-    # installation may not be readable (e.g. under /root).
-    import encodings.idna  # noqa: F401  (getaddrinfo on a hostname imports it)
-    import grp
-    import pwd
-
-    try:
-        entry = pwd.getpwnam(user) if user else None
-        gid = grp.getgrnam(group).gr_gid if group else (entry.pw_gid if entry else os.getgid())
-    except KeyError as exc:
-        raise ProxyError(f"cannot drop privileges: unknown user or group {exc}") from None
-    try:
-        if entry is not None:
-            os.initgroups(entry.pw_name, gid)
-        else:
-            os.setgroups([gid])
-        os.setgid(gid)
-        if entry is not None:
-            os.setuid(entry.pw_uid)
-    except PermissionError as exc:
-        raise ProxyError(f"cannot drop privileges to user={user} group={group}: "
-                         f"{exc.strerror} (start as root to use user/group)") from None
-    log.info("dropped privileges: uid=%d gid=%d", os.getuid(), os.getgid())
-
-
 class Master:
     """Supervisor of the workers serving the current config."""
 
@@ -140,7 +112,6 @@ class Master:
         self.loader = loader  # re-reads the config on SIGHUP; None: started without a file
         self.listeners = ListenerSet()
         self.sockets: List[socket.socket] = []  # in the order of config.listeners
-        self.closing_sockets: List[socket.socket] = []  # removed by a reload, closed later
         self.workers: Dict[int, WorkerProcess] = {}  # by pid
         self.history: Dict[int, SlotHistory] = {}  # by slot
         self.desired = config.server.workers
@@ -156,6 +127,9 @@ class Master:
         self.stop_deadline = 0.0
         self.exit_code = EXIT_OK
         self.next_status = 0.0
+        self.pidfile: Optional[control.PidFile] = None  # locked for the master's life
+        self.status_error = ""  # the last failure to write the status file, if any
+        self.status_warned_at = 0.0
 
     # -- lifetime
 
@@ -168,11 +142,14 @@ class Master:
         self.pid = os.getpid()
         self.mode = choose_mode(self.config.server.relay)
         file_limit = raise_open_file_limit()
-        self.sockets = self.listeners.open(self.config.listeners)
-        pidfile = self.config.server.pidfile
+        server = self.config.server
+        pidfile = self.pidfile = control.PidFile(server.pidfile) if server.pidfile else None
         try:
             if pidfile:
-                control.write_pidfile(pidfile, self.pid)
+                # Locked before binding: a second start on this pidfile is told so.
+                owner = prepare_runtime_dir(pidfile.path, server.user, server.group)
+                pidfile.acquire(self.pid, owner)
+            self.sockets = self.listeners.open(self.config.listeners)
             # Shared memory first: allocating it may need files only root can create.
             self.shared = SharedState(self.config)
             self.health = HealthChecker(self.shared)
@@ -183,7 +160,7 @@ class Master:
         except BaseException:
             self.listeners.close()
             if pidfile:
-                control.remove_files(pidfile, self.pid)
+                pidfile.remove()
             raise
         try:
             self.manage_workers()
@@ -200,10 +177,8 @@ class Master:
                 self.health.stop()
             signals.close()
             self.listeners.close()
-            for sock in self.closing_sockets:
-                sock.close()
             if pidfile:
-                control.remove_files(pidfile, self.pid)
+                pidfile.remove()
         log.info("master %d exiting with code %d", self.pid, self.exit_code)
         return self.exit_code
 
@@ -275,9 +250,7 @@ class Master:
             # Freeze the accept queues first: the workers' last accept sweep then
             # empties them, and closing them at exit resets nobody.
             self.listeners.stop_new_handshakes()
-            for sock in self.closing_sockets:
-                sock.close()
-            self.closing_sockets.clear()
+            self.listeners.close_retired()
         self.stopping = True
         self.stop_deadline = time.monotonic() + drain_timeout_s + KILL_GRACE_S
         self._signal_all(worker_signal)
@@ -303,7 +276,7 @@ class Master:
             self._notify("ready")
             return
         assert self.shared is not None
-        self.closing_sockets.extend(self.listeners.retain(config.listeners))
+        self.listeners.retain(sockets)
         self.shared.reconfigure(config)
         old_generation = self.generation
         self.config, self.sockets, self.mode = config, sockets, mode
@@ -323,11 +296,9 @@ class Master:
 
     def close_unused_sockets(self) -> None:
         """Close listeners removed by a reload once no worker that accepted from them is left."""
-        if self.closing_sockets and all(w.generation == self.generation
-                                        for w in self.workers.values()):
-            for sock in self.closing_sockets:
-                sock.close()
-            self.closing_sockets.clear()
+        if self.listeners.has_retired() and all(w.generation == self.generation
+                                                for w in self.workers.values()):
+            self.listeners.close_retired()
 
     # -- the worker table
 
@@ -460,9 +431,8 @@ class Master:
 
     def write_status(self, now: float) -> None:
         """Rewrite the status file beside the pidfile (read by ``prefork-proxy status``)."""
-        pidfile = self.config.server.pidfile
-        if not pidfile or self.board is None:
-            return
+        if self.pidfile is None or self.board is None:
+            return  # (the pidfile of the start stays: it is locked and cannot move)
         board = self.board
         workers = [{"slot": w.slot, "generation": w.generation, "pid": w.pid,
                     "age_s": now - w.started, "active": board.active[w.row],
@@ -475,10 +445,21 @@ class Master:
                   "listeners": [bound_address(s) for s in self.sockets],
                   "workers": workers, "written_at": time.time(),
                   "backends": describe_backends(self.shared) if self.shared else []}
+        path = control.status_path(self.pidfile.path)
         try:
-            control.write_atomically(control.status_path(pidfile), json.dumps(status))
+            control.write_atomically(path, json.dumps(status))
         except OSError as exc:
-            log.debug("cannot write the status file: %s", exc)
+            # A warning, not a debug line: `status` reports this master stuck
+            # until the file is written again.  Once per cause and minute.
+            error = f"cannot write the status file {path}: {exc.strerror or exc}"
+            if error != self.status_error or now - self.status_warned_at >= 60.0:
+                log.warning("%s; `prefork-proxy status` will report this master as stuck",
+                            error)
+                self.status_error, self.status_warned_at = error, now
+            return
+        if self.status_error:
+            log.info("status file %s written again", path)
+            self.status_error = ""
 
     @staticmethod
     def _notify(state: str) -> None:

@@ -63,7 +63,7 @@ import socket
 import time
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from prefork_proxy import logsetup
+from prefork_proxy import hygiene, logsetup
 from prefork_proxy.balancer import Balancer
 from prefork_proxy.config import Config, ListenerConfig
 from prefork_proxy.proctitle import set_title
@@ -157,8 +157,10 @@ class Worker:
             signal.signal(signum, signal.SIG_IGN)  # the master's business, not ours
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1))
-        for fd in inherited_fds:
-            os.close(fd)
+        # Exactly this worker's listeners stay open: not the master's wake-up
+        # pipe, nor a listener a reload removed (see ``hygiene``).
+        hygiene.after_fork(keep={sock.fileno() for _, sock in self.listeners},
+                           close=inherited_fds)
         self._ask_for_parent_death_signal()
         self.accepting = [(lst, sock, Balancer(lst, self.shared, index))
                           for index, (lst, sock) in enumerate(self.listeners)]
