@@ -137,7 +137,9 @@ def is_locked(pidfile: str) -> bool:
 
     Tested with a non-blocking shared lock, which needs only read access and
     is refused while the master holds its exclusive lock.  Taking it means no
-    master holds the file; it is released when the descriptor closes.
+    master holds the file; it is released when the descriptor closes.  Never
+    called in the master: closing a descriptor of the file there would release
+    the master's own lock.
     """
     try:
         fd = os.open(pidfile, os.O_RDONLY | os.O_CLOEXEC)

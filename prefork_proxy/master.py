@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-from prefork_proxy import control, logsetup, notify
+from prefork_proxy import control, hygiene, logsetup, notify
 from prefork_proxy.config import Config
 from prefork_proxy.errors import EXIT_FAILURE, EXIT_OK, ProxyError
 from prefork_proxy.health import HealthChecker, describe_backends
@@ -157,6 +157,8 @@ class Master:
             drop_privileges(self.config.server.user, self.config.server.group)
             set_title("prefork-proxy: master")
             signals = self.signal_queue = SignalQueue(HANDLED_SIGNALS)
+            for fd in signals.fds():  # no child needs the master's wake-up pipe
+                hygiene.master_only(fd)
         except BaseException:
             self.listeners.close()
             if pidfile:
