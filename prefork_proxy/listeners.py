@@ -7,9 +7,11 @@ Principle: a listening socket has one accept queue, and closing the last
 descriptor of it resets every connection still waiting in that queue.  The
 master keeps its descriptor open for as long as it serves, so a worker that
 dies, is killed, or retires closes only its own copy and no queued client is
-ever reset.  ``SO_REUSEPORT`` is set so that a new set of sockets (a reload
-that adds a listener, or a second instance during an upgrade) can bind the
-same address beside the old one.
+ever reset.  ``SO_REUSEPORT`` is set, yet a new address is first probed
+without it (``check_not_in_use``), so another process already listening there
+is an error ("address already in use") unless the listener says
+``reuse_port = true``; our own reloads never need to share, since the
+``ListenerSet`` keeps the socket of every address it still (or again) serves.
 """
 
 from __future__ import annotations
