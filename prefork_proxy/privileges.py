@@ -74,6 +74,8 @@ def prepare_runtime_dir(pidfile: str, user: Optional[str],
     """
     if not user and not group:
         return None
+    if os.geteuid() != 0:
+        return None  # no switch will happen: drop_privileges says why, with its own message
     entry, gid = _credentials(user, group)
     uid = entry.pw_uid if entry is not None else os.getuid()  # type: ignore[attr-defined]
     directory = os.path.dirname(os.path.abspath(pidfile))
