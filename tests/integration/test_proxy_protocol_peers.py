@@ -26,7 +26,13 @@ from typing import Iterator, List
 import pytest
 from support import wait_for
 
-from prefork_proxy.proxy_protocol import ProxyHeader, parse
+from prefork_proxy.proxy_protocol import (
+    ProxyHeader,
+    encode_v1,
+    encode_v2,
+    encode_v2_local,
+    parse,
+)
 
 pytestmark = pytest.mark.skipif(
     shutil.which("haproxy") is None,
@@ -106,24 +112,30 @@ def crc32c(data: bytes) -> int:
     return crc ^ 0xFFFFFFFF
 
 
-VARIANTS = ("v1", "v2", "v2tlv", "v1six", "v2six")  # "six": frontend and client on ::1
+# "six": frontend and client on ::1; "accept": HAProxy receives our encoders' headers.
+VARIANTS = ("v1", "v2", "v2tlv", "v1six", "v2six", "accept")
 
 
 @pytest.fixture(scope="module")
 def haproxy(tmp_path_factory) -> Iterator[dict]:
-    """HAProxy with one frontend per variant, each to its own capture server."""
+    """HAProxy with one frontend per variant, each to its own capture server.
+
+    Frontend ``accept`` has ``accept-proxy`` and relays with ``send-proxy-v2``: what
+    it relays is what it understood of the header our encoders sent it.
+    """
     workdir: Path = tmp_path_factory.mktemp("haproxy")
     captures = {name: Capture() for name in VARIANTS + ("check",)}
     ports = {name: free_port(host_of(name)) for name in VARIANTS}
     server_options = {"v1": "send-proxy", "v2": "send-proxy-v2",
                       "v1six": "send-proxy", "v2six": "send-proxy-v2",
-                      "v2tlv": "send-proxy-v2 proxy-v2-options crc32c,unique-id"}
+                      "v2tlv": "send-proxy-v2 proxy-v2-options crc32c,unique-id",
+                      "accept": "send-proxy-v2"}
     sections = []
     for name in VARIANTS:
         bind = f"[::1]:{ports[name]}" if name.endswith("six") else f"127.0.0.1:{ports[name]}"
         sections.append(f"""
 frontend fe_{name}
-    bind {bind}
+    bind {bind}{" accept-proxy" if name == "accept" else ""}
     unique-id-format %ci:%cp
     default_backend be_{name}
 
@@ -173,13 +185,13 @@ defaults
             capture.stop()
 
 
-def round_trip(haproxy: dict, name: str):
+def round_trip(haproxy: dict, name: str, header: bytes = b""):
     """One client through frontend ``name``: (client address, frontend, captured bytes, payload)."""
     host = host_of(name)
     payload = b"hello " + uuid.uuid4().hex.encode() + b"\nEND\n"
     with socket.create_connection((host, haproxy["ports"][name]), timeout=10) as client:
         client_address = client.getsockname()[:2]
-        client.sendall(payload)
+        client.sendall(header + payload)
         reply = b""
         while not reply.endswith(b"\n"):
             chunk = client.recv(100)
@@ -229,3 +241,32 @@ def test_haproxy_v2_health_check_is_local(haproxy) -> None:
     header = parse(checks[0], "v2")
     assert isinstance(header, ProxyHeader), (checks[0], header)
     assert header.command == "LOCAL" and header.client is None
+
+
+ACCEPTED = [
+    ("v1-tcp4", lambda: encode_v1(("192.0.2.7", 1234), ("198.51.100.9", 80)),
+     ("192.0.2.7", 1234), ("198.51.100.9", 80)),
+    ("v1-tcp6", lambda: encode_v1(("2001:db8::7", 65535), ("2001:db8::9", 0)),
+     ("2001:db8::7", 65535), ("2001:db8::9", 0)),
+    # Mixed families: the IPv4 side is mapped and spelled in hex groups (::ffff:c000:207).
+    ("v1-mixed", lambda: encode_v1(("192.0.2.7", 1), ("::1", 2)),
+     ("::ffff:192.0.2.7", 1), ("::1", 2)),
+    ("v2-tcp4-tlv", lambda: encode_v2(("192.0.2.7", 1234), ("198.51.100.9", 80),
+                                      [(0xE0, b"x" * 10), (0x04, b"")]),
+     ("192.0.2.7", 1234), ("198.51.100.9", 80)),
+    ("v2-tcp6", lambda: encode_v2(("2001:db8::7", 1), ("2001:db8::9", 2)),
+     ("2001:db8::7", 1), ("2001:db8::9", 2)),
+    ("v2-local", encode_v2_local, None, None),  # None: the real endpoints
+    ("v1-unknown", lambda: encode_v1(None, None), None, None),
+]
+
+
+@pytest.mark.parametrize("make,source,destination", [(m, s, d) for _, m, s, d in ACCEPTED],
+                         ids=[i for i, _, _, _ in ACCEPTED])
+def test_haproxy_accept_proxy_understands_our_encoders(haproxy, make, source, destination):
+    client, frontend, raw, payload = round_trip(haproxy, "accept", make())
+    relayed = parse(raw, "v2")
+    assert isinstance(relayed, ProxyHeader), relayed
+    assert raw[relayed.length:] == payload  # HAProxy consumed exactly our header
+    assert relayed.source == (source or client)
+    assert relayed.destination == (destination or frontend)
