@@ -20,6 +20,11 @@ one of three things:
 * it raises ``ProxyHeaderError`` whose ``reason`` (one of ``REASONS``) is a
   short label for metrics and logs.
 
+The caller owns time and the socket: ``NeedMore`` when the peer closes is a
+partial header, which the spec says to reject (``truncated``), and so is one
+still incomplete at the deadline (``timeout``); both labels are in ``REASONS``.
+Nothing may be sent to a backend before a ``ProxyHeader`` has come back.
+
 Principle (split-invariant): the answer depends on the bytes only, never on how
 they were cut into reads.  A prefix of a valid header always answers
 ``NeedMore``; once some prefix is rejected, every longer buffer is rejected
@@ -83,7 +88,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from typing import Optional, Tuple, Union
+from typing import Iterable, Optional, Tuple, Union
 
 __all__ = [
     "REASONS",
@@ -122,6 +127,9 @@ REASONS = frozenset({
     "bad_address_length",   # v2: len shorter than the family's address block
     "v2_too_long",          # v2: len above max_v2_length
     "bad_tlv",              # v2: a TLV running past the end of the header
+    # Not raised by parse(): for the caller, which alone sees the clock and the socket.
+    "timeout",              # the whole header did not arrive in time
+    "truncated",            # the peer closed while parse() still answered NeedMore
 })
 
 _V1_PREFIX = b"PROXY "
@@ -148,6 +156,10 @@ _TLV_HEAD = struct.Struct("!BH")
 #: An endpoint as reported: ``(ip, port)`` for TCP4/TCP6, a unix path (bytes, trailing NULs
 #: dropped; an abstract name keeps its leading NUL), or ``None``.
 Address = Union[Tuple[str, int], bytes, None]
+#: An endpoint given to the encoders: a getpeername()/getsockname() value or None.
+Endpoint = Union[tuple, str, bytes, None]
+#: TLVs given to the encoders: ``(type, value)`` pairs.
+Tlvs = Iterable[Tuple[int, bytes]]
 
 
 class ProxyHeaderError(ValueError):
@@ -408,9 +420,6 @@ def _tlvs(data: Union[bytes, bytearray], offset: int, end: int) -> Tuple[Tuple[i
 
 # --------------------------------------------------------------------------- encoding
 
-Endpoint = Union[tuple, str, bytes, None]
-
-
 def encode_v1(src: Endpoint, dst: Endpoint) -> bytes:
     """The v1 line for a connection from ``src`` to ``dst`` (see the module docstring)."""
     pair = _ip_pair(src, dst)
@@ -421,7 +430,7 @@ def encode_v1(src: Endpoint, dst: Endpoint) -> bytes:
     return f"PROXY {word} {_v1_text(af, s)} {_v1_text(af, d)} {sport} {dport}\r\n".encode()
 
 
-def encode_v2(src: Endpoint, dst: Endpoint, tlvs=()) -> bytes:
+def encode_v2(src: Endpoint, dst: Endpoint, tlvs: Tlvs = ()) -> bytes:
     """A v2 PROXY header for ``src`` -> ``dst`` with optional ``(type, value)`` TLVs."""
     pair = _ip_pair(src, dst)
     if pair is not None:
@@ -437,7 +446,7 @@ def encode_v2(src: Endpoint, dst: Endpoint, tlvs=()) -> bytes:
     return _v2(0x21, fam, block + _encode_tlvs(tlvs))
 
 
-def encode_v2_local(tlvs=()) -> bytes:
+def encode_v2_local(tlvs: Tlvs = ()) -> bytes:
     """A v2 LOCAL header (health checks: "this connection is the proxy's own").
 
     Note that ``parse`` skips the block of a LOCAL header, TLVs included.
@@ -451,7 +460,7 @@ def _v2(ver_cmd: int, fam: int, block: bytes) -> bytes:
     return _HEADER_V2.pack(V2_SIGNATURE, ver_cmd, fam, len(block)) + block
 
 
-def _encode_tlvs(tlvs) -> bytes:
+def _encode_tlvs(tlvs: Tlvs) -> bytes:
     parts = []
     for kind, value in tlvs:
         if not 0 <= kind <= 0xFF or len(value) > 0xFFFF:
@@ -467,7 +476,8 @@ def _unix_path(path: Union[str, bytes]) -> bytes:
     return raw  # struct pads with NULs
 
 
-def _ip_pair(src: Endpoint, dst: Endpoint):
+def _ip_pair(src: Endpoint, dst: Endpoint
+             ) -> Optional[Tuple[int, Tuple[bytes, int], Tuple[bytes, int]]]:
     """``(af, (packed, port), (packed, port))`` for two IP endpoints, else ``None``."""
     if not (isinstance(src, tuple) and isinstance(dst, tuple)):
         return None
