@@ -302,11 +302,12 @@ def _parse_v1(data: Union[bytes, bytearray]) -> Union[NeedMore, ProxyHeader]:
     end = window.find(b"\r\n")
     line = window if end < 0 else window[:end]
     # A CR or LF before the first CRLF is a lone one (a CR as the very last byte
-    # so far may still be followed by its LF).
+    # so far may still be followed by its LF; as byte 107 its LF would be byte
+    # 108: that line is too long, not badly ended).
     lone = line.find(b"\n")
     if lone < 0:
         lone = line.find(b"\r")
-        if end < 0 and lone == have - 1 and have < V1_MAX_LENGTH:
+        if end < 0 and lone == have - 1:
             lone = -1
     if lone >= 0:
         raise ProxyHeaderError("bad_line_ending", f"lone CR or LF at byte {lone}")
