@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import statistics
 import time
 
 from backend_clients import free_port, run_clients
@@ -25,7 +26,9 @@ def _dns(**names: dict) -> dict:
 def test_slow_dns_stalls_no_other_connection_and_the_name_serves_once_resolved(
         backend_factory, proxy_factory, tmp_path):
     """A 4 s lookup: another listener of the same (only) relay thread answers meanwhile
-    in well under 50 ms, and a client of the named listener waits, then is served."""
+    in under 50 ms (median; the worst one well under the 4 s a blocked relay thread would
+    take, with room for a loaded CI machine), and a client of the named listener waits,
+    then is served."""
     a, echo = backend_factory("tag", "A"), backend_factory("echo")
     config = write_config(tmp_path / "p.toml", f"""
 [server]
@@ -46,24 +49,26 @@ backends = ["{echo.address}"]
     resolved = f"backend slow.test:{a.port} resolves to 127.0.0.1"
     started = time.monotonic()
     waiting = socket.create_connection(("127.0.0.1", proxy.port(0)), timeout=15)
-    worst, rounds = 0.0, 0
+    times: list = []
     try:
         while resolved not in proxy.log and time.monotonic() - started < 10:
             # Each round: a new client, so the accept and the backend choice run on
             # the relay thread too, as for the waiting client.
             began = time.monotonic()
             with socket.create_connection(("127.0.0.1", proxy.port(1)), timeout=5) as sock:
-                message = b"ping %d" % rounds
+                message = b"ping %d" % len(times)
                 sock.sendall(message)
                 assert recv_exactly(sock, len(message)) == transform(message)
-            worst = max(worst, time.monotonic() - began)
-            rounds += 1
+            times.append(time.monotonic() - began)
             time.sleep(0.02)  # pacing only: each round is measured on its own
         assert resolved in proxy.log
         took = time.monotonic() - started
+        rounds, worst, median = len(times), max(times), statistics.median(times)
         print(f"\nslow DNS (4 s): {rounds} round trips on the other listener meanwhile, "
-              f"worst {worst * 1000:.1f} ms; the name resolved after {took:.1f} s")
-        assert worst < 0.05, worst
+              f"median {median * 1000:.1f} ms, worst {worst * 1000:.1f} ms; the name "
+              f"resolved after {took:.1f} s")
+        assert median < 0.05, median
+        assert worst < 1.0, worst
         assert took >= 3.5 and rounds >= 50, (took, rounds)  # they did overlap the lookup
         assert waiting.makefile("rb").readline() == b"A\n"  # served once resolved
     finally:
