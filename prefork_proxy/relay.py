@@ -21,7 +21,9 @@ How a connection is served:
    ``recv_into``/``send``, and in ``copy`` mode everything is.
 3. EOF on one side becomes ``shutdown(SHUT_WR)`` on the other while the other
    direction keeps flowing; when both directions have ended, both sockets are
-   closed.  A reset or any other error closes both at once.
+   closed.  A reset or any other error, on either side or in our own code,
+   and the drain deadline, abort both at once: each socket is closed with
+   SO_LINGER 0, so each peer hears a reset, never a clean end (``_close``).
 
 Principle (backpressure): a direction reads only when its pipe or buffer is
 empty, and while bytes wait for a destination that is not writable it stops
@@ -44,6 +46,7 @@ import logging
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from _socket import socket as StreamSocket
@@ -437,6 +440,8 @@ _ERROR = select.EPOLLERR | select.EPOLLHUP
 _SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
 _STREAM_NONBLOCK = int(socket.SOCK_STREAM) | _SOCK_NONBLOCK  # plain ints: no enum arithmetic
 _TCP_FAMILIES = frozenset((int(socket.AF_INET), int(socket.AF_INET6)))
+#: SO_LINGER {on, 0 s}: ``close`` then sends an RST instead of a FIN (see ``RelayLoop._close``).
+_LINGER_ABORT = struct.pack("ii", 1, 0)
 #: Errors that are simply how TCP connections end; anything else is logged.
 _ORDINARY_ENDINGS = frozenset((errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT))
 
@@ -611,7 +616,7 @@ class RelayLoop:
                     except Exception:
                         log.exception("relay error on the connection from %s; closing it",
                                       conn.peer or "?")
-                        self._close(conn)
+                        self._close(conn, abort=True)
                 while to_close:
                     to_close.pop().close()
                 if woken or self._inbox:
@@ -628,8 +633,10 @@ class RelayLoop:
             raise
         finally:
             self._accept_stopped.set()
+            # Whatever is still open here is cut (the drain deadline passed, a
+            # fast stop, or this loop crashed): both ends hear a reset.
             for conn in list(self._connections):
-                self._close(conn)
+                self._close(conn, abort=True)
             while self._inbox:
                 self._inbox.popleft()[0].close()
                 self.finished += 1
@@ -853,7 +860,7 @@ class RelayLoop:
             step(*args)
         except Exception:
             log.exception("relay error on the connection from %s; closing it", conn.peer or "?")
-            self._close(conn)
+            self._close(conn, abort=True)
 
     def _on_event(self, conn: Connection, fd: int, events: int) -> None:
         if fd == conn.client_fd:
@@ -871,7 +878,7 @@ class RelayLoop:
         except OSError as exc:
             if exc.errno not in _ORDINARY_ENDINGS:
                 log.info("connection from %s closed on error: %s", conn.peer or "?", exc)
-            self._close(conn)
+            self._close(conn, abort=True)
             return
         if reading.state == DONE:
             if writing.state == DONE:
@@ -909,10 +916,19 @@ class RelayLoop:
         else:
             self._epoll.modify(fd, wanted)
 
-    def _close(self, conn: Connection) -> None:
+    def _close(self, conn: Connection, abort: bool = False) -> None:
         """End a connection: forget its sockets now, close them after the current batch.
 
         Closing a socket also takes it out of epoll, so no ``unregister`` is needed.
+
+        Principle (a cut stream is never passed off as a clean end): ``abort``
+        is for every ending that is not both sides' clean FIN: a reset or any
+        other socket error on either side, an unexpected error in our own
+        code, the drain deadline.  Both sockets then get SO_LINGER {on, 0}, so
+        closing them sends an RST: a peer reading to EOF (an HTTP/1.0 body, a
+        dump, ``nc > file``) gets ECONNRESET instead of a truncated "complete"
+        stream, as it would without a proxy in between (HAProxy does the
+        same).  A clean ending costs nothing extra: the option is set only here.
         """
         if conn.closed:
             return
@@ -928,6 +944,13 @@ class RelayLoop:
             if direction is not None:
                 direction.release()
         conn.upstream = conn.downstream = None  # a stale timeout entry may outlive it
+        if abort:
+            for sock in (conn.client, conn.backend):
+                if sock is not None:
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+                    except OSError:  # already gone, or not a socket that lingers
+                        pass
         self._to_close.append(conn.client)
         if conn.backend is not None:
             self._to_close.append(conn.backend)

@@ -78,3 +78,37 @@ def test_backend_that_never_accepts_closes_client_at_connect_timeout(proxy_facto
         for filler in fillers:
             filler.close()
         blackhole.close()
+
+
+@pytest.mark.parametrize("mode", ["splice", "copy"])
+def test_backend_reset_reaches_the_client_as_a_reset(mode, backend_factory, proxy_factory):
+    """A backend that resets mid-stream: the client hears a reset, never a clean EOF.
+
+    The client sends exactly what makes the backend reset and nothing more, so
+    the proxy holds none of the client's bytes unread: only the relay's
+    SO_LINGER abort (not the kernel's reset for unread data) can tell the
+    client that its stream was cut.
+    """
+    size = 256 * 1024
+    backend = backend_factory("reset", "r", "--reset-after", str(size))
+    proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", backend.address,
+                          "--workers", "1", "--relay", mode)
+    for _ in range(3):
+        with proxy.connect() as sock:
+            payload = os.urandom(size)
+            sock.sendall(payload)
+            sock.settimeout(5.0)
+            received = bytearray()
+            try:
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        raise AssertionError(f"clean EOF after {len(received)} of {size} "
+                                             "bytes: a cut stream passed off as complete")
+                    received += chunk
+            except ConnectionResetError:
+                pass
+            assert transform(payload).startswith(bytes(received))
+    with proxy.connect() as other:  # the proxy keeps serving
+        other.sendall(b"still there")
+        assert recv_exactly(other, 11) == transform(b"still there")

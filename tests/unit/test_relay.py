@@ -486,3 +486,126 @@ def test_a_pause_target_waits_on_the_timer_while_the_loop_serves_others(relay):
     assert all(b - a >= 0.015 for a, b in zip(asked, asked[1:]))  # paused, not spinning
     for sock in (waiting, client, backend, waited_backend, backend_listener, front):
         sock.close()
+
+
+# --------------------------------------------------------------------------- aborts cross as aborts
+
+_RST = b"\x01\0\0\0\0\0\0\0"  # SO_LINGER {on, 0}: close() sends an RST
+
+
+def _read_to_the_end(sock: socket.socket, timeout: float = 10.0) -> tuple:
+    """Read until EOF or an error: ``(bytes read, True if the end was a reset)``."""
+    sock.settimeout(timeout)
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except ConnectionResetError:
+            return b"".join(chunks), True
+        if not chunk:
+            return b"".join(chunks), False
+        chunks.append(chunk)
+
+
+def _fill(sock: socket.socket, payload: bytes) -> int:
+    """Send until the path is full (nobody reads at the far end); return bytes sent."""
+    sock.setblocking(False)
+    sent, stalled_since = 0, None
+    deadline = time.monotonic() + 10
+    while sent < len(payload) and time.monotonic() < deadline:
+        try:
+            sent += sock.send(payload[sent:sent + 65536])
+            stalled_since = None
+        except BlockingIOError:
+            stalled_since = stalled_since or time.monotonic()
+            if time.monotonic() - stalled_since > 0.3:
+                break
+            select.select([], [sock], [], 0.05)
+    sock.setblocking(True)
+    return sent
+
+
+def test_backend_reset_reaches_the_client_as_a_reset_with_bytes_in_flight(relay):
+    loop, open_pair = relay
+    client, backend = open_pair()
+    payload = os.urandom(32 << 20)
+    sent = _fill(backend, payload)  # the client reads nothing yet: bytes wait in the relay
+    assert 0 < sent < len(payload)
+    backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
+    backend.close()
+    data, reset = _read_to_the_end(client)
+    assert payload.startswith(data) and len(data) <= sent
+    assert reset, f"the client read a clean EOF after {len(data)} of {sent} bytes: " \
+                  "a cut stream was passed off as complete"
+    wait_for(lambda: loop.active == 0, 5, message="the connection to be released")
+    client.close()
+
+
+def test_client_reset_reaches_the_backend_as_a_reset_with_bytes_in_flight(relay):
+    loop, open_pair = relay
+    client, backend = open_pair()
+    payload = os.urandom(32 << 20)
+    sent = _fill(client, payload)  # the backend reads nothing yet
+    assert 0 < sent < len(payload)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
+    client.close()
+    data, reset = _read_to_the_end(backend)
+    assert payload.startswith(data) and len(data) <= sent
+    assert reset, f"the backend read a clean EOF after {len(data)} of {sent} bytes"
+    wait_for(lambda: loop.active == 0, 5, message="the connection to be released")
+    backend.close()
+
+
+def test_a_clean_end_stays_clean_both_ways(relay):
+    loop, open_pair = relay
+    client, backend = open_pair()
+    payload = os.urandom(4 << 20)
+    def send_then_finish() -> None:
+        backend.sendall(payload)
+        backend.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=send_then_finish)
+    sender.start()
+    client.sendall(b"request")
+    client.shutdown(socket.SHUT_WR)
+    assert _read_to_the_end(client) == (payload, False)
+    sender.join(10)
+    assert _read_to_the_end(backend) == (b"request", False)
+    wait_for(lambda: loop.active == 0, 5, message="the connection to be released")
+    client.close()
+    backend.close()
+
+
+def test_the_drain_deadline_resets_both_sides(relay):
+    loop, open_pair = relay
+    client, backend = open_pair()
+    payload = os.urandom(32 << 20)
+    _fill(backend, payload)
+    client.sendall(b"half a request")
+    assert recv_exactly(backend, 14) == b"half a request"
+    loop.stop(drain_timeout_s=0.2)
+    assert loop.join(5)
+    assert _read_to_the_end(client)[1], "the client read a clean EOF at the drain deadline"
+    assert _read_to_the_end(backend)[1], "the backend read a clean EOF at the drain deadline"
+    client.close()
+    backend.close()
+
+
+def test_an_error_of_our_own_resets_both_sides(relay, monkeypatch, caplog):
+    from prefork_proxy import relay as relay_module
+
+    loop, open_pair = relay
+    client, backend = open_pair()
+    client.sendall(b"ping")
+    assert recv_exactly(backend, 4) == b"ping"
+
+    def broken_pump(self):
+        raise RuntimeError("injected relay bug")
+
+    monkeypatch.setattr(relay_module.Direction, "pump", broken_pump)
+    client.sendall(b"more")
+    assert _read_to_the_end(client)[1], "the client read a clean EOF after a relay bug"
+    assert _read_to_the_end(backend)[1], "the backend read a clean EOF after a relay bug"
+    wait_for(lambda: loop.active == 0, 5, message="the connection to be released")
+    client.close()
+    backend.close()
