@@ -43,6 +43,7 @@ import errno
 import heapq
 import itertools
 import logging
+import mmap
 import os
 import select
 import socket
@@ -68,6 +69,8 @@ log = logging.getLogger("prefork_proxy.relay")
 PIPE_SIZE = 1024 * 1024
 #: Buffer size in copy mode.
 BUFFER_SIZE = 256 * 1024
+#: Bytes a loop may hold in buffers and pipes when its worker names no budget.
+DEFAULT_BUDGET = 64 * 1024 * 1024
 #: Idle pipes/buffers a loop keeps for reuse; more are closed or freed.
 POOL_KEEP = 8
 #: A read this large in splice mode means a bulk stream: move it by splice from then on.
@@ -80,7 +83,10 @@ ROUNDS_PER_EVENT = 8
 #: A read shorter than this probably emptied the socket (see ``Direction.pump``).
 SHORT_READ = 16 * 1024
 
-WANT_READ, WANT_WRITE, DONE = "read", "write", "done"
+#: What a direction waits for: its source, its destination, nothing (ended), or
+#: buffer budget (``PARKED``: it holds nothing and reads nothing until the
+#: loop's budget has room again, see ``BufferPool.left``).
+WANT_READ, WANT_WRITE, DONE, PARKED = "read", "write", "done", "parked"
 
 
 def choose_mode(requested: str) -> str:
@@ -103,21 +109,32 @@ def choose_mode(requested: str) -> str:
 
 
 class PipePool:
-    """Pipes lent to splice directions; owned by one ``RelayLoop`` thread."""
+    """Pipes lent to splice directions; owned by one ``RelayLoop`` thread.
 
-    def __init__(self, size: int = PIPE_SIZE) -> None:
+    A lent pipe is charged at its capacity to ``ledger`` (the loop's
+    ``BufferPool``, which keeps the budget), and credited when given back.
+    """
+
+    def __init__(self, size: int = PIPE_SIZE, ledger: Optional["BufferPool"] = None) -> None:
         self.size = size
+        self.ledger = ledger
         self._idle: List[Tuple[int, int, int]] = []
 
     def take(self) -> Tuple[int, int, int]:
         """A ``(read_fd, write_fd, capacity)`` pipe, empty."""
         if self._idle:
-            return self._idle.pop()
-        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        return read_fd, write_fd, splice_module.set_pipe_size(write_fd, self.size)
+            pipe = self._idle.pop()
+        else:
+            read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            pipe = read_fd, write_fd, splice_module.set_pipe_size(write_fd, self.size)
+        if self.ledger is not None:
+            self.ledger.left -= pipe[2]
+        return pipe
 
     def give_back(self, pipe: Tuple[int, int, int], empty: bool) -> None:
         """Return a pipe; one that still holds bytes is closed, never reused."""
+        if self.ledger is not None:
+            self.ledger.left += pipe[2]
         if empty and len(self._idle) < POOL_KEEP:
             self._idle.append(pipe)
         else:
@@ -139,27 +156,54 @@ class BufferPool:
     take it all does the direction keep that buffer (``adopt_scratch``) and
     the loop gets a fresh scratch.  So request/response traffic takes nothing
     from the pool and gives nothing back, burst after burst.
+
+    Principle (a budget, and backpressure when it is spent): ``left`` is what
+    remains of the loop's budget for bytes held on behalf of slow
+    destinations: every buffer a direction keeps is charged at its size, and
+    every pipe it holds at its capacity (``PipePool``).  A direction that
+    holds nothing reads only while ``left`` is positive; otherwise it parks
+    (``PARKED``): it stops watching its source, and the loop lets it read
+    again once held bytes have drained or their connections ended.  One read
+    can begin with little budget left, so a loop holds at most its budget
+    plus one buffer or pipe, whatever its clients do.  The scratch buffer is
+    never charged: it is the loop's, and always empty between events.
+
+    Principle (freed memory goes back to the system): buffers are anonymous
+    ``mmap`` regions rather than ``bytearray``s.  glibc keeps freed heap
+    blocks of this size for reuse (its mmap threshold rises after the first
+    free), so a burst of stalled clients used to leave the worker that much
+    larger for good; an unmapped region is returned at once, and only the
+    pages a read actually touched ever count.
     """
 
-    def __init__(self, size: int = BUFFER_SIZE) -> None:
+    def __init__(self, size: int = BUFFER_SIZE, budget: int = DEFAULT_BUDGET) -> None:
         self.size = size
+        self.left = budget
         self._idle: List[memoryview] = []
-        self.scratch = memoryview(bytearray(size))
+        self.scratch = _new_buffer(size)
 
     def take(self) -> memoryview:
-        return self._idle.pop() if self._idle else memoryview(bytearray(self.size))
+        return self._idle.pop() if self._idle else _new_buffer(self.size)
 
     def give_back(self, buffer: memoryview) -> None:
-        if buffer is not self.scratch and len(self._idle) < POOL_KEEP:
-            self._idle.append(buffer)
+        if buffer is not self.scratch:
+            self.left += self.size
+            if len(self._idle) < POOL_KEEP:
+                self._idle.append(buffer)
 
     def adopt_scratch(self) -> memoryview:
         """Hand the scratch buffer (holding unwritten bytes) to a direction for keeps."""
+        self.left -= self.size
         buffer, self.scratch = self.scratch, self.take()
         return buffer
 
     def close(self) -> None:
         self._idle.clear()
+
+
+def _new_buffer(size: int) -> memoryview:
+    """A zeroed buffer of its own pages, returned to the system when the last view dies."""
+    return memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE))
 
 
 # --------------------------------------------------------------------------- one direction
@@ -226,7 +270,12 @@ class Direction:
             # scratch buffer (or the buffer this direction already holds) and
             # write it straight out.
             held = self.held
-            buffer = buffers.scratch if held is None else held
+            if held is None:
+                if buffers.left <= 0:
+                    return PARKED  # over budget: read nothing we might have to hold
+                buffer = buffers.scratch
+            else:
+                buffer = held
             try:
                 n = self.src.recv_into(buffer)
             except BlockingIOError:
@@ -277,6 +326,12 @@ class Direction:
             if short_read:
                 self.idle()
                 return WANT_READ
+            if buffers.left <= 0 and self.pipe is None and \
+                    (self.held is None or self.held is buffers.scratch or self.bulk):
+                # This read might have to hold bytes (a new buffer or a pipe)
+                # and the budget is spent: wait for room instead.
+                self.idle()
+                return PARKED
             try:
                 n = self._fill_pipe() if self.bulk else self._fill_buffer()
             except BlockingIOError:
@@ -287,10 +342,15 @@ class Direction:
             short_read = n < SHORT_READ
         # Rounds used up.  Whatever this direction returns with, it never
         # keeps pointing at the loop's scratch buffer, which the next event
-        # of any connection reads into.
+        # of any connection reads into; and with nothing pending it holds
+        # nothing: its source may stay quiet for good, and a buffer or pipe
+        # kept by a quiet direction would be budget lost to every other.
+        if not self.pending:
+            self.idle()
+            return WANT_READ
         if self.held is buffers.scratch:
-            self.held = buffers.adopt_scratch() if self.pending else None
-        return WANT_WRITE if self.pending else WANT_READ
+            self.held = buffers.adopt_scratch()
+        return WANT_WRITE
 
     def _fill_buffer(self) -> int:
         held = self.held
@@ -469,7 +529,8 @@ class RelayLoop:
 
     def __init__(self, mode: str, name: str = "relay",
                  splice: Optional[SpliceFunction] = None,
-                 acceptor: Optional["Acceptor"] = None) -> None:
+                 acceptor: Optional["Acceptor"] = None,
+                 budget: int = DEFAULT_BUDGET) -> None:
         if mode not in ("splice", "copy"):
             raise ValueError(f"mode must be 'splice' or 'copy', not {mode!r}")
         self.mode = mode
@@ -479,8 +540,11 @@ class RelayLoop:
             raise ProxyError("splice mode asked for, but no splice function is available")
         self._epoll = select.epoll()
         self._by_fd: Dict[int, Connection] = {}
-        self._pipes = PipePool()
-        self._buffers = BufferPool()
+        # ``budget``: bytes this loop may hold in buffers and pipes (see BufferPool).
+        self._buffers = BufferPool(budget=budget)
+        self._pipes = PipePool(ledger=self._buffers)
+        # Connections with a direction waiting for budget, oldest first.
+        self._parked: Deque[Connection] = collections.deque()
         self._inbox: Deque[Tuple[StreamSocket, Iterator[Target], float, str]] = \
             collections.deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -619,6 +683,8 @@ class RelayLoop:
                         self._close(conn, abort=True)
                 while to_close:
                     to_close.pop().close()
+                if self._parked and self._buffers.left > 0:
+                    self._unpark()
                 if woken or self._inbox:
                     self._take_inbox(woken)
                 if self._accept_resume_at or self._accept_stop_requested:
@@ -890,6 +956,24 @@ class RelayLoop:
         if reading.state != read_state or writing.state != write_state:
             # Most events (request/response traffic) leave both states as they
             # were; then the registered interests are already right.
+            if reading.state == PARKED or writing.state == PARKED:
+                self._parked.append(conn)
+            self._update_interest(conn)
+
+    def _unpark(self) -> None:
+        """The budget has room again: parked directions watch their sources again.
+
+        Every parked connection is woken, oldest first; each direction checks
+        the budget again before it reads, so those that find it spent again
+        park again, at the back of the line.
+        """
+        parked, self._parked = self._parked, collections.deque()
+        for conn in parked:
+            if conn.closed:
+                continue
+            for direction in (conn.upstream, conn.downstream):
+                if direction.state == PARKED:
+                    direction.state = WANT_READ
             self._update_interest(conn)
 
     def _update_interest(self, conn: Connection) -> None:

@@ -609,3 +609,80 @@ def test_an_error_of_our_own_resets_both_sides(relay, monkeypatch, caplog):
     wait_for(lambda: loop.active == 0, 5, message="the connection to be released")
     client.close()
     backend.close()
+
+
+# --------------------------------------------------------------------------- the buffer budget
+
+
+@pytest.mark.parametrize("mover", list(MOVERS))
+def test_stalled_readers_hold_no_more_than_the_budget_and_resume_exactly(mover):
+    """Clients that stop reading: the loop holds at most its budget (plus one
+    buffer or pipe), parks the rest, does not spin, and every byte still
+    arrives once the clients read again."""
+    from prefork_proxy.relay import BUFFER_SIZE, PIPE_SIZE
+
+    mode, function = MOVERS[mover]
+    if mode == "splice" and not splice_module.works(function):
+        pytest.skip(f"{mover} is not available here")
+    budget = 1 << 20
+    loop = RelayLoop(mode, splice=function, budget=budget)
+    loop.start()
+    backend_listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    front = socket.create_server(("127.0.0.1", 0), backlog=64)
+    target = Target(socket.AF_INET, backend_listener.getsockname(), "flood")
+    pairs, senders = [], []
+    payloads = [os.urandom(4 << 20) for _ in range(12)]
+    try:
+        for payload in payloads:
+            client = socket.socket()
+            # A small receive buffer: the kernel holds little, so the relay must.
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            client.settimeout(20)
+            client.connect(front.getsockname())
+            accepted, _ = front.accept()
+            accepted.setblocking(False)
+            loop.submit(accepted, iter([target]), 5.0)
+            backend, _ = backend_listener.accept()
+            backend.settimeout(20)
+            pairs.append((client, backend))
+            sender = threading.Thread(target=backend.sendall, args=(payload,), daemon=True)
+            sender.start()
+            senders.append(sender)
+        # Wait until the held bytes stop growing: every path is full or parked.
+        samples = []
+
+        def settled() -> bool:
+            samples.append(budget - loop._buffers.left)
+            return len(samples) > 20 and len(set(samples[-20:])) == 1
+
+        wait_for(settled, 10, interval=0.02, message="the relay to settle")
+        held = budget - loop._buffers.left
+        assert held <= budget + max(BUFFER_SIZE, PIPE_SIZE), held
+        assert loop._parked, "no direction parked: the budget was never spent"
+        cpu_before = _thread_cpu_seconds(loop._thread.native_id)
+        wall_before = time.monotonic()
+        wait_for(lambda: time.monotonic() - wall_before >= 0.5, 2, message="half a second")
+        burned = _thread_cpu_seconds(loop._thread.native_id) - cpu_before
+        assert burned < 0.1, f"relay thread burned {burned:.2f} s while stalled: it spins"
+        # The clients read again: parked directions resume, and bytes are exact.
+        results = [None] * len(pairs)
+
+        def read(index: int) -> None:
+            results[index] = recv_exactly(pairs[index][0], len(payloads[index]))
+
+        readers = [threading.Thread(target=read, args=(i,)) for i in range(len(pairs))]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(30)
+        assert all(results[i] == payloads[i] for i in range(len(pairs)))
+        wait_for(lambda: loop._buffers.left == budget, 5,
+                 message="every held buffer and pipe to be given back")
+    finally:
+        for client, backend in pairs:
+            client.close()
+            backend.close()
+        loop.stop()
+        assert loop.join(5)
+        backend_listener.close()
+        front.close()
