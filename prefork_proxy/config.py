@@ -12,6 +12,7 @@ The file speaks the seed's language::
     relay = "auto"           # "auto" | "splice" | "copy"
     drain_timeout_s = 30     # how long a stopping worker lets streams finish (0 to 86400)
     worker_timeout_s = 30    # a worker silent this long is hung (5 to 86400)
+    buffer_budget_mb = 64    # per worker: bytes held for slow readers (buffers, pipes)
 
     [[tcp_proxy]]            # one listener per section
     bind = "0.0.0.0:5432"    # "[::1]:5432" for IPv6
@@ -24,6 +25,7 @@ The file speaks the seed's language::
     fall = 3                 # passive: consecutive connect failures that mark a backend down
     fail_timeout_ms = 10000  # passive: how long it then stays down before it is tried again
     resolve_interval_ms = 5000   # how often backend hostnames are resolved again
+    tcp_keepalive = true     # or { idle_s = 600, interval_s = 60, count = 5 }; default off
 
     [tcp_proxy.health_check] # optional: active checks, by the health-check process
     interval_ms = 2000
@@ -65,6 +67,13 @@ RELAY_MODES = ("auto", "splice", "copy")
 DEFAULT_CONNECT_TIMEOUT_MS = 5000
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 DEFAULT_WORKER_TIMEOUT_S = 30.0
+#: Per worker, MiB held in user-space buffers and pipes for destinations slower
+#: than their sources; when spent, streams stop reading (backpressure) until it frees.
+DEFAULT_BUFFER_BUDGET_MB = 64
+MAX_BUFFER_BUDGET_MB = 65_536
+#: TCP keepalive limits (the kernel's: TCP_KEEPIDLE/KEEPINTVL <= 32767 s, TCP_KEEPCNT <= 127).
+MAX_KEEPALIVE_S = 32_767
+MAX_KEEPALIVE_COUNT = 127
 BALANCE_MODES = ("round_robin", "least_conn", "random_two", "source_hash")
 DEFAULT_FALL = 3
 DEFAULT_FAIL_TIMEOUT_MS = 10_000
@@ -170,11 +179,26 @@ class ListenerConfig:
     #: Share the address with another process already listening on it (SO_REUSEPORT);
     #: off: binding an address in use fails with "address in use".
     reuse_port: bool = False
+    tcp_keepalive: Optional[Keepalive] = None  # None: off (the default)
 
     @property
     def label(self) -> str:
         """How logs name this listener: its ``name`` if given, else its bind address."""
         return self.name or str(self.bind)
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """A listener's ``tcp_keepalive``: probe idle peers, on the client and the backend socket.
+
+    ``None`` fields keep the kernel's defaults (``net.ipv4.tcp_keepalive_time``
+    7200 s, ``_intvl`` 75 s, ``_probes`` 9): ``tcp_keepalive = true`` only turns
+    SO_KEEPALIVE on.
+    """
+
+    idle_s: Optional[int] = None  # TCP_KEEPIDLE: idle time before the first probe
+    interval_s: Optional[int] = None  # TCP_KEEPINTVL: between probes
+    count: Optional[int] = None  # TCP_KEEPCNT: unanswered probes before the connection is reset
 
 
 @dataclass(frozen=True)
@@ -186,6 +210,7 @@ class ServerConfig:
     relay: str = "auto"
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     worker_timeout_s: float = DEFAULT_WORKER_TIMEOUT_S
+    buffer_budget_mb: int = DEFAULT_BUFFER_BUDGET_MB
     pidfile: Optional[str] = None
     log_file: Optional[str] = None
     user: Optional[str] = None
@@ -442,10 +467,11 @@ class _Validator:
     """Turns a parsed TOML document into a ``Config`` or raises the first ``ConfigError``."""
 
     SERVER_KEYS = ("workers", "threads", "relay", "drain_timeout_s", "worker_timeout_s",
-                   "pidfile", "log_file", "user", "group")
+                   "buffer_budget_mb", "pidfile", "log_file", "user", "group")
     LISTENER_KEYS = ("bind", "backends", "connect_timeout_ms", "name", "balance", "retries",
                      "connect_budget_ms", "fall", "fail_timeout_ms", "resolve_interval_ms",
-                     "health_check", "reuse_port")
+                     "health_check", "reuse_port", "tcp_keepalive")
+    KEEPALIVE_KEYS = ("idle_s", "interval_s", "count")
     BACKEND_KEYS = ("address", "weight", "backup")
     HEALTH_KEYS = ("interval_ms", "timeout_ms", "rise", "fall", "send", "expect")
 
@@ -586,6 +612,12 @@ class _Validator:
                     raise fail(key, f"expected a number of seconds between {low:g} and "
                                     f"{MAX_S:g}, got {_describe(doc[key])}")
                 values[key] = seconds
+        if "buffer_budget_mb" in doc:
+            budget = doc["buffer_budget_mb"]
+            if not _is_int_between(budget, 1, MAX_BUFFER_BUDGET_MB):
+                raise fail("buffer_budget_mb", "expected an integer number of MiB between 1 and "
+                                               f"{MAX_BUFFER_BUDGET_MB}, got {_describe(budget)}")
+            values["buffer_budget_mb"] = budget
         for key in ("pidfile", "log_file", "user", "group"):
             if key in doc:
                 if not isinstance(doc[key], str) or not doc[key]:
@@ -671,11 +703,33 @@ class _Validator:
         health = None
         if "health_check" in doc:
             health = self.health_check(doc["health_check"], section, index)
+        keepalive = self.keepalive(doc.get("tcp_keepalive", False), fail)
         return ListenerConfig(bind=bind, backends=backends, connect_timeout_ms=timeout, name=name,
                               balance=balance, retries=retries, connect_budget_ms=budget,
                               fall=fall, fail_timeout_ms=fail_timeout,
                               resolve_interval_ms=resolve_interval, health_check=health,
-                              reuse_port=reuse_port)
+                              reuse_port=reuse_port, tcp_keepalive=keepalive)
+
+    def keepalive(self, value: Any, fail: Any) -> Optional[Keepalive]:
+        """``tcp_keepalive``: false (off), true (on, kernel timings) or a table of timings."""
+        if isinstance(value, bool):
+            return Keepalive() if value else None
+        if not isinstance(value, dict):
+            raise fail("tcp_keepalive", "expected true, false or a table like { idle_s = 600, "
+                                        f"interval_s = 60, count = 5 }}, got {_describe(value)}")
+        for key in value:
+            if key not in self.KEEPALIVE_KEYS:
+                raise fail("tcp_keepalive", f"unknown key \"{key}\": expected one of "
+                                            + ", ".join(self.KEEPALIVE_KEYS))
+        timings: dict[str, int] = {}
+        for key, high in (("idle_s", MAX_KEEPALIVE_S), ("interval_s", MAX_KEEPALIVE_S),
+                          ("count", MAX_KEEPALIVE_COUNT)):
+            if key in value:
+                if not _is_int_between(value[key], 1, high):
+                    raise fail("tcp_keepalive", f"{key}: expected an integer between 1 and "
+                                                f"{high}, got {_describe(value[key])}")
+                timings[key] = value[key]
+        return Keepalive(**timings)
 
     def health_check(self, doc: Any, section: str, index: int) -> HealthCheck:
         def fail(key: Optional[str], expected: str) -> ConfigError:

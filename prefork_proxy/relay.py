@@ -88,6 +88,25 @@ SHORT_READ = 16 * 1024
 #: loop's budget has room again, see ``BufferPool.left``).
 WANT_READ, WANT_WRITE, DONE, PARKED = "read", "write", "done", "parked"
 
+#: Socket options as data, ``(level, name, value)`` each, for ``setsockopt``.
+SocketOptions = Tuple[Tuple[int, int, int], ...]
+
+
+def keepalive_options(idle_s: Optional[int] = None, interval_s: Optional[int] = None,
+                      count: Optional[int] = None) -> SocketOptions:
+    """SO_KEEPALIVE on, with the timings given (``None``: the kernel's default)."""
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", idle_s), ("TCP_KEEPINTVL", interval_s),
+                        ("TCP_KEEPCNT", count)):
+        if value is not None and hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    return tuple(options)
+
+
+def apply_options(sock: StreamSocket, options: SocketOptions) -> None:
+    for level, name, value in options:
+        sock.setsockopt(level, name, value)
+
 
 def choose_mode(requested: str) -> str:
     """Decide how this process moves bytes: ``"splice"`` or ``"copy"``.
@@ -450,11 +469,12 @@ class Connection:
 
     __slots__ = ("client", "backend", "client_fd", "backend_fd", "targets", "target",
                  "timeout_s", "deadline", "upstream", "downstream", "client_mask",
-                 "backend_mask", "peer", "closed")
+                 "backend_mask", "peer", "closed", "options")
 
     def __init__(self, client: StreamSocket, targets: Optional[Iterator[Target]],
-                 timeout_s: float, peer: str) -> None:
+                 timeout_s: float, peer: str, options: SocketOptions = ()) -> None:
         self.client = client
+        self.options = options  # set on each backend socket before it connects
         self.client_fd = client.fileno()
         self.backend: Optional[StreamSocket] = None
         self.backend_fd = -1
@@ -530,7 +550,8 @@ class RelayLoop:
     def __init__(self, mode: str, name: str = "relay",
                  splice: Optional[SpliceFunction] = None,
                  acceptor: Optional["Acceptor"] = None,
-                 budget: int = DEFAULT_BUDGET) -> None:
+                 budget: int = DEFAULT_BUDGET,
+                 on_crash: Optional[Callable[[], None]] = None) -> None:
         if mode not in ("splice", "copy"):
             raise ValueError(f"mode must be 'splice' or 'copy', not {mode!r}")
         self.mode = mode
@@ -545,8 +566,8 @@ class RelayLoop:
         self._pipes = PipePool(ledger=self._buffers)
         # Connections with a direction waiting for budget, oldest first.
         self._parked: Deque[Connection] = collections.deque()
-        self._inbox: Deque[Tuple[StreamSocket, Iterator[Target], float, str]] = \
-            collections.deque()
+        self._inbox: Deque[Tuple[StreamSocket, Iterator[Target], float, str,
+                                 SocketOptions]] = collections.deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # The loop may end (and close the wake pipe) the moment ``stop`` sets
         # ``_stopping``, before ``stop`` writes its wake-up: the lock makes
@@ -583,6 +604,10 @@ class RelayLoop:
         self.submitted = 0
         self.finished = 0
         self.last_tick = time.monotonic()  # written by the loop each turn: its heartbeat
+        # Set once, by the loop's thread, when ``run`` raised: what killed it.
+        # ``on_crash`` is then called from that thread (the worker wakes up).
+        self.crashed: Optional[str] = None
+        self._on_crash = on_crash
 
     @property
     def active(self) -> int:
@@ -596,10 +621,14 @@ class RelayLoop:
         self._thread.start()
 
     def submit(self, client: StreamSocket, targets: Iterator[Target], timeout_s: float,
-               peer: str = "") -> None:
-        """Hand a freshly accepted, non-blocking client over; the loop owns it from now on."""
+               peer: str = "", options: SocketOptions = ()) -> None:
+        """Hand a freshly accepted, non-blocking client over; the loop owns it from now on.
+
+        ``options`` are set on every backend socket made for it (e.g. TCP
+        keepalive, see ``keepalive_options``); the client's own are the caller's.
+        """
         self.submitted += 1
-        self._inbox.append((client, targets, timeout_s, peer))
+        self._inbox.append((client, targets, timeout_s, peer, options))
         if threading.get_ident() == self._thread_id:
             return  # accepted by this loop itself: it looks at its inbox after each batch
         if not self._wake_pending:
@@ -694,8 +723,9 @@ class RelayLoop:
                 while to_close:
                     to_close.pop().close()
                 self.last_tick = time.monotonic()
-        except BaseException:
+        except BaseException as exc:
             log.exception("relay loop %s crashed; closing its connections", self.name)
+            self.crashed = f"{type(exc).__name__}: {exc}"
             raise
         finally:
             self._accept_stopped.set()
@@ -716,6 +746,21 @@ class RelayLoop:
                 os.close(self._wake_r)
                 os.close(self._wake_w)
                 self._wake_r = self._wake_w = -1
+            if self.crashed is not None and self._on_crash is not None:
+                self._on_crash()
+
+    def close_abandoned(self) -> int:
+        """Close clients submitted after this loop's thread ended; return how many.
+
+        Only for a loop whose thread is gone (``crashed``), called by the
+        worker once nothing submits to it any more.
+        """
+        count = 0
+        while self._inbox:
+            self._inbox.popleft()[0].close()
+            self.finished += 1
+            count += 1
+        return count
 
     def _poll_timeout(self) -> float:
         timeout = IDLE_POLL_S
@@ -824,6 +869,8 @@ class RelayLoop:
         conn.backend_fd = backend.fileno()
         if target.family in _TCP_FAMILIES:
             backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if conn.options:
+                apply_options(backend, conn.options)
         code = backend.connect_ex(target.sockaddr)
         if code not in (0, errno.EINPROGRESS):
             self._connect_next(conn, os.strerror(code))

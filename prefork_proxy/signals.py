@@ -26,6 +26,13 @@ class SignalQueue:
     def _record(self, signum: int, frame: object) -> None:
         self.pending.append(signum)
 
+    def wake(self) -> None:
+        """Wake whoever waits on ``read_fd`` without a signal (any thread may call it)."""
+        try:
+            os.write(self._write_fd, b"\0")
+        except OSError:  # full (a wake-up is pending anyway) or already closed
+            pass
+
     def drain_wakeups(self) -> None:
         """Empty the wake-up pipe (the queue itself is read with ``pending``)."""
         try:

@@ -67,7 +67,13 @@ from prefork_proxy import hygiene, logsetup
 from prefork_proxy.balancer import Balancer
 from prefork_proxy.config import Config, ListenerConfig
 from prefork_proxy.proctitle import set_title
-from prefork_proxy.relay import RelayLoop, StreamSocket
+from prefork_proxy.relay import (
+    RelayLoop,
+    SocketOptions,
+    StreamSocket,
+    apply_options,
+    keepalive_options,
+)
 from prefork_proxy.scoreboard import Scoreboard
 from prefork_proxy.shared import SharedState
 from prefork_proxy.signals import SignalQueue
@@ -76,6 +82,11 @@ log = logging.getLogger("prefork_proxy.worker")
 
 #: Exit code of a worker that could not boot; the master treats it as fatal.
 EXIT_BOOT_FAILED = 3
+#: Exit code of a worker that stopped because one of its relay threads died.
+EXIT_RELAY_DIED = 4
+#: Test-only: a path; when it exists, the first relay loop of a booting worker
+#: deletes it and crashes on its next batch (tests/integration/test_relay_faults.py).
+TEST_CRASH_ENV = "PREFORK_PROXY_TEST_CRASH_RELAY"
 #: Connections accepted per readiness event before looking at other listeners.
 ACCEPT_BATCH = 64
 #: Outcomes of one accept batch.
@@ -126,8 +137,12 @@ class Worker:
         self.max_connections = 0
         self.at_limit = False
         self.families: Dict[int, int] = {}  # listener fd -> address family, as a plain int
+        # listener fd -> options set on its clients and their backend sockets (keepalive)
+        self.socket_options: Dict[int, SocketOptions] = {}
         self.siblings: List[int] = []  # scoreboard rows of the other accepting workers
         self.siblings_due = 0.0  # when to look them up again
+        self.exit_code = 0  # set when the worker stops for a fault of its own
+        self.signals: Optional[SignalQueue] = None
 
     # -- the child, after fork
 
@@ -144,6 +159,7 @@ class Worker:
             self.board.booted[self.row] = 1
             code = 0
             self._serve(signals)
+            code = self.exit_code
         except BaseException:
             log.exception("worker %d crashed", self.slot)
             code = code or 1
@@ -156,7 +172,8 @@ class Worker:
         for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(signum, signal.SIG_IGN)  # the master's business, not ours
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1))
+        signals = self.signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                                              signal.SIGUSR1))
         # Exactly this worker's listeners stay open: not the master's wake-up
         # pipe, nor a listener a reload removed (see ``hygiene``).
         hygiene.after_fork(keep={sock.fileno() for _, sock in self.listeners},
@@ -166,12 +183,21 @@ class Worker:
                           for index, (lst, sock) in enumerate(self.listeners)]
         self.by_listener = {entry[1].fileno(): entry for entry in self.accepting}
         self.families = {sock.fileno(): int(sock.family) for _, sock in self.listeners}
+        self.socket_options = {sock.fileno(): self._socket_options(lst)
+                               for lst, sock in self.listeners}
         self.board.accepting[self.row] = 1
-        for index in range(self.config.server.relay_threads):
+        threads = self.config.server.relay_threads
+        # The worker's buffer budget is split evenly: each loop owns its share,
+        # so no lock is taken for it on the hot path.
+        budget = max(1, self.config.server.buffer_budget_mb * 1024 * 1024 // threads)
+        for index in range(threads):
             # The first loop also accepts: with one relay thread per worker (the
             # default with one worker per CPU) no client crosses threads at all.
             loop = RelayLoop(self.mode, name=f"relay-{index}",
-                             acceptor=self if index == 0 else None)
+                             acceptor=self if index == 0 else None, budget=budget,
+                             on_crash=signals.wake)
+            if index == 0 and os.environ.get(TEST_CRASH_ENV):
+                self._arm_test_crash(loop, os.environ[TEST_CRASH_ENV])
             loop.start()  # relay threads inherit the blocked mask: signals go to this thread
             self.loops.append(loop)
         signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
@@ -180,6 +206,36 @@ class Worker:
         log.info("worker %d booted: pid=%d threads=%d relay=%s max_connections=%d", self.slot,
                  os.getpid(), len(self.loops), self.mode, self.max_connections)
         return signals
+
+    @staticmethod
+    def _arm_test_crash(loop: RelayLoop, path: str) -> None:
+        """Test-only (``TEST_CRASH_ENV``): make ``loop`` raise when it next takes
+        in clients, once per existing ``path`` (respawned workers run normally)."""
+        take_inbox = loop._take_inbox
+
+        def crashing_take_inbox(woken: bool) -> None:
+            try:
+                os.unlink(path)
+            except OSError:
+                return take_inbox(woken)
+            raise RuntimeError("injected relay crash (test)")
+
+        loop._take_inbox = crashing_take_inbox  # type: ignore[method-assign]
+
+    @staticmethod
+    def _socket_options(listener: ListenerConfig) -> SocketOptions:
+        """What ``tcp_keepalive`` asks of a listener's client and backend sockets.
+
+        Set on each accepted client rather than once on the listener (whose
+        options accepted sockets would inherit on Linux): the listener socket
+        is shared with the other generation during a reload, and each
+        generation serves its own config.  Cost: up to four ``setsockopt``
+        calls per client, only where keepalive is asked for.
+        """
+        keepalive = listener.tcp_keepalive
+        if keepalive is None:
+            return ()
+        return keepalive_options(keepalive.idle_s, keepalive.interval_s, keepalive.count)
 
     @staticmethod
     def _tune_garbage_collector() -> None:
@@ -247,6 +303,8 @@ class Worker:
                 signals.drain_wakeups()
             while signals.pending:
                 self._handle_signal(signals.pending.popleft(), accepting)
+            if not self.exit_code:
+                self._check_relay_threads()
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + HEARTBEAT_S
@@ -257,6 +315,31 @@ class Worker:
                     self._begin_stop(self.config.server.drain_timeout_s, accepting)
         selector.close()
         self._finish()
+
+    def _check_relay_threads(self) -> None:
+        """A relay thread that died (its loop's ``run`` raised) stops the worker.
+
+        Clients handed to a dead loop would wait, unserved, until the master
+        noticed the missing heartbeat (``worker_timeout_s``).  The dead loop
+        wakes this thread at once (``on_crash``), so within milliseconds the
+        worker stops accepting (leaving the queued clients to its siblings,
+        with no last sweep that could hand them to the dead loop), closes the
+        clients handed to it since, lets its other loops drain, and exits
+        with ``EXIT_RELAY_DIED``; the master then respawns it.
+        """
+        dead = [loop for loop in self.loops if loop.crashed is not None]
+        if not dead:
+            return
+        self.exit_code = EXIT_RELAY_DIED
+        for loop in dead:
+            log.error("worker %d: relay thread %s died (%s); stopping accepting and exiting so "
+                      "that the other workers and a fresh worker take over", self.slot,
+                      loop.name, loop.crashed)
+        self._begin_stop(self.config.server.drain_timeout_s, [])
+        abandoned = sum(loop.close_abandoned() for loop in dead)
+        if abandoned:
+            log.warning("worker %d: closed %d client(s) handed to a dead relay thread",
+                        self.slot, abandoned)
 
     def _beat(self, now: float) -> None:
         """Stamp the scoreboard row; the oldest relay-loop tick stands for the whole worker.
@@ -282,6 +365,7 @@ class Worker:
         """
         timeout_s = listener.connect_timeout_ms / 1000.0
         family = self.families[sock.fileno()]
+        options = self.socket_options[sock.fileno()]
         board, row, loops = self.board, self.row, self.loops
         siblings: List[int] = []
         if balance:
@@ -330,10 +414,18 @@ class Worker:
                 raise
             client = StreamSocket(family, _SOCK_STREAM, 0, fd)
             client.setblocking(False)
+            if options:
+                try:
+                    apply_options(client, options)
+                except OSError as exc:  # the client is already gone: nothing to serve
+                    log.debug("client on %s closed before it was served: %s",
+                              listener.label, exc)
+                    client.close()
+                    continue
             self.accepted += 1
             board.active[row] = active + 1
             peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
-            least.submit(client, balancer.targets(address), timeout_s, peer)
+            least.submit(client, balancer.targets(address), timeout_s, peer, options)
             force_first = False
         return BATCH_DONE
 

@@ -313,3 +313,48 @@ def test_every_valid_name_is_one_getaddrinfo_can_encode():
                  "10.0.0.1", "localhost"):
         assert config.hostname_problem(host) == ""
         host.encode("idna")  # what getaddrinfo does first; raises on a bad label
+
+
+def test_buffer_budget_and_keepalive_parse_with_documented_defaults():
+    from prefork_proxy.config import Keepalive
+
+    loaded = config.load_text(LISTENER)
+    assert loaded.server.buffer_budget_mb == config.DEFAULT_BUFFER_BUDGET_MB == 64
+    assert loaded.listeners[0].tcp_keepalive is None  # off unless asked
+    loaded = config.load_text("[server]\nbuffer_budget_mb = 8\n" + LISTENER
+                              + "tcp_keepalive = true\n")
+    assert loaded.server.buffer_budget_mb == 8
+    assert loaded.listeners[0].tcp_keepalive == Keepalive()  # kernel timings
+    loaded = config.load_text(LISTENER + "tcp_keepalive = { idle_s = 60, count = 4 }\n")
+    assert loaded.listeners[0].tcp_keepalive == Keepalive(idle_s=60, count=4)
+    assert config.load_text(LISTENER + "tcp_keepalive = false\n").listeners[0] \
+        .tcp_keepalive is None
+
+
+BAD_BUDGET_KEEPALIVE = [
+    ("[server]\nbuffer_budget_mb = 0\n" + LISTENER,
+     'proxy.toml:2: server: key "buffer_budget_mb": expected an integer number of MiB between 1 '
+     "and 65536, got an integer 0"),
+    ("[server]\nbuffer_budget_mb = 1.5\n" + LISTENER, 'key "buffer_budget_mb": expected an'),
+    ("[server]\nbuffer_budget_mb = true\n" + LISTENER, 'key "buffer_budget_mb": expected an'),
+    (LISTENER + 'tcp_keepalive = "yes"\n',
+     'proxy.toml:4: tcp_proxy[1] (bind "127.0.0.1:7000"): key "tcp_keepalive": expected true, '
+     "false or a table"),
+    (LISTENER + "tcp_keepalive = { idle = 60 }\n",
+     'proxy.toml:4: tcp_proxy[1] (bind "127.0.0.1:7000"): key "tcp_keepalive": unknown key '
+     '"idle": expected one of idle_s, interval_s, count'),
+    (LISTENER + "tcp_keepalive = { idle_s = 0 }\n",
+     'key "tcp_keepalive": idle_s: expected an integer between 1 and 32767, got an integer 0'),
+    (LISTENER + "tcp_keepalive = { interval_s = 40000 }\n",
+     'key "tcp_keepalive": interval_s: expected an integer between 1 and 32767'),
+    (LISTENER + "tcp_keepalive = { count = 128 }\n",
+     'key "tcp_keepalive": count: expected an integer between 1 and 127'),
+]
+
+
+@pytest.mark.parametrize("text, expected", BAD_BUDGET_KEEPALIVE,
+                         ids=[b[1][:40] for b in BAD_BUDGET_KEEPALIVE])
+def test_bad_budget_or_keepalive_names_file_line_section_key(text, expected):
+    with pytest.raises(ConfigError) as raised:
+        config.load_text(text, source="proxy.toml")
+    assert expected in str(raised.value)

@@ -686,3 +686,33 @@ def test_stalled_readers_hold_no_more_than_the_budget_and_resume_exactly(mover):
         assert loop.join(5)
         backend_listener.close()
         front.close()
+
+
+def test_socket_options_are_set_on_the_backend_socket_before_it_connects(relay):
+    from prefork_proxy.relay import keepalive_options
+
+    loop, _ = relay
+    backend_listener = socket.create_server(("127.0.0.1", 0))
+    front = socket.create_server(("127.0.0.1", 0))
+    target = Target(socket.AF_INET, backend_listener.getsockname(), "keepalive")
+    try:
+        client = socket.create_connection(front.getsockname(), timeout=5)
+        accepted, _ = front.accept()
+        accepted.setblocking(False)
+        loop.submit(accepted, iter([target]), 5.0, "",
+                    keepalive_options(idle_s=77, interval_s=11, count=3))
+        backend, _ = backend_listener.accept()
+        client.sendall(b"k")
+        backend.settimeout(5)
+        assert recv_exactly(backend, 1) == b"k"
+        (conn,) = loop._connections
+        ours = conn.backend
+        assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 77
+        assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 11
+        assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+        client.close()
+        backend.close()
+    finally:
+        backend_listener.close()
+        front.close()
