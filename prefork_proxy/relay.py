@@ -29,7 +29,9 @@ Principle (backpressure): a direction reads only when its pipe or buffer is
 empty, and while bytes wait for a destination that is not writable it stops
 watching the source for reads and watches the destination for writes instead.
 So memory per connection is bounded by one pipe or buffer per direction, and
-bytes stuck in a pipe never make the loop spin.
+bytes stuck in a pipe never make the loop spin.  Across connections, a loop's
+budget (``BufferPool``) caps what all of them hold together: when it is spent,
+directions that hold nothing stop reading (``PARKED``) until it frees.
 
 Principle (idle connections cost two descriptors): pipes and buffers are lent
 from a per-thread pool only while a direction holds bytes, and returned when it
@@ -1010,18 +1012,28 @@ class RelayLoop:
     def _unpark(self) -> None:
         """The budget has room again: parked directions watch their sources again.
 
-        Every parked connection is woken, oldest first; each direction checks
-        the budget again before it reads, so those that find it spent again
-        park again, at the back of the line.
+        Oldest first, and only about as many as the room left could serve
+        (one buffer each): waking every parked connection for each buffer
+        given back would cost two ``epoll_ctl`` per connection, over and over,
+        for most of them to park again.  A woken direction checks the budget
+        again before it reads; one that finds it spent parks again, at the
+        back of the line, and one that holds nothing leaves the room for the
+        next batch to wake more.
         """
-        parked, self._parked = self._parked, collections.deque()
-        for conn in parked:
+        parked = self._parked
+        room = self._buffers.left
+        while parked and room > 0:
+            conn = parked.popleft()
             if conn.closed:
                 continue
+            woken = False
             for direction in (conn.upstream, conn.downstream):
                 if direction.state == PARKED:
                     direction.state = WANT_READ
-            self._update_interest(conn)
+                    woken = True
+            if woken:
+                self._update_interest(conn)
+                room -= self._buffers.size
 
     def _update_interest(self, conn: Connection) -> None:
         up, down = conn.upstream, conn.downstream
