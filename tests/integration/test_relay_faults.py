@@ -45,7 +45,8 @@ def test_a_dead_relay_thread_stops_its_worker_within_a_second(backend_factory, p
     assert not trigger.exists()
     log = proxy.log
     assert "relay thread relay-0 died (RuntimeError: injected relay crash (test))" in log
-    assert f"exit code {EXIT_RELAY_DIED}" in log
+    wait_for(lambda: f"exit code {EXIT_RELAY_DIED}" in proxy.log, 5,
+             message="the master to log the worker's exit code")
     # The master respawns the worker, and the proxy serves again.
     (respawned,) = wait_for(lambda: [p for p in proxy.wait_workers(1) if p != worker] or None,
                             10, message="a respawned worker")
