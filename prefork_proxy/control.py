@@ -276,8 +276,25 @@ def format_status(status: Dict[str, Any]) -> str:
                      f"{worker['accepted']:>9} {worker['state']}")
     for line in status.get("backends", []):
         lines.append(line)
+    lines.extend(_reload_lines(status))
     lines.extend(f"UNHEALTHY: {problem}" for problem in problems(status))
     return "\n".join(lines)
+
+
+def _reload_lines(status: Dict[str, Any]) -> List[str]:
+    """What ``status`` says about the reload in progress or the last one."""
+    lines = []
+    if status.get("reloading"):
+        lines.append(f"reload in progress: generation {status['generation']} is booting")
+    last = status.get("last_reload")
+    if last:
+        ago = _duration(max(0.0, time.time() - last.get("at", 0.0)))
+        if last.get("ok"):
+            lines.append(f"last reload: ok, {ago} ago (generation {last.get('generation')})")
+        else:
+            lines.append(f"last reload: FAILED {ago} ago, still serving generation "
+                         f"{status['generation']} with the old config: {last.get('error')}")
+    return lines
 
 
 def _duration(seconds: Optional[float]) -> str:

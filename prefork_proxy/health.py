@@ -62,7 +62,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from prefork_proxy import hygiene
+from prefork_proxy import faults, hygiene, logsetup
 from prefork_proxy.balancer import backend_name
 from prefork_proxy.config import HealthCheck, ListenerConfig
 from prefork_proxy.proctitle import set_title
@@ -74,6 +74,8 @@ log = logging.getLogger("prefork_proxy.health")
 SWEEP_INTERVAL_S = 1.0
 #: Wait before restarting a health-check process that died (it should not die).
 RESTART_DELAY_S = 1.0
+#: Longest wait between two attempts to fork the health-check process (fork keeps failing).
+MAX_RESTART_DELAY_S = 30.0
 #: The health-check process's longest sleep: it checks on its master this often.
 MAX_WAIT_S = 0.5
 PR_SET_PDEATHSIG = 1
@@ -103,6 +105,7 @@ class HealthChecker:
         self._config: object = None  # the config the running process serves
         self._restart_at = 0.0
         self._next_sweep = 0.0
+        self._fork_failures = 0  # in a row: the retry backs off
 
     def tick(self) -> None:
         """Converge: a live process for the current config if it needs one; sweep rows."""
@@ -156,7 +159,18 @@ class HealthChecker:
     def _start(self) -> None:
         self._config = self.shared.config
         master_pid = os.getpid()
-        pid = os.fork()
+        try:
+            faults.trip("health.fork", OSError(errno.EAGAIN, "Resource temporarily unavailable "
+                                               "(injected)"))
+            pid = os.fork()
+        except OSError as exc:  # EAGAIN under a process limit, ENOMEM: retry, keep serving
+            self._fork_failures += 1
+            delay = min(MAX_RESTART_DELAY_S, RESTART_DELAY_S * 2 ** (self._fork_failures - 1))
+            self._restart_at = time.monotonic() + delay
+            log.error("cannot fork the health-check process: %s; retrying in %.0f s",
+                      exc.strerror or exc, delay)
+            return
+        self._fork_failures = 0
         if pid == 0:
             code = 1
             try:
@@ -254,6 +268,8 @@ class _CheckerProcess:
         self.results: "queue.SimpleQueue[Tuple[int, object]]" = queue.SimpleQueue()
         self.stopping = threading.Event()
         self._plan_version = -1
+        # Log paths that could not be reopened, with the (dev, inode) then seen there.
+        self._unopenable: Dict[str, object] = {}
         self._cached_plan: Dict[int, Tuple[str, HealthCheck]] = {}
         self.getaddrinfo: Callable[..., Any] = socket.getaddrinfo  # the hook's, if installed
         self.seed = instance_seed(master_pid)
@@ -591,23 +607,27 @@ class _CheckerProcess:
     # -- logs
 
     def _follow_log_rotation(self) -> None:
-        """Reopen a log file renamed by logrotate (the master signals workers, not us)."""
+        """Reopen a log file renamed by logrotate (the master signals workers, not us).
+
+        A path that cannot be opened (it became a directory, the new file is
+        not writable) is logged once to the old file, which stays in use.
+        """
         for handler in logging.getLogger().handlers:
             if not isinstance(handler, logging.FileHandler) or handler.stream is None:
                 continue
             try:
                 on_disk = os.stat(handler.baseFilename)
                 is_open = os.fstat(handler.stream.fileno())
+                same = (on_disk.st_dev, on_disk.st_ino) == (is_open.st_dev, is_open.st_ino)
+                identity = (on_disk.st_dev, on_disk.st_ino)
             except OSError:
-                on_disk = None
-            if on_disk is None or (on_disk.st_dev, on_disk.st_ino) != \
-                    (is_open.st_dev, is_open.st_ino):
-                handler.acquire()
-                try:
-                    old, handler.stream = handler.stream, handler._open()
-                    old.close()
-                finally:
-                    handler.release()
+                same, identity = False, None
+            if same or self._unopenable.get(handler.baseFilename, False) == identity:
+                continue
+            if logsetup.reopen_handler(handler):
+                self._unopenable.pop(handler.baseFilename, None)
+            else:  # tried again only once the path changes
+                self._unopenable[handler.baseFilename] = identity
 
 
 def _address_key(family: int, sockaddr: tuple) -> Tuple[int, str, int]:

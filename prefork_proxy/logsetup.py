@@ -12,6 +12,8 @@ import logging
 import sys
 from typing import Optional
 
+log = logging.getLogger("prefork_proxy.logsetup")
+
 LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(message)s"
 
 
@@ -31,17 +33,37 @@ def configure(level: str = "info", log_file: Optional[str] = None) -> None:
 
 
 def reopen_log_files() -> int:
-    """Reopen every file handler at its path; return how many were reopened."""
+    """Reopen every file handler at its path; return how many were reopened.
+
+    Never raises: a file that cannot be reopened (the path became a
+    directory, logrotate's ``create`` made it unwritable for the serving
+    user) is reported on the old stream, which stays in use, so a SIGUSR1
+    never takes a process down.
+    """
     reopened = 0
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
-            handler.acquire()
-            try:
-                old = handler.stream
-                handler.stream = handler._open()
-                if old is not None:
-                    old.close()
-                reopened += 1
-            finally:
-                handler.release()
+            reopened += reopen_handler(handler)
     return reopened
+
+
+def reopen_handler(handler: logging.FileHandler) -> bool:
+    """Open ``handler``'s path again and swap it in; on failure keep the old stream."""
+    handler.acquire()
+    try:
+        old = handler.stream
+        try:
+            handler.stream = handler._open()
+        except OSError as exc:
+            error: Optional[OSError] = exc
+        else:
+            error = None
+            if old is not None:
+                old.close()
+    finally:
+        handler.release()
+    if error is not None:
+        log.error("cannot reopen the log file %s: %s; still writing to the file open before",
+                  handler.baseFilename, error.strerror or error)
+        return False
+    return True

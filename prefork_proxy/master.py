@@ -9,20 +9,33 @@ Signals (the semantics of gunicorn and nginx, which operators know):
 
 - SIGCHLD: reap; a worker that died unexpectedly is respawned in its slot,
   with exponential backoff when it keeps dying young.  A worker that cannot
-  boot at all stops the master with an error instead of a respawn storm.
+  boot at first start (before any worker has booted) stops the master with an
+  error instead of a respawn storm; later (a respawn) it is retried with the
+  same backoff, and the workers that serve are left alone.
 - SIGTERM: graceful stop.  New handshakes are stopped, the workers accept
   what is already queued, then let their connections run until they end or
   ``drain_timeout_s`` passes.  A second SIGTERM, SIGINT or SIGQUIT: fast stop.
-- SIGHUP: reload.  The config is loaded and validated again; if invalid, the
-  error is logged and nothing changes.  If valid, listeners are reconciled
-  (an unchanged address keeps its socket), a new generation of workers is
-  forked, and the old generation stops accepting and drains.
+- SIGHUP: reload, as a transaction.  The config is loaded and validated
+  again; if invalid, the error is logged and nothing changes.  If valid,
+  listeners are reconciled (an unchanged address keeps its socket) and a new
+  generation of workers is forked; the old generation stops accepting and
+  drains only once every new worker has booted.  If the new generation cannot
+  boot (a worker exits with the boot-failure code, dies before booting, cannot
+  be forked, or has not booted within ``worker_timeout_s``), it is stopped and
+  everything is rolled back: the old generation keeps serving the old config,
+  and ``status`` shows why the reload failed.
 - SIGTTIN / SIGTTOU: one worker more / fewer (never below one).
 - SIGUSR1: reopen log files, here and in every worker.
 
 Principle: the master owns the listening sockets for its whole life (see
 ``listeners``), so no worker's death, retirement or replacement ever resets
 a connection waiting in an accept queue.
+
+Principle (the master never dies of an error): each step of the loop (a
+signal's handler, reap, supervision, the worker table, health, status) runs
+guarded: an unexpected exception is logged with its traceback and the loop
+goes on.  Only an explicit stop ends it; its ``finally`` kills every worker,
+so letting an error reach it would cut every connection.
 
 Principle (supervision by heartbeat): every worker stamps its scoreboard row
 at least once a second from its main thread, with the oldest tick of its
@@ -44,7 +57,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-from prefork_proxy import control, hygiene, logsetup, notify
+from prefork_proxy import control, faults, hygiene, logsetup, notify
 from prefork_proxy.config import Config
 from prefork_proxy.errors import EXIT_FAILURE, EXIT_OK, ProxyError
 from prefork_proxy.health import HealthChecker, describe_backends
@@ -65,6 +78,12 @@ MAX_RESPAWN_DELAY_S = 30.0
 #: Grace after the drain timeout before a stopping worker is killed.
 KILL_GRACE_S = 5.0
 STATUS_INTERVAL_S = 1.0
+#: How often the loop looks at the scoreboard while a new generation boots.
+BOOT_POLL_S = 0.05
+#: After a loop step failed, the loop waits at least this long (no busy loop of tracebacks).
+FAILED_STEP_PAUSE_S = 0.1
+#: Shortest wait before retrying a fork that failed (EAGAIN, ENOMEM).
+FORK_RETRY_MIN_S = 0.1
 
 HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
@@ -81,6 +100,7 @@ class WorkerProcess:
     started: float
     retiring: bool = False
     kill_at: float = 0.0  # when a retiring worker is killed if still alive
+    boot_timed_out: bool = False  # killed for not booting within worker_timeout_s
 
 
 @dataclass
@@ -89,6 +109,27 @@ class SlotHistory:
 
     fast_deaths: int = 0
     respawn_at: float = 0.0
+
+
+@dataclass
+class PendingReload:
+    """What a reload replaced, kept until its new generation has booted (or to roll back)."""
+
+    config: Config
+    sockets: List[socket.socket]
+    mode: str
+    desired: int
+    generation: int
+    history: Dict[int, "SlotHistory"]
+    shared: object  # SharedState.snapshot()
+    deadline: float  # the new generation must have booted by then
+
+
+def crash_loop_delay(fast_deaths: int) -> float:
+    """The respawn delay after ``fast_deaths`` quick deaths (or failed forks) in a row."""
+    if fast_deaths <= 1:
+        return 0.0
+    return min(MAX_RESPAWN_DELAY_S, 0.1 * 2 ** (fast_deaths - 1))
 
 
 def raise_open_file_limit() -> int:
@@ -130,6 +171,13 @@ class Master:
         self.pidfile: Optional[control.PidFile] = None  # locked for the master's life
         self.status_error = ""  # the last failure to write the status file, if any
         self.status_warned_at = 0.0
+        self.last_generation = self.generation  # generation numbers are never reused
+        self.pending: Optional[PendingReload] = None  # a reload whose generation boots
+        self.reload_requested = False  # a SIGHUP that came while a reload was pending
+        self.last_reload: Optional[Dict[str, object]] = None  # for the status file
+        self.served = False  # a worker has booted: boot failures are retried, not fatal
+        self.step_failed = False
+        self.spawn_error = ""
 
     # -- lifetime
 
@@ -165,7 +213,7 @@ class Master:
                 pidfile.remove()
             raise
         try:
-            self.manage_workers()
+            self._step("manage_workers", self.manage_workers)
             log.info("open-file limit %d: room for about %d idle connections per worker",
                      file_limit, max(0, (file_limit - 64) // 2))
             log.info("ready pid=%d listeners=%s workers=%d threads=%d relay=%s", self.pid,
@@ -186,29 +234,51 @@ class Master:
 
     def _loop(self, signals: SignalQueue) -> None:
         while True:
-            select.select([signals.read_fd], [], [], self._next_timer())
-            signals.drain_wakeups()
-            while signals.pending:
-                self._handle(signals.pending.popleft())
-            self.reap()
-            now = time.monotonic()
-            if self.stopping:
-                if not self.workers:
+            try:
+                if self._turn(signals):
                     return
-                if now >= self.stop_deadline:
-                    log.warning("%d worker(s) still running at the drain deadline; killing",
-                                len(self.workers))
-                    self._signal_all(signal.SIGKILL)
-                    self.stop_deadline = now + KILL_GRACE_S
-            else:
-                self.kill_hung_and_overdue(now)
-                self.manage_workers()
-                self.close_unused_sockets()
-                if self.health is not None:
-                    self.health.tick()  # (re)starts the health-check process as needed
-            if now >= self.next_status:
-                self.next_status = now + STATUS_INTERVAL_S
-                self.write_status(now)
+            except Exception:  # outside any step: still not a reason to cut every connection
+                self.step_failed = True
+                log.exception("master: unexpected error in its loop; going on")
+
+    def _turn(self, signals: SignalQueue) -> bool:
+        """One turn of the loop; True once an explicit stop has finished."""
+        select.select([signals.read_fd], [], [], self._next_timer())
+        self.step_failed = False
+        signals.drain_wakeups()
+        while signals.pending:
+            self._step("signal", self._handle, signals.pending.popleft())
+        self._step("reap", self.reap)
+        now = time.monotonic()
+        if self.stopping:
+            if not self.workers:
+                return True
+            if now >= self.stop_deadline:
+                log.warning("%d worker(s) still running at the drain deadline; killing",
+                            len(self.workers))
+                self._signal_all(signal.SIGKILL)
+                self.stop_deadline = now + KILL_GRACE_S
+        else:
+            self._step("supervise", self.kill_hung_and_overdue, now)
+            self._step("reload_progress", self.reload_progress, now)
+            self._step("manage_workers", self.manage_workers)
+            self._step("close_sockets", self.close_unused_sockets)
+            if self.health is not None:
+                # (re)starts the health-check process as needed
+                self._step("health", self.health.tick)
+        if now >= self.next_status:
+            self.next_status = now + STATUS_INTERVAL_S
+            self._step("write_status", self.write_status, now)
+        return False
+
+    def _step(self, name: str, action: Callable[..., object], *args: object) -> None:
+        """Run one step of the loop; an unexpected error is logged, and the loop goes on."""
+        try:
+            faults.trip(f"master.{name}")
+            action(*args)
+        except Exception:
+            self.step_failed = True
+            log.exception("master: unexpected error in %s; the master goes on", name)
 
     def _next_timer(self) -> float:
         now = time.monotonic()
@@ -216,6 +286,10 @@ class Master:
         for history in self.history.values():
             if history.respawn_at > now:
                 timeout = min(timeout, history.respawn_at - now)
+        if self.pending is not None:  # boots are seen on the scoreboard: look often
+            timeout = min(timeout, BOOT_POLL_S)
+        if self.step_failed:
+            timeout = max(timeout, FAILED_STEP_PAUSE_S)
         return max(0.0, timeout)
 
     def _handle(self, signum: int) -> None:
@@ -227,15 +301,19 @@ class Master:
             self.reload()
         elif signum == signal.SIGTTIN:
             self.desired += 1
+            if self.pending is not None:  # a rolled-back reload keeps the change
+                self.pending.desired += 1
             log.info("SIGTTIN: workers %d -> %d", self.desired - 1, self.desired)
         elif signum == signal.SIGTTOU:
             if self.desired > 1:
                 self.desired -= 1
+                if self.pending is not None and self.pending.desired > 1:
+                    self.pending.desired -= 1
                 log.info("SIGTTOU: workers %d -> %d", self.desired + 1, self.desired)
             else:
                 log.info("SIGTTOU ignored: already at one worker")
         elif signum == signal.SIGUSR1:
-            logsetup.reopen_log_files()
+            logsetup.reopen_log_files()  # logs, and never raises, when a file cannot be
             log.info("SIGUSR1: log files reopened; asking workers to do the same")
             self._signal_all(signal.SIGUSR1)
         elif signum == signal.SIGTERM and not self.stopping:
@@ -260,9 +338,19 @@ class Master:
     # -- reload
 
     def reload(self) -> None:
-        """SIGHUP: load the config again; serve it with a new generation, or keep the old."""
+        """SIGHUP: load the config again and start a new generation for it, or keep the old.
+
+        Only the loading, validating and binding happen here; the old
+        generation retires in ``reload_progress`` once the new one has booted,
+        or the new one is stopped and everything rolled back.
+        """
         if self.loader is None:
             log.warning("SIGHUP: started without --config, so there is nothing to reload")
+            return
+        if self.pending is not None:
+            self.reload_requested = True
+            log.info("SIGHUP: generation %d is still booting; reloading again once it serves "
+                     "or fails", self.generation)
             return
         self._notify("reloading")
         try:
@@ -271,30 +359,114 @@ class Master:
             sockets = self.listeners.open(config.listeners)
         except ProxyError as exc:
             log.error("reload failed, still serving generation %d: %s", self.generation, exc)
+            self._record_reload(False, str(exc), self.generation)
             self._notify("ready")
             return
-        except Exception:  # a bug while loading must not take the serving proxy down
+        except Exception as exc:  # a bug while loading must not take the serving proxy down
             log.exception("reload failed, still serving generation %d", self.generation)
+            self._record_reload(False, f"unexpected error: {exc!r}", self.generation)
             self._notify("ready")
             return
+        try:
+            self._start_generation(config, mode, sockets)
+        except Exception as exc:  # e.g. shared.reconfigure: roll back, keep serving
+            log.exception("reload: unexpected error while starting the new generation")
+            self._rollback_reload(f"unexpected error while starting the new generation: "
+                                  f"{exc!r}")
+
+    def _start_generation(self, config: Config, mode: str,
+                          sockets: List[socket.socket]) -> None:
         assert self.shared is not None
-        self.listeners.retain(sockets)
+        now = time.monotonic()
+        # Recorded first, so that whatever fails from here on is rolled back.
+        self.pending = PendingReload(self.config, self.sockets, self.mode, self.desired,
+                                     self.generation, self.history, self.shared.snapshot(),
+                                     now + config.server.worker_timeout_s)
         self.shared.reconfigure(config)
-        old_generation = self.generation
         self.config, self.sockets, self.mode = config, sockets, mode
         self.desired = config.server.workers
-        self.generation += 1
-        self.history.clear()
+        self.last_generation += 1
+        self.generation = self.last_generation
+        self.history = {}
         set_title(f"prefork-proxy: master gen {self.generation}")
-        self.manage_workers()  # the new generation starts before the old one stops accepting
-        now = time.monotonic()
-        for worker in self.workers.values():
-            if worker.generation <= old_generation:
+        log.info("reload: generation %d starting (listeners=%s workers=%d); generation %d "
+                 "serves until it has booted", self.generation,
+                 ",".join(bound_address(s) for s in sockets), self.desired,
+                 self.pending.generation)
+        self.manage_workers()  # the new generation starts; the old one still accepts
+
+    def reload_progress(self, now: float) -> None:
+        """Commit a reload whose generation has booted, or roll back one that cannot boot."""
+        assert self.board is not None
+        booted = self.board.booted
+        pending = self.pending
+        if pending is None:
+            if not self.served:
+                self.served = any(booted[w.row] for w in self.workers.values())
+            if self.reload_requested:
+                self.reload_requested = False
+                self.reload()
+            return
+        new = [w for w in self.workers.values()
+               if w.generation == self.generation and not w.retiring]
+        if len(new) >= self.desired and all(booted[w.row] for w in new):
+            self._commit_reload(now)
+        elif now >= pending.deadline:
+            waiting = sorted(w.slot for w in new if not booted[w.row])
+            self._rollback_reload(
+                f"generation {self.generation} did not boot within "
+                f"{self.config.server.worker_timeout_s:g} s (worker_timeout_s); "
+                f"workers not booted: {waiting or 'not started'}")
+
+    def _commit_reload(self, now: float) -> None:
+        pending, self.pending = self.pending, None
+        assert pending is not None
+        self.served = True
+        self._retire_unused_listeners()
+        for worker in list(self.workers.values()):
+            if worker.generation != self.generation:
                 self._retire(worker, now)
         log.info("reloaded: generation %d serves listeners=%s workers=%d; generation %d drains",
-                 self.generation, ",".join(bound_address(s) for s in sockets), self.desired,
-                 old_generation)
+                 self.generation, ",".join(bound_address(s) for s in self.sockets),
+                 self.desired, pending.generation)
+        self._record_reload(True, "", self.generation)
         self._notify("ready")
+
+    def _rollback_reload(self, reason: str) -> None:
+        """Stop the new generation and serve on with everything as it was before the reload."""
+        pending, self.pending = self.pending, None
+        failed = self.generation
+        if pending is not None:
+            assert self.board is not None and self.shared is not None
+            now = time.monotonic()
+            for worker in list(self.workers.values()):
+                if worker.generation != failed:
+                    continue
+                if self.board.booted[worker.row]:
+                    self._retire(worker, now)  # it may hold clients already: they drain
+                else:  # it holds nobody: no reason to wait for it
+                    worker.retiring = True
+                    worker.kill_at = now + KILL_GRACE_S
+                    self._kill(worker.pid, signal.SIGKILL)
+            self.config, self.sockets, self.mode = pending.config, pending.sockets, pending.mode
+            self.desired, self.generation = pending.desired, pending.generation
+            self.history = pending.history
+            self.shared.restore(pending.shared)
+            set_title(f"prefork-proxy: master gen {self.generation}")
+        self._retire_unused_listeners()  # what only the failed config had
+        log.error("reload failed, still serving generation %d with the old config: %s",
+                  self.generation, reason)
+        self._record_reload(False, reason, failed)
+        self._notify("ready")
+
+    def _retire_unused_listeners(self) -> None:
+        """Listeners the current config does not have: no new handshakes, closed later."""
+        self.listeners.retain(self.sockets)
+
+    def _record_reload(self, ok: bool, error: str, generation: int) -> None:
+        self.last_reload = {"ok": ok, "generation": generation, "error": error,
+                            "at": time.time()}
+        self.next_status = 0.0  # show it at once
 
     def close_unused_sockets(self) -> None:
         """Close listeners removed by a reload once no worker that accepted from them is left."""
@@ -312,20 +484,30 @@ class Master:
         for slot in range(self.desired):
             history = self.history.setdefault(slot, SlotHistory())
             if slot not in current and now >= history.respawn_at:
-                self.spawn(slot)
+                if not self.spawn(slot) and self.pending is not None:
+                    self._rollback_reload(f"cannot start worker {slot} of generation "
+                                          f"{self.generation}: {self.spawn_error}")
+                    return
         for slot, worker in current.items():
             if slot >= self.desired:
                 self._retire(worker, now)
 
-    def spawn(self, slot: int) -> None:
-        """Fork a worker for ``slot`` of the current generation.  The child never returns."""
+    def spawn(self, slot: int) -> bool:
+        """Fork a worker for ``slot`` of the current generation.  The child never returns.
+
+        False when it could not be forked (EAGAIN under a process limit,
+        ENOMEM): the slot is retried with the crash-loop backoff, and the
+        reason is left in ``spawn_error``.
+        """
         assert self.shared is not None and self.board is not None
         now = time.monotonic()
+        history = self.history.setdefault(slot, SlotHistory())
         row = self.board.claim(now)
         if row is None:
             log.error("no free scoreboard row for worker %d; will retry", slot)
-            self.history[slot].respawn_at = now + 1.0
-            return
+            history.respawn_at = now + 1.0
+            self.spawn_error = "no free scoreboard row"
+            return False
         worker = Worker(slot, self.generation, self.config, list(zip(self.config.listeners,
                                                                      self.sockets)),
                         self.shared, self.mode, self.pid, self.board, row)
@@ -334,13 +516,27 @@ class Master:
         # handler, copied into the child, and be lost.  The child unblocks them
         # once its handlers are in place, and then receives whatever came.
         previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        pid = os.fork()
+        try:
+            faults.trip("master.fork", OSError(errno.EAGAIN, "Resource temporarily "
+                                               "unavailable (injected)"))
+            pid = os.fork()
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+            self.board.release(row)
+            history.fast_deaths += 1
+            delay = max(FORK_RETRY_MIN_S, crash_loop_delay(history.fast_deaths))
+            history.respawn_at = now + delay
+            self.spawn_error = f"fork failed: {exc.strerror or exc}"
+            log.error("cannot fork worker %d: %s; retrying in %.1f s", slot, self.spawn_error,
+                      delay)
+            return False
         if pid == 0:
             assert self.signal_queue is not None
             worker.run(previous_mask, self.signal_queue.fds())  # never returns
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         self.board.pid[row] = pid
         self.workers[pid] = WorkerProcess(pid, slot, self.generation, row, now)
+        return True
 
     def _retire(self, worker: WorkerProcess, now: float) -> None:
         if worker.retiring:
@@ -362,6 +558,8 @@ class Master:
             if worker is None:
                 continue  # an adopted orphan: reaping it is all we owe it
             assert self.board is not None
+            booted = bool(self.board.booted[worker.row])
+            self.served = self.served or booted
             self.board.release(worker.row)
             code = os.waitstatus_to_exitcode(status)
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
@@ -370,21 +568,27 @@ class Master:
                 log.info("worker %d gen %d (pid %d) exited with %s", worker.slot,
                          worker.generation, pid, how)
                 continue
-            if code == EXIT_BOOT_FAILED:
+            boot_failed = code == EXIT_BOOT_FAILED or worker.boot_timed_out
+            if self.pending is not None and (boot_failed or not booted):
+                self._rollback_reload(f"worker {worker.slot} of generation {worker.generation} "
+                                      f"(pid {pid}) could not boot: {how}")
+                continue
+            if boot_failed and not self.served:
                 log.error("worker %d (pid %d) could not boot; stopping: fix the error above",
                           worker.slot, pid)
                 self.exit_code = EXIT_FAILURE
                 self._stop(signal.SIGQUIT, 0.0)
                 continue
             history = self.history.setdefault(worker.slot, SlotHistory())
+            # A respawn that cannot boot is retried with backoff, never fatal: the
+            # workers that serve are worth more than a clean stop.
             history.fast_deaths = history.fast_deaths + 1 \
-                if lived < MIN_HEALTHY_LIFETIME_S else 0
-            delay = 0.0
-            if history.fast_deaths > 1:
-                delay = min(MAX_RESPAWN_DELAY_S, 0.1 * 2 ** (history.fast_deaths - 1))
+                if lived < MIN_HEALTHY_LIFETIME_S or boot_failed else 0
+            delay = crash_loop_delay(history.fast_deaths)
             history.respawn_at = time.monotonic() + delay
-            log.warning("worker %d (pid %d) died with %s after %.1f s; respawning%s",
-                        worker.slot, pid, how, lived,
+            log.warning("worker %d (pid %d) %s after %.1f s; respawning%s",
+                        worker.slot, pid,
+                        f"could not boot ({how})" if boot_failed else f"died with {how}", lived,
                         f" in {delay:.1f} s (crash loop: {history.fast_deaths} quick deaths)"
                         if delay else "")
 
@@ -401,14 +605,23 @@ class Master:
                 continue
             silent = now - self.board.heartbeat[worker.row]
             if silent > timeout and not self.board.booted[worker.row]:
-                # Stuck before serving (e.g. a thread that could not start under a
-                # memory limit): respawning would hang the same way, forever.
-                log.error("worker %d (pid %d) did not finish booting within %.0f s; stopping: "
-                          "fix the error above", worker.slot, worker.pid, timeout)
+                if self.pending is not None and worker.generation == self.generation:
+                    continue  # reload_progress judges the new generation as a whole
+                if not self.served:
+                    # Stuck before serving at first start (e.g. a thread that could
+                    # not start under a memory limit): the config cannot run here.
+                    log.error("worker %d (pid %d) did not finish booting within %.0f s; "
+                              "stopping: fix the error above", worker.slot, worker.pid, timeout)
+                    self._kill(worker.pid, signal.SIGKILL)
+                    self.exit_code = EXIT_FAILURE
+                    self._stop(signal.SIGQUIT, 0.0)
+                    return
+                log.error("worker %d (pid %d) did not finish booting within %.0f s; killing it "
+                          "(respawned with backoff)", worker.slot, worker.pid, timeout)
+                worker.boot_timed_out = True
                 self._kill(worker.pid, signal.SIGKILL)
-                self.exit_code = EXIT_FAILURE
-                self._stop(signal.SIGQUIT, 0.0)
-                return
+                self.board.heartbeat[worker.row] = now
+                continue
             if silent > timeout:
                 log.error("worker %d (pid %d) hung: no heartbeat for %.1f s; killing it",
                           worker.slot, worker.pid, silent)
@@ -440,12 +653,14 @@ class Master:
                     "age_s": now - w.started, "active": board.active[w.row],
                     "accepted": board.accepted[w.row],
                     "heartbeat_age_s": now - board.heartbeat[w.row],
-                    "state": "draining" if w.retiring or self.stopping else "serving"}
+                    "state": "draining" if w.retiring or self.stopping
+                    else "serving" if board.booted[w.row] else "booting"}
                    for w in sorted(self.workers.values(), key=lambda w: (w.generation, w.slot))]
         status = {"pid": self.pid, "uptime_s": now - self.started, "generation": self.generation,
                   "desired_workers": self.desired, "relay": self.mode,
                   "listeners": [bound_address(s) for s in self.sockets],
                   "workers": workers, "written_at": time.time(),
+                  "reloading": self.pending is not None, "last_reload": self.last_reload,
                   "backends": describe_backends(self.shared) if self.shared else []}
         path = control.status_path(self.pidfile.path)
         try:

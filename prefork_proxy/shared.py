@@ -447,6 +447,26 @@ class SharedState:
                         table.last_check[slot] = 0.0
         return cleared
 
+    def snapshot(self) -> Tuple[object, ...]:
+        """The master's bookkeeping as it is now, for ``restore`` (a reload's rollback).
+
+        Only the master's own maps are copied: the shared table's slots that a
+        later ``reconfigure`` allocates are fresh or retired ones, which the
+        workers serving this config do not read, so restoring the maps
+        restores what those workers see.
+        """
+        return (self.config, dict(self._round_robin), dict(self._pools),
+                dict(self._entry_slots), self._next_fresh, collections.deque(self._retired))
+
+    def restore(self, snapshot: Tuple[object, ...]) -> None:
+        """Undo every ``reconfigure`` since ``snapshot`` (master; before new workers serve)."""
+        (self.config, round_robin, pools, entry_slots, self._next_fresh,
+         retired) = snapshot  # type: ignore[assignment]
+        self._round_robin = dict(round_robin)  # type: ignore[call-overload]
+        self._pools = dict(pools)  # type: ignore[call-overload]
+        self._entry_slots = dict(entry_slots)  # type: ignore[call-overload]
+        self._retired = collections.deque(retired)  # type: ignore[call-overload]
+
     def _allocate(self) -> int:
         if self._next_fresh < self.table.slots:
             self._next_fresh += 1

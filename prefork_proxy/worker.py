@@ -25,6 +25,10 @@ and let its connections finish within ``drain_timeout_s``; SIGINT/SIGQUIT
 close them at once.  A worker whose master dies (even by SIGKILL) notices at
 once through ``PR_SET_PDEATHSIG``, or within ``HEARTBEAT_S`` by polling its
 parent pid, and drains the same way, so no worker outlives the drain deadline.
+With no master left to freeze the accept queues, it does so itself first (the
+drop filter of ``listeners.stop_new_handshakes``, on the shared sockets): new
+clients are held off at once instead of being queued and reset when the last
+worker exits, and its last accept sweep serves those already queued.
 
 Principle (accept only what can be served): each connection needs two file
 descriptors (client and backend), so a worker computes at boot how many
@@ -63,9 +67,10 @@ import socket
 import time
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from prefork_proxy import hygiene, logsetup
+from prefork_proxy import faults, hygiene, logsetup
 from prefork_proxy.balancer import Balancer
 from prefork_proxy.config import Config, ListenerConfig
+from prefork_proxy.listeners import stop_new_handshakes
 from prefork_proxy.proctitle import set_title
 from prefork_proxy.relay import (
     RelayLoop,
@@ -133,6 +138,7 @@ class Worker:
         self.accepting: List[Tuple[ListenerConfig, socket.socket, Balancer]] = []
         self.by_listener: Dict[int, Tuple[ListenerConfig, socket.socket, Balancer]] = {}
         self.stopping = False
+        self.orphaned = False  # the master died; set once
         self.drain_deadline: Optional[float] = None
         self.max_connections = 0
         self.at_limit = False
@@ -169,6 +175,7 @@ class Worker:
 
     def _boot(self, signal_mask: Set[int], inherited_fds: Iterable[int]) -> SignalQueue:
         set_title(f"prefork-proxy: worker {self.slot} gen {self.generation}")
+        faults.trip("worker.boot")
         for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(signum, signal.SIG_IGN)  # the master's business, not ours
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -185,7 +192,6 @@ class Worker:
         self.families = {sock.fileno(): int(sock.family) for _, sock in self.listeners}
         self.socket_options = {sock.fileno(): self._socket_options(lst)
                                for lst, sock in self.listeners}
-        self.board.accepting[self.row] = 1
         threads = self.config.server.relay_threads
         # The worker's buffer budget is split evenly: each loop owns its share,
         # so no lock is taken for it on the hot path.
@@ -198,8 +204,13 @@ class Worker:
                              on_crash=signals.wake)
             if index == 0 and os.environ.get(TEST_CRASH_ENV):
                 self._arm_test_crash(loop, os.environ[TEST_CRASH_ENV])
-            loop.start()  # relay threads inherit the blocked mask: signals go to this thread
             self.loops.append(loop)
+        # The accepting loop starts last: a worker that cannot start all its
+        # threads (a memory limit) exits before it has taken a client from the
+        # queues it shares with the generation that serves.
+        for loop in reversed(self.loops):
+            loop.start()  # relay threads inherit the blocked mask: signals go to this thread
+        self.board.accepting[self.row] = 1
         signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
         self.max_connections = self._connection_budget()
         self._tune_garbage_collector()
@@ -310,8 +321,7 @@ class Worker:
                 next_beat = now + HEARTBEAT_S
                 self._beat(now)
                 if os.getppid() != self.master_pid and not self.stopping:
-                    log.warning("worker %d: master %d is gone; draining", self.slot,
-                                self.master_pid)
+                    self._master_gone()
                     self._begin_stop(self.config.server.drain_timeout_s, accepting)
         selector.close()
         self._finish()
@@ -432,14 +442,28 @@ class Worker:
     def _handle_signal(self, signum: int, accepting: List[Tuple[ListenerConfig, socket.socket,
                                                                   Balancer]]) -> None:
         if signum == signal.SIGUSR1:
-            logsetup.reopen_log_files()
+            logsetup.reopen_log_files()  # logs, and never raises, when a file cannot be
         elif signum == signal.SIGTERM:
             if os.getppid() != self.master_pid:  # PR_SET_PDEATHSIG: the master died
-                log.warning("worker %d: master %d is gone; draining", self.slot,
-                            self.master_pid)
+                self._master_gone()
             self._begin_stop(self.config.server.drain_timeout_s, accepting)
         else:  # SIGINT, SIGQUIT: fast stop
             self._begin_stop(0.0, [])
+
+    def _master_gone(self) -> None:
+        """The master died: freeze the accept queues it can no longer freeze itself.
+
+        Only on the master's death: on a retirement the same sockets keep
+        serving the next generation.  The filter is on the shared socket, so
+        every orphaned sibling is covered too; attaching it twice is harmless.
+        """
+        if self.orphaned:
+            return
+        self.orphaned = True
+        frozen = sum(stop_new_handshakes(sock) for _, sock in self.listeners)
+        log.warning("worker %d: master %d is gone; draining (new handshakes held off on %d "
+                    "of %d listener(s))", self.slot, self.master_pid, frozen,
+                    len(self.listeners))
 
     def _begin_stop(self, drain_timeout_s: float,
                     accepting: List[Tuple[ListenerConfig, socket.socket, Balancer]]) -> None:
