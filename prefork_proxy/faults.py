@@ -12,7 +12,8 @@ when a file named after the point exists in that directory:
 Points (grep for ``faults.trip``): ``master.<step>`` for each step of the
 master loop (``master.signal``, ``master.reap``, ``master.supervise``,
 ``master.manage_workers``, ``master.reload_progress``, ``master.health``,
-``master.write_status``, ``master.close_sockets``), ``master.fork`` (a
+``master.write_status``, ``master.close_sockets``), ``master.reload`` (a
+reload fails after ``shared.reconfigure``), ``master.fork`` (a
 worker's ``fork`` fails with EAGAIN), ``health.fork`` (the health-check
 process's ``fork`` fails with EAGAIN), ``worker.boot`` (a worker fails to
 boot, exit code 3).

@@ -119,7 +119,8 @@ class PendingReload:
     sockets: List[socket.socket]
     mode: str
     desired: int
-    generation: int
+    generation: int  # the generation that serves until the new one has booted
+    new_generation: int
     history: Dict[int, "SlotHistory"]
     shared: object  # SharedState.snapshot()
     deadline: float  # the new generation must have booted by then
@@ -379,14 +380,16 @@ class Master:
         assert self.shared is not None
         now = time.monotonic()
         # Recorded first, so that whatever fails from here on is rolled back.
+        self.last_generation += 1  # burnt even if the reload fails: numbers never repeat
         self.pending = PendingReload(self.config, self.sockets, self.mode, self.desired,
-                                     self.generation, self.history, self.shared.snapshot(),
+                                     self.generation, self.last_generation, self.history,
+                                     self.shared.snapshot(),
                                      now + config.server.worker_timeout_s)
         self.shared.reconfigure(config)
+        faults.trip("master.reload")  # as if reconfigure failed half-way
         self.config, self.sockets, self.mode = config, sockets, mode
         self.desired = config.server.workers
-        self.last_generation += 1
-        self.generation = self.last_generation
+        self.generation = self.pending.new_generation
         self.history = {}
         set_title(f"prefork-proxy: master gen {self.generation}")
         log.info("reload: generation %d starting (listeners=%s workers=%d); generation %d "
@@ -435,7 +438,7 @@ class Master:
     def _rollback_reload(self, reason: str) -> None:
         """Stop the new generation and serve on with everything as it was before the reload."""
         pending, self.pending = self.pending, None
-        failed = self.generation
+        failed = pending.new_generation if pending is not None else self.generation + 1
         if pending is not None:
             assert self.board is not None and self.shared is not None
             now = time.monotonic()

@@ -336,6 +336,35 @@ def test_reload_whose_workers_cannot_boot_keeps_the_old_generation_and_config(
     stream.close()
 
 
+def test_reload_that_fails_after_reconfiguring_shared_state_is_rolled_back(
+        backend_factory, proxy_factory, tmp_path):
+    a, b = backend_factory("tag", "A"), backend_factory("tag", "B")
+    faults = tmp_path / "faults"
+    config = _config(tmp_path / "proxy.toml", a.address)
+    proxy = proxy_factory("start", "--config", str(config), env=_fault_env(faults))
+    old = _booted_workers(proxy, 2, lambda: proxy.log)
+    _config(config, b.address)
+    (faults / "master.reload").touch()  # raises right after shared.reconfigure
+    proxy.signal(signal.SIGHUP)
+    wait_for(lambda: "reload failed, still serving generation 1 with the old config: "
+                     "unexpected error" in proxy.log, message="the reload to fail")
+    assert "Traceback" in proxy.log and _workers(proxy) == old
+
+    def tag() -> bytes:
+        with socket.create_connection(("127.0.0.1", proxy.port()), timeout=5) as sock:
+            return sock.makefile("rb").readline().strip()
+
+    assert {tag() for _ in range(6)} == {b"A"}
+    # A respawned worker is built from the restored shared state: still the old backend.
+    os.kill(old[0], signal.SIGKILL)
+    _booted_workers(proxy, 2, lambda: proxy.log)
+    assert old[0] not in _workers(proxy)
+    assert {tag() for _ in range(6)} == {b"A"}
+    proxy.signal(signal.SIGHUP)
+    wait_for(lambda: "reloaded: generation 3 serves" in proxy.log, message="the next reload")
+    assert {tag() for _ in range(6)} == {b"B"}
+
+
 def test_old_generation_retires_only_once_the_new_one_has_booted(backend_factory,
                                                                proxy_factory, tmp_path):
     echo = backend_factory("echo")
