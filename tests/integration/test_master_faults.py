@@ -333,6 +333,8 @@ def test_reload_whose_workers_cannot_boot_keeps_the_old_generation_and_config(
     proxy.signal(signal.SIGHUP)
     wait_for(lambda: "reloaded: generation 3 serves" in proxy.log, 15,
              message="the next reload")
+    wait_for(lambda: proxy.log.count(" gen 1: stopped accepting") == 2,
+             message="generation 1 to stop accepting")
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         assert sock.makefile("rb").readline().strip() == b"NEW"
     stream.turn()  # held by generation 1, which drains
@@ -365,6 +367,8 @@ def test_reload_that_fails_after_reconfiguring_shared_state_is_rolled_back(
     assert {tag() for _ in range(6)} == {b"A"}
     proxy.signal(signal.SIGHUP)
     wait_for(lambda: "reloaded: generation 3 serves" in proxy.log, message="the next reload")
+    wait_for(lambda: proxy.log.count(" gen 1: stopped accepting") == 2,
+             message="generation 1 to stop accepting")
     assert {tag() for _ in range(6)} == {b"B"}
 
 
