@@ -362,8 +362,8 @@ def test_reload_that_fails_after_reconfiguring_shared_state_is_rolled_back(
     assert {tag() for _ in range(6)} == {b"A"}
     # A respawned worker is built from the restored shared state: still the old backend.
     os.kill(old[0], signal.SIGKILL)
+    wait_for(lambda: old[0] not in _workers(proxy), message="the killed worker to go")
     _booted_workers(proxy, 2, lambda: proxy.log)
-    assert old[0] not in _workers(proxy)
     assert {tag() for _ in range(6)} == {b"A"}
     proxy.signal(signal.SIGHUP)
     wait_for(lambda: "reloaded: generation 3 serves" in proxy.log, message="the next reload")
