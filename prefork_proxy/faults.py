@@ -16,7 +16,7 @@ master loop (``master.signal``, ``master.reap``, ``master.supervise``,
 reload fails after ``shared.reconfigure``), ``master.fork`` (a
 worker's ``fork`` fails with EAGAIN), ``health.fork`` (the health-check
 process's ``fork`` fails with EAGAIN), ``worker.boot`` (a worker fails to
-boot, exit code 3).
+boot, exit code 3), ``worker.signal`` (a worker's signal handling raises).
 
 Principle: deterministic, unlike resource limits (RLIMIT_NPROC does not bind
 root, memory limits fail wherever memory runs out first).  The cost when off

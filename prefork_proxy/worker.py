@@ -313,7 +313,13 @@ class Worker:
             for _ in selector.select(HEARTBEAT_S):
                 signals.drain_wakeups()
             while signals.pending:
-                self._handle_signal(signals.pending.popleft(), accepting)
+                signum = signals.pending.popleft()
+                try:
+                    faults.trip("worker.signal")
+                    self._handle_signal(signum, accepting)
+                except Exception:  # a failed handler must not cut this worker's connections
+                    log.exception("worker %d: unexpected error handling %s; going on",
+                                  self.slot, signal.Signals(signum).name)
             if not self.exit_code:
                 self._check_relay_threads()
             now = time.monotonic()

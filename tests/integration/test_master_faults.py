@@ -218,6 +218,25 @@ def test_usr1_with_a_log_path_that_became_a_directory_keeps_everything_serving(
              message="the master on the new file")
 
 
+def test_an_error_handling_a_signal_in_a_worker_keeps_its_connections(backend_factory,
+                                                                      proxy_factory, tmp_path):
+    echo = backend_factory("echo")
+    faults = tmp_path / "faults"
+    proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", echo.address,
+                          "--workers", "1", env=_fault_env(faults))
+    [worker] = _booted_workers(proxy, 1, lambda: proxy.log)
+    stream = Stream(proxy.port())
+    stream.turn()
+    (faults / "worker.signal").touch()
+    proxy.signal(signal.SIGUSR1)  # the master passes it on to the worker
+    wait_for(lambda: "worker 0: unexpected error handling SIGUSR1; going on" in proxy.log,
+             message="the worker's logged error")
+    stream.turn()
+    _round_trip(proxy.port())
+    assert _workers(proxy) == [worker]
+    stream.close()
+
+
 # --------------------------------------------------------------------------- A: fork fails
 
 
