@@ -365,6 +365,8 @@ class Master:
             return
         except Exception as exc:  # a bug while loading must not take the serving proxy down
             log.exception("reload failed, still serving generation %d", self.generation)
+            # e.g. EMFILE half-way through binding: what was bound so far is not ours.
+            self._retire_unused_listeners()
             self._record_reload(False, f"unexpected error: {exc!r}", self.generation)
             self._notify("ready")
             return
