@@ -246,7 +246,7 @@ def test_fork_failures_are_retried_with_backoff_and_the_workers_keep_serving(
     faults = tmp_path / "faults"
     pidfile = tmp_path / "proxy.pid"
     config = _config(tmp_path / "proxy.toml", echo.address,
-                     server=f'pidfile = "{pidfile}"\nworker_timeout_s = 3', extra="""
+                     server=f'pidfile = "{pidfile}"', extra="""
         [tcp_proxy.health_check]
         interval_ms = 200
     """)
@@ -308,7 +308,7 @@ def test_reload_whose_workers_cannot_boot_keeps_the_old_generation_and_config(
     echo, tag = backend_factory("echo"), backend_factory("tag", "NEW")
     pidfile = tmp_path / "proxy.pid"
     port, added = _free_port(), _free_port()
-    server = f'pidfile = "{pidfile}"\nworker_timeout_s = 2'
+    server = f'pidfile = "{pidfile}"\nworker_timeout_s = 5'  # the shortest allowed
     config = _config(tmp_path / "proxy.toml", echo.address, server=server,
                      bind=f"127.0.0.1:{port}")
     proxy = proxy_factory("start", "--config", str(config), preexec_fn=_small_address_space)
@@ -395,7 +395,7 @@ def test_old_generation_retires_only_once_the_new_one_has_booted(backend_factory
                                                                proxy_factory, tmp_path):
     echo = backend_factory("echo")
     faults = tmp_path / "faults"
-    config = _config(tmp_path / "proxy.toml", echo.address, server="worker_timeout_s = 2")
+    config = _config(tmp_path / "proxy.toml", echo.address)
     proxy = proxy_factory("start", "--config", str(config), env=_fault_env(faults))
     old = _booted_workers(proxy, 2, lambda: proxy.log)
     (faults / "worker.boot.always").touch()
