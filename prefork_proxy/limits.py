@@ -26,9 +26,10 @@ happen under the same lock: ±0 across workers).  The alternatives fall short:
 per-worker rows summed on read are exact *counts* but not exact *admission*
 (two workers can both read 4,999 of 5,000 and both increment), and a libatomic
 compare-and-swap covers one word, not a table insert.  The lock is
-``shared.ProcessLock`` (a kernel record lock: a holder killed with SIGKILL
-cannot keep it), held for a few microseconds per acquire or release (see the
-figures in README / the report: ``scripts/bench_admission.py``).
+``RecordLock``, ``shared.ProcessLock``'s principle with less Python around it
+(a kernel record lock: a holder killed with SIGKILL cannot keep it), taken
+once per acquire and once per release and held for a few microseconds:
+``scripts/bench_admission.py`` measures the cost per connection.
 
 Exactly once, and SIGKILL.  Every worker owns a *row* (claimed on its first
 acquire, by pid, as ``BackendTable`` rows are) holding a *ledger*: one record
@@ -55,13 +56,18 @@ pick addresses that collide.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
+import os
 import socket
+import tempfile
+import threading
 import time
-from typing import Callable, Dict, List
+import weakref
+from typing import Callable, Dict, List, Optional
 
-from prefork_proxy.shared import _PID, WORKER_ROWS, ProcessLock, _pid_alive
+from prefork_proxy.shared import _PID, WORKER_ROWS, _pid_alive
 
 log = logging.getLogger("prefork_proxy.limits")
 
@@ -89,6 +95,60 @@ RECLAIM_SCAN = 64
 LEDGER_PER_ROW = 10240
 
 _FREE, _SCOPE_ONLY, _WITH_SOURCE = 0, 1, 2  # ledger record states
+
+
+class RecordLock:
+    """A cross-process lock a dead holder cannot keep, for a per-connection path.
+
+    As ``shared.ProcessLock``: a POSIX record lock on one byte of an unlinked
+    file (the kernel drops it when its holder dies) behind a per-process
+    ``threading.Lock`` (record locks belong to a process, not a thread).  The
+    thread lock is replaced in a forked child by an at-fork hook rather than
+    by a pid check on every call: fewer calls on the way in, and no window in
+    which two threads of a new child could each make their own.
+    """
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="prefork-proxy-limits-")
+        self._fd = self._file.fileno()
+        self._threads = threading.Lock()
+        _RECORD_LOCKS.add(self)
+
+    def _after_fork(self) -> None:
+        self._threads = threading.Lock()
+
+    def acquire(self) -> None:
+        threads = self._threads
+        threads.acquire()
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, 0)
+        except BaseException:
+            threads.release()
+            raise
+
+    def release(self) -> None:
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)
+        finally:
+            self._threads.release()
+
+    def __enter__(self) -> "RecordLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+_RECORD_LOCKS: "weakref.WeakSet[RecordLock]" = weakref.WeakSet()
+
+
+def _reset_record_locks() -> None:
+    for lock in list(_RECORD_LOCKS):
+        lock._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_record_locks)
 
 
 def source_key(scope: int, ip: str) -> bytes:
@@ -131,11 +191,15 @@ class ConnectionLimits:
             setattr(self, name, memoryview(self._map)[offset:offset + size].cast(kind))
             offset += (size + 7) // 8 * 8
         # meta: [0] entries in the table, [1] reclaim cursor, [2] rows used (high-water)
-        self.lock = ProcessLock()
+        self.lock = RecordLock()
         self._row_pid = -1
         self._row = -1
         self._free: List[int] = []   # this process's released ledger indices (under the lock)
         self._fresh = 0              # this process's next never-used ledger index
+        # The key of each of this process's ledger records, so a release need not read
+        # it back from shared memory (the ledger's copy is for the sweep).
+        self._keys: List[Optional[bytes]] = []
+        self._scope_keys = [scope.to_bytes(2, "big") for scope in range(scopes)]
 
     # -- reads without the lock
 
@@ -160,42 +224,46 @@ class ConnectionLimits:
                 max_new_per_second: int = 0) -> int:
         """Admit one connection: a token (>= 0) for ``release``, or a ``REFUSED_*`` (< 0).
 
-        ``ip`` is the client address as a ``str`` (ValueError if it is not one).
+        ``ip`` is the client address as a ``str`` (OSError if it is not one).
         """
-        per_source = bool(max_per_source or max_new_per_second)
-        key = source_key(scope, ip) if per_source else scope.to_bytes(2, "big")
-        row = self._claim_row()
+        per_source = max_per_source or max_new_per_second
+        key = source_key(scope, ip) if per_source else self._scope_keys[scope]
+        row = self._row if self._row_pid == _PID[0] else self._claim_row()
         if row < 0:
             return REFUSED_LEDGER_FULL
-        with self.lock:
-            self.row_dirty[row] = 1
-            try:
-                if max_connections and self.scope_count[scope] >= max_connections:
-                    return REFUSED_LISTENER
-                if not self._free and self._fresh >= self.ledger_size:
-                    return REFUSED_LEDGER_FULL
-                slot = -1
-                if per_source:
-                    slot = self._admit_source(key, max_per_source, max_new_per_second)
-                    if slot < 0:
-                        return slot
-                # Commit: counts, then the ledger record (a kill in between is what
-                # ``dirty`` is for: the sweep then recounts from the ledgers).
-                self.scope_count[scope] += 1
-                index = self._free.pop() if self._free else self._take_fresh(row)
-                record = row * self.ledger_size + index
-                if slot >= 0:
-                    self.count[slot] += 1
-                    self.ledger_key[record * _KEY:(record + 1) * _KEY] = key
-                    self.ledger_state[record] = _WITH_SOURCE
-                else:
-                    self.ledger_key[record * _KEY:record * _KEY + 2] = key
-                    self.ledger_state[record] = _SCOPE_ONLY
-                generation = (self.ledger_gen[record] + 1) & 0xFFFFFFFF
-                self.ledger_gen[record] = generation
-                return (generation << _INDEX_BITS) | index
-            finally:
-                self.row_dirty[row] = 0
+        lock = self.lock
+        lock.acquire()
+        self.row_dirty[row] = 1
+        try:
+            if max_connections and self.scope_count[scope] >= max_connections:
+                return REFUSED_LISTENER
+            free = self._free
+            if not free and self._fresh >= self.ledger_size:
+                return REFUSED_LEDGER_FULL
+            slot = -1
+            if per_source:
+                slot = self._admit_source(key, max_per_source, max_new_per_second)
+                if slot < 0:
+                    return slot
+            # Commit: counts, then the ledger record (a kill in between is what
+            # ``dirty`` is for: the sweep then recounts from the ledgers).
+            self.scope_count[scope] += 1
+            index = free.pop() if free else self._take_fresh(row)
+            record = row * self.ledger_size + index
+            if slot >= 0:
+                self.count[slot] += 1
+                self.ledger_key[record * _KEY:(record + 1) * _KEY] = key
+                self.ledger_state[record] = _WITH_SOURCE
+            else:
+                self.ledger_key[record * _KEY:record * _KEY + 2] = key
+                self.ledger_state[record] = _SCOPE_ONLY
+            self._keys[index] = key
+            generation = (self.ledger_gen[record] + 1) & 0xFFFFFFFF
+            self.ledger_gen[record] = generation
+            return (generation << _INDEX_BITS) | index
+        finally:
+            self.row_dirty[row] = 0
+            lock.release()
 
     def release(self, token: int) -> bool:
         """End the connection of ``token``: True the first time, False (nothing done) after.
@@ -205,19 +273,22 @@ class ConnectionLimits:
         if token < 0 or self._row_pid != _PID[0]:
             return False
         row, index, generation = self._row, token & _INDEX_MASK, token >> _INDEX_BITS
-        if index >= self.ledger_size:
+        if index >= self._fresh:
             return False
         record = row * self.ledger_size + index
-        with self.lock:
+        lock = self.lock
+        lock.acquire()
+        try:
             if not self.ledger_state[record] or self.ledger_gen[record] != generation:
                 return False
             self.row_dirty[row] = 1
-            try:
-                self._undo(record, int(self._clock()))
-                self._free.append(index)
-            finally:
-                self.row_dirty[row] = 0
+            self._undo(record, int(self._clock()), self._keys[index])
+            self._keys[index] = None
+            self._free.append(index)
             return True
+        finally:
+            self.row_dirty[row] = 0
+            lock.release()
 
     # -- the master
 
@@ -241,7 +312,7 @@ class ConnectionLimits:
         with self.lock:  # also orders this process's threads racing to claim
             if self._row_pid != pid:
                 self._row = self._claim(pid)
-                self._free, self._fresh = [], 0
+                self._free, self._fresh, self._keys = [], 0, []
                 self._row_pid = pid
         if self._row < 0:
             log.error("no free row for process %d's connection limits (%d rows): its "
@@ -267,6 +338,7 @@ class ConnectionLimits:
         index = self._fresh
         self._fresh += 1
         self.row_high[row] = self._fresh
+        self._keys.append(None)
         return index
 
     def _admit_source(self, key: bytes, max_per_source: int, max_new_per_second: int) -> int:
@@ -349,9 +421,10 @@ class ConnectionLimits:
             slot = (slot + 1) & self._mask
         self.meta[1] = slot
 
-    def _undo(self, record: int, second: int) -> None:
+    def _undo(self, record: int, second: int, key: Optional[bytes] = None) -> None:
         """Take back what a ledger record counts, and free the record."""
-        key = bytes(self.ledger_key[record * _KEY:(record + 1) * _KEY])
+        if key is None:  # the sweep, for another process's record
+            key = bytes(self.ledger_key[record * _KEY:(record + 1) * _KEY])
         scope = int.from_bytes(key[:2], "big")
         self.scope_count[scope] -= 1
         if self.ledger_state[record] == _WITH_SOURCE:

@@ -321,3 +321,21 @@ def test_bad_addresses_raise_value_error_without_touching_counts():
         with pytest.raises(OSError):
             limits.acquire(0, bad, max_per_source=1)
     assert limits.connections(0) == 0
+
+
+def test_threads_of_one_worker_share_its_row_exactly():
+    import threading
+    limits = ConnectionLimits(sources=64, rows=4)
+    admitted = []
+
+    def work() -> None:
+        admitted.append(sum(limits.acquire(2, "192.0.2.3", max_connections=500,
+                                           max_per_source=450) >= 0 for _ in range(300)))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sum(admitted) == limits.source_connections(2, "192.0.2.3") == 450
+    assert limits.connections(2) == 450
