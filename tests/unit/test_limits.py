@@ -326,16 +326,26 @@ def test_bad_addresses_raise_value_error_without_touching_counts():
 def test_threads_of_one_worker_share_its_row_exactly():
     import threading
     limits = ConnectionLimits(sources=64, rows=4)
+    admit_source = limits._admit_source
+
+    def slow_admit_source(*args):
+        slot = admit_source(*args)
+        time.sleep(0.0001)  # between check and count: let the other threads run
+        return slot
+
+    limits._admit_source = slow_admit_source
     admitted = []
+    barrier = threading.Barrier(4)
 
     def work() -> None:
+        barrier.wait(timeout=10)
         admitted.append(sum(limits.acquire(2, "192.0.2.3", max_connections=500,
-                                           max_per_source=450) >= 0 for _ in range(300)))
+                                           max_per_source=50) >= 0 for _ in range(100)))
 
     threads = [threading.Thread(target=work) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=30)
-    assert sum(admitted) == limits.source_connections(2, "192.0.2.3") == 450
-    assert limits.connections(2) == 450
+    assert sum(admitted) == limits.source_connections(2, "192.0.2.3") == 50
+    assert limits.connections(2) == 50
