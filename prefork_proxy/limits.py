@@ -2,8 +2,9 @@
 
 Who owns what.  The master creates one ``ConnectionLimits`` before the first
 fork (one anonymous shared ``mmap``, fixed in size, inherited by every
-child) and calls ``sweep`` periodically and after a worker dies (where it
-calls ``BackendTable.sweep_rows`` today); workers' relay threads call
+child), calls ``release_process(pid)`` as it reaps a worker (where
+``master.reap`` releases its scoreboard row) and ``sweep`` periodically (where
+``BackendTable.sweep_rows`` runs today); workers' relay threads call
 ``acquire`` when a connection is accepted (after the ACL) and ``release``
 exactly once when it ends; anyone may read ``connections``/``at_capacity``
 without a lock (one aligned read; the accept loop can use it to stop
@@ -302,6 +303,20 @@ class ConnectionLimits:
                     self._free_row(row)
                     freed += 1
         return freed
+
+    def release_process(self, pid: int) -> bool:
+        """Master, as it reaps worker ``pid``: release what it held, now (no liveness guess).
+
+        ``sweep`` finds dead owners by asking the kernel whether their pid is
+        alive, which a pid already reused by another process defeats; the
+        master knows exactly which child it reaped.  True if it held a row.
+        """
+        with self.lock:
+            for row in range(self.meta[2]):
+                if self.row_owner[row] == pid:
+                    self._free_row(row)
+                    return True
+        return False
 
     # -- internals; everything below runs under ``self.lock``
 

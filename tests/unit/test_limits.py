@@ -349,3 +349,16 @@ def test_threads_of_one_worker_share_its_row_exactly():
         thread.join(timeout=30)
     assert sum(admitted) == limits.source_connections(2, "192.0.2.3") == 50
     assert limits.connections(2) == 50
+
+
+def test_the_master_releases_a_reaped_workers_holdings_by_pid():
+    limits = ConnectionLimits(sources=8, rows=4)
+    results, pids, finish = _race(1, lambda: ",".join(
+        str(limits.acquire(0, "192.0.2.8", max_connections=9, max_per_source=3))
+        for _ in range(3)))
+    finish()  # reaped
+    assert limits.connections(0) == 3
+    assert limits.release_process(pids[0]) is True
+    assert limits.connections(0) == 0 and limits.source_connections(0, "192.0.2.8") == 0
+    assert limits.release_process(pids[0]) is False  # once
+    assert limits.sweep() == 0
