@@ -362,3 +362,62 @@ def test_the_master_releases_a_reaped_workers_holdings_by_pid():
     assert limits.connections(0) == 0 and limits.source_connections(0, "192.0.2.8") == 0
     assert limits.release_process(pids[0]) is False  # once
     assert limits.sweep() == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_per_source_and_rate_limits_match_a_model_as_the_clock_moves(seed):
+    """Both per-source limits, a tiny table and a clock that moves: the same answers as a dict.
+
+    The model: an entry lives while it has connections or its rate window is the
+    current second; a new source finding the table full frees the stale ones first
+    (the table is small enough for one reclaim scan to see all of it).
+    """
+    clock = Clock(100.0)
+    limits = ConnectionLimits(sources=10, rows=4, clock=clock)
+    assert limits.slots <= limits_module.RECLAIM_SCAN
+    rng = random.Random(seed)
+    sources = [f"192.0.2.{i}" for i in range(12)] + [f"2001:db8::{i:x}" for i in range(12)]
+    model = {}  # ip -> [count, window, window_count]
+    held = []
+    for step in range(3000):
+        if rng.random() < 0.05:
+            clock.now += rng.choice([0.3, 0.7, 1.0, 2.5])
+        second = int(clock.now)
+        if held and rng.random() < 0.45:
+            token, ip = held.pop(rng.randrange(len(held)))
+            assert limits.release(token)
+            entry = model[ip]
+            entry[0] -= 1
+            if not entry[0] and entry[1] < second:
+                del model[ip]
+            continue
+        ip = rng.choice(sources)
+        token = limits.acquire(0, ip, max_per_source=3, max_new_per_second=4)
+        if ip not in model and len(model) >= 10:
+            for other in [o for o, e in model.items() if not e[0] and e[1] < second]:
+                del model[other]
+        if ip not in model and len(model) >= 10:
+            expected = REFUSED_TABLE_FULL
+        else:
+            entry = model.setdefault(ip, [0, -1, 0])
+            if entry[0] >= 3:
+                expected = REFUSED_SOURCE
+            else:
+                if entry[1] != second:
+                    entry[1], entry[2] = second, 0
+                if entry[2] >= 4:
+                    expected = REFUSED_RATE
+                else:
+                    entry[2] += 1
+                    entry[0] += 1
+                    expected = None
+        if expected is None:
+            assert token >= 0, (step, ip, token)
+            held.append((token, ip))
+        else:
+            assert token == expected, (step, ip, token, expected)
+        if step % 40 == 0:
+            for each in sources:
+                assert limits.source_connections(0, each) == \
+                    (model[each][0] if each in model else 0), (step, each)
+    assert limits.connections(0) == len(held)
