@@ -16,10 +16,12 @@ All state is global across workers, in ``shared.BackendTable``: whether a
 backend is up, its consecutive connect failures, its active connections.
 The algorithms (``balance`` in the listener's config):
 
-- ``round_robin``: nginx's smooth weighted round robin (weights 5:1:1 give
-  a a b a c a a, spread out) over the backends that are up, indexed by one
-  ticket counter shared by every worker, so consecutive connections rotate
-  exactly whichever worker accepts them.
+- ``round_robin``: a smooth weighted rotation (weights 5:1:1 give a a b a c
+  a a, spread out, as nginx's smooth weighted round robin does; see
+  ``RotationSchedule``) over the backends that are up, indexed by one ticket
+  counter shared by every worker, so consecutive connections rotate exactly
+  whichever worker accepts them.  A pick costs O(log n), a change of the set
+  of up backends O(n).
 - ``least_conn``: the fewest active connections per unit of weight, across
   all workers; ties rotate through the shared counter.
 - ``random_two``: the power of two choices: two backends drawn at random
@@ -27,6 +29,12 @@ The algorithms (``balance`` in the listener's config):
 - ``source_hash``: rendezvous (highest random weight) hashing of the client's
   IP address: the same address always lands on the same backend, and when a
   backend goes down only its own clients move, each to its second choice.
+
+Cost per pick with 1,000 backends (``scripts/balancer_figures.py``): the list
+of up backends is rebuilt only when ``BackendTable.health_version`` moves or a
+failure mark expires, so ``round_robin``, ``random_two`` and ``source_hash``
+(for a client address seen before) choose in O(1) or O(log n); ``least_conn``
+reads every backend's count in every worker row, O(n x rows), by design.
 
 Failover: after the first choice, the iterator yields the next ones in the
 algorithm's order (each backend at most once, up to ``retries`` more, within
@@ -42,10 +50,13 @@ by the worker whose report caused it.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
+import itertools
 import logging
 import math
+import operator
 import random
 import time
 from dataclasses import dataclass
@@ -57,8 +68,12 @@ from prefork_proxy.shared import BackendTable, PoolEntry, RoundRobinCounter, Sha
 
 log = logging.getLogger("prefork_proxy.balancer")
 
-#: Round-robin schedules kept per set of up backends (a handful of sets ever occur).
-SCHEDULE_CACHE = 64
+#: Pools (a set of up backends with its schedule) kept per balancer: a handful of sets occur.
+POOL_CACHE = 64
+#: Client addresses whose ``source_hash`` first choice a pool remembers.
+SOURCE_HASH_CACHE = 4096
+#: (sqrt(5) - 1) / 2: the golden ratio's fractional part, the most evenly spreading step.
+_GOLDEN = (math.sqrt(5) - 1) / 2
 #: While no backend has an address yet, a waiting connection looks again this often.
 #: Pauses end on multiples of it, so every waiting connection of a loop wakes in one batch.
 RESOLVE_WAIT_S = 0.02
@@ -66,22 +81,85 @@ RESOLVE_WAIT_S = 0.02
 WAIT_WARNING_INTERVAL_S = 5.0
 
 
+class RotationSchedule:
+    """The weighted rotation of one set of backends: ticket -> backend index, in O(log n).
+
+    ``W`` = sum of the weights; backend ``i`` owns ``weight[i]`` consecutive
+    residues of 0..W-1 (in order).  Ticket ``k`` picks the owner of residue
+    ``(k mod W + 1) * step mod W``, ``step`` being the integer coprime with
+    ``W`` nearest ``0.618 W``.  ``k -> residue`` is a bijection of each cycle
+    of ``W`` consecutive tickets, so every backend gets exactly its weight's
+    share of every cycle; the golden-ratio step visits each backend's residues
+    at near-even gaps (three-gap theorem: at most ``phi**2 = 2.62`` times
+    ``W / weight``), the same kind of spread as nginx's smooth weighted round
+    robin (``5:1:1`` gives ``a a b a c a a``, as nginx's does).  Equal weights
+    give the plain rotation ``a b c``.
+
+    It replaces nginx's algorithm, which had to build the whole cycle
+    (``O(W x n)``: 1.6 s for 100 backends of weight 1000) each time the set of
+    up backends changed: building this costs ``O(n)`` (a running sum, a gcd
+    search), a pick one ``bisect`` (``O(log n)``, in C), and nothing is
+    materialized.  Built and used by one balancer's relay threads (immutable).
+    """
+
+    __slots__ = ("count", "total", "step", "bounds", "uniform")
+
+    def __init__(self, weights: Sequence[int]) -> None:
+        self.count = len(weights)
+        self.total = sum(weights)
+        self.uniform = len(set(weights)) <= 1
+        self.bounds = list(itertools.accumulate(weights))  # exclusive upper residues
+        self.step = 1 if self.uniform else _coprime_step(self.total)
+
+    def index(self, ticket: int) -> int:
+        """The backend (an index into the weights) that ticket ``ticket`` picks."""
+        if self.uniform:
+            return ticket % self.count
+        total = self.total
+        return bisect.bisect_right(self.bounds, (ticket % total + 1) * self.step % total)
+
+    def order(self, ticket: int) -> Iterator[int]:
+        """Every index once: ticket's pick, then the next tickets' new picks (failover).
+
+        Lazy: the first index costs one ``index``; each later one walks the
+        following tickets until a backend not yielded yet (at most one cycle
+        in all, ``W`` steps, only while connects keep failing).
+        """
+        count = self.count
+        if self.uniform:
+            for step in range(count):
+                yield (ticket + step) % count
+            return
+        first = self.index(ticket)
+        yield first  # most connections stop here: nothing more is computed for them
+        seen = {first}
+        for step in range(1, self.total):
+            i = self.index(ticket + step)
+            if i not in seen:
+                seen.add(i)
+                yield i
+                if len(seen) == count:
+                    return
+
+
+def _coprime_step(total: int) -> int:
+    """The integer in 1..total-1 coprime with ``total`` nearest ``0.618 total``."""
+    target = max(1, round(total * _GOLDEN))
+    for distance in range(total):
+        for candidate in (target + distance, target - distance):
+            if 1 <= candidate < total and math.gcd(candidate, total) == 1:
+                return candidate
+    return 1  # total <= 2: any step is a bijection
+
+
 def smooth_weighted_order(weights: Sequence[int]) -> List[int]:
-    """One full cycle of smooth weighted round robin, as indices (length = sum of weights)."""
-    current = [0] * len(weights)
-    total = sum(weights)
-    order: List[int] = []
-    for _ in range(total):
-        for i, weight in enumerate(weights):
-            current[i] += weight
-        best = max(range(len(weights)), key=lambda i: current[i])
-        current[best] -= total
-        order.append(best)
-    return order
+    """One full cycle of the weighted rotation, as indices (length = sum of weights)."""
+    schedule = RotationSchedule(weights)
+    return [schedule.index(ticket) for ticket in range(schedule.total)]
 
 
 def smooth_weighted_schedule(backends: Sequence[Backend]) -> List[Backend]:
-    """One full cycle of smooth weighted round robin over ``backends``."""
+    """One full cycle of the weighted rotation over ``backends``."""
     return [backends[i] for i in smooth_weighted_order([b.weight for b in backends])]
 
 
@@ -107,6 +185,65 @@ class Member:
         return self.backend.weight
 
 
+class Pool:
+    """One set of members to choose from, with what the algorithms precompute for it.
+
+    Built when the set of up backends changes (``O(n)``; the schedule and the
+    cumulative weights lazily, by the algorithm that uses them), kept by the
+    balancer's ``_pools`` cache while the set recurs, read by relay threads.
+    """
+
+    __slots__ = ("members", "slots", "_schedule", "_cum_weights", "_hash_first", "_counts")
+
+    def __init__(self, members: List[Member]) -> None:
+        self.members = members
+        self.slots = [m.slot for m in members]
+        self._schedule: Optional[RotationSchedule] = None
+        self._cum_weights: Optional[List[int]] = None
+        self._hash_first: Dict[str, int] = {}
+        # Each member's connection count from one worker row, in one C call.
+        self._counts = operator.itemgetter(*self.slots) if len(members) > 1 else None
+
+    def schedule(self) -> RotationSchedule:
+        if self._schedule is None:
+            self._schedule = RotationSchedule([m.weight for m in self.members])
+        return self._schedule
+
+    def cum_weights(self) -> List[int]:
+        if self._cum_weights is None:
+            self._cum_weights = list(itertools.accumulate(m.weight for m in self.members))
+        return self._cum_weights
+
+    def loads(self, table: BackendTable) -> List[float]:
+        """Active connections per unit of weight of every member, across all workers.
+
+        ``O(members x worker rows)``: one ``itemgetter`` over each used row
+        (C speed, about 30 ns per member and row), summed.
+        """
+        rows, slots, active = table.rows_used[0], table.slots, table.active
+        if not rows:
+            return [0.0] * len(self.members)
+        counts = self._counts
+        if counts is None:
+            totals = [table.active_count(self.slots[0])]
+        elif rows == 1:
+            totals = counts(active)
+        else:
+            totals = [sum(column) for column in zip(*(
+                counts(active[row * slots:(row + 1) * slots]) for row in range(rows)))]
+        return [count / m.weight for count, m in zip(totals, self.members)]
+
+
+@dataclass(frozen=True)
+class _View:
+    """Which members are up, as of one ``health_version``: the pools to try in order."""
+
+    members: List[Member]   # the members() list it was built from
+    health: int             # table.health_version when its scan began
+    expires: float          # the earliest down_until still to pass: rebuild then
+    pools: Tuple[Pool, ...]  # up primaries, up backups, down primaries, down backups
+
+
 class Balancer:
     """The backend choice of one listener in one worker; its state lives in shared memory."""
 
@@ -122,7 +259,8 @@ class Balancer:
         self._version = -1
         self._members: List[Member] = []
         self._any_backup = False
-        self._schedules: Dict[Tuple[int, ...], List[Member]] = {}
+        self._view: Optional[_View] = None
+        self._pools: Dict[Tuple[int, ...], Pool] = {}
         self._warned_wait = -WAIT_WARNING_INTERVAL_S
         self._order = {"round_robin": self._round_robin, "least_conn": self._least_conn,
                        "random_two": self._random_two,
@@ -173,7 +311,8 @@ class Balancer:
         if table.version[0] == version:
             self._members, self._version = members, version
             self._any_backup = any(m.backend.backup for m in members)
-            self._schedules.clear()
+            self._pools.clear()
+            self._view = None
         return members
 
     def _member(self, slot: int, backend: Backend, name: str,
@@ -191,27 +330,53 @@ class Balancer:
 
     def _ordered(self, host: str, now: float) -> Iterator[Member]:
         """Every member in the order to try: up primaries, up backups, then the rest."""
+        for pool in self._current_view(now).pools:
+            yield from self._order(pool, host)
+
+    def _current_view(self, now: float) -> _View:
+        """The pools to try, rebuilt only when health or addresses changed: ``O(1)`` else.
+
+        A rebuild scans every member (``O(n)``) and reuses the ``Pool`` of a
+        set seen before.
+        """
         members = self.members()
-        eligible = self.table.eligible
-        up = [m for m in members if eligible(m.slot, now)]
-        if len(up) == len(members) and not self._any_backup:
-            yield from self._order(members, host)  # the common case: every backend up
-            return
-        primaries = [m for m in up if not m.backend.backup]
-        backups = [m for m in up if m.backend.backup]
-        if primaries:
-            yield from self._order(primaries, host)
-        if backups:
-            yield from self._order(backups, host)
-        if len(up) < len(members):  # all tried or down: try the down ones rather than none
-            up_slots = {m.slot for m in up}
-            down = [m for m in members if m.slot not in up_slots]
-            # An algorithm is never given an empty group (least_conn's min() and
-            # random_two's draw would raise at the end of the failover).
-            for group in ([m for m in down if not m.backend.backup],
-                          [m for m in down if m.backend.backup]):
-                if group:
-                    yield from self._order(group, host)
+        view = self._view
+        version = self.table.health_version.peek()
+        if view is not None and view.members is members and view.health == version \
+                and now < view.expires:
+            return view
+        eligible, down_until = self.table.eligible, self.table.down_until
+        up, down = [], []
+        expires = math.inf
+        for m in members:
+            if eligible(m.slot, now):
+                up.append(m)
+            else:
+                down.append(m)
+                until = down_until[m.slot]
+                if until > now:  # down for failures until then, at most
+                    expires = min(expires, until)
+        if not down and not self._any_backup:
+            groups = [up]  # the common case: every backend up
+        else:
+            groups = [[m for m in up if not m.backend.backup],
+                      [m for m in up if m.backend.backup],
+                      # all tried or down: try the down ones rather than none
+                      [m for m in down if not m.backend.backup],
+                      [m for m in down if m.backend.backup]]
+        view = _View(members, version, expires,
+                     tuple(self._pool(group) for group in groups if group))
+        self._view = view
+        return view
+
+    def _pool(self, members: List[Member]) -> Pool:
+        key = tuple(m.slot for m in members)
+        pool = self._pools.get(key)
+        if pool is None:
+            if len(self._pools) >= POOL_CACHE:
+                self._pools.clear()
+            pool = self._pools[key] = Pool(members)
+        return pool
 
     def _resolved(self, members: List[Member]) -> bool:
         return any(member.target is not None for member in members)
@@ -285,72 +450,84 @@ class Balancer:
         else:
             assert outcome == RELEASED
 
-    # -- the algorithms: each yields every given member once, best first
+    # -- the algorithms: each yields every member of the pool once, best first
 
-    def _schedule(self, members: List[Member]) -> List[Member]:
-        key = tuple(m.slot for m in members)
-        schedule = self._schedules.get(key)
-        if schedule is None:
-            if len(self._schedules) >= SCHEDULE_CACHE:
-                self._schedules.clear()
-            schedule = [members[i] for i in smooth_weighted_order([m.weight for m in members])]
-            self._schedules[key] = schedule
-        return schedule
-
-    def _round_robin(self, members: List[Member], host: str) -> Iterator[Member]:
+    def _round_robin(self, pool: Pool, host: str) -> Iterator[Member]:
+        members = pool.members
         if len(members) == 1:
             yield members[0]
             return
-        schedule = self._schedule(members)
-        start = self.counter.draw()
-        seen = set()
-        for step in range(len(schedule)):
-            member = schedule[(start + step) % len(schedule)]
-            if member.slot not in seen:
-                seen.add(member.slot)
-                yield member
-                if len(seen) == len(members):
-                    return
+        for i in pool.schedule().order(self.counter.draw()):
+            yield members[i]
 
-    def _load(self, member: Member) -> float:
-        return self.table.active_count(member.slot) / member.weight
-
-    def _least_conn(self, members: List[Member], host: str) -> Iterator[Member]:
+    def _least_conn(self, pool: Pool, host: str) -> Iterator[Member]:
+        """``O(members x worker rows)`` per pick: every count is read (see ``Pool.loads``)."""
+        members = pool.members
         if len(members) == 1:
             yield members[0]
             return
-        loads = [(self._load(m), i) for i, m in enumerate(members)]
-        best = min(load for load, _ in loads)
-        tied = [i for load, i in loads if load == best]
+        loads = pool.loads(self.table)
+        best = min(loads)
+        tied = [i for i, load in enumerate(loads) if load == best]
         first = tied[self.counter.draw() % len(tied)] if len(tied) > 1 else tied[0]
         yield members[first]
-        for _, i in sorted(loads):
+        for _, i in sorted(zip(loads, range(len(loads)))):
             if i != first:
                 yield members[i]
 
-    def _random_two(self, members: List[Member], host: str) -> Iterator[Member]:
-        if len(members) == 1:
+    def _random_two(self, pool: Pool, host: str) -> Iterator[Member]:
+        """Two draws by weight (``O(log n)`` each, on the cached cumulative weights)."""
+        members = pool.members
+        count = len(members)
+        if count == 1:
             yield members[0]
             return
         # The module's generator: reseeded in every forked child, unlike an instance.
-        a = random.choices(range(len(members)), [m.weight for m in members])[0]
-        rest = [i for i in range(len(members)) if i != a]
-        b = random.choices(rest, [members[i].weight for i in rest])[0]
-        first, second = (a, b) if self._load(members[a]) <= self._load(members[b]) else (b, a)
+        cum = pool.cum_weights()
+        total = cum[-1]
+        a = bisect.bisect_right(cum, random.random() * total)
+        b = a
+        for _ in range(16):  # the second draw, by weight, among the others: rejection
+            b = bisect.bisect_right(cum, random.random() * total)
+            if b != a:
+                break
+        if b == a:  # ``a`` holds nearly all the weight: draw among the rest exactly
+            rest = [i for i in range(count) if i != a]
+            b = random.choices(rest, [members[i].weight for i in rest])[0]
+        load_a = self.table.active_count(members[a].slot) / members[a].weight
+        load_b = self.table.active_count(members[b].slot) / members[b].weight
+        first, second = (a, b) if load_a <= load_b else (b, a)
         yield members[first]
         yield members[second]
-        for _, i in sorted((self._load(members[i]), i) for i in rest if i != b):
+        loads = pool.loads(self.table)
+        for _, i in sorted((loads[i], i) for i in range(count) if i != a and i != b):
             yield members[i]
 
-    def _source_hash(self, members: List[Member], host: str) -> Iterator[Member]:
+    def _source_hash(self, pool: Pool, host: str) -> Iterator[Member]:
+        """Rendezvous hashing: ``O(n)`` hashes for a new client address, then remembered.
+
+        The first choice of up to ``SOURCE_HASH_CACHE`` addresses is kept per
+        pool (it depends on nothing else), so a returning client costs one
+        dict lookup; failover past it scores every member.
+        """
+        members = pool.members
         if len(members) == 1:
             yield members[0]
             return
+        cache = pool._hash_first
+        first = cache.get(host)
+        if first is not None:
+            yield members[first]
         client = host.encode()
         scored = sorted(((_rendezvous_score(client, m), i) for i, m in enumerate(members)),
                         reverse=True)
+        if first is None:
+            if len(cache) >= SOURCE_HASH_CACHE:
+                cache.clear()
+            cache[host] = scored[0][1]
         for _, i in scored:
-            yield members[i]
+            if i != first:
+                yield members[i]
 
 
 def _rendezvous_score(client: bytes, member: Member) -> float:
@@ -360,5 +537,5 @@ def _rendezvous_score(client: bytes, member: Member) -> float:
     return -member.weight / math.log(u)
 
 
-__all__ = ["Balancer", "Member", "backend_name", "smooth_weighted_order",
-           "smooth_weighted_schedule"]
+__all__ = ["Balancer", "Member", "Pool", "RotationSchedule", "backend_name",
+           "smooth_weighted_order", "smooth_weighted_schedule"]

@@ -108,6 +108,10 @@ class RoundRobinCounter:
         """True when draws are lock-free atomic additions."""
         return self._fetch_add is not None
 
+    def peek(self) -> int:
+        """The next ticket, without drawing it (a plain read of the shared cell)."""
+        return self._value.value
+
     def draw(self) -> int:
         """Return the current ticket and advance it, atomically across processes."""
         if self._fetch_add is not None:
@@ -161,6 +165,33 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+class _VersionedCells:
+    """A shared array whose every write bumps a version counter (after the write).
+
+    Wraps the cells ``BackendTable.eligible`` reads, whoever writes them (the
+    master, the health-check process, relay threads, tests), so a reader that
+    saw version v before reading them knows they are unchanged while the
+    version is still v.  The bump is an atomic add: two writers in different
+    processes cannot make it move once.  Reads cost one Python call more than
+    the raw ``memoryview``; nothing reads these cells per connection any more.
+    """
+
+    __slots__ = ("_cells", "_version")
+
+    def __init__(self, cells: memoryview, version: RoundRobinCounter) -> None:
+        self._cells, self._version = cells, version
+
+    def __getitem__(self, index):
+        return self._cells[index]
+
+    def __setitem__(self, index, value) -> None:
+        self._cells[index] = value
+        self._version.draw()
+
+    def __len__(self) -> int:
+        return len(self._cells)
+
+
 class BackendTable:
     """Per backend address: where it is, whether it is up, how many connections it holds.
 
@@ -180,6 +211,9 @@ class BackendTable:
       health-check process of the old config is left to write them.
     - ``active`` (connections per worker row and slot): the worker owning the
       row only; ``row_owner`` is claimed and swept under ``lock``.
+    - ``health_version``: bumped by every write to ``family``, ``active_down``
+      or ``down_until`` (see ``_VersionedCells``): balancers rebuild their list
+      of up backends only when it moved (or a ``down_until`` passed).
     """
 
     def __init__(self, slots: int = MAX_BACKEND_ADDRESSES, rows: int = WORKER_ROWS) -> None:
@@ -199,6 +233,11 @@ class BackendTable:
             size = sizes[kind] * count
             setattr(self, name, memoryview(self._map)[offset:offset + size].cast(kind))
             offset += (size + 7) // 8 * 8
+        # Every write to what ``eligible`` reads bumps ``health_version``, so a
+        # balancer keeps its view of which backends are up until it moves.
+        self.health_version = RoundRobinCounter()
+        for name in ("family", "active_down", "down_until"):
+            setattr(self, name, _VersionedCells(getattr(self, name), self.health_version))
         self.lock = ProcessLock()
         self._row_pid = -1
         self._row = -1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import random
 import signal
 import socket
 import time
@@ -14,7 +15,12 @@ from support import wait_for
 
 from prefork_proxy import balancer as balancer_module
 from prefork_proxy import config
-from prefork_proxy.balancer import Balancer, smooth_weighted_schedule
+from prefork_proxy.balancer import (
+    Balancer,
+    RotationSchedule,
+    smooth_weighted_order,
+    smooth_weighted_schedule,
+)
 from prefork_proxy.config import Backend, Endpoint
 from prefork_proxy.relay import CONNECTED, FAILED, RELEASED
 from prefork_proxy.shared import BackendTable, RoundRobinCounter, SharedState
@@ -375,3 +381,81 @@ def test_failover_past_a_down_backend_ends_cleanly_for_every_algorithm():
         names = _names(balancer.targets(("10.9.9.9", 1)))
         assert sorted(names) == ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"], balance
         assert names[-1] == "10.0.0.1:1"  # the down one last
+
+
+# -- scale: the rotation schedule and the cached view of up backends
+
+
+def test_rotation_gives_every_backend_its_weight_per_cycle_spread_evenly():
+    """Exact shares in every cycle; each backend's gaps at most phi**2 times W / weight."""
+    rng = random.Random(15)
+    for weights in ([5, 1, 1], [3, 2], [7, 5, 3, 1], [1000] * 3 + [1],
+                    [rng.randint(1, 10) for _ in range(40)]):
+        order = smooth_weighted_order(weights)
+        total = sum(weights)
+        assert collections.Counter(order) == dict(enumerate(weights))
+        schedule = RotationSchedule(weights)
+        assert [schedule.index(t) for t in range(total, 2 * total)] == order  # periodic
+        for i, weight in enumerate(weights):
+            hits = [t for t, j in enumerate(order) if j == i]
+            gaps = [(hits[(k + 1) % len(hits)] - hit) % total or total
+                    for k, hit in enumerate(hits)]
+            assert max(gaps) <= 2.62 * total / weight + 1, (weights, i, gaps)
+
+
+def test_rotation_failover_order_yields_each_backend_once_lazily():
+    schedule = RotationSchedule(list(range(1, 301)))
+    order = schedule.order(12345)
+    assert next(order) == schedule.index(12345)
+    rest = list(order)
+    assert sorted(rest + [schedule.index(12345)]) == list(range(300))
+
+
+def test_a_schedule_for_1000_backends_is_recomputed_in_well_under_100_ms():
+    """The old schedule (the whole smooth weighted cycle) took seconds here."""
+    rng = random.Random(15)
+    backends = ", ".join(f'{{ address = "127.0.{i // 250}.{i % 250 + 1}:9", '
+                         f'weight = {rng.randint(1, 10)} }}' for i in range(1000))
+    balancer = _balancer(f"[{backends}]")
+    _first(balancer)
+    slowest = 0.0
+    for k in range(5):
+        slot = balancer.members()[k * 101].slot
+        balancer.table.active_down[slot] = 1  # as a health check marks it
+        started = time.process_time()
+        name = _first(balancer)
+        slowest = max(slowest, time.process_time() - started)
+        assert name != balancer.members()[k * 101].name
+        balancer.table.active_down[slot] = 0
+    assert slowest < 0.1, f"{slowest * 1000:.1f} ms"
+
+
+def test_picks_read_no_health_cell_until_one_changes(monkeypatch):
+    """The list of up backends is kept while ``health_version`` stands still."""
+    balancer = _balancer(THREE)
+    _first(balancer)
+    scans = []
+    real = balancer.table.eligible
+    monkeypatch.setattr(balancer.table, "eligible", lambda slot, now: scans.append(slot)
+                        or real(slot, now))
+    for _ in range(10):
+        _first(balancer)
+    assert scans == []
+    version = balancer.table.health_version.peek()
+    balancer.table.active_down[balancer.members()[1].slot] = 1  # any writer bumps it
+    assert balancer.table.health_version.peek() != version
+    assert "10.0.0.2:1" not in {_first(balancer) for _ in range(6)}
+    assert len(scans) == 3  # one rebuild, then the kept view again
+
+
+def test_random_two_and_source_hash_scale_to_1000_backends():
+    backends = ", ".join(f'"127.0.{i // 250}.{i % 250 + 1}:9"' for i in range(1000))
+    spread = _balancer(f"[{backends}]", balance="random_two")
+    random.seed(15)  # the draws the balancer makes: the same every run
+    held = [next(spread.targets()) for _ in range(3000)]
+    counts = collections.Counter(t.name for t in held)
+    # 3,000 draws into 1,000 backends: one choice would put ~8 on the busiest
+    assert len(counts) > 900 and max(counts.values()) <= 6, max(counts.values())
+    hashed = _balancer(f"[{backends}]", balance="source_hash")
+    first = {f"10.9.0.{i}": _first(hashed, (f"10.9.0.{i}", 1)) for i in range(1, 200)}
+    assert all(_first(hashed, (host, 2)) == name for host, name in first.items())
