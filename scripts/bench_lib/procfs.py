@@ -153,3 +153,9 @@ def time_wait_sockets() -> int:
         except OSError:
             pass
     return count
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime+stime of one process (not its children), in seconds; 0.0 if gone."""
+    fields = _stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK if fields else 0.0

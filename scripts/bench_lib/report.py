@@ -37,6 +37,28 @@ METRICS = [
 ]
 METRIC_BY_KEY = {m.key: m for m in METRICS}
 
+#: prefork-proxy's own growth figures (bench_lib/growth.py): no peer has an equivalent.
+GROWTH_METRICS = [
+    Metric("growth_keepalive_rps_base", "Kept-alive PING, 50 conns, no idle connections held",
+           "", "req/s", True, False),
+    Metric("growth_keepalive_rps_idle", "Kept-alive PING, 50 conns, N idle connections held",
+           "", "req/s", True, False),
+    Metric("growth_keepalive_idle_ratio", "Kept-alive req/s with / without the idle "
+           "connections (goal ≥ 0.95)", "", "×", True, False),
+    Metric("growth_keepalive_p99_idle_ratio", "Kept-alive p99 with / without the idle "
+           "connections", "", "×", False, False),
+    Metric("growth_newconn_cps_2", "New connection per PING, 2 backends", "", "conn/s", True,
+           False),
+    Metric("growth_newconn_cps_1000", "New connection per PING, 1,000 backends (weights 1-10)",
+           "", "conn/s", True, False),
+    Metric("growth_newconn_1000_ratio", "New conn/s 1,000 / 2 backends (goal ≥ 0.9)", "", "×",
+           True, False),
+    Metric("growth_reload_s", "Reload with N open: SIGHUP → every new worker booted (goal < 1)",
+           "", "s", False, False),
+    Metric("growth_master_cpu_share", "Master CPU during the drain window", "", "CPUs", False,
+           False),
+]
+
 
 def medians(samples: list[dict], peers: list[str]) -> dict[str, dict[str, tuple[float, int]]]:
     """{metric: {peer: (median, n)}} over every sample that has a value."""
@@ -72,13 +94,18 @@ def _fmt_ratio(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}×"
 
 
-def markdown(meds: dict, peers: list[str], unavailable: dict[str, str], header: dict) -> str:
+def markdown(meds: dict, peers: list[str], unavailable: dict[str, str], header: dict,
+             samples: list[dict] | None = None) -> str:
     lines = [f"# prefork-proxy side-by-side benchmark — {header['date']}", ""]
     lines += [f"- {k}: {v}" for k, v in header.items() if k != "date"]
     lines += ["", "Medians over repeats; ratios are against `direct` and against HAProxy "
               "from the same run (×1.00 = equal). ↑ higher is better, ↓ lower is better.", ""]
     lines += summary_table(meds, peers) + [""]
     lines += ratio_table(meds, peers) + [""]
+    growth = growth_table(samples or [])
+    if growth:
+        lines += ["Growth workloads (prefork-proxy only: no peer has an equivalent; ratios "
+                  "are of prefork-proxy to itself, per repeat):", ""] + growth + [""]
     if unavailable:
         lines += ["Unavailable peers:", ""]
         lines += [f"- `{peer}`: {why}" for peer, why in unavailable.items()] + [""]
@@ -109,6 +136,26 @@ def ratio_table(meds: dict, peers: list[str]) -> list[str]:
             lines.append(f"| {m.label} ({m.unit}) | {p} | {_fmt(value)} | "
                          f"{_fmt_ratio(ratio(value, direct))} | "
                          f"{_fmt_ratio(ratio(value, haproxy))} | {n} |")
+    return lines
+
+
+def growth_table(samples: list[dict]) -> list[str]:
+    """Median, min–max and count of each growth figure (no table if none was measured)."""
+    values: dict[str, list[float]] = {}
+    for sample in samples:
+        if sample["metric"].startswith("growth_") and sample.get("value") is not None:
+            values.setdefault(sample["metric"], []).append(sample["value"])
+    if not values:
+        return []
+    lines = ["| Metric | Unit | Median | min–max | n |", "|---|---|---:|---:|---:|"]
+    for m in GROWTH_METRICS:
+        vals = values.get(m.key)
+        if not vals:
+            lines.append(f"| {m.label} | {m.unit} | — | — | 0 |")
+            continue
+        arrow = "↑" if m.higher_is_better else "↓"
+        lines.append(f"| {m.label} {arrow} | {m.unit} | {_fmt(statistics.median(vals))} | "
+                     f"{_fmt(min(vals))}–{_fmt(max(vals))} | {len(vals)} |")
     return lines
 
 

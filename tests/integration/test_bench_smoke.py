@@ -18,7 +18,7 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-from bench_lib import procfs, report, workloads  # noqa: E402
+from bench_lib import growth, procfs, procs, report, workloads  # noqa: E402
 from support import wait_for  # noqa: E402
 
 
@@ -54,6 +54,50 @@ def test_idle_workload_and_proc_readers_against_the_real_proxy(proxy_factory):
     finally:
         backend.kill()
         backend.wait(5)
+
+
+@pytest.mark.timeout(90)
+def test_growth_instance_holder_and_reload_with_connections_open(tmp_path):
+    """The growth workloads' code path (bench_lib/growth.py) with 300 connections, not 9,000.
+
+    The redis listeners point at the hold backend here (no redis needed): the
+    1,000-backend listener must still relay, the holder hold, and a reload
+    with every connection open bring up a new generation and read the master's CPU.
+    """
+    reg = procs.Registry(tmp_path)
+    try:
+        hold_port = reg.free_port()
+        backend = reg.start("hold", [sys.executable, str(SCRIPTS / "bench_lib" / "hold_backend.py"),
+                                     "--port", str(hold_port)])
+        procs.wait_ready(backend, hold_port, procs.probe_echo)
+        ports = growth.GrowthPorts(*(reg.free_port() for _ in range(4)))
+        config = growth.write_config(tmp_path / "growth.toml", ports, hold_port, hold_port)
+        assert config.read_text().count(f'"127.0.0.1:{hold_port}", weight') == 1002
+        master = reg.start("prefork-growth", [sys.executable, "-m", "prefork_proxy", "start",
+                                              "--config", str(config)])
+        for port in (ports.ping, ports.idle, ports.many, ports.two):
+            procs.wait_ready(master, port, procs.probe_echo, timeout=30)
+        wait_for(lambda: len(growth.booted_pids(master.stderr_path, 0)) == 2, 20,
+                 message="both workers to boot")
+        holder, held = growth.start_holder(reg, sys.executable, ports.idle, 300, timeout=60)
+        assert holder is not None and held["held"] == 300, held
+        result = growth.measure_reload(master, workers=2, window_s=0.3)
+        assert "error" not in result, result
+        assert 0 < result["reload_s"] < 20 and result["window_s"] >= 0.3
+        assert 0 <= result["master_cpu_share"] < 2.5
+        assert len(growth.booted_pids(master.stderr_path, 0)) == 4  # a second generation
+        procs.probe_echo(ports.many)  # the new generation serves the 1,000-backend listener
+        assert holder.alive()  # still holding: the old generation drains its connections
+    finally:
+        reg.stop_all()
+
+
+def test_growth_figures_get_their_own_table():
+    samples = [{"repeat": r, "peer": "prefork", "metric": "growth_keepalive_idle_ratio",
+                "value": v} for r, v in enumerate([0.97, 0.93, 1.01])]
+    text = report.markdown({}, ["prefork"], {}, {"date": "today"}, samples)
+    assert "Growth workloads (prefork-proxy only" in text
+    assert "| 0.97 | 0.93–1.01 | 3 |" in text
 
 
 def test_redis_benchmark_output_parsers():
