@@ -1,4 +1,11 @@
-"""Installing the peer programs (Debian packages) and, optionally, matplotlib."""
+"""Installing what the benchmark needs: the peers (Debian packages), its Python, matplotlib.
+
+The Python side is the repo's own ``.venv``, made by ``scripts/bootstrap bench``
+(prefork-proxy in editable mode plus the ``bench`` extra, i.e. matplotlib for
+the PNG chart): ``scripts/bench`` runs that first and re-executes itself under
+the venv's Python, as a new user's ``./scripts/bench`` on a fresh clone must
+produce the chart too. The system Python is never pip-installed into.
+"""
 from __future__ import annotations
 
 import os
@@ -15,6 +22,38 @@ NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 APT_UPDATE_TIMEOUT = 300
 APT_INSTALL_TIMEOUT = 600
 PIP_TIMEOUT = 300
+BOOTSTRAP_TIMEOUT = 900  # a fresh venv: pip, setuptools, prefork-proxy's deps, matplotlib
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VENV = REPO_ROOT / ".venv"
+#: Set in the environment of the re-executed benchmark, so it never loops.
+REEXEC_ENV = "PREFORK_BENCH_IN_VENV"
+
+
+def in_repo_venv() -> bool:
+    """True when this Python is the repo's ``.venv``."""
+    try:
+        return Path(sys.prefix).resolve() == VENV.resolve()
+    except OSError:
+        return False
+
+
+def ensure_bench_venv(log, allow_install: bool) -> Path | None:
+    """The Python of the repo's ``.venv`` with the ``bench`` extra; None if there is none.
+
+    With ``allow_install``: ``scripts/bootstrap bench`` (creates the venv if
+    missing; a no-op pip run when everything is installed). Without it, an
+    existing venv is used as it is.
+    """
+    python = VENV / "bin" / "python"
+    if allow_install:
+        log("python: scripts/bootstrap bench (the repo's .venv with prefork-proxy and matplotlib)")
+        try:
+            _run([str(REPO_ROOT / "scripts" / "bootstrap"), "bench"], BOOTSTRAP_TIMEOUT, None)
+        except RuntimeError as exc:
+            log(f"python: bootstrap failed ({exc}); staying on {sys.executable}")
+            return None
+    return python if python.exists() else None
 
 
 def missing_binaries() -> list[str]:

@@ -56,6 +56,11 @@ def peer_unavailable_reason(peer: str, opts: PeerOptions) -> str | None:
 def prefork_command(opts: PeerOptions) -> list[str]:
     if opts.prefork_cmd:
         return list(opts.prefork_cmd)
+    # The one installed next to the Python running the bench: the repo's .venv
+    # (editable, this checkout's code) once scripts/bench has re-run there.
+    beside = Path(sys.executable).parent / "prefork-proxy"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
     exe = shutil.which("prefork-proxy")
     return [exe] if exe else [sys.executable, "-m", "prefork_proxy"]
 
