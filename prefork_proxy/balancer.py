@@ -89,11 +89,12 @@ class RotationSchedule:
     ``(k mod W + 1) * step mod W``, ``step`` being the integer coprime with
     ``W`` nearest ``0.618 W``.  ``k -> residue`` is a bijection of each cycle
     of ``W`` consecutive tickets, so every backend gets exactly its weight's
-    share of every cycle; the golden-ratio step visits each backend's residues
-    at near-even gaps (three-gap theorem: at most ``phi**2 = 2.62`` times
-    ``W / weight``), the same kind of spread as nginx's smooth weighted round
-    robin (``5:1:1`` gives ``a a b a c a a``, as nginx's does).  Equal weights
-    give the plain rotation ``a b c``.
+    share of every cycle; a near-golden step (see ``_coprime_step``) visits
+    each backend's residues at near-even gaps: over 1,500 random weight sets
+    the largest gap between two picks of a backend was at most 2.45 times
+    ``W / weight`` (nginx's smooth weighted round robin on the same sets:
+    1.95 times).  ``5:1:1`` gives ``a a b a c a a``,
+    as nginx's does; equal weights give the plain rotation ``a b c``.
 
     It replaces nginx's algorithm, which had to build the whole cycle
     (``O(W x n)``: 1.6 s for 100 backends of weight 1000) each time the set of
@@ -142,14 +143,37 @@ class RotationSchedule:
                     return
 
 
+@functools.lru_cache(maxsize=256)
 def _coprime_step(total: int) -> int:
-    """The integer in 1..total-1 coprime with ``total`` nearest ``0.618 total``."""
+    """A step coprime with ``total``, near ``0.618 total``, whose ratio spreads evenly.
+
+    How evenly ``k * step mod total`` spreads each backend's residues depends
+    on the continued fraction of ``step / total``: the smaller its partial
+    quotients, the closer its gaps to ``W / weight`` (a golden ratio has only
+    1s).  The nearest candidates are tried in turn; the first whose partial
+    quotients are all at most 3 is taken, else the best of the nearest 64
+    each way (about 0.1 ms; cached per total).
+    """
     target = max(1, round(total * _GOLDEN))
-    for distance in range(total):
+    best_quotient, best = total + 1, 1
+    for distance in range(min(total, 65)):
         for candidate in (target + distance, target - distance):
             if 1 <= candidate < total and math.gcd(candidate, total) == 1:
-                return candidate
-    return 1  # total <= 2: any step is a bijection
+                quotient = _largest_partial_quotient(candidate, total)
+                if quotient <= 3:
+                    return candidate
+                if quotient < best_quotient:
+                    best_quotient, best = quotient, candidate
+    return best  # total <= 2: 1, any step is a bijection
+
+
+def _largest_partial_quotient(numerator: int, denominator: int) -> int:
+    """The largest term of the continued fraction of ``numerator / denominator`` (< 1)."""
+    largest, x, y = 0, denominator, numerator
+    while y:
+        largest = max(largest, x // y)
+        x, y = y, x % y
+    return largest
 
 
 def smooth_weighted_order(weights: Sequence[int]) -> List[int]:
@@ -193,11 +217,13 @@ class Pool:
     balancer's ``_pools`` cache while the set recurs, read by relay threads.
     """
 
-    __slots__ = ("members", "slots", "_schedule", "_cum_weights", "_hash_first", "_counts")
+    __slots__ = ("members", "slots", "weights", "_schedule", "_cum_weights", "_hash_first",
+                 "_counts")
 
     def __init__(self, members: List[Member]) -> None:
         self.members = members
         self.slots = [m.slot for m in members]
+        self.weights = [m.weight for m in members]
         self._schedule: Optional[RotationSchedule] = None
         self._cum_weights: Optional[List[int]] = None
         self._hash_first: Dict[str, int] = {}
@@ -206,32 +232,34 @@ class Pool:
 
     def schedule(self) -> RotationSchedule:
         if self._schedule is None:
-            self._schedule = RotationSchedule([m.weight for m in self.members])
+            self._schedule = RotationSchedule(self.weights)
         return self._schedule
 
     def cum_weights(self) -> List[int]:
         if self._cum_weights is None:
-            self._cum_weights = list(itertools.accumulate(m.weight for m in self.members))
+            self._cum_weights = list(itertools.accumulate(self.weights))
         return self._cum_weights
 
     def loads(self, table: BackendTable) -> List[float]:
         """Active connections per unit of weight of every member, across all workers.
 
-        ``O(members x worker rows)``: one ``itemgetter`` over each used row
-        (C speed, about 30 ns per member and row), summed.
+        ``O(members x worker rows)``, all of it in C: one ``itemgetter`` over
+        each used row (about 30 ns per member and row), ``map`` to add the
+        rows and divide by the weights.
         """
         rows, slots, active = table.rows_used[0], table.slots, table.active
         if not rows:
             return [0.0] * len(self.members)
         counts = self._counts
         if counts is None:
-            totals = [table.active_count(self.slots[0])]
+            totals: Sequence[int] = [table.active_count(self.slots[0])]
         elif rows == 1:
             totals = counts(active)
         else:
-            totals = [sum(column) for column in zip(*(
-                counts(active[row * slots:(row + 1) * slots]) for row in range(rows)))]
-        return [count / m.weight for count, m in zip(totals, self.members)]
+            totals = functools.reduce(
+                lambda acc, row: list(map(operator.add, acc, row)),
+                (counts(active[row * slots:(row + 1) * slots]) for row in range(rows)))
+        return list(map(operator.truediv, totals, self.weights))
 
 
 @dataclass(frozen=True)
@@ -468,8 +496,12 @@ class Balancer:
             return
         loads = pool.loads(self.table)
         best = min(loads)
-        tied = [i for i, load in enumerate(loads) if load == best]
-        first = tied[self.counter.draw() % len(tied)] if len(tied) > 1 else tied[0]
+        ties = loads.count(best)
+        if ties == 1:
+            first = loads.index(best)
+        else:  # the k-th of the tied, found in C: ties rotate through the shared counter
+            tied = itertools.compress(range(len(loads)), map(best.__eq__, loads))
+            first = next(itertools.islice(tied, self.counter.draw() % ties, None))
         yield members[first]
         for _, i in sorted(zip(loads, range(len(loads)))):
             if i != first:
