@@ -50,6 +50,7 @@ by the worker whose report caused it.
 
 from __future__ import annotations
 
+import array
 import bisect
 import functools
 import hashlib
@@ -72,6 +73,9 @@ log = logging.getLogger("prefork_proxy.balancer")
 POOL_CACHE = 64
 #: Client addresses whose ``source_hash`` first choice a pool remembers.
 SOURCE_HASH_CACHE = 4096
+#: Cycles up to this many tickets (sum of weights) map residues to backends with a
+#: flat table (32 KiB at most); longer ones bisect the running sums.
+OWNER_TABLE_MAX = 16384
 #: (sqrt(5) - 1) / 2: the golden ratio's fractional part, the most evenly spreading step.
 _GOLDEN = (math.sqrt(5) - 1) / 2
 #: While no backend has an address yet, a waiting connection looks again this often.
@@ -98,12 +102,13 @@ class RotationSchedule:
 
     It replaces nginx's algorithm, which had to build the whole cycle
     (``O(W x n)``: 1.6 s for 100 backends of weight 1000) each time the set of
-    up backends changed: building this costs ``O(n)`` (a running sum, a gcd
-    search), a pick one ``bisect`` (``O(log n)``, in C), and nothing is
-    materialized.  Built and used by one balancer's relay threads (immutable).
+    up backends changed: building this costs ``O(n)`` (a running sum, a
+    step search) plus, for cycles up to ``OWNER_TABLE_MAX``, a residue table
+    filled in C; a pick is one table lookup, or one ``bisect`` (``O(log n)``,
+    in C) for longer cycles.  Built and used by one balancer's relay threads (immutable).
     """
 
-    __slots__ = ("count", "total", "step", "bounds", "uniform")
+    __slots__ = ("count", "total", "step", "bounds", "owner", "uniform")
 
     def __init__(self, weights: Sequence[int]) -> None:
         self.count = len(weights)
@@ -111,13 +116,21 @@ class RotationSchedule:
         self.uniform = len(set(weights)) <= 1
         self.bounds = list(itertools.accumulate(weights))  # exclusive upper residues
         self.step = 1 if self.uniform else _coprime_step(self.total)
+        # Small cycles also get residue -> index as a flat array (2 bytes a residue,
+        # built in C): one lookup instead of a bisect.
+        self.owner: Optional[array.array] = None
+        if not self.uniform and self.total <= OWNER_TABLE_MAX:
+            self.owner = array.array("H", itertools.chain.from_iterable(
+                itertools.repeat(i, w) for i, w in enumerate(weights)))
 
     def index(self, ticket: int) -> int:
         """The backend (an index into the weights) that ticket ``ticket`` picks."""
         if self.uniform:
             return ticket % self.count
         total = self.total
-        return bisect.bisect_right(self.bounds, (ticket % total + 1) * self.step % total)
+        residue = (ticket % total + 1) * self.step % total
+        owner = self.owner
+        return owner[residue] if owner is not None else bisect.bisect_right(self.bounds, residue)
 
     def order(self, ticket: int) -> Iterator[int]:
         """Every index once: ticket's pick, then the next tickets' new picks (failover).
