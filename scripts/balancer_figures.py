@@ -9,7 +9,8 @@ of many short batches. What is timed:
   what a relay thread does per accepted connection before it connects (the
   ticket draw, the choice, the shared connection count up and down), per
   algorithm, every backend up. ``source_hash`` cycles through 1,000 client
-  addresses (each seen before after the first round).
+  addresses (each seen before after the first round), and then takes a new
+  address for every pick (its worst case: every backend hashed).
 - recompute: a backend goes down (``active_down``, as a health check marks
   it), then the first pick after it, which rebuilds the list of up backends
   and its schedule; a different backend each time, so nothing is cached.
@@ -44,7 +45,8 @@ def make_balancer(weights: list[int], balance: str) -> Balancer:
     return Balancer(loaded.listeners[0], SharedState(loaded), 0)
 
 
-def pick_costs_us(balancers: list[Balancer], batches: int, picks: int) -> list[float]:
+def pick_costs_us(balancers: list[Balancer], batches: int, picks: int,
+                  new_clients: bool = False) -> list[float]:
     """Median CPU time per pick of each balancer, their batches interleaved.
 
     CPU time of this process (``process_time``), not wall time: other
@@ -52,6 +54,9 @@ def pick_costs_us(balancers: list[Balancer], batches: int, picks: int) -> list[f
     over every balancer alike.
     """
     clients = [(f"10.1.{i // 250}.{i % 250 + 1}", 40000) for i in range(1000)]
+    if new_clients:  # an address never seen before for every pick (source_hash's worst case)
+        fresh = iter([(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 1)
+                      for i in range(2 * batches * picks + 4096)])
     for balancer in balancers:  # warm up: first view, schedule, every client seen once
         for client in clients:
             next(balancer.targets(client)).report(RELEASED, "")
@@ -60,6 +65,13 @@ def pick_costs_us(balancers: list[Balancer], batches: int, picks: int) -> list[f
         for balancer, out in zip(balancers, results):
             targets = balancer.targets
             started = time.process_time()
+            if new_clients:
+                batch = [next(fresh) for _ in range(picks)]
+                started = time.process_time()
+                for client in batch:
+                    next(targets(client)).report(RELEASED, "")
+                out.append((time.process_time() - started) / picks * 1e6)
+                continue
             for j in range(picks):
                 next(targets(clients[j % 1000])).report(RELEASED, "")
             out.append((time.process_time() - started) / picks * 1e6)
@@ -92,11 +104,19 @@ def main(argv: list[str]) -> int:
     print(f"pick cost, median of {args.batches} interleaved batches of {args.picks} picks "
           f"(CPU us per pick); "
           f"weights 1-10 (2 backends: {small[0]}:{small[1]})")
-    print(f"{'algorithm':<12} {'2 backends':>11} {'1000 backends':>14} {'ratio':>7}")
+    print(f"{'algorithm':<26} {'2 backends':>11} {'1000 backends':>14} {'ratio':>7}")
     for balance in ALGORITHMS:
         two, many = pick_costs_us([make_balancer(small, balance), make_balancer(large, balance)],
                                   args.batches, args.picks)
-        print(f"{balance:<12} {two:>11.2f} {many:>14.2f} {many / two:>6.2f}x")
+        print(f"{balance:<26} {two:>11.2f} {many:>14.2f} {many / two:>6.2f}x")
+    two, many = pick_costs_us([make_balancer([1, 1], "round_robin"),
+                               make_balancer([1] * 1000, "round_robin")],
+                              args.batches, args.picks)
+    print(f"{'round_robin, equal weights':<26} {two:>11.2f} {many:>14.2f} {many / two:>6.2f}x")
+    two, many = pick_costs_us([make_balancer(small, "source_hash"),
+                               make_balancer(large, "source_hash")],
+                              max(3, args.batches // 4), args.picks // 4, new_clients=True)
+    print(f"{'source_hash, new clients':<26} {two:>11.2f} {many:>14.2f} {many / two:>6.2f}x")
     print(f"\nrecompute after a backend goes down (first pick after it), median of "
           f"{args.recomputes}, CPU ms")
     for label, weights in (("1000 backends, weights 1-10", large),
