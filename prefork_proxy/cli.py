@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="append logs to FILE instead of stderr (SIGUSR1 reopens it)")
     start.add_argument("--pidfile", metavar="FILE",
                        help="write the master's pid here (for reload/stop/status)")
+    start.add_argument("--admin", metavar="HOST:PORT",
+                       help="serve the HTTP admin endpoint (/live, /ready, /status, /metrics) "
+                            "here; overrides [admin] bind")
 
     check = commands.add_parser("check", help="validate a config file without binding anything",
                                 description="Exit 0 with a summary, or 2 with the error.")
@@ -128,9 +131,10 @@ def config_from_start_args(args: argparse.Namespace) -> Config:
         if args.bind or args.backend:
             raise ConfigError("command line: give either --config or --bind/--backend, not both")
         loaded = config_module.load_file(args.config)
-        return config_module.with_overrides(loaded, workers=args.workers, threads=args.threads,
-                                            relay=args.relay, pidfile=args.pidfile,
-                                            log_file=args.log_file)
+        loaded = config_module.with_overrides(loaded, workers=args.workers,
+                                              threads=args.threads, relay=args.relay,
+                                              pidfile=args.pidfile, log_file=args.log_file)
+        return config_module.with_admin(loaded, args.admin)
     if not args.bind or not args.backend:
         raise ConfigError("command line: expected --config FILE, or --bind HOST:PORT with at "
                           "least one --backend HOST:PORT")
@@ -138,7 +142,8 @@ def config_from_start_args(args: argparse.Namespace) -> Config:
                                           connect_timeout_ms=args.connect_timeout_ms,
                                           workers=args.workers, threads=args.threads,
                                           relay=args.relay)
-    return config_module.with_overrides(loaded, pidfile=args.pidfile, log_file=args.log_file)
+    loaded = config_module.with_overrides(loaded, pidfile=args.pidfile, log_file=args.log_file)
+    return config_module.with_admin(loaded, args.admin)
 
 
 def pidfile_from_args(args: argparse.Namespace) -> str:

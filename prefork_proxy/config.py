@@ -27,6 +27,9 @@ The file speaks the seed's language::
     resolve_interval_ms = 5000   # how often backend hostnames are resolved again
     tcp_keepalive = true     # or { idle_s = 600, interval_s = 60, count = 5 }; default off
 
+    [admin]                  # optional: the HTTP admin endpoint (off unless configured)
+    bind = "127.0.0.1:9901"  # /live, /ready, /status, /metrics; a non-loopback bind is warned
+
     [tcp_proxy.health_check] # optional: active checks, by the health-check process
     interval_ms = 2000
     timeout_ms = 1000
@@ -245,12 +248,20 @@ def usable_cpus() -> int:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    """The ``[admin]`` section: where the HTTP admin endpoint listens; ``bind`` None: off."""
+
+    bind: Optional[Endpoint] = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration.  ``source`` is the file it came from, if any."""
 
     server: ServerConfig
     listeners: Tuple[ListenerConfig, ...]
     source: Optional[str] = None
+    admin: AdminConfig = field(default_factory=AdminConfig)
 
     def summary(self) -> str:
         """One line for ``prefork-proxy check`` and the startup log."""
@@ -416,6 +427,13 @@ def from_arguments(binds: Sequence[str], backends: Sequence[str], *,
     return _Validator("", "command line").config(document)
 
 
+def with_admin(config: Config, bind: Optional[str]) -> Config:
+    """Apply ``start --admin ADDR`` (validated like ``[admin] bind``); None keeps the file's."""
+    if bind is None:
+        return config
+    return replace(config, admin=_Validator("", "command line").admin({"bind": bind}))
+
+
 def check_workers(value: Any) -> int:
     """Validate a worker count from any source (file, CLI, API)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
@@ -474,6 +492,7 @@ class _Validator:
     KEEPALIVE_KEYS = ("idle_s", "interval_s", "count")
     BACKEND_KEYS = ("address", "weight", "backup")
     HEALTH_KEYS = ("interval_ms", "timeout_ms", "rise", "fall", "send", "expect")
+    ADMIN_KEYS = ("bind",)
 
     def __init__(self, text: str, source: str) -> None:
         self.lines = text.splitlines()
@@ -545,14 +564,20 @@ class _Validator:
     # -- sections
 
     def config(self, document: Mapping[str, Any]) -> Config:
-        unknown = sorted(set(document) - {"server", "tcp_proxy"})
+        unknown = sorted(set(document) - {"server", "tcp_proxy", "admin"})
         if unknown:
             raise ConfigError(f"{self.source}: unknown top-level key or section "
-                              f"\"{unknown[0]}\": expected [server] and [[tcp_proxy]] sections")
+                              f"\"{unknown[0]}\": expected [server], [admin] and [[tcp_proxy]] "
+                              "sections")
         server_doc = document.get("server", {})
         if not isinstance(server_doc, dict):
             raise self.fail("server", None, "expected a [server] table", header="[server]")
         server = self.server(server_doc)
+        admin_doc = document.get("admin", {})
+        if not isinstance(admin_doc, dict):
+            raise self.fail("admin", None, "expected an [admin] table, e.g. [admin] with "
+                            "bind = \"127.0.0.1:9901\"", header="[admin]")
+        admin = self.admin(admin_doc)
         sections = document.get("tcp_proxy")
         if sections is None or sections == []:
             raise ConfigError(f"{self.source}: no [[tcp_proxy]] section: expected at least one "
@@ -576,7 +601,8 @@ class _Validator:
                               f"slots (an IP address takes 1, a hostname {ADDRESSES_PER_NAME}), "
                               f"at most {MAX_BACKEND_ADDRESSES}")
         return Config(server=server, listeners=listeners,
-                      source=None if self.source == "command line" else self.source)
+                      source=None if self.source == "command line" else self.source,
+                      admin=admin)
 
     def server(self, doc: Mapping[str, Any]) -> ServerConfig:
         def fail(key: Optional[str], expected: str) -> ConfigError:
@@ -624,6 +650,24 @@ class _Validator:
                     raise fail(key, f"expected a non-empty string, got {_describe(doc[key])}")
                 values[key] = doc[key]
         return ServerConfig(**values)
+
+    def admin(self, doc: Mapping[str, Any]) -> AdminConfig:
+        def fail(key: Optional[str], expected: str) -> ConfigError:
+            return self.fail("admin", key, expected, header="[admin]")
+
+        for key in doc:
+            if key not in self.ADMIN_KEYS:
+                raise fail(key, "unknown key: expected one of " + ", ".join(self.ADMIN_KEYS))
+        if not doc:
+            return AdminConfig()
+        if "bind" not in doc:
+            raise fail("bind", "missing: expected \"host:port\" for the admin endpoint, "
+                               "e.g. \"127.0.0.1:9901\"")
+        try:
+            # Port 0 (any free port, logged at start) is for tests and ad-hoc runs.
+            return AdminConfig(bind=parse_endpoint(doc["bind"], allow_port_zero=True))
+        except ValueError as exc:
+            raise fail("bind", str(exc)) from None
 
     def listener(self, doc: Mapping[str, Any], index: int) -> ListenerConfig:
         bind_text = doc.get("bind")

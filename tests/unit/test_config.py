@@ -188,6 +188,16 @@ BAD = [
      'key "health_check.send": expected a non-empty string'),
     (LISTENER + "health_check = { expect = 1 }\n",
      'key "health_check.expect": expected a non-empty string'),
+    # [admin]
+    (LISTENER + '\n[admin]\nbind = "127.0.0.1"\n',
+     'proxy.toml:6: admin: key "bind": expected "host:port", got \'127.0.0.1\''),
+    (LISTENER + '\n[admin]\nbind = "127.0.0.1:70000"\n',
+     'proxy.toml:6: admin: key "bind": expected a port between 0 and 65535'),
+    (LISTENER + "\n[admin]\nbind = 9901\n",
+     'proxy.toml:6: admin: key "bind": expected a "host:port" string, got an integer 9901'),
+    (LISTENER + '\n[admin]\nbnid = "127.0.0.1:9901"\n',
+     'proxy.toml:6: admin: key "bnid": unknown key: expected one of bind'),
+    ('admin = 5\n' + LISTENER, 'proxy.toml: admin: expected an [admin] table'),
     ("[[tcp_proxy]]\nbind = \"127.0.0.1:7000\"\nbackends = ["
      + ", ".join(f'"host{i}:1"' for i in range(257)) + "]\n",
      "proxy.toml: too many backends: they need 16448 address slots"),
@@ -253,6 +263,17 @@ def test_bad_file_names_file_line_section_key(text, expected):
         config.load_text(text, source="proxy.toml")
     assert expected in str(raised.value)
     assert "\n" not in str(raised.value)  # one line, fit for a log
+
+
+def test_admin_section_is_off_unless_configured_and_cli_overrides_it():
+    assert config.load_text(LISTENER).admin.bind is None
+    assert config.load_text(LISTENER + "[admin]\n").admin.bind is None
+    loaded = config.load_text(LISTENER + '[admin]\nbind = "0.0.0.0:9901"\n')
+    assert loaded.admin.bind == Endpoint("0.0.0.0", 9901)
+    assert config.with_admin(loaded, "[::1]:0").admin.bind == Endpoint("::1", 0)
+    assert config.with_admin(loaded, None) is loaded
+    with pytest.raises(ConfigError, match='^command line: admin: key "bind": expected'):
+        config.with_admin(loaded, "localhost")
 
 
 def test_second_section_error_points_at_its_line():
