@@ -18,6 +18,7 @@ from typing import Any, List, Optional, Sequence, Union
 
 from prefork_proxy import __version__, control, logsetup
 from prefork_proxy import config as config_module
+from prefork_proxy import status as status_model
 from prefork_proxy.config import RELAY_MODES, Config
 from prefork_proxy.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, ProxyError
 
@@ -167,8 +168,8 @@ def control_command(args: argparse.Namespace) -> int:
             print(f"master {pid} stopped")
         else:
             status = control.read_status(pidfile)
-            print(control.format_status(status))
-            if control.problems(status):
+            print(status_model.render_text(status))
+            if status_model.problems(status):
                 return EXIT_FAILURE  # health checks (Docker HEALTHCHECK, probes) rely on it
     except ConfigError as exc:
         print(f"prefork-proxy: {exc}", file=sys.stderr)

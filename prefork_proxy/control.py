@@ -3,7 +3,8 @@
 The master (``master.py``) writes the pidfile once it serves and removes it
 when it exits, and rewrites a status file beside it (``PIDFILE.status.json``)
 about once a second with what only it can see: its generation and the
-workers' rows from the shared scoreboard.  The CLI's ``reload``/``stop``/
+workers' rows from the shared scoreboard (the model of ``status.py``, also
+served by the admin endpoint's ``/status``).  The CLI's ``reload``/``stop``/
 ``status`` commands run in a separate process and only read these files and
 send signals.  A file is written to a temporary name and renamed, so a reader
 never sees half of one.
@@ -18,9 +19,10 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from prefork_proxy import hygiene
+from prefork_proxy import status as status_model
 from prefork_proxy.errors import ProxyError
 
 
@@ -243,62 +245,4 @@ def read_status(pidfile: str) -> Dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise ProxyError(f"master {pid} is running, but its status file cannot be read: "
                          f"{exc}") from None
-    status["stale_s"] = max(0.0, time.time() - status.get("written_at", 0.0))
-    return status
-
-
-#: A status file older than this means the master loop is not turning.
-STALE_AFTER_S = 5.0
-
-
-def problems(status: Dict[str, Any]) -> List[str]:
-    """Why this master is not healthy, if it is not (``status`` then exits 1)."""
-    found = []
-    if status.get("stale_s", 0.0) > STALE_AFTER_S:
-        found.append(f"the status file was written {status['stale_s']:.0f} s ago: "
-                     "the master loop is stuck")
-    if not any(w["state"] == "serving" for w in status.get("workers", [])):
-        found.append("no worker is serving")
-    return found
-
-
-def format_status(status: Dict[str, Any]) -> str:
-    """The text ``prefork-proxy status`` prints."""
-    lines = [f"master pid {status['pid']}  uptime {_duration(status['uptime_s'])}  "
-             f"generation {status['generation']}  workers {len(status['workers'])}/"
-             f"{status['desired_workers']}  relay {status['relay']}",
-             f"listeners {', '.join(status['listeners'])}"]
-    lines.append(f"{'slot':>4} {'gen':>4} {'pid':>8} {'age':>9} {'open':>6} {'accepted':>9} "
-                 f"state")
-    for worker in status["workers"]:
-        lines.append(f"{worker['slot']:>4} {worker['generation']:>4} {worker['pid']:>8} "
-                     f"{_duration(worker['age_s']):>9} {worker['active']:>6} "
-                     f"{worker['accepted']:>9} {worker['state']}")
-    for line in status.get("backends", []):
-        lines.append(line)
-    lines.extend(_reload_lines(status))
-    lines.extend(f"UNHEALTHY: {problem}" for problem in problems(status))
-    return "\n".join(lines)
-
-
-def _reload_lines(status: Dict[str, Any]) -> List[str]:
-    """What ``status`` says about the reload in progress or the last one."""
-    lines = []
-    if status.get("reloading"):
-        lines.append(f"reload in progress: generation {status['generation']} is booting")
-    last = status.get("last_reload")
-    if last:
-        ago = _duration(max(0.0, time.time() - last.get("at", 0.0)))
-        if last.get("ok"):
-            lines.append(f"last reload: ok, {ago} ago (generation {last.get('generation')})")
-        else:
-            lines.append(f"last reload: FAILED {ago} ago, still serving generation "
-                         f"{status['generation']} with the old config: {last.get('error')}")
-    return lines
-
-
-def _duration(seconds: Optional[float]) -> str:
-    seconds = int(seconds or 0)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+    return status_model.with_age(status)

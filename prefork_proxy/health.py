@@ -23,8 +23,8 @@ The health-check process (``prefork-proxy: health``) is the one writer of:
   logged once: ``backend db-2:5432 down: connect refused (3/3)``.
 
 Workers only read what it writes (see ``shared.BackendTable``), so a check
-never blocks the relay.  ``describe_backends`` renders the table for
-``prefork-proxy status``.
+never blocks the relay.  ``status.backend_rows`` reads the table for
+``prefork-proxy status`` and ``/status``.
 
 Principle (a name can fail, the resolver cannot): a lookup that fails in
 any way (``gaierror``, ``UnicodeError``, anything else) only leaves that name
@@ -183,49 +183,6 @@ class HealthChecker:
                 os._exit(code)
         self.pid = pid
         log.info("health-check process started: pid=%d", pid)
-
-
-# --------------------------------------------------------------------------- status
-
-
-def describe_backends(shared: SharedState) -> List[str]:
-    """One line per backend address, for ``prefork-proxy status`` (master process).
-
-    Columns: listener, backend, state (``up``, ``down (checks)``, ``down
-    (failures, N s left)``, ``backup``), active connections across workers,
-    consecutive connect failures seen by clients, age and result of the last
-    active check.
-    """
-    table = shared.table
-    now, wall = time.monotonic(), time.time()
-    lines = [f"{'listener':<22} {'backend':<34} {'state':<26} {'active':>6} {'fails':>5}  "
-             "last check"]
-    for _, listener, entries in shared.pools():
-        for entry in entries:
-            slots = [s for s in entry.slots if table.family[s]]
-            if not slots:
-                lines.append(f"{listener.label:<22} {str(entry.backend.address):<34} "
-                             f"{'not resolved yet':<26} {table.active_count(entry.slots[0]):>6} "
-                             f"{table.fails[entry.slots[0]]:>5}  -")
-            for slot in slots:
-                address = table.address(slot)
-                name = backend_name(entry.backend, address[1] if address else None,
-                                    entry.literal)
-                if table.active_down[slot]:
-                    state = "down (checks)"
-                elif table.down_until[slot] > now:
-                    state = f"down (failures, {table.down_until[slot] - now:.0f} s left)"
-                else:
-                    state = "up"
-                if entry.backend.backup:
-                    state += ", backup"
-                checked = "-"
-                if table.last_check[slot]:
-                    result = "ok" if table.last_check_ok[slot] else "failed"
-                    checked = f"{max(0.0, wall - table.last_check[slot]):.1f} s ago, {result}"
-                lines.append(f"{listener.label:<22} {name:<34} {state:<26} "
-                             f"{table.active_count(slot):>6} {table.fails[slot]:>5}  {checked}")
-    return lines
 
 
 # --------------------------------------------------------------------------- the process

@@ -58,9 +58,10 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 from prefork_proxy import control, faults, hygiene, logsetup, notify
+from prefork_proxy import status as status_model
 from prefork_proxy.config import Config
 from prefork_proxy.errors import EXIT_FAILURE, EXIT_OK, ProxyError
-from prefork_proxy.health import HealthChecker, describe_backends
+from prefork_proxy.health import HealthChecker
 from prefork_proxy.listeners import ListenerSet, bound_address
 from prefork_proxy.privileges import drop_privileges, prepare_runtime_dir
 from prefork_proxy.proctitle import set_title
@@ -653,20 +654,7 @@ class Master:
         """Rewrite the status file beside the pidfile (read by ``prefork-proxy status``)."""
         if self.pidfile is None or self.board is None:
             return  # (the pidfile of the start stays: it is locked and cannot move)
-        board = self.board
-        workers = [{"slot": w.slot, "generation": w.generation, "pid": w.pid,
-                    "age_s": now - w.started, "active": board.active[w.row],
-                    "accepted": board.accepted[w.row],
-                    "heartbeat_age_s": now - board.heartbeat[w.row],
-                    "state": "draining" if w.retiring or self.stopping
-                    else "serving" if board.booted[w.row] else "booting"}
-                   for w in sorted(self.workers.values(), key=lambda w: (w.generation, w.slot))]
-        status = {"pid": self.pid, "uptime_s": now - self.started, "generation": self.generation,
-                  "desired_workers": self.desired, "relay": self.mode,
-                  "listeners": [bound_address(s) for s in self.sockets],
-                  "workers": workers, "written_at": time.time(),
-                  "reloading": self.pending is not None, "last_reload": self.last_reload,
-                  "backends": describe_backends(self.shared) if self.shared else []}
+        status = status_model.build(self, now)
         path = control.status_path(self.pidfile.path)
         try:
             control.write_atomically(path, json.dumps(status))

@@ -14,12 +14,12 @@ from prefork_proxy import health as health_module
 from prefork_proxy.balancer import Balancer
 from prefork_proxy.health import (
     _CheckerProcess,
-    describe_backends,
     instance_seed,
     needs_process,
     select_addresses,
 )
 from prefork_proxy.shared import SharedState
+from prefork_proxy.status import backend_lines, backend_rows
 
 NAMED = '''[[tcp_proxy]]
 bind = "127.0.0.1:0"
@@ -140,7 +140,11 @@ def test_status_lines_and_when_a_process_is_needed():
     table = literal.table
     table.acquire(0)
     table.record_failure(1, 1, 30.0, time.monotonic())
-    lines = describe_backends(literal)
+    rows = backend_rows(literal)
+    assert [(r["backend"], r["state"], r["down_reason"], r["backup"], r["active"])
+            for r in rows] == [("10.0.0.1:1", "up", "", False, 1),
+                               ("10.0.0.2:1", "down", "failures", True, 0)]
+    lines = backend_lines(rows)
     assert lines[0].split()[:6] == ["listener", "backend", "state", "active", "fails", "last"]
     assert lines[1].split()[1:5] == ["10.0.0.1:1", "up", "1", "0"]
     assert "down (failures, 30 s left), backup" in lines[2]
@@ -316,7 +320,7 @@ def test_removing_the_checks_by_a_reload_clears_their_verdicts(caplog):
     assert table.last_check[slots[0]] == 0.0 and table.last_check[slots[2]] > 0
     assert table.eligible(slots[0], time.monotonic())
     assert "2 backend address(es) no longer held down" in caplog.text
-    lines = describe_backends(shared)
+    lines = backend_lines(backend_rows(shared))
     assert " up " in lines[1] and lines[1].rstrip().endswith("-")  # no stale "last check"
 
 
