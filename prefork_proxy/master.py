@@ -59,6 +59,7 @@ from typing import Callable, Dict, List, Optional
 
 from prefork_proxy import control, faults, hygiene, logsetup, notify
 from prefork_proxy import status as status_model
+from prefork_proxy.admin.process import AdminEndpoint
 from prefork_proxy.config import Config
 from prefork_proxy.errors import EXIT_FAILURE, EXIT_OK, ProxyError
 from prefork_proxy.health import HealthChecker
@@ -165,6 +166,7 @@ class Master:
         self.shared: Optional[SharedState] = None
         self.health: Optional[HealthChecker] = None  # checks and DNS, in their own process
         self.board: Optional[Scoreboard] = None
+        self.admin: Optional[AdminEndpoint] = None  # the HTTP admin endpoint, if configured
         self.signal_queue: Optional[SignalQueue] = None
         self.stopping = False
         self.stop_deadline = 0.0
@@ -200,6 +202,7 @@ class Master:
                 owner = prepare_runtime_dir(pidfile.path, server.user, server.group)
                 pidfile.acquire(self.pid, owner)
             self.sockets = self.listeners.open(self.config.listeners)
+            self._open_admin()
             # Shared memory first: allocating it may need files only root can create.
             self.shared = SharedState(self.config)
             self.health = HealthChecker(self.shared)
@@ -211,10 +214,13 @@ class Master:
                 hygiene.master_only(fd)
         except BaseException:
             self.listeners.close()
+            if self.admin is not None:
+                self.admin.close()
             if pidfile:
                 pidfile.remove()
             raise
         try:
+            self._admin_tick(time.monotonic())
             self._step("manage_workers", self.manage_workers)
             log.info("open-file limit %d: room for about %d idle connections per worker",
                      file_limit, max(0, (file_limit - 64) // 2))
@@ -231,6 +237,9 @@ class Master:
             self.listeners.close()
             if pidfile:
                 pidfile.remove()
+            if self.admin is not None:  # last: /live answers until the master exits
+                self.admin.stop()
+                self.admin.close()
         log.info("master %d exiting with code %d", self.pid, self.exit_code)
         return self.exit_code
 
@@ -252,6 +261,7 @@ class Master:
             self._step("signal", self._handle, signals.pending.popleft())
         self._step("reap", self.reap)
         now = time.monotonic()
+        self._step("admin", self._admin_tick, now)
         if self.stopping:
             if not self.workers:
                 return True
@@ -328,6 +338,9 @@ class Master:
 
     def _stop(self, worker_signal: int, drain_timeout_s: float) -> None:
         if not self.stopping:
+            if self.admin is not None:  # /ready turns 503 before handshakes stop
+                self.admin.set_stopping()
+            self.next_status = 0.0  # and /status says so on the next turn
             self._notify("stopping")
             # Freeze the accept queues first: the workers' last accept sweep then
             # empties them, and closing them at exit resets nobody.
@@ -538,7 +551,7 @@ class Master:
             return False
         if pid == 0:
             assert self.signal_queue is not None
-            worker.run(previous_mask, self.signal_queue.fds())  # never returns
+            worker.run(previous_mask, self.signal_queue.fds() + self._admin_fds())  # no return
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         self.board.pid[row] = pid
         self.workers[pid] = WorkerProcess(pid, slot, self.generation, row, now)
@@ -562,7 +575,9 @@ class Master:
                 return
             worker = self.workers.pop(pid, None)
             if worker is None:
-                continue  # an adopted orphan: reaping it is all we owe it
+                if self.admin is not None:
+                    self.admin.reaped(pid, time.monotonic())
+                continue  # else an adopted orphan: reaping it is all we owe it
             assert self.board is not None
             booted = bool(self.board.booted[worker.row])
             self.served = self.served or booted
@@ -652,9 +667,13 @@ class Master:
 
     def write_status(self, now: float) -> None:
         """Rewrite the status file beside the pidfile (read by ``prefork-proxy status``)."""
-        if self.pidfile is None or self.board is None:
-            return  # (the pidfile of the start stays: it is locked and cannot move)
+        if self.board is None:
+            return
         status = status_model.build(self, now)
+        if self.admin is not None:
+            self.admin.publish(status)
+        if self.pidfile is None:
+            return  # (the pidfile of the start stays: it is locked and cannot move)
         path = control.status_path(self.pidfile.path)
         try:
             control.write_atomically(path, json.dumps(status))
@@ -670,6 +689,24 @@ class Master:
         if self.status_error:
             log.info("status file %s written again", path)
             self.status_error = ""
+
+    # -- the admin endpoint (admin/process.py owns it; these are the master's hooks)
+
+    def _open_admin(self) -> None:
+        """Bind the admin socket before anything is forked; it is kept for life."""
+        if self.config.admin.bind is not None:
+            self.admin = AdminEndpoint.open(self.config.admin.bind)
+
+    def _admin_tick(self, now: float) -> None:
+        """Every loop turn: the heartbeat /live reads, and the admin process kept running."""
+        if self.admin is None or self.board is None:
+            return
+        self.admin.beat(now)
+        assert self.signal_queue is not None
+        self.admin.tick(now, self.board, self.signal_queue.fds(), self.config.admin.bind)
+
+    def _admin_fds(self) -> tuple:
+        return self.admin.child_fds() if self.admin is not None else ()
 
     @staticmethod
     def _notify(state: str) -> None:

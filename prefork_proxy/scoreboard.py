@@ -71,6 +71,11 @@ class Scoreboard:
         self.accepting[row] = 0
         self._free.append(row)
 
+    @property
+    def rows_used(self) -> int:
+        """One past the highest row ever claimed: no live row lies beyond (any process)."""
+        return self._rows_used.value
+
     # -- worker (its own row only)
 
     def accepting_rows(self, exclude: int) -> List[int]:

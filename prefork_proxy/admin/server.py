@@ -144,10 +144,11 @@ class AdminServer:
 
     # --- the caller's side -------------------------------------------------------------
 
-    def start(self) -> threading.Thread:
-        """Start the loop thread; warns if the socket is reachable from other hosts."""
+    def start(self, warn_exposed: bool = True) -> threading.Thread:
+        """Start the loop thread; warns if the socket is reachable from other hosts
+        (``warn_exposed=False`` when the caller warned already, e.g. once per master)."""
         address = self.listener.getsockname()
-        if not is_loopback(address):
+        if warn_exposed and not is_loopback(address):
             log.warning("admin endpoint bound to %s, which is not a loopback address: "
                         "anyone who can reach it can read metrics and status", address)
         self._thread = threading.Thread(target=self.serve_forever, name="admin-http",

@@ -1,0 +1,252 @@
+"""The admin process (``prefork-proxy: admin``) and the master's handle on it.
+
+Master side, ``AdminEndpoint`` (called from the master's loop only; no thread,
+no blocking but the bounded ``stop``):
+
+- ``open`` binds the admin socket before anything is forked, and the master
+  keeps it for life: a restart of the admin process loses nothing (clients
+  wait in the backlog), and privileged ports work before privileges drop;
+- ``start`` forks the admin process; ``tick`` restarts it ``RESTART_DELAY_S``
+  after it died (``reaped`` is told by the master's reap loop); ``stop`` ends
+  it at the master's exit, after the workers, so ``/live`` answers until then;
+- ``beat``/``set_stopping``/``publish`` write the shared ``StatusPage``;
+- ``child_fds`` are what a worker closes after fork (it must not keep the port).
+
+Admin process side (``_child``): fork hygiene (default signals, the master's
+listeners and wake-up pipe closed, ``PR_SET_PDEATHSIG``), then one
+``AdminServer`` thread serving ``endpoints.build_routes``, while the main
+thread waits for SIGTERM or its master's death.  It never touches a relay
+thread (those live in the workers) and writes no shared memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+import time
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+from prefork_proxy.admin.page import StatusPage
+from prefork_proxy.admin.server import is_loopback
+from prefork_proxy.config import Endpoint
+from prefork_proxy.errors import BindError
+from prefork_proxy.proctitle import set_title
+from prefork_proxy.scoreboard import Scoreboard
+
+log = logging.getLogger("prefork_proxy.admin")
+
+#: Wait before restarting an admin process that died (it should not die).
+RESTART_DELAY_S = 0.5
+#: How long ``stop`` waits for SIGTERM to work before SIGKILL.
+STOP_GRACE_S = 1.0
+#: The admin process's main thread checks on its master this often.
+PARENT_POLL_S = 0.5
+BACKLOG = 128
+PR_SET_PDEATHSIG = 1
+
+
+def bind_admin(endpoint: Endpoint) -> socket.socket:
+    """Bind and listen on ``endpoint`` (no SO_REUSEPORT: one owner of the admin port)."""
+    try:
+        infos = socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise BindError(f"cannot bind the admin endpoint {endpoint}: cannot resolve host: "
+                        f"{exc.strerror}") from None
+    family, _, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        reason = {errno.EADDRINUSE: "address already in use",
+                  errno.EACCES: "permission denied",
+                  errno.EADDRNOTAVAIL: "address not available on this machine"}.get(
+            exc.errno, exc.strerror or str(exc))
+        raise BindError(f"cannot bind the admin endpoint {endpoint}: {reason}") from None
+    return sock
+
+
+def _address_text(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class AdminEndpoint:
+    """The master's handle: the admin socket, the shared page, the admin process's pid."""
+
+    def __init__(self, sock: socket.socket, configured: Endpoint) -> None:
+        self.sock = sock
+        self.configured = configured
+        self.address = _address_text(sock)
+        self.page = StatusPage()
+        self.pid = 0
+        self._restart_at = 0.0
+        self._warned_bind: Optional[Endpoint] = None
+
+    @classmethod
+    def open(cls, endpoint: Endpoint) -> "AdminEndpoint":
+        """Bind (master, before any fork); warns once if other hosts can reach it."""
+        sock = bind_admin(endpoint)
+        admin = cls(sock, endpoint)
+        if not is_loopback(sock.getsockname()):
+            log.warning("admin endpoint bound to %s, which is not a loopback address: anyone "
+                        "who can reach it can read status and metrics (it changes nothing)",
+                        admin.address)
+        log.info("admin endpoint listening on %s (/live /ready /status /metrics)",
+                 admin.address)
+        return admin
+
+    # -- the shared page
+
+    def beat(self, now: float) -> None:
+        self.page.beat(now)
+
+    def set_stopping(self) -> None:
+        self.page.set_stopping()
+
+    def publish(self, status: Dict[str, Any]) -> None:
+        if not self.page.publish(json.dumps(status).encode()):
+            log.warning("status model too large for the admin page (%d bytes); /status shows "
+                        "the previous one", self.page.capacity)
+
+    # -- the process
+
+    def child_fds(self) -> Tuple[int, ...]:
+        """Descriptors a forked worker must close: the admin port is not a worker's."""
+        return (self.sock.fileno(),)
+
+    def tick(self, now: float, board: Scoreboard, close_in_child: Iterable[int],
+             configured: Optional[Endpoint]) -> None:
+        """(Re)start the admin process when due; warn once if a reload changed [admin]."""
+        if configured != self.configured and configured != self._warned_bind:
+            self._warned_bind = configured
+            log.warning("[admin] bind changed to %s by a reload: the admin endpoint keeps %s "
+                        "until the next start", configured or "off", self.address)
+        if not self.pid and now >= self._restart_at:
+            self.start(board, close_in_child)
+
+    def reaped(self, pid: int, now: float) -> bool:
+        """The master reaped ``pid``: if it was the admin process, restart it soon."""
+        if not pid or pid != self.pid:
+            return False
+        log.warning("admin process %d died; restarting it in %.1f s", pid, RESTART_DELAY_S)
+        self.pid = 0
+        self._restart_at = now + RESTART_DELAY_S
+        return True
+
+    def start(self, board: Scoreboard, close_in_child: Iterable[int]) -> None:
+        master_pid = os.getpid()
+        close = tuple(close_in_child)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            log.error("cannot fork the admin process: %s; retrying in %.1f s",
+                      exc.strerror or exc, RESTART_DELAY_S)
+            self._restart_at = time.monotonic() + RESTART_DELAY_S
+            return
+        if pid == 0:
+            code = 1
+            try:
+                _child(self.sock, self.page, board, master_pid, close)
+                code = 0
+            except BaseException:
+                log.exception("admin process crashed")
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.pid = pid
+        log.info("admin process started: pid=%d", pid)
+
+    def stop(self) -> None:
+        """End the admin process (bounded: SIGTERM, SIGKILL after ``STOP_GRACE_S``)."""
+        pid, self.pid = self.pid, 0
+        if not pid:
+            return
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + STOP_GRACE_S
+        while True:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if done:
+                return
+            if time.monotonic() >= deadline:
+                os.kill(pid, signal.SIGKILL)
+                deadline = float("inf")
+            time.sleep(0.01)  # a child's exit has nothing to wait on here but polling
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# --------------------------------------------------------------------------- the process
+
+
+def _child(sock: socket.socket, page: StatusPage, board: Scoreboard, master_pid: int,
+           close: Tuple[int, ...]) -> None:
+    """The admin process's whole life (its main thread)."""
+    from prefork_proxy.admin.endpoints import build_routes
+    from prefork_proxy.admin.server import AdminServer
+
+    stop = threading.Event()
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, lambda *_: stop.set())
+    for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    set_title("prefork-proxy: admin")
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # the getppid() check below covers it
+    _close_inherited(keep=sock.fileno(), close=close)
+    server = AdminServer(sock, build_routes(page, board, master_pid))
+    server.start(warn_exposed=False)  # the master warned once, at bind
+    while not stop.is_set() and os.getppid() == master_pid:
+        stop.wait(PARENT_POLL_S)
+    server.stop()
+
+
+def _close_inherited(keep: int, close: Tuple[int, ...]) -> None:
+    """Close what fork copied from the master: its wake-up pipe, its proxy listeners."""
+    for fd in close:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    names = os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []
+    for name in names:
+        fd = int(name)
+        if fd == keep:
+            continue
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            probe = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        try:
+            listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        except OSError:
+            listening = 0
+        if listening:
+            probe.close()
+        else:
+            probe.detach()
