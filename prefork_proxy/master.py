@@ -294,7 +294,7 @@ class Master:
 
     def _next_timer(self) -> float:
         now = time.monotonic()
-        timeout = STATUS_INTERVAL_S
+        timeout = min(STATUS_INTERVAL_S, self.next_status - now)  # the first one at once
         for history in self.history.values():
             if history.respawn_at > now:
                 timeout = min(timeout, history.respawn_at - now)

@@ -106,7 +106,16 @@ class ProxyProcess:
         return socket.create_connection(("127.0.0.1", self.port(index)), timeout=timeout)
 
     def worker_pids(self) -> List[int]:
-        return children_of(self.pid)
+        """The master's children but its admin process (which has its own title)."""
+        pids = []
+        for pid in children_of(self.pid):
+            try:
+                if process_title(pid) == "prefork-proxy: admin":
+                    continue
+            except OSError:
+                continue  # gone meanwhile
+            pids.append(pid)
+        return pids
 
     def wait_workers(self, count: int, timeout: float = 10.0) -> List[int]:
         """Wait until ``count`` workers run and each has logged that it booted."""
