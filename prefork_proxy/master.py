@@ -37,6 +37,11 @@ guarded: an unexpected exception is logged with its traceback and the loop
 goes on.  Only an explicit stop ends it; its ``finally`` kills every worker,
 so letting an error reach it would cut every connection.
 
+The admin endpoint (``[admin]``, ``admin/process.py``) hangs on a few
+clearly marked hooks: bind before any fork, the loop heartbeat and a restart
+check each turn, the stopping flag set before handshakes stop, the status
+model published with the status file, its process stopped last.
+
 Principle (supervision by heartbeat): every worker stamps its scoreboard row
 at least once a second from its main thread, with the oldest tick of its
 relay loops, so a worker whose any thread stops turning is killed and replaced
