@@ -50,6 +50,8 @@ STOP_GRACE_S = 1.0
 PARENT_POLL_S = 0.5
 BACKLOG = 128
 PR_SET_PDEATHSIG = 1
+_CHILD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
+                  signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD)
 
 
 def bind_admin(endpoint: Endpoint) -> socket.socket:
@@ -149,9 +151,14 @@ class AdminEndpoint:
     def start(self, board: Scoreboard, close_in_child: Iterable[int]) -> None:
         master_pid = os.getpid()
         close = tuple(close_in_child)
+        # Blocked across fork (as for workers): a SIGTERM that reached the child
+        # before its own handler was installed would run the master's copy and
+        # be lost.  The child unblocks once its handlers are in place.
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _CHILD_SIGNALS)
         try:
             pid = os.fork()
         except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
             log.error("cannot fork the admin process: %s; retrying in %.1f s",
                       exc.strerror or exc, RESTART_DELAY_S)
             self._restart_at = time.monotonic() + RESTART_DELAY_S
@@ -159,13 +166,14 @@ class AdminEndpoint:
         if pid == 0:
             code = 1
             try:
-                _child(self.sock, self.page, board, master_pid, close)
+                _child(self.sock, self.page, board, master_pid, close, previous_mask)
                 code = 0
             except BaseException:
                 log.exception("admin process crashed")
             finally:
                 logging.shutdown()
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         self.pid = pid
         log.info("admin process started: pid=%d", pid)
 
@@ -199,7 +207,7 @@ class AdminEndpoint:
 
 
 def _child(sock: socket.socket, page: StatusPage, board: Scoreboard, master_pid: int,
-           close: Tuple[int, ...]) -> None:
+           close: Tuple[int, ...], signal_mask: Iterable[int]) -> None:
     """The admin process's whole life (its main thread)."""
     from prefork_proxy.admin.endpoints import build_routes
     from prefork_proxy.admin.server import AdminServer
@@ -211,6 +219,7 @@ def _child(sock: socket.socket, page: StatusPage, board: Scoreboard, master_pid:
     for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
     set_title("prefork-proxy: admin")
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
