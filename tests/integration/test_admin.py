@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from typing import Dict, List, Optional, Tuple
 
 import pytest
@@ -276,3 +277,49 @@ def test_a_non_loopback_bind_is_warned_once(backend_factory, proxy_factory, tmp_
     wait_for(lambda: (admin_pid(proxy) or first) != first, message="a new admin process")
     assert get(port, "/live")[0] == 200
     assert proxy.log.count("which is not a loopback address") == 1
+
+
+def test_hostile_admin_clients_do_not_delay_a_scrape_or_the_relay(backend_factory,
+                                                                  proxy_factory, tmp_path):
+    """100 slowloris connections (a byte a second) and a 1 MiB head against the real proxy."""
+    echo = backend_factory("echo")
+    proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", echo.address,
+                          "--workers", "1", "--admin", "127.0.0.1:0")
+    proxy.wait_workers(1)
+    port = admin_port(proxy)
+    wait_for(lambda: get(port, "/status")[0] == 200, message="a published status")
+    slow = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(100)]
+    big = socket.create_connection(("127.0.0.1", port), timeout=5)
+    big.setblocking(False)
+    head = b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * (1 << 20)
+    sent_big = 0
+    scrapes = []
+    client = proxy.connect()
+    try:
+        for second in range(3):
+            for sock in slow:
+                try:
+                    sock.send(b"G")
+                except OSError:
+                    pass  # evicted or timed out: the server's choice
+            try:
+                sent_big += big.send(head[sent_big:])
+            except (BlockingIOError, OSError):
+                pass
+            for _ in range(4):
+                started = time.monotonic()
+                code, _, body = get(port, "/metrics")
+                scrapes.append(time.monotonic() - started)
+                assert code == 200 and b"prefork_proxy_workers" in body
+            payload = f"round {second}".encode()
+            client.sendall(payload)
+            assert recv_exactly(client, len(payload)) == transform(payload)
+            time.sleep(1.0)  # the attackers' pace: one byte per second each
+    finally:
+        client.close()
+        big.close()
+        for sock in slow:
+            sock.close()
+    print(f"scrapes under attack: n={len(scrapes)} max={max(scrapes) * 1000:.1f} ms "
+          f"median={sorted(scrapes)[len(scrapes) // 2] * 1000:.1f} ms")
+    assert max(scrapes) < 0.1, scrapes
