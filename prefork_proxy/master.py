@@ -556,7 +556,7 @@ class Master:
             return False
         if pid == 0:
             assert self.signal_queue is not None
-            worker.run(previous_mask, self.signal_queue.fds() + self._admin_fds())  # no return
+            worker.run(previous_mask, self.signal_queue.fds())  # never returns
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         self.board.pid[row] = pid
         self.workers[pid] = WorkerProcess(pid, slot, self.generation, row, now)
@@ -707,11 +707,7 @@ class Master:
         if self.admin is None or self.board is None:
             return
         self.admin.beat(now)
-        assert self.signal_queue is not None
-        self.admin.tick(now, self.board, self.signal_queue.fds(), self.config.admin.bind)
-
-    def _admin_fds(self) -> tuple:
-        return self.admin.child_fds() if self.admin is not None else ()
+        self.admin.tick(now, self.board, self.config.admin.bind)
 
     @staticmethod
     def _notify(state: str) -> None:

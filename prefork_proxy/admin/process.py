@@ -9,11 +9,13 @@ no blocking but the bounded ``stop``):
 - ``start`` forks the admin process; ``tick`` restarts it ``RESTART_DELAY_S``
   after it died (``reaped`` is told by the master's reap loop); ``stop`` ends
   it at the master's exit, after the workers, so ``/live`` answers until then;
-- ``beat``/``set_stopping``/``publish`` write the shared ``StatusPage``;
-- ``child_fds`` are what a worker closes after fork (it must not keep the port).
+- ``beat``/``set_stopping``/``publish`` write the shared ``StatusPage``.
 
-Admin process side (``_child``): fork hygiene (default signals, the master's
-listeners and wake-up pipe closed, ``PR_SET_PDEATHSIG``), then one
+Workers never hold the admin port: ``hygiene.after_fork`` in every child
+closes each inherited listening socket that is not its own.
+
+Admin process side (``_child``): fork hygiene (its own signal handlers,
+``hygiene.after_fork`` keeping only the admin socket, ``PR_SET_PDEATHSIG``), then one
 ``AdminServer`` thread serving ``endpoints.build_routes``, while the main
 thread waits for SIGTERM or its master's death.  It never touches a relay
 thread (those live in the workers) and writes no shared memory.
@@ -28,11 +30,11 @@ import logging
 import os
 import signal
 import socket
-import stat
 import threading
 import time
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional
 
+from prefork_proxy import hygiene
 from prefork_proxy.admin.page import StatusPage
 from prefork_proxy.admin.server import is_loopback
 from prefork_proxy.config import Endpoint
@@ -125,19 +127,14 @@ class AdminEndpoint:
 
     # -- the process
 
-    def child_fds(self) -> Tuple[int, ...]:
-        """Descriptors a forked worker must close: the admin port is not a worker's."""
-        return (self.sock.fileno(),)
-
-    def tick(self, now: float, board: Scoreboard, close_in_child: Iterable[int],
-             configured: Optional[Endpoint]) -> None:
+    def tick(self, now: float, board: Scoreboard, configured: Optional[Endpoint]) -> None:
         """(Re)start the admin process when due; warn once if a reload changed [admin]."""
         if configured != self.configured and configured != self._warned_bind:
             self._warned_bind = configured
             log.warning("[admin] bind changed to %s by a reload: the admin endpoint keeps %s "
                         "until the next start", configured or "off", self.address)
         if not self.pid and now >= self._restart_at:
-            self.start(board, close_in_child)
+            self.start(board)
 
     def reaped(self, pid: int, now: float) -> bool:
         """The master reaped ``pid``: if it was the admin process, restart it soon."""
@@ -148,9 +145,8 @@ class AdminEndpoint:
         self._restart_at = now + RESTART_DELAY_S
         return True
 
-    def start(self, board: Scoreboard, close_in_child: Iterable[int]) -> None:
+    def start(self, board: Scoreboard) -> None:
         master_pid = os.getpid()
-        close = tuple(close_in_child)
         # Blocked across fork (as for workers): a SIGTERM that reached the child
         # before its own handler was installed would run the master's copy and
         # be lost.  The child unblocks once its handlers are in place.
@@ -166,7 +162,7 @@ class AdminEndpoint:
         if pid == 0:
             code = 1
             try:
-                _child(self.sock, self.page, board, master_pid, close, previous_mask)
+                _child(self.sock, self.page, board, master_pid, previous_mask)
                 code = 0
             except BaseException:
                 log.exception("admin process crashed")
@@ -207,7 +203,7 @@ class AdminEndpoint:
 
 
 def _child(sock: socket.socket, page: StatusPage, board: Scoreboard, master_pid: int,
-           close: Tuple[int, ...], signal_mask: Iterable[int]) -> None:
+           signal_mask: Iterable[int]) -> None:
     """The admin process's whole life (its main thread)."""
     from prefork_proxy.admin.endpoints import build_routes
     from prefork_proxy.admin.server import AdminServer
@@ -225,37 +221,11 @@ def _child(sock: socket.socket, page: StatusPage, board: Scoreboard, master_pid:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
         pass  # the getppid() check below covers it
-    _close_inherited(keep=sock.fileno(), close=close)
+    # The master's wake-up pipe and proxy listeners go (this process serves none).
+    hygiene.after_fork(keep={sock.fileno()})
     server = AdminServer(sock, build_routes(page, board, master_pid))
     server.start(warn_exposed=False)  # the master warned once, at bind
     while not stop.is_set() and os.getppid() == master_pid:
         stop.wait(PARENT_POLL_S)
     server.stop()
 
-
-def _close_inherited(keep: int, close: Tuple[int, ...]) -> None:
-    """Close what fork copied from the master: its wake-up pipe, its proxy listeners."""
-    for fd in close:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    names = os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []
-    for name in names:
-        fd = int(name)
-        if fd == keep:
-            continue
-        try:
-            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-                continue
-            probe = socket.socket(fileno=fd)
-        except OSError:
-            continue
-        try:
-            listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-        except OSError:
-            listening = 0
-        if listening:
-            probe.close()
-        else:
-            probe.detach()

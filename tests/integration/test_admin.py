@@ -176,6 +176,8 @@ def test_endpoints_while_serving_and_status_is_the_cli_model(backend_factory, pr
     assert admin is not None
     inode = listening_inode(port)
     assert holders(inode, [proxy.pid, admin, *workers]) == [proxy.pid, admin]
+    # And the admin process holds no proxy listener (hygiene.after_fork).
+    assert holders(listening_inode(proxy.port()), [proxy.pid, admin]) == [proxy.pid]
 
 
 def test_ready_turns_503_at_sigterm_while_a_connection_drains(backend_factory, proxy_factory,
