@@ -7,7 +7,8 @@ no blocking but the bounded ``stop``):
   keeps it for life: a restart of the admin process loses nothing (clients
   wait in the backlog), and privileged ports work before privileges drop;
 - ``start`` forks the admin process; ``tick`` restarts it ``RESTART_DELAY_S``
-  after it died (``reaped`` is told by the master's reap loop); ``stop`` ends
+  after it died (``reaped`` is told by the master's reap loop), doubling the
+  delay up to ``MAX_RESTART_DELAY_S`` while it keeps dying young; ``stop`` ends
   it at the master's exit, after the workers, so ``/live`` answers until then;
 - ``beat``/``set_stopping``/``publish`` write the shared ``StatusPage``.
 
@@ -46,6 +47,9 @@ log = logging.getLogger("prefork_proxy.admin")
 
 #: Wait before restarting an admin process that died (it should not die).
 RESTART_DELAY_S = 0.5
+#: One that dies younger than this counts toward a crash loop (the delay doubles).
+MIN_HEALTHY_LIFETIME_S = 5.0
+MAX_RESTART_DELAY_S = 30.0
 #: How long ``stop`` waits for SIGTERM to work before SIGKILL.
 STOP_GRACE_S = 1.0
 #: The admin process's main thread checks on its master this often.
@@ -97,6 +101,8 @@ class AdminEndpoint:
         self.page = StatusPage()
         self.pid = 0
         self._restart_at = 0.0
+        self._started_at = 0.0
+        self._fast_deaths = 0
         self._warned_bind: Optional[Endpoint] = None
 
     @classmethod
@@ -140,9 +146,14 @@ class AdminEndpoint:
         """The master reaped ``pid``: if it was the admin process, restart it soon."""
         if not pid or pid != self.pid:
             return False
-        log.warning("admin process %d died; restarting it in %.1f s", pid, RESTART_DELAY_S)
+        young = now - self._started_at < MIN_HEALTHY_LIFETIME_S
+        self._fast_deaths = self._fast_deaths + 1 if young else 0
+        delay = min(MAX_RESTART_DELAY_S, RESTART_DELAY_S * 2 ** max(0, self._fast_deaths - 1))
+        log.warning("admin process %d died; restarting it in %.1f s%s", pid, delay,
+                    f" ({self._fast_deaths} quick deaths in a row)" if self._fast_deaths > 1
+                    else "")
         self.pid = 0
-        self._restart_at = now + RESTART_DELAY_S
+        self._restart_at = now + delay
         return True
 
     def start(self, board: Scoreboard) -> None:
@@ -171,6 +182,7 @@ class AdminEndpoint:
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         self.pid = pid
+        self._started_at = time.monotonic()
         log.info("admin process started: pid=%d", pid)
 
     def stop(self) -> None:

@@ -103,3 +103,25 @@ def test_live_ready_status_and_metrics_from_page_and_scoreboard():
     assert samples[("prefork_proxy_workers", (("state", "serving"),))] == 1
     assert samples[("prefork_proxy_workers", (("state", "draining"),))] == 2
     assert ("process_cpu_seconds_total", ()) in samples
+
+
+def test_an_admin_process_that_keeps_dying_young_is_restarted_with_backoff():
+    from prefork_proxy.admin.process import AdminEndpoint
+    from prefork_proxy.config import Endpoint
+
+    admin = AdminEndpoint.open(Endpoint("127.0.0.1", 0))
+    try:
+        delays = []
+        now = 1000.0
+        for _ in range(5):
+            admin.pid, admin._started_at = 4242, now
+            assert not admin.reaped(4243, now)  # not ours: a worker or an orphan
+            assert admin.reaped(4242, now + 0.1) and admin.pid == 0
+            delays.append(round(admin._restart_at - (now + 0.1), 3))
+            now += 1.0
+        assert delays == [0.5, 1.0, 2.0, 4.0, 8.0]
+        admin.pid, admin._started_at = 4242, now
+        admin.reaped(4242, now + 60.0)  # lived a minute: back to the first delay
+        assert admin._restart_at - (now + 60.0) == 0.5
+    finally:
+        admin.close()
