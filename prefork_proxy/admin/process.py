@@ -109,6 +109,9 @@ class AdminEndpoint:
     def open(cls, endpoint: Endpoint) -> "AdminEndpoint":
         """Bind (master, before any fork); warns once if other hosts can reach it."""
         sock = bind_admin(endpoint)
+        # Imported now, before privileges drop: the admin process imports nothing
+        # later from an installation the serving user may not be able to read.
+        import prefork_proxy.admin.endpoints  # noqa: F401
         admin = cls(sock, endpoint)
         if not is_loopback(sock.getsockname()):
             log.warning("admin endpoint bound to %s, which is not a loopback address: anyone "
@@ -217,7 +220,7 @@ class AdminEndpoint:
 def _child(sock: socket.socket, page: StatusPage, board: Scoreboard, master_pid: int,
            signal_mask: Iterable[int]) -> None:
     """The admin process's whole life (its main thread)."""
-    from prefork_proxy.admin.endpoints import build_routes
+    from prefork_proxy.admin.endpoints import build_routes  # loaded by open()
     from prefork_proxy.admin.server import AdminServer
 
     stop = threading.Event()

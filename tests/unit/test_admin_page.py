@@ -125,3 +125,23 @@ def test_an_admin_process_that_keeps_dying_young_is_restarted_with_backoff():
         assert admin._restart_at - (now + 60.0) == 0.5
     finally:
         admin.close()
+
+
+def test_the_stopping_flag_is_set_before_handshakes_stop():
+    """Master._stop's order: /ready says 503 before the listeners stop taking handshakes."""
+    import signal
+
+    from prefork_proxy import config
+    from prefork_proxy.master import Master
+
+    calls = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            return lambda *args: calls.append(name)
+
+    master = Master(config.load_text('[[tcp_proxy]]\nbind = "127.0.0.1:0"\n'
+                                     'backends = ["127.0.0.1:9"]\n'))
+    master.admin, master.listeners = Recorder(), Recorder()
+    master._stop(signal.SIGTERM, 1.0)
+    assert calls.index("set_stopping") < calls.index("stop_new_handshakes")
