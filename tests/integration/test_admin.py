@@ -325,3 +325,39 @@ def test_hostile_admin_clients_do_not_delay_a_scrape_or_the_relay(backend_factor
     print(f"scrapes under attack: n={len(scrapes)} max={max(scrapes) * 1000:.1f} ms "
           f"median={sorted(scrapes)[len(scrapes) // 2] * 1000:.1f} ms")
     assert max(scrapes) < 0.1, scrapes
+
+
+def test_status_and_metrics_show_the_reload_results(backend_factory, proxy_factory, tmp_path):
+    echo = backend_factory("echo")
+    path = tmp_path / "proxy.toml"
+    _config(path, [echo.address], workers=1)
+    proxy = proxy_factory("start", "--config", str(path))
+    proxy.wait_workers(1)
+    port = admin_port(proxy)
+
+    def model():
+        code, _, body = get(port, "/status")
+        return json.loads(body) if code == 200 else None
+
+    def generation_metric() -> float:
+        body = get(port, "/metrics")[2].decode()
+        return next(s.value for f in text_string_to_metric_families(body) for s in f.samples
+                    if s.name == "prefork_proxy_config_generation")
+
+    assert wait_for(model, message="a published status")["last_reload"] is None
+    good = path.read_text()
+    path.write_text(good.replace("workers = 1", "workers = 0"))  # invalid
+    proxy.signal(signal.SIGHUP)
+    failed = wait_for(lambda: (lambda m: m and m["last_reload"] and m)(model()),
+                      message="/status to show the failed reload")
+    assert failed["last_reload"]["ok"] is False and failed["generation"] == 1
+    assert 'key "workers"' in failed["last_reload"]["error"]
+    assert "last reload: FAILED" in status_model.render_text(failed)
+    assert generation_metric() == 1
+
+    path.write_text(good)
+    proxy.signal(signal.SIGHUP)
+    ok = wait_for(lambda: (lambda m: m and m["last_reload"]["ok"] and m)(model()),
+                  message="/status to show the reload that worked")
+    assert ok["generation"] == ok["last_reload"]["generation"] == 2
+    assert generation_metric() == 2
