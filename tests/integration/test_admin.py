@@ -361,3 +361,23 @@ def test_status_and_metrics_show_the_reload_results(backend_factory, proxy_facto
                   message="/status to show the reload that worked")
     assert ok["generation"] == ok["last_reload"]["generation"] == 2
     assert generation_metric() == 2
+
+
+def test_live_turns_503_while_the_master_loop_is_stuck(backend_factory, proxy_factory):
+    echo = backend_factory("echo")
+    proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", echo.address,
+                          "--workers", "1", "--admin", "127.0.0.1:0")
+    proxy.wait_workers(1)
+    port = admin_port(proxy)
+    assert wait_for(lambda: get(port, "/live")[0] == 200, message="/live 200")
+    os.kill(proxy.pid, signal.SIGSTOP)  # the master loop stops turning; its children run
+    try:
+        stuck_at = time.monotonic()
+        code, _, body = wait_for(lambda: (lambda r: r[0] == 503 and r)(get(port, "/live")),
+                                 timeout=15, message="/live 503 for a stuck master")
+        assert time.monotonic() - stuck_at >= 4.0  # not before the 5 s threshold (-1 s turn)
+        assert body.startswith(b"master loop silent for ")
+        assert get(port, "/ready")[0] == 200  # the workers still serve
+    finally:
+        os.kill(proxy.pid, signal.SIGCONT)
+    assert wait_for(lambda: get(port, "/live")[0] == 200, message="/live 200 again")
