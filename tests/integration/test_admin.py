@@ -140,7 +140,8 @@ def test_endpoints_while_serving_and_status_is_the_cli_model(backend_factory, pr
         on_disk = json.loads((tmp_path / "proxy.pid.status.json").read_text())
         after = json.loads(get(port, "/status")[2])
         if not (served["written_at"] == on_disk["written_at"] == after["written_at"]
-                and len(served["workers"]) == 2 and shown.returncode == 0):
+                and len(served["workers"]) == 2 and shown.returncode == 0
+                and all(w["state"] == "serving" for w in served["workers"])):
             return None
         return served, on_disk, shown.stdout
 
