@@ -31,7 +31,9 @@ watching the source for reads and watches the destination for writes instead.
 So memory per connection is bounded by one pipe or buffer per direction, and
 bytes stuck in a pipe never make the loop spin.  Across connections, a loop's
 budget (``BufferPool``) caps what all of them hold together: when it is spent,
-directions that hold nothing stop reading (``PARKED``) until it frees.
+a direction reads at most a short burst (``SHORT_READ``) at a time, so one
+that writes what it reads holds nothing and flows on, and one whose
+destination is stuck holds only that burst's remainder, in a small buffer.
 
 Principle (idle connections cost two descriptors): pipes and buffers are lent
 from a per-thread pool only while a direction holds bytes, and returned when it
@@ -71,6 +73,11 @@ log = logging.getLogger("prefork_proxy.relay")
 PIPE_SIZE = 1024 * 1024
 #: Buffer size in copy mode.
 BUFFER_SIZE = 256 * 1024
+#: A read shorter than this probably emptied the socket (see ``Direction.pump``).
+#: While the budget is spent it is also the most a direction reads at a time.
+SHORT_READ = 16 * 1024
+#: Size of the buffers that hold what is left of a short burst (see ``BufferPool``).
+SMALL_SIZE = SHORT_READ
 #: Bytes a loop may hold in buffers and pipes when its worker names no budget.
 DEFAULT_BUDGET = 64 * 1024 * 1024
 #: Idle pipes/buffers a loop keeps for reuse; more are closed or freed.
@@ -82,13 +89,8 @@ BULK_READ = 64 * 1024
 #: the rest is picked up on the next turn).
 ROUNDS_PER_EVENT = 8
 
-#: A read shorter than this probably emptied the socket (see ``Direction.pump``).
-SHORT_READ = 16 * 1024
-
-#: What a direction waits for: its source, its destination, nothing (ended), or
-#: buffer budget (``PARKED``: it holds nothing and reads nothing until the
-#: loop's budget has room again, see ``BufferPool.left``).
-WANT_READ, WANT_WRITE, DONE, PARKED = "read", "write", "done", "parked"
+#: What a direction waits for: its source, its destination, or nothing (ended).
+WANT_READ, WANT_WRITE, DONE = "read", "write", "done"
 
 #: Socket options as data, ``(level, name, value)`` each, for ``setsockopt``.
 SocketOptions = Tuple[Tuple[int, int, int], ...]
@@ -132,13 +134,13 @@ def choose_mode(requested: str) -> str:
 class PipePool:
     """Pipes lent to splice directions; owned by one ``RelayLoop`` thread.
 
-    A lent pipe is charged at its capacity to ``ledger`` (the loop's
-    ``BufferPool``, which keeps the budget), and credited when given back.
+    A pipe costs the budget only what it holds: the direction that splices
+    into it charges the bytes moved in, and credits them as they move out
+    (see ``BufferPool``), so lending one costs nothing here.
     """
 
-    def __init__(self, size: int = PIPE_SIZE, ledger: Optional["BufferPool"] = None) -> None:
+    def __init__(self, size: int = PIPE_SIZE) -> None:
         self.size = size
-        self.ledger = ledger
         self._idle: List[Tuple[int, int, int]] = []
 
     def take(self) -> Tuple[int, int, int]:
@@ -148,14 +150,10 @@ class PipePool:
         else:
             read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             pipe = read_fd, write_fd, splice_module.set_pipe_size(write_fd, self.size)
-        if self.ledger is not None:
-            self.ledger.left -= pipe[2]
         return pipe
 
     def give_back(self, pipe: Tuple[int, int, int], empty: bool) -> None:
         """Return a pipe; one that still holds bytes is closed, never reused."""
-        if self.ledger is not None:
-            self.ledger.left += pipe[2]
         if empty and len(self._idle) < POOL_KEEP:
             self._idle.append(pipe)
         else:
@@ -170,24 +168,31 @@ class PipePool:
 
 
 class BufferPool:
-    """Buffers for copied bytes; owned by one ``RelayLoop`` thread.
+    """Buffers for copied bytes, and the loop's budget; owned by one ``RelayLoop`` thread.
 
     ``scratch`` is the loop's reading buffer.  A direction reads a burst into
     it and writes the burst straight out; only when the destination cannot
-    take it all does the direction keep that buffer (``adopt_scratch``) and
-    the loop gets a fresh scratch.  So request/response traffic takes nothing
-    from the pool and gives nothing back, burst after burst.
+    take it all does the direction keep what is left (``keep``), and the
+    scratch buffer stays the loop's.  So request/response traffic takes
+    nothing from the pool and gives nothing back, burst after burst.
 
-    Principle (a budget, and backpressure when it is spent): ``left`` is what
-    remains of the loop's budget for bytes held on behalf of slow
-    destinations: every buffer a direction keeps is charged at its size, and
-    every pipe it holds at its capacity (``PipePool``).  A direction that
-    holds nothing reads only while ``left`` is positive; otherwise it parks
-    (``PARKED``): it stops watching its source, and the loop lets it read
-    again once held bytes have drained or their connections ended.  One read
-    can begin with little budget left, so a loop holds at most its budget
-    plus one buffer or pipe, whatever its clients do.  The scratch buffer is
-    never charged: it is the loop's, and always empty between events.
+    Principle (a budget that only slow destinations spend): ``left`` is what
+    remains of the loop's budget for bytes held on behalf of destinations
+    slower than their sources.  A buffer a direction keeps is charged at its
+    size; a pipe at the bytes it holds (the direction charges each splice in
+    and credits each splice out: no system call of its own).  While ``left``
+    is positive a direction may read as much as a buffer or a pipe takes.
+    Once it is spent, every direction still reads, but at most ``SHORT_READ``
+    bytes at a time, and no new pipe is filled (a bulk stream is copied
+    meanwhile): a burst that is written out at once costs nothing, so
+    healthy streams and new connections in the loop flow on, and a stuck
+    destination leaves its direction holding only that burst's remainder, in
+    a ``SMALL_SIZE`` buffer, waiting to write it (it reads no more meanwhile).
+    A read that may end up held in full begins only while ``left`` is
+    positive, so a loop holds at most its budget, plus one buffer or pipe,
+    plus ``SMALL_SIZE`` per stuck direction (bounded by its connections),
+    whatever its clients do.  The scratch buffer is never charged: it is the
+    loop's, and always empty between events.
 
     Principle (freed memory goes back to the system): buffers are anonymous
     ``mmap`` regions rather than ``bytearray``s.  glibc keeps freed heap
@@ -197,29 +202,51 @@ class BufferPool:
     pages a read actually touched ever count.
     """
 
-    def __init__(self, size: int = BUFFER_SIZE, budget: int = DEFAULT_BUDGET) -> None:
+    def __init__(self, size: int = BUFFER_SIZE, budget: int = DEFAULT_BUDGET,
+                 small_size: int = SMALL_SIZE) -> None:
         self.size = size
+        self.small_size = small_size
         self.left = budget
         self._idle: List[memoryview] = []
+        self._idle_small: List[memoryview] = []
         self.scratch = _new_buffer(size)
 
     def take(self) -> memoryview:
         return self._idle.pop() if self._idle else _new_buffer(self.size)
 
     def give_back(self, buffer: memoryview) -> None:
-        if buffer is not self.scratch:
+        if buffer is self.scratch:
+            return
+        if len(buffer) == self.size:
             self.left += self.size
             if len(self._idle) < POOL_KEEP:
                 self._idle.append(buffer)
+        else:
+            self.left += self.small_size
+            if len(self._idle_small) < POOL_KEEP:
+                self._idle_small.append(buffer)
 
-    def adopt_scratch(self) -> memoryview:
-        """Hand the scratch buffer (holding unwritten bytes) to a direction for keeps."""
+    def keep(self, start: int, count: int) -> Tuple[memoryview, int]:
+        """The scratch buffer holds ``count`` unwritten bytes at ``start``: return a
+        buffer of a direction's own that holds them, and where they begin in it.
+
+        Up to ``small_size`` bytes are copied to the start of a small buffer
+        (a short burst's remainder: copying at most 16 KiB costs less than a
+        fresh scratch buffer's page faults); more, and the scratch buffer
+        itself is handed over and the loop gets a fresh one.
+        """
+        if count <= self.small_size:
+            self.left -= self.small_size
+            small = self._idle_small.pop() if self._idle_small else _new_buffer(self.small_size)
+            small[:count] = self.scratch[start:start + count]
+            return small, 0
         self.left -= self.size
         buffer, self.scratch = self.scratch, self.take()
-        return buffer
+        return buffer, start
 
     def close(self) -> None:
         self._idle.clear()
+        self._idle_small.clear()
 
 
 def _new_buffer(size: int) -> memoryview:
@@ -282,26 +309,24 @@ class Direction:
         """Move what can move now without blocking; return what to wait for next.
 
         Raises ``OSError`` (other than ``BlockingIOError``) when either socket fails.
+        A direction that returns with nothing pending holds no buffer and no
+        pipe, so one that starts with nothing pending holds none either.
         """
         short_read = False
         buffers = self.buffers
         if not self.pending and not self.bulk and not self.eof:
             # The common case, spelled out because it runs once per request of
             # request/response traffic: a burst arrived; read it into the
-            # scratch buffer (or the buffer this direction already holds) and
-            # write it straight out.
-            held = self.held
-            if held is None:
-                if buffers.left <= 0:
-                    return PARKED  # over budget: read nothing we might have to hold
-                buffer = buffers.scratch
-            else:
-                buffer = held
+            # scratch buffer and write it straight out.  While the budget is
+            # spent, read a short burst only: one that is written out costs
+            # nothing, and one that is not leaves little to hold.
+            buffer = buffers.scratch
             try:
-                n = self.src.recv_into(buffer)
+                if buffers.left > 0:
+                    n = self.src.recv_into(buffer)
+                else:
+                    n = self.src.recv_into(buffer, SHORT_READ)
             except BlockingIOError:
-                if held is not None:
-                    self.idle()
                 return WANT_READ
             if 0 < n < SHORT_READ:
                 try:
@@ -309,11 +334,9 @@ class Direction:
                 except BlockingIOError:
                     written = 0
                 if written == n:
-                    if held is not None:
-                        self.idle()
                     return WANT_READ
-                self.held = buffers.adopt_scratch() if held is None else held
-                self.start, self.pending, self.in_pipe = written, n - written, False
+                self.pending, self.in_pipe = n - written, False
+                self.held, self.start = buffers.keep(written, n - written)
                 return WANT_WRITE
             # End of stream or a big read: the general rounds below carry on.
             self.held = buffer
@@ -327,8 +350,10 @@ class Direction:
             if self.pending:
                 try:
                     if self.in_pipe:
-                        self.pending -= self.splice(self.pipe[0], self.dst_fd, self.pending,
-                                                    SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+                        moved = self.splice(self.pipe[0], self.dst_fd, self.pending,
+                                            SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+                        self.pending -= moved
+                        buffers.left += moved  # a pipe is charged what it holds
                     else:
                         start = self.start
                         written = self.dst.send(self.held[start:start + self.pending])
@@ -336,7 +361,7 @@ class Direction:
                         self.pending -= written
                 except BlockingIOError:
                     if self.held is buffers.scratch:
-                        self.held = buffers.adopt_scratch()
+                        self.held, self.start = buffers.keep(self.start, self.pending)
                     return WANT_WRITE
                 continue
             if self.eof:
@@ -347,14 +372,13 @@ class Direction:
             if short_read:
                 self.idle()
                 return WANT_READ
-            if buffers.left <= 0 and self.pipe is None and \
-                    (self.held is None or self.held is buffers.scratch or self.bulk):
-                # This read might have to hold bytes (a new buffer or a pipe)
-                # and the budget is spent: wait for room instead.
-                self.idle()
-                return PARKED
             try:
-                n = self._fill_pipe() if self.bulk else self._fill_buffer()
+                # A bulk stream fills a pipe only while the budget has room;
+                # meanwhile it is copied, a short burst at a time.
+                if self.bulk and buffers.left > 0:
+                    n = self._fill_pipe()
+                else:
+                    n = self._fill_buffer()
             except BlockingIOError:
                 self.idle()
                 return WANT_READ
@@ -370,14 +394,26 @@ class Direction:
             self.idle()
             return WANT_READ
         if self.held is buffers.scratch:
-            self.held = buffers.adopt_scratch()
+            self.held, self.start = buffers.keep(self.start, self.pending)
         return WANT_WRITE
 
     def _fill_buffer(self) -> int:
+        buffers = self.buffers
         held = self.held
-        if held is None:
-            held = self.held = self.buffers.scratch
-        n = self.src.recv_into(held)
+        if self.pipe is not None:  # a bulk stream copied while the budget is spent
+            self.pipes.give_back(self.pipe, empty=True)
+            self.pipe = None
+        if held is not None and held is not buffers.scratch and len(held) == buffers.size:
+            # A buffer of its own, charged in full already: fill it.
+            n = self.src.recv_into(held)
+        else:
+            if held is not None:  # a small remainder, written out now: give it back
+                buffers.give_back(held)
+            held = self.held = buffers.scratch
+            if buffers.left > 0:
+                n = self.src.recv_into(held)
+            else:
+                n = self.src.recv_into(held, SHORT_READ)
         self.start, self.pending, self.in_pipe = 0, n, False
         if n >= BULK_READ and self.splice is not None:
             self.bulk = True
@@ -399,6 +435,7 @@ class Direction:
         n = self.splice(self.src_fd, self.pipe[1], self.pipe[2],
                         SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
         self.pending, self.in_pipe = n, True
+        self.buffers.left -= n
         if 0 < n < SHORT_READ:
             self.bulk = False
         return n
@@ -415,7 +452,9 @@ class Direction:
     def release(self) -> None:
         """The direction ends: give back what it holds (a pipe with bytes in it is closed)."""
         if self.pipe is not None:
-            self.pipes.give_back(self.pipe, empty=not (self.in_pipe and self.pending))
+            in_pipe = self.pending if self.in_pipe else 0
+            self.buffers.left += in_pipe
+            self.pipes.give_back(self.pipe, empty=not in_pipe)
             self.pipe = None
         if self.held is not None:
             self.buffers.give_back(self.held)
@@ -565,9 +604,7 @@ class RelayLoop:
         self._by_fd: Dict[int, Connection] = {}
         # ``budget``: bytes this loop may hold in buffers and pipes (see BufferPool).
         self._buffers = BufferPool(budget=budget)
-        self._pipes = PipePool(ledger=self._buffers)
-        # Connections with a direction waiting for budget, oldest first.
-        self._parked: Deque[Connection] = collections.deque()
+        self._pipes = PipePool()
         self._inbox: Deque[Tuple[StreamSocket, Iterator[Target], float, str,
                                  SocketOptions]] = collections.deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -714,8 +751,6 @@ class RelayLoop:
                         self._close(conn, abort=True)
                 while to_close:
                     to_close.pop().close()
-                if self._parked and self._buffers.left > 0:
-                    self._unpark()
                 if woken or self._inbox:
                     self._take_inbox(woken)
                 if self._accept_resume_at or self._accept_stop_requested:
@@ -1005,35 +1040,7 @@ class RelayLoop:
         if reading.state != read_state or writing.state != write_state:
             # Most events (request/response traffic) leave both states as they
             # were; then the registered interests are already right.
-            if reading.state == PARKED or writing.state == PARKED:
-                self._parked.append(conn)
             self._update_interest(conn)
-
-    def _unpark(self) -> None:
-        """The budget has room again: parked directions watch their sources again.
-
-        Oldest first, and only about as many as the room left could serve
-        (one buffer each): waking every parked connection for each buffer
-        given back would cost two ``epoll_ctl`` per connection, over and over,
-        for most of them to park again.  A woken direction checks the budget
-        again before it reads; one that finds it spent parks again, at the
-        back of the line, and one that holds nothing leaves the room for the
-        next batch to wake more.
-        """
-        parked = self._parked
-        room = self._buffers.left
-        while parked and room > 0:
-            conn = parked.popleft()
-            if conn.closed:
-                continue
-            woken = False
-            for direction in (conn.upstream, conn.downstream):
-                if direction.state == PARKED:
-                    direction.state = WANT_READ
-                    woken = True
-            if woken:
-                self._update_interest(conn)
-                room -= self._buffers.size
 
     def _update_interest(self, conn: Connection) -> None:
         up, down = conn.upstream, conn.downstream

@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import socket
 import statistics
+import sys
 import time
 from pathlib import Path
-import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 

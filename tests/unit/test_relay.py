@@ -614,78 +614,222 @@ def test_an_error_of_our_own_resets_both_sides(relay, monkeypatch, caplog):
 # --------------------------------------------------------------------------- the buffer budget
 
 
-@pytest.mark.parametrize("mover", list(MOVERS))
-def test_stalled_readers_hold_no_more_than_the_budget_and_resume_exactly(mover):
-    """Clients that stop reading: the loop holds at most its budget (plus one
-    buffer or pipe), parks the rest, does not spin, and every byte still
-    arrives once the clients read again."""
-    from prefork_proxy.relay import BUFFER_SIZE, PIPE_SIZE
+class _StalledLoop:
+    """A RelayLoop with a small budget and ``count`` clients that stop reading.
 
-    mode, function = MOVERS[mover]
-    if mode == "splice" and not splice_module.works(function):
-        pytest.skip(f"{mover} is not available here")
-    budget = 1 << 20
-    loop = RelayLoop(mode, splice=function, budget=budget)
-    loop.start()
-    backend_listener = socket.create_server(("127.0.0.1", 0), backlog=64)
-    front = socket.create_server(("127.0.0.1", 0), backlog=64)
-    target = Target(socket.AF_INET, backend_listener.getsockname(), "flood")
-    pairs, senders = [], []
-    payloads = [os.urandom(4 << 20) for _ in range(12)]
-    try:
-        for payload in payloads:
-            client = socket.socket()
-            # A small receive buffer: the kernel holds little, so the relay must.
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-            client.settimeout(20)
-            client.connect(front.getsockname())
-            accepted, _ = front.accept()
-            accepted.setblocking(False)
-            loop.submit(accepted, iter([target]), 5.0)
-            backend, _ = backend_listener.accept()
-            backend.settimeout(20)
-            pairs.append((client, backend))
-            sender = threading.Thread(target=backend.sendall, args=(payload,), daemon=True)
-            sender.start()
-            senders.append(sender)
-        # Wait until the held bytes stop growing: every path is full or parked.
+    Each client has a small receive buffer (the kernel holds little, so the
+    relay must), and its backend sends ``payload`` bytes from a thread.
+    ``open_pair`` opens one more (client, backend) pair through the same loop.
+    """
+
+    def __init__(self, mover: str, budget: int, count: int, payload: int = 4 << 20) -> None:
+        mode, function = MOVERS[mover]
+        if mode == "splice" and not splice_module.works(function):
+            pytest.skip(f"{mover} is not available here")
+        self.budget = budget
+        self.loop = RelayLoop(mode, splice=function, budget=budget)
+        self.loop.start()
+        self.backend_listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.front = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.target = Target(socket.AF_INET, self.backend_listener.getsockname(), "flood")
+        self.pairs: list = []
+        self.payloads = [os.urandom(payload) for _ in range(count)]
+        self.stalled: list = []
+
+    def open_pair(self, rcvbuf: int = 0) -> tuple:
+        client = socket.socket()
+        if rcvbuf:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        client.settimeout(20)
+        client.connect(self.front.getsockname())
+        accepted, _ = self.front.accept()
+        accepted.setblocking(False)
+        self.loop.submit(accepted, iter([self.target]), 5.0)
+        backend, _ = self.backend_listener.accept()
+        backend.settimeout(20)
+        self.pairs.append((client, backend))
+        return client, backend
+
+    def stall(self) -> None:
+        """Open the stalled pairs and wait until the held bytes stop growing."""
+        for payload in self.payloads:
+            client, backend = self.open_pair(rcvbuf=64 * 1024)
+            self.stalled.append((client, backend))
+            threading.Thread(target=backend.sendall, args=(payload,), daemon=True).start()
         samples = []
 
         def settled() -> bool:
-            samples.append(budget - loop._buffers.left)
+            samples.append(self.held())
             return len(samples) > 20 and len(set(samples[-20:])) == 1
 
         wait_for(settled, 10, interval=0.02, message="the relay to settle")
-        held = budget - loop._buffers.left
-        assert held <= budget + max(BUFFER_SIZE, PIPE_SIZE), held
-        assert loop._parked, "no direction parked: the budget was never spent"
-        cpu_before = _thread_cpu_seconds(loop._thread.native_id)
-        wall_before = time.monotonic()
-        wait_for(lambda: time.monotonic() - wall_before >= 0.5, 2, message="half a second")
-        burned = _thread_cpu_seconds(loop._thread.native_id) - cpu_before
-        assert burned < 0.1, f"relay thread burned {burned:.2f} s while stalled: it spins"
-        # The clients read again: parked directions resume, and bytes are exact.
-        results = [None] * len(pairs)
 
-        def read(index: int) -> None:
-            results[index] = recv_exactly(pairs[index][0], len(payloads[index]))
+    def held(self) -> int:
+        return self.budget - self.loop._buffers.left
 
-        readers = [threading.Thread(target=read, args=(i,)) for i in range(len(pairs))]
-        for reader in readers:
-            reader.start()
-        for reader in readers:
-            reader.join(30)
-        assert all(results[i] == payloads[i] for i in range(len(pairs)))
-        wait_for(lambda: loop._buffers.left == budget, 5,
-                 message="every held buffer and pipe to be given back")
-    finally:
-        for client, backend in pairs:
+    def close(self) -> None:
+        for client, backend in self.pairs:
             client.close()
             backend.close()
-        loop.stop()
-        assert loop.join(5)
-        backend_listener.close()
-        front.close()
+        self.loop.stop()
+        assert self.loop.join(5)
+        self.backend_listener.close()
+        self.front.close()
+
+
+@pytest.fixture
+def stalled(request):
+    made = []
+
+    def make(mover: str, budget: int = 1 << 20, count: int = 12) -> _StalledLoop:
+        made.append(_StalledLoop(mover, budget, count))
+        return made[-1]
+
+    yield make
+    for loop in made:
+        loop.close()
+
+
+@pytest.mark.parametrize("mover", list(MOVERS))
+def test_stalled_readers_hold_no_more_than_the_budget_and_resume_exactly(mover, stalled):
+    """Clients that stop reading: the loop holds at most its budget, plus one
+    buffer or pipe, plus a small remainder per stalled direction; it does not
+    spin, and every byte still arrives once the clients read again."""
+    from prefork_proxy.relay import BUFFER_SIZE, PIPE_SIZE, SMALL_SIZE
+
+    setup = stalled(mover)
+    setup.stall()
+    loop, budget = setup.loop, setup.budget
+    held = setup.held()
+    assert held <= budget + max(BUFFER_SIZE, PIPE_SIZE) + len(setup.stalled) * SMALL_SIZE, held
+    assert loop._buffers.left <= 0, "the budget was never spent"
+    cpu_before = _thread_cpu_seconds(loop._thread.native_id)
+    wall_before = time.monotonic()
+    wait_for(lambda: time.monotonic() - wall_before >= 0.5, 2, message="half a second")
+    burned = _thread_cpu_seconds(loop._thread.native_id) - cpu_before
+    assert burned < 0.1, f"relay thread burned {burned:.2f} s while stalled: it spins"
+    # The clients read again: held directions drain and read on, bytes exact.
+    results = [None] * len(setup.stalled)
+
+    def read(index: int) -> None:
+        results[index] = recv_exactly(setup.stalled[index][0], len(setup.payloads[index]))
+
+    readers = [threading.Thread(target=read, args=(i,)) for i in range(len(setup.stalled))]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(30)
+    assert all(results[i] == setup.payloads[i] for i in range(len(setup.stalled)))
+    wait_for(lambda: loop._buffers.left == budget, 5,
+             message="every held buffer and pipe to be given back")
+
+
+class _NoPipes:
+    """A pipe pool that must not be asked: the budget is spent."""
+
+    def take(self):
+        raise AssertionError("a pipe was taken while the budget is spent")
+
+    def give_back(self, pipe, empty):  # pragma: no cover - never lent anything
+        raise AssertionError("nothing was lent")
+
+
+@pytest.mark.parametrize("bulk", [False, True], ids=["copy", "bulk-splice"])
+def test_over_budget_a_stuck_direction_holds_one_small_remainder_and_reads_no_more(bulk):
+    """Budget spent, destination full: the direction reads one short burst,
+    holds only what it could not write (in a small buffer, charged at its
+    size, no pipe), waits for the destination, and loses no byte."""
+    from prefork_proxy.relay import SHORT_READ, SMALL_SIZE, BufferPool, Direction
+
+    src_peer, src = socket.socketpair()
+    dst, dst_peer = socket.socketpair()
+    for sock in (src, dst):
+        sock.setblocking(False)
+    try:
+        already = _fill(dst, os.urandom(8 << 20))  # nobody reads dst_peer yet: dst is full
+        dst.setblocking(False)
+        buffers = BufferPool(budget=0)
+        direction = Direction(src, dst, buffers, _NoPipes() if bulk else None,
+                              splice_module.splice if bulk else None)
+        direction.bulk = bulk  # as if a bulk stream had begun: it must not take a pipe
+        payload = os.urandom(200_000)
+        src_peer.sendall(payload[:100_000])
+        assert direction.pump() == "write"
+        assert direction.held is not buffers.scratch and len(direction.held) == SMALL_SIZE
+        assert 0 < direction.pending <= SHORT_READ
+        assert buffers.left == -SMALL_SIZE
+        unread = len(src.recv(1 << 20, socket.MSG_PEEK))
+        assert unread == 100_000 - SHORT_READ, "it read more than one short burst"
+        # Nothing more is read while it waits: pumping again writes, reads nothing.
+        assert direction.pump() == "write"
+        assert len(src.recv(1 << 20, socket.MSG_PEEK)) == unread
+        # The destination drains: every byte arrives, in order, and the budget is whole.
+        src_peer.sendall(payload[100_000:])
+        src_peer.shutdown(socket.SHUT_WR)
+        dst_peer.setblocking(False)
+        received = bytearray()
+        deadline = time.monotonic() + 20
+        state = "write"
+        while state != "done" and time.monotonic() < deadline:
+            try:
+                received += dst_peer.recv(1 << 20)
+            except BlockingIOError:
+                pass
+            state = direction.pump()
+        assert state == "done"
+        dst_peer.settimeout(5)
+        received += recv_until_eof(dst_peer)
+        assert bytes(received[already:]) == payload
+        assert buffers.left == 0 and direction.held is None
+    finally:
+        for sock in (src_peer, src, dst, dst_peer):
+            sock.close()
+
+
+def _round_trips(client: socket.socket, backend: socket.socket, count: int) -> list:
+    """``count`` request/response exchanges, byte-exact; the seconds each took."""
+    took = []
+    for index in range(count):
+        request = f"GET /{index} please\r\n".encode() * 3
+        response = f"200 ok {index}\r\n".encode() * 40
+        started = time.monotonic()
+        client.sendall(request)
+        assert recv_exactly(backend, len(request)) == request
+        backend.sendall(response)
+        assert recv_exactly(client, len(response)) == response
+        took.append(time.monotonic() - started)
+    return took
+
+
+@pytest.mark.parametrize("mover", list(MOVERS))
+def test_a_spent_budget_does_not_stall_healthy_connections_in_the_same_loop(mover, stalled):
+    """While stalled readers hold the whole budget, a kept-alive request/response
+    connection in the same loop keeps answering at once, and a new connection
+    is served: a direction that holds nothing may always read a short burst
+    and write it straight out, and one that writes it all holds nothing."""
+    setup = stalled(mover)
+    kept_client, kept_backend = setup.open_pair()
+    assert len(_round_trips(kept_client, kept_backend, 5)) == 5
+    setup.stall()
+    assert setup.loop._buffers.left <= 0, "the budget was never spent"
+    took = _round_trips(kept_client, kept_backend, 100)
+    took.sort()
+    assert took[50] < 0.010, f"median round trip {took[50] * 1000:.1f} ms while the budget " \
+        "is spent"
+    new_client, new_backend = setup.open_pair()
+    took = _round_trips(new_client, new_backend, 20)
+    assert sorted(took)[10] < 0.010, took
+    # A bulk stream on a healthy connection still flows (copied, no new pipe).
+    bulk = os.urandom(2 << 20)
+    sender = threading.Thread(target=new_backend.sendall, args=(bulk,))
+    sender.start()
+    assert recv_exactly(new_client, len(bulk)) == bulk
+    sender.join(10)
+    # The stalled ones hold at most a small remainder each past the budget.
+    from prefork_proxy.relay import BUFFER_SIZE, PIPE_SIZE, SMALL_SIZE
+
+    assert setup.held() <= setup.budget + max(BUFFER_SIZE, PIPE_SIZE) + \
+        len(setup.stalled) * SMALL_SIZE
 
 
 def test_socket_options_are_set_on_the_backend_socket_before_it_connects(relay):
