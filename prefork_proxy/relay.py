@@ -279,6 +279,12 @@ class Direction:
     would only fail with EAGAIN; epoll is level-triggered, so if bytes did
     arrive meanwhile it reports the source again.  For request/response
     traffic this saves one system call in four.
+
+    Principle (a spent budget slows only the stuck): while the loop's budget
+    is spent (see ``BufferPool``), a direction reads at most ``SHORT_READ``
+    bytes at a time and fills no pipe; what it writes out at once costs
+    nothing, and only the remainder of a partial write is kept, in a small
+    buffer, until the destination takes it.
     """
 
     __slots__ = ("src", "dst", "src_fd", "dst_fd", "buffers", "pipes", "splice", "state",
