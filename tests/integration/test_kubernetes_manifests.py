@@ -13,6 +13,9 @@ the user, pidfile and config paths are the Dockerfile's.
 
 from __future__ import annotations
 
+import http.client
+import math
+import os
 import re
 import shutil
 import subprocess
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import pytest
+from support import ProxyProcess, recv_exactly, transform, wait_for
 
 import prefork_proxy
 from prefork_proxy.config import DEFAULT_DRAIN_TIMEOUT_S
@@ -237,6 +241,69 @@ def test_configmap_is_mounted_where_the_image_reads_its_config():
     assert len(mounts) == 1
     assert mounts[0]["mountPath"] == str(config_path.parent)
     assert "subPath" not in mounts[0] and mounts[0]["readOnly"] is True
+
+
+def test_the_pod_serves_its_probe_and_scrape_paths(tmp_path, backend_factory):
+    """The ConfigMap's TOML, started as the pod starts it, answers what the manifests ask.
+
+    The entrypoint runs with the environment the Deployment gives it (the worker
+    count the kubelet derives from the CPU limit), the config is the ConfigMap's
+    with only its addresses moved to loopback (port 0) and its backends to a
+    local one; the probe paths and the scrape path of the manifests answer 200,
+    and bytes cross the listener.
+    """
+    backend = backend_factory("echo")
+    text = proxy_toml_text()
+    for listener in proxy_toml()["tcp_proxy"]:
+        text = text.replace(f'bind = "{listener["bind"]}"', 'bind = "127.0.0.1:0"')
+    text = text.replace(f'bind = "{proxy_toml()["admin"]["bind"]}"', 'bind = "127.0.0.1:0"')
+    text = re.sub(r"(?m)^backends = \[.*\]$", f'backends = ["{backend.address}"]', text)
+    assert text.count('"127.0.0.1:0"') == len(listener_ports()) + 1, text
+    config = tmp_path / "proxy.toml"
+    config.write_text(text)
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("PREFORK_PROXY_") and key != "NOTIFY_SOCKET"}
+    env.update(PATH=os.pathsep.join([str(VENV_BIN), env.get("PATH", "/usr/bin:/bin")]),
+               PREFORK_PROXY_CONFIG=str(config),
+               PREFORK_PROXY_PIDFILE=str(tmp_path / "prefork-proxy.pid"),
+               PREFORK_PROXY_WORKERS=str(workers_for_cpu_limit(
+                   proxy_container()["resources"]["limits"]["cpu"])))
+    proxy = ProxyProcess((), tmp_path / "pod.log", env=env, command=["sh", str(ENTRYPOINT)])
+    try:
+        assert f"--workers {env['PREFORK_PROXY_WORKERS']} " in proxy.log
+        port = int(wait_for(lambda: re.search(r"admin\b.*?127\.0\.0\.1:(\d+)", proxy.log),
+                            message="the admin endpoint's log line").group(1))
+        container = proxy_container()
+        annotations = resource("Deployment")["spec"]["template"]["metadata"]["annotations"]
+        for path in (container["readinessProbe"]["httpGet"]["path"],
+                     container["livenessProbe"]["httpGet"]["path"],
+                     annotations["prometheus.io/path"]):
+            # Retried as the kubelet retries: /ready says 503 until a worker accepts.
+            status = wait_for(lambda path=path: http_status(port, path) not in (0, 503),
+                              timeout=10, message=f"GET {path} answered")
+            assert http_status(port, path) == 200, (path, status)
+        with proxy.connect() as client:
+            client.sendall(b"through the pod's listener")
+            assert recv_exactly(client, 26) == transform(b"through the pod's listener")
+    finally:
+        assert proxy.stop() == 0, proxy.log
+
+
+def workers_for_cpu_limit(limit: str) -> int:
+    """What ``resourceFieldRef: limits.cpu`` with divisor 1 gives: whole CPUs, rounded up."""
+    cpus = int(limit[:-1]) / 1000 if limit.endswith("m") else float(limit)
+    return max(1, math.ceil(cpus))
+
+
+def http_status(port: int, path: str) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().status
+    except OSError:
+        return 0
+    finally:
+        connection.close()
 
 
 # ------------------------------------------------------------------------- the Deployment
