@@ -4,39 +4,27 @@ Owned by the master, which loads it at start and on every reload; workers get
 the resulting ``Config`` object through ``fork`` and never parse anything.
 ``prefork-proxy check`` calls ``load_file`` without binding anything.
 
-The file speaks the seed's language::
+The file speaks the seed's language (README's "Configuration" has the full example)::
 
     [server]                 # optional
-    workers = 8              # default: CPU count
-    threads = "auto"         # relay threads per worker (auto: CPUs / workers, at least 1)
-    relay = "auto"           # "auto" | "splice" | "copy"
-    drain_timeout_s = 30     # how long a stopping worker lets streams finish (0 to 86400)
-    worker_timeout_s = 30    # a worker silent this long is hung (5 to 86400)
-    buffer_budget_mb = 64    # per worker: bytes held for slow readers (buffers, pipes)
+    workers = 8
 
     [[tcp_proxy]]            # one listener per section
-    bind = "0.0.0.0:5432"    # "[::1]:5432" for IPv6
-    backends = ["db-primary:5432", { address = "db-replica:5432", weight = 2 },
-                { address = "db-dr:5432", backup = true }]
-    connect_timeout_ms = 3000
-    balance = "round_robin"  # | "least_conn" | "random_two" | "source_hash"
-    retries = 2              # other backends tried when one fails (default: every one once)
-    connect_budget_ms = 5000 # all attempts together (default: no total limit)
-    fall = 3                 # passive: consecutive connect failures that mark a backend down
-    fail_timeout_ms = 10000  # passive: how long it then stays down before it is tried again
-    resolve_interval_ms = 5000   # how often backend hostnames are resolved again
-    tcp_keepalive = true     # or { idle_s = 600, interval_s = 60, count = 5 }; default off
+    bind = "0.0.0.0:5432"
+    backends = ["db-primary:5432", { address = "db-dr:5432", backup = true }]
 
     [admin]                  # optional: the HTTP admin endpoint (off unless configured)
-    bind = "127.0.0.1:9901"  # /live, /ready, /status, /metrics; a non-loopback bind is warned
+    bind = "127.0.0.1:9901"
 
-    [tcp_proxy.health_check] # optional: active checks, by the health-check process
+    [tcp_proxy.health_check] # optional sub-table (or inline: health_check = { ... })
     interval_ms = 2000
-    timeout_ms = 1000
-    rise = 2                 # consecutive passes that bring a backend (back) up
-    fall = 3                 # consecutive failures that take it down
-    send = "PING\\r\\n"      # optional: bytes sent once connected
-    expect = "+PONG"         # optional: the reply must start with these bytes
+
+Every key is declared once, below the dataclasses (``SERVER``, ``LISTENER``,
+``HEALTH_CHECK``, ``KEEPALIVE``, ``BACKEND``, ``ADMIN``, gathered in ``SECTIONS``): its
+kind and range drive validation and messages, the dataclass field its default,
+and ``scripts/config_table.py`` turns the declarations into README's table of
+every key.  Checks across keys are the plain functions after them.  The
+generic machinery (kinds, tables, line lookup) is ``schema``.
 
 Principle: every error is a ``ConfigError`` whose message names the file, the
 line (found by scanning the raw text, since ``tomllib`` only reports lines for
@@ -51,15 +39,32 @@ the master or the resolver fail on it later.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import socket
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple
 
 from prefork_proxy.errors import ConfigError
+from prefork_proxy.schema import (
+    Array,
+    Auto,
+    Flag,
+    Int,
+    Invalid,
+    Key,
+    Kind,
+    OneOf,
+    Row,
+    Seconds,
+    Source,
+    Table,
+    Text,
+    Where,
+    describe,
+    rows,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -278,7 +283,7 @@ class Config:
 def parse_endpoint(text: str, *, allow_port_zero: bool = False) -> Endpoint:
     """Parse ``host:port`` or ``[v6]:port``.  Raises ``ValueError`` saying what is wrong."""
     if not isinstance(text, str):
-        raise ValueError(f"expected a \"host:port\" string, got {_describe(text)}")
+        raise ValueError(f"expected a \"host:port\" string, got {describe(text)}")
     text = text.strip()
     if text.startswith("["):
         close = text.find("]")
@@ -368,18 +373,208 @@ def numeric_address(endpoint: Endpoint) -> Tuple[int, tuple]:
     return info[0], info[4]
 
 
-def check_seconds(value: Any, low: float, high: float) -> Optional[float]:
-    """``value`` as a float if it is a finite number of seconds in [low, high], else None.
+# --------------------------------------------------------------------------- declarations
+#
+# Every key of the file, once: name, kind (type and range), doc; defaults are the
+# dataclass fields' above.  README's configuration table is generated from these
+# (scripts/config_table.py; a test keeps them equal), so a key added here (and its
+# dataclass field) is validated, reported with file/line/section/key and documented.
 
-    Booleans are not numbers here (TOML ``true`` is not 1 second); ``nan`` and
-    ``inf`` fail every comparison's intent, so they are rejected explicitly.
+
+class Address(Kind):
+    """``host:port`` / ``[v6]:port``, usable as written (see ``parse_endpoint``, ``_usable``)."""
+
+    def __init__(self, port_zero: bool = False) -> None:
+        self.port_zero = port_zero
+        self.expected = '"host:port" or "[ipv6]:port"' + (" (port 0: any free port)"
+                                                          if port_zero else "")
+
+    def parse(self, value: Any, where: Where) -> Endpoint:
+        try:
+            return _usable(parse_endpoint(value, allow_port_zero=self.port_zero))
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+
+
+def _usable(endpoint: Endpoint) -> Endpoint:
+    """``endpoint`` if the master can turn it into a socket address later; else ValueError."""
+    if endpoint.is_ip_literal():
+        numeric_address(endpoint)
+    return endpoint
+
+
+# Cross-key checks, run on the built dataclass: each raises Invalid naming the key at fault.
+
+def _timeout_within_interval(health: HealthCheck) -> None:
+    if health.timeout_ms > health.interval_ms:
+        raise Invalid(f"expected at most interval_ms ({health.interval_ms}), got "
+                      f"{health.timeout_ms}: a probe must end before the next one is due",
+                      key="timeout_ms")
+
+
+def _budget_covers_timeout(listener: ListenerConfig) -> None:
+    budget, timeout = listener.connect_budget_ms, listener.connect_timeout_ms
+    if budget is not None and budget < timeout:
+        raise Invalid(f"expected at least connect_timeout_ms ({timeout}), got {budget}: the "
+                      "budget covers every attempt together", key="connect_budget_ms")
+
+
+def _one_primary(listener: ListenerConfig) -> None:
+    if all(b.backup for b in listener.backends):
+        raise Invalid("every backend is a backup: expected at least one primary (a backend "
+                      "without backup = true)", key="backends")
+
+
+ADMIN = Table(AdminConfig, [
+    # Port 0 (any free port, logged at start) is for tests and ad-hoc runs.
+    Key("bind", Address(port_zero=True), "the HTTP admin endpoint: /live, /ready, /status, "
+        "/metrics; a non-loopback bind is warned",
+        missing='expected "host:port" for the admin endpoint, e.g. "127.0.0.1:9901"',
+        default_doc="off"),
+], expected='an [admin] table, e.g. [admin] with bind = "127.0.0.1:9901"', empty_is_default=True)
+
+MS = "milliseconds"
+
+SERVER = Table(ServerConfig, [
+    Key("workers", Int(1, MAX_WORKERS), "worker processes (SIGTTIN / SIGTTOU add / remove one)",
+        default_doc="the CPU count"),
+    Key("threads", Auto(Int(1, MAX_THREADS)), "relay threads per worker; connections never "
+        "pin threads", default_doc='"auto": usable CPUs / workers, at least 1'),
+    Key("relay", OneOf(RELAY_MODES), "how bytes move: splice where it works, or copy"),
+    Key("drain_timeout_s", Seconds(0.0, MAX_S),
+        "how long a graceful stop lets open connections run"),
+    Key("worker_timeout_s", Seconds(MIN_WORKER_TIMEOUT_S, MAX_S),
+        "a worker without a heartbeat this long is replaced"),
+    Key("buffer_budget_mb", Int(1, MAX_BUFFER_BUDGET_MB, "MiB"),
+        "per worker: bytes held for slow readers; when spent, streams wait"),
+    Key("pidfile", Text(), "for reload / stop / status", default_doc="none"),
+    Key("log_file", Text(), "log here instead of stderr; SIGUSR1 reopens it",
+        default_doc="stderr"),
+    Key("user", Text(), "bind as root, then serve as this user", default_doc="unchanged"),
+    Key("group", Text(), "and this group", default_doc="the user's group"),
+], expected="a [server] table")
+
+HEALTH_CHECK = Table(HealthCheck, [
+    Key("interval_ms", Int(10, MAX_MS, MS), "a probe of every backend address this often"),
+    Key("timeout_ms", Int(1, MAX_MS, MS), "a probe's connect (and reply) within this",
+        default_doc="1000, or interval_ms if shorter",
+        default_from=lambda values: min(HealthCheck.timeout_ms, values["interval_ms"])),
+    Key("rise", Int(1, 1000, "consecutive passes"),
+        "passes in a row that bring a backend (back) up"),
+    Key("fall", Int(1, 1000, "consecutive failures"), "failures in a row that take it down"),
+    Key("send", Text(note="TOML escapes such as \\r\\n work", encode=True),
+        "bytes sent once connected", default_doc="nothing"),
+    Key("expect", Text(note="TOML escapes such as \\r\\n work", encode=True),
+        "the reply must start with these bytes", default_doc="any reply, or none"),
+], expected="a table, e.g. [tcp_proxy.health_check] or health_check = { interval_ms = 2000 }",
+   checks=[_timeout_within_interval])
+
+KEEPALIVE = Table(Keepalive, [
+    Key("idle_s", Int(1, MAX_KEEPALIVE_S), "TCP_KEEPIDLE: idle time before the first probe",
+        default_doc="the kernel's (7200)"),
+    Key("interval_s", Int(1, MAX_KEEPALIVE_S), "TCP_KEEPINTVL: time between probes",
+        default_doc="the kernel's (75)"),
+    Key("count", Int(1, MAX_KEEPALIVE_COUNT),
+        "TCP_KEEPCNT: unanswered probes before the connection is reset",
+        default_doc="the kernel's (9)"),
+], expected="true, false or a table like { idle_s = 600, interval_s = 60, count = 5 }",
+   inline=True, flag=True)
+
+BACKEND = Table(Backend, [
+    Key("address", Address(), "the backend (a hostname may resolve to several)", missing=""),
+    Key("weight", Int(1, 1000), "its share wherever balance uses weights"),
+    Key("backup", Flag(), "serves only while every primary is down"),
+], expected='"host:port" or an inline table', inline=True, shorthand="address")
+
+LISTENER = Table(ListenerConfig, [
+    Key("bind", Address(port_zero=True), "the address to listen on",
+        missing='expected "host:port" to listen on, e.g. "0.0.0.0:5432"'),
+    Key("backends", Array(BACKEND, "backends", 'a non-empty list of "host:port" strings or '
+                          '{ address = "host:port", weight = N } tables'),
+        "where connections go", missing='expected a list of "host:port" strings'),
+    Key("connect_timeout_ms", Int(1, 3_600_000, MS), "each connect attempt within this"),
+    Key("name", Text(non_empty=False), "how logs name the listener", default_doc="its bind"),
+    Key("balance", OneOf(BALANCE_MODES), "how a backend is chosen"),
+    Key("retries", Int(0, 1000, note="other backends tried after a failed connect"),
+        "failover after a refused or timed-out connect", default_doc="each other backend once"),
+    Key("connect_budget_ms", Int(1, MAX_MS, MS), "every attempt together (at least "
+        "connect_timeout_ms)", default_doc="connect_timeout_ms per attempt"),
+    Key("fall", Int(0, 1000, note="consecutive connect failures that mark a backend down; "
+                                  "0: never"), "passive health"),
+    Key("fail_timeout_ms", Int(1, MAX_MS, MS), "passive: how long a backend marked down is "
+        "skipped"),
+    Key("resolve_interval_ms", Int(100, MAX_MS, MS), "backend hostnames are resolved again "
+        "this often"),
+    Key("health_check", HEALTH_CHECK, "active checks by the health-check process",
+        default_doc="none"),
+    Key("reuse_port", Flag(), "share the address with another process listening on it"),
+    Key("tcp_keepalive", KEEPALIVE, "SO_KEEPALIVE on the client's and the backend's socket "
+        "(true: the kernel's timings)", default_doc="off"),
+], checks=[_budget_covers_timeout, _one_primary])
+
+
+def _distinct_binds(listeners: Sequence[ListenerConfig]) -> Optional[Tuple[int, str]]:
+    """(index, message) of the first listener binding an address an earlier one binds."""
+    seen: dict[Tuple[str, int], int] = {}
+    for index, listener in enumerate(listeners):
+        key = (listener.bind.host, listener.bind.port)
+        if listener.bind.port and key in seen:  # port 0: a fresh port each
+            return index, f"duplicate bind address: tcp_proxy[{seen[key] + 1}] already binds it"
+        seen[key] = index
+    return None
+
+
+def _address_slots(listeners: Sequence[ListenerConfig]) -> Optional[str]:
+    needed = sum(1 if b.address.is_ip_literal() else ADDRESSES_PER_NAME
+                 for listener in listeners for b in listener.backends)
+    if needed > MAX_BACKEND_ADDRESSES:
+        return (f"too many backends: they need {needed} address slots (an IP address takes 1, "
+                f"a hostname {ADDRESSES_PER_NAME}), at most {MAX_BACKEND_ADDRESSES}")
+    return None
+
+
+@dataclass(frozen=True)
+class Section:
+    """A top-level table of the file, read into ``Config.<attr>``.
+
+    ``many``: written as ``[[name]]``, at least one (``what`` says what one is).
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    seconds = float(value)
-    if not math.isfinite(seconds) or not low <= seconds <= high:
-        return None
-    return seconds
+
+    name: str
+    table: Table
+    attr: str = ""
+    many: bool = False
+    what: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attr", self.attr or self.name)
+
+    @property
+    def header(self) -> str:
+        return f"[[{self.name}]]" if self.many else f"[{self.name}]"
+
+    def label(self, doc: Any, index: int) -> str:
+        """How messages name the section: ``tcp_proxy[2] (bind "...")`` counts from 1."""
+        if not self.many:
+            return self.name
+        bind = doc.get("bind") if isinstance(doc, dict) else None
+        return f"{self.name}[{index + 1}]" + (f" (bind \"{bind}\")" if isinstance(bind, str)
+                                              else "")
+
+
+SECTIONS = (Section("server", SERVER), Section("admin", ADMIN),
+            Section("tcp_proxy", LISTENER, attr="listeners", many=True,
+                    what='listener with "bind" and "backends"'))
+
+
+def _section(name: str) -> Section:
+    return next(s for s in SECTIONS if s.name == name)
+
+
+def reference_rows() -> Iterator[Row]:
+    """Every key as README's configuration table lists it (scripts/config_table.py)."""
+    for section in SECTIONS:
+        yield from rows(section.table, section.header)
 
 
 # --------------------------------------------------------------------------- loading
@@ -402,7 +597,7 @@ def load_text(text: str, *, source: str = "<config>", workers: Optional[int] = N
     except tomllib.TOMLDecodeError as exc:
         # tomllib's message already ends with "(at line L, column C)".
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
-    config = _Validator(text, source).config(document)
+    config = _validate(document, Source(text, source))
     if workers is not None:
         config = replace(config, server=replace(config.server, workers=check_workers(workers)))
     return config
@@ -424,22 +619,24 @@ def from_arguments(binds: Sequence[str], backends: Sequence[str], *,
     for key, value in (("workers", workers), ("threads", threads), ("relay", relay)):
         if value is not None:
             document["server"][key] = value
-    return _Validator("", "command line").config(document)
+    return _validate(document, Source("", "command line"))
 
 
 def with_admin(config: Config, bind: Optional[str]) -> Config:
     """Apply ``start --admin ADDR`` (validated like ``[admin] bind``); None keeps the file's."""
     if bind is None:
         return config
-    return replace(config, admin=_Validator("", "command line").admin({"bind": bind}))
+    return replace(config, admin=_read_section(_section("admin"), {"bind": bind},
+                                               Source("", "command line")))
 
 
 def check_workers(value: Any) -> int:
     """Validate a worker count from any source (file, CLI, API)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
-        raise ConfigError(f"workers: expected an integer between 1 and {MAX_WORKERS}, "
-                          f"got {_describe(value)}")
-    return value
+    kind = SERVER.key("workers").kind
+    try:
+        return kind.parse(value, None)  # type: ignore[arg-type]  # scalars ignore where
+    except Invalid as exc:
+        raise ConfigError(f"workers: {exc.message}") from None
 
 
 def with_overrides(config: Config, **overrides: Any) -> Config:
@@ -452,390 +649,53 @@ def with_overrides(config: Config, **overrides: Any) -> Config:
         return config
     merged = {key: value for key, value in vars(config.server).items() if value is not None}
     merged.update(overrides)
-    server = _Validator("", "command line").server(merged)
-    return replace(config, server=server)
+    return replace(config, server=_read_section(_section("server"), merged,
+                                                Source("", "command line")))
 
 
 # --------------------------------------------------------------------------- validation
 
 
-def _usable(endpoint: Endpoint) -> Endpoint:
-    """``endpoint`` if the master can turn it into a socket address later; else ValueError."""
-    if endpoint.is_ip_literal():
-        numeric_address(endpoint)
-    return endpoint
+def _read_section(section: Section, doc: Any, source: Source, index: int = 0) -> Any:
+    path = (section.name, index) if section.many else (section.name,)
+    return section.table.build(doc, Where(source, path, section.label(doc, index)))
 
 
-def _is_int_between(value: Any, low: int, high: int) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and low <= value <= high
-
-
-def _describe(value: Any) -> str:
-    """How an error message shows a wrong value: its TOML type and the value itself."""
-    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-             list: "an array", dict: "a table"}
-    kind = next((name for t, name in kinds.items() if type(value) is t), type(value).__name__)
-    shown = repr(value)
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    return f"{kind} {shown}"
-
-
-class _Validator:
-    """Turns a parsed TOML document into a ``Config`` or raises the first ``ConfigError``."""
-
-    SERVER_KEYS = ("workers", "threads", "relay", "drain_timeout_s", "worker_timeout_s",
-                   "buffer_budget_mb", "pidfile", "log_file", "user", "group")
-    LISTENER_KEYS = ("bind", "backends", "connect_timeout_ms", "name", "balance", "retries",
-                     "connect_budget_ms", "fall", "fail_timeout_ms", "resolve_interval_ms",
-                     "health_check", "reuse_port", "tcp_keepalive")
-    KEEPALIVE_KEYS = ("idle_s", "interval_s", "count")
-    BACKEND_KEYS = ("address", "weight", "backup")
-    HEALTH_KEYS = ("interval_ms", "timeout_ms", "rise", "fall", "send", "expect")
-    ADMIN_KEYS = ("bind",)
-
-    def __init__(self, text: str, source: str) -> None:
-        self.lines = text.splitlines()
-        self.source = source
-
-    # -- error reporting
-
-    def _line_of(self, header: str, occurrence: int, key: Optional[str]) -> Optional[int]:
-        """1-based line of ``key`` inside the ``occurrence``-th ``header`` section, if found."""
-        header_re = re.compile(r"^\s*" + re.escape(header) + r"\s*(#.*)?$")
-        seen, start = 0, None
-        for number, line in enumerate(self.lines, 1):
-            if header_re.match(line):
-                if seen == occurrence:
-                    start = number
-                    break
-                seen += 1
-        if start is None:
-            return None
-        if key is None:
-            return start
-        key_re = re.compile(r"^\s*" + re.escape(key) + r"\s*=")
-        for number in range(start + 1, len(self.lines) + 1):
-            line = self.lines[number - 1]
-            if re.match(r"^\s*\[", line):
-                break
-            if key_re.match(line):
-                return number
-        return start
-
-    def _health_line(self, occurrence: int, key: Optional[str]) -> Optional[int]:
-        """Line of ``key`` in the ``occurrence``-th listener's ``health_check`` table.
-
-        The table is either a ``[tcp_proxy.health_check]`` section after the
-        listener's header, or an inline ``health_check = { ... }`` line in it.
-        """
-        start = self._line_of("[[tcp_proxy]]", occurrence, None)
-        if start is None:
-            return None
-        inline = self._line_of("[[tcp_proxy]]", occurrence, "health_check")
-        sub_re = re.compile(r"^\s*\[\s*tcp_proxy\s*\.\s*health_check\s*\]\s*(#.*)?$")
-        for number in range(start + 1, len(self.lines) + 1):
-            line = self.lines[number - 1]
-            if re.match(r"^\s*\[\[", line):
-                break
-            if sub_re.match(line):
-                if key is None:
-                    return number
-                key_re = re.compile(r"^\s*" + re.escape(key) + r"\s*=")
-                for inner in range(number + 1, len(self.lines) + 1):
-                    if re.match(r"^\s*\[", self.lines[inner - 1]):
-                        break
-                    if key_re.match(self.lines[inner - 1]):
-                        return inner
-                return number
-        return inline if inline != start else start
-
-    def fail(self, section: str, key: Optional[str], expected: str, *,
-             header: str = "", occurrence: int = 0) -> ConfigError:
-        if header == "health_check":
-            line = self._health_line(occurrence, key)
-            key = f"health_check.{key}" if key else "health_check"
+def _validate(document: Mapping[str, Any], source: Source) -> Config:
+    """A parsed TOML document -> ``Config``, or the first ``ConfigError``."""
+    names = [s.name for s in SECTIONS]
+    unknown = sorted(set(document) - set(names))
+    if unknown:
+        headers = [s.header for s in SECTIONS]
+        listed = ", ".join(headers[:-1]) + " and " + headers[-1]
+        raise ConfigError(f"{source.name}: unknown top-level key or section \"{unknown[0]}\": "
+                          f"expected {listed} sections")
+    values: dict[str, Any] = {}
+    for section in SECTIONS:
+        doc = document.get(section.name)
+        if section.many:
+            if doc is None or doc == []:
+                raise ConfigError(f"{source.name}: no {section.header} section: expected at "
+                                  f"least one {section.what}")
+            if not isinstance(doc, list) or not all(isinstance(d, dict) for d in doc):
+                raise ConfigError(f"{source.name}: \"{section.name}\" must be written as "
+                                  f"{section.header} sections (an array of tables)")
+            values[section.attr] = tuple(_read_section(section, d, source, i)
+                                         for i, d in enumerate(doc))
         else:
-            line = self._line_of(header, occurrence, key) if header else None
-        where = f"{self.source}:{line}" if line else self.source
-        key_part = f": key \"{key}\"" if key else ""
-        return ConfigError(f"{where}: {section}{key_part}: {expected}")
-
-    # -- sections
-
-    def config(self, document: Mapping[str, Any]) -> Config:
-        unknown = sorted(set(document) - {"server", "tcp_proxy", "admin"})
-        if unknown:
-            raise ConfigError(f"{self.source}: unknown top-level key or section "
-                              f"\"{unknown[0]}\": expected [server], [admin] and [[tcp_proxy]] "
-                              "sections")
-        server_doc = document.get("server", {})
-        if not isinstance(server_doc, dict):
-            raise self.fail("server", None, "expected a [server] table", header="[server]")
-        server = self.server(server_doc)
-        admin_doc = document.get("admin", {})
-        if not isinstance(admin_doc, dict):
-            raise self.fail("admin", None, "expected an [admin] table, e.g. [admin] with "
-                            "bind = \"127.0.0.1:9901\"", header="[admin]")
-        admin = self.admin(admin_doc)
-        sections = document.get("tcp_proxy")
-        if sections is None or sections == []:
-            raise ConfigError(f"{self.source}: no [[tcp_proxy]] section: expected at least one "
-                              "listener with \"bind\" and \"backends\"")
-        if not isinstance(sections, list) or not all(isinstance(s, dict) for s in sections):
-            raise ConfigError(f"{self.source}: \"tcp_proxy\" must be written as [[tcp_proxy]] "
-                              "sections (an array of tables)")
-        listeners = tuple(self.listener(s, i) for i, s in enumerate(sections))
-        seen: dict[Tuple[str, int], int] = {}
-        for index, listener in enumerate(listeners):
-            key = (listener.bind.host, listener.bind.port)
-            if listener.bind.port and key in seen:
-                raise self.fail(f"tcp_proxy[{index + 1}] (bind \"{listener.bind}\")", "bind",
-                                f"duplicate bind address: tcp_proxy[{seen[key] + 1}] "
-                                "already binds it", header="[[tcp_proxy]]", occurrence=index)
-            seen[key] = index
-        needed = sum(1 if b.address.is_ip_literal() else ADDRESSES_PER_NAME
-                     for listener in listeners for b in listener.backends)
-        if needed > MAX_BACKEND_ADDRESSES:
-            raise ConfigError(f"{self.source}: too many backends: they need {needed} address "
-                              f"slots (an IP address takes 1, a hostname {ADDRESSES_PER_NAME}), "
-                              f"at most {MAX_BACKEND_ADDRESSES}")
-        return Config(server=server, listeners=listeners,
-                      source=None if self.source == "command line" else self.source,
-                      admin=admin)
-
-    def server(self, doc: Mapping[str, Any]) -> ServerConfig:
-        def fail(key: Optional[str], expected: str) -> ConfigError:
-            return self.fail("server", key, expected, header="[server]")
-
-        for key in doc:
-            if key not in self.SERVER_KEYS:
-                raise fail(key, "unknown key: expected one of " + ", ".join(self.SERVER_KEYS))
-        values: dict[str, Any] = {}
-        if "workers" in doc:
-            try:
-                values["workers"] = check_workers(doc["workers"])
-            except ConfigError:
-                raise fail("workers", f"expected an integer between 1 and {MAX_WORKERS}, "
-                                      f"got {_describe(doc['workers'])}") from None
-        if "threads" in doc:
-            threads = doc["threads"]
-            if threads != "auto":
-                if isinstance(threads, bool) or not isinstance(threads, int) \
-                        or not 1 <= threads <= MAX_THREADS:
-                    raise fail("threads", f"expected \"auto\" or an integer between 1 and "
-                                          f"{MAX_THREADS}, got {_describe(threads)}")
-                values["threads"] = threads
-        if "relay" in doc:
-            if doc["relay"] not in RELAY_MODES:
-                raise fail("relay", "expected one of \"auto\", \"splice\", \"copy\", "
-                                    f"got {_describe(doc['relay'])}")
-            values["relay"] = doc["relay"]
-        for key, low in (("drain_timeout_s", 0.0), ("worker_timeout_s", MIN_WORKER_TIMEOUT_S)):
-            if key in doc:
-                seconds = check_seconds(doc[key], low, MAX_S)
-                if seconds is None:
-                    raise fail(key, f"expected a number of seconds between {low:g} and "
-                                    f"{MAX_S:g}, got {_describe(doc[key])}")
-                values[key] = seconds
-        if "buffer_budget_mb" in doc:
-            budget = doc["buffer_budget_mb"]
-            if not _is_int_between(budget, 1, MAX_BUFFER_BUDGET_MB):
-                raise fail("buffer_budget_mb", "expected an integer number of MiB between 1 and "
-                                               f"{MAX_BUFFER_BUDGET_MB}, got {_describe(budget)}")
-            values["buffer_budget_mb"] = budget
-        for key in ("pidfile", "log_file", "user", "group"):
-            if key in doc:
-                if not isinstance(doc[key], str) or not doc[key]:
-                    raise fail(key, f"expected a non-empty string, got {_describe(doc[key])}")
-                values[key] = doc[key]
-        return ServerConfig(**values)
-
-    def admin(self, doc: Mapping[str, Any]) -> AdminConfig:
-        def fail(key: Optional[str], expected: str) -> ConfigError:
-            return self.fail("admin", key, expected, header="[admin]")
-
-        for key in doc:
-            if key not in self.ADMIN_KEYS:
-                raise fail(key, "unknown key: expected one of " + ", ".join(self.ADMIN_KEYS))
-        if not doc:
-            return AdminConfig()
-        if "bind" not in doc:
-            raise fail("bind", "missing: expected \"host:port\" for the admin endpoint, "
-                               "e.g. \"127.0.0.1:9901\"")
-        try:
-            # Port 0 (any free port, logged at start) is for tests and ad-hoc runs.
-            return AdminConfig(bind=parse_endpoint(doc["bind"], allow_port_zero=True))
-        except ValueError as exc:
-            raise fail("bind", str(exc)) from None
-
-    def listener(self, doc: Mapping[str, Any], index: int) -> ListenerConfig:
-        bind_text = doc.get("bind")
-        section = f"tcp_proxy[{index + 1}]"
-        if isinstance(bind_text, str):
-            section += f" (bind \"{bind_text}\")"
-
-        def fail(key: Optional[str], expected: str) -> ConfigError:
-            return self.fail(section, key, expected, header="[[tcp_proxy]]", occurrence=index)
-
-        for key in doc:
-            if key not in self.LISTENER_KEYS:
-                raise fail(key, "unknown key: expected one of " + ", ".join(self.LISTENER_KEYS))
-        if "bind" not in doc:
-            raise fail("bind", "missing: expected \"host:port\" to listen on, "
-                               "e.g. \"0.0.0.0:5432\"")
-        try:
-            bind = _usable(parse_endpoint(doc["bind"], allow_port_zero=True))
-        except ValueError as exc:
-            raise fail("bind", str(exc)) from None
-
-        backends_doc = doc.get("backends")
-        if backends_doc is None:
-            raise fail("backends", "missing: expected a list of \"host:port\" strings")
-        if not isinstance(backends_doc, list) or not backends_doc:
-            raise fail("backends", "expected a non-empty list of \"host:port\" strings or "
-                                   f"{{ address = \"host:port\", weight = N }} tables, "
-                                   f"got {_describe(backends_doc)}")
-        backends = tuple(self.backend(item, n, fail) for n, item in enumerate(backends_doc))
-
-        timeout = doc.get("connect_timeout_ms", DEFAULT_CONNECT_TIMEOUT_MS)
-        if isinstance(timeout, bool) or not isinstance(timeout, int) \
-                or not 1 <= timeout <= 3_600_000:
-            raise fail("connect_timeout_ms", "expected an integer number of milliseconds "
-                                             f"between 1 and 3600000, got {_describe(timeout)}")
-        name = doc.get("name", "")
-        if not isinstance(name, str):
-            raise fail("name", f"expected a string, got {_describe(name)}")
-        if all(b.backup for b in backends):
-            raise fail("backends", "every backend is a backup: expected at least one primary "
-                                   "(a backend without backup = true)")
-
-        balance = doc.get("balance", "round_robin")
-        if balance not in BALANCE_MODES:
-            raise fail("balance", "expected one of " + ", ".join(f'"{m}"' for m in BALANCE_MODES)
-                       + f", got {_describe(balance)}")
-        retries = doc.get("retries")
-        if retries is not None and not _is_int_between(retries, 0, 1000):
-            raise fail("retries", "expected an integer between 0 and 1000 (other backends "
-                                  f"tried after a failed connect), got {_describe(retries)}")
-        budget = doc.get("connect_budget_ms")
-        if budget is not None:
-            if not _is_int_between(budget, 1, MAX_MS):
-                raise fail("connect_budget_ms", "expected an integer number of milliseconds "
-                                                f"between 1 and {MAX_MS}, got {_describe(budget)}")
-            if budget < timeout:
-                raise fail("connect_budget_ms", "expected at least connect_timeout_ms "
-                                                f"({timeout}), got {budget}: the budget covers "
-                                                "every attempt together")
-        fall = doc.get("fall", DEFAULT_FALL)
-        if not _is_int_between(fall, 0, 1000):
-            raise fail("fall", "expected an integer between 0 and 1000 (consecutive connect "
-                               f"failures that mark a backend down; 0: never), got "
-                               f"{_describe(fall)}")
-        fail_timeout = doc.get("fail_timeout_ms", DEFAULT_FAIL_TIMEOUT_MS)
-        if not _is_int_between(fail_timeout, 1, MAX_MS):
-            raise fail("fail_timeout_ms", "expected an integer number of milliseconds between 1 "
-                                          f"and {MAX_MS}, got {_describe(fail_timeout)}")
-        resolve_interval = doc.get("resolve_interval_ms", DEFAULT_RESOLVE_INTERVAL_MS)
-        if not _is_int_between(resolve_interval, 100, MAX_MS):
-            raise fail("resolve_interval_ms", "expected an integer number of milliseconds "
-                                              f"between 100 and {MAX_MS}, got "
-                                              f"{_describe(resolve_interval)}")
-        reuse_port = doc.get("reuse_port", False)
-        if not isinstance(reuse_port, bool):
-            raise fail("reuse_port", f"expected true or false, got {_describe(reuse_port)}")
-        health = None
-        if "health_check" in doc:
-            health = self.health_check(doc["health_check"], section, index)
-        keepalive = self.keepalive(doc.get("tcp_keepalive", False), fail)
-        return ListenerConfig(bind=bind, backends=backends, connect_timeout_ms=timeout, name=name,
-                              balance=balance, retries=retries, connect_budget_ms=budget,
-                              fall=fall, fail_timeout_ms=fail_timeout,
-                              resolve_interval_ms=resolve_interval, health_check=health,
-                              reuse_port=reuse_port, tcp_keepalive=keepalive)
-
-    def keepalive(self, value: Any, fail: Any) -> Optional[Keepalive]:
-        """``tcp_keepalive``: false (off), true (on, kernel timings) or a table of timings."""
-        if isinstance(value, bool):
-            return Keepalive() if value else None
-        if not isinstance(value, dict):
-            raise fail("tcp_keepalive", "expected true, false or a table like { idle_s = 600, "
-                                        f"interval_s = 60, count = 5 }}, got {_describe(value)}")
-        for key in value:
-            if key not in self.KEEPALIVE_KEYS:
-                raise fail("tcp_keepalive", f"unknown key \"{key}\": expected one of "
-                                            + ", ".join(self.KEEPALIVE_KEYS))
-        timings: dict[str, int] = {}
-        for key, high in (("idle_s", MAX_KEEPALIVE_S), ("interval_s", MAX_KEEPALIVE_S),
-                          ("count", MAX_KEEPALIVE_COUNT)):
-            if key in value:
-                if not _is_int_between(value[key], 1, high):
-                    raise fail("tcp_keepalive", f"{key}: expected an integer between 1 and "
-                                                f"{high}, got {_describe(value[key])}")
-                timings[key] = value[key]
-        return Keepalive(**timings)
-
-    def health_check(self, doc: Any, section: str, index: int) -> HealthCheck:
-        def fail(key: Optional[str], expected: str) -> ConfigError:
-            return self.fail(section, key, expected, header="health_check", occurrence=index)
-
-        if not isinstance(doc, dict):
-            raise fail(None, "expected a table, e.g. [tcp_proxy.health_check] or "
-                             f"health_check = {{ interval_ms = 2000 }}, got {_describe(doc)}")
-        for key in doc:
-            if key not in self.HEALTH_KEYS:
-                raise fail(key, "unknown key: expected one of " + ", ".join(self.HEALTH_KEYS))
-        defaults = HealthCheck()
-        values: dict[str, Any] = {}
-        for key, low, high, what in (("interval_ms", 10, MAX_MS, "milliseconds"),
-                                     ("timeout_ms", 1, MAX_MS, "milliseconds"),
-                                     ("rise", 1, 1000, "consecutive passes"),
-                                     ("fall", 1, 1000, "consecutive failures")):
-            value = doc.get(key, getattr(defaults, key))
-            if key == "timeout_ms" and key not in doc:
-                value = min(value, values["interval_ms"])  # a short interval implies a short probe
-            if not _is_int_between(value, low, high):
-                raise fail(key, f"expected an integer number of {what} between {low} and "
-                                f"{high}, got {_describe(value)}")
-            values[key] = value
-        if values["timeout_ms"] > values["interval_ms"]:
-            raise fail("timeout_ms", f"expected at most interval_ms ({values['interval_ms']}), "
-                                     f"got {values['timeout_ms']}: a probe must end before "
-                                     "the next one is due")
-        for key in ("send", "expect"):
-            if key in doc:
-                if not isinstance(doc[key], str) or not doc[key]:
-                    raise fail(key, "expected a non-empty string (TOML escapes such as \\r\\n "
-                                    f"work), got {_describe(doc[key])}")
-                values[key] = doc[key].encode("utf-8")
-        return HealthCheck(**values)
-
-    def backend(self, item: Any, position: int, fail: Any) -> Backend:
-        where = f"backends[{position + 1}]"
-        if isinstance(item, str):
-            try:
-                return Backend(_usable(parse_endpoint(item)))
-            except ValueError as exc:
-                raise fail("backends", f"{where}: {exc}") from None
-        if not isinstance(item, dict):
-            raise fail("backends", f"{where}: expected \"host:port\" or an inline table, "
-                                   f"got {_describe(item)}")
-        for key in item:
-            if key not in self.BACKEND_KEYS:
-                raise fail("backends", f"{where}: unknown key \"{key}\": expected one of "
-                                       + ", ".join(self.BACKEND_KEYS))
-        if "address" not in item:
-            raise fail("backends", f"{where}: missing \"address\"")
-        try:
-            address = _usable(parse_endpoint(item["address"]))
-        except ValueError as exc:
-            raise fail("backends", f"{where}: address: {exc}") from None
-        weight = item.get("weight", 1)
-        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 1000:
-            raise fail("backends", f"{where}: weight: expected an integer between 1 and 1000, "
-                                   f"got {_describe(weight)}")
-        backup = item.get("backup", False)
-        if not isinstance(backup, bool):
-            raise fail("backends", f"{where}: backup: expected true or false, "
-                                   f"got {_describe(backup)}")
-        return Backend(address, weight=weight, backup=backup)
+            doc = {} if doc is None else doc
+            if not isinstance(doc, dict):
+                raise Where(source, (section.name,), section.name).fail(
+                    f"expected {section.table.expected}")
+            values[section.attr] = _read_section(section, doc, source)
+    listeners, docs = values["listeners"], document["tcp_proxy"]
+    listeners_section = _section("tcp_proxy")
+    duplicate = _distinct_binds(listeners)
+    if duplicate:
+        index, message = duplicate
+        where = Where(source, ("tcp_proxy", index), listeners_section.label(docs[index], index))
+        raise where.field("bind", False).fail(message)
+    too_many = _address_slots(listeners)
+    if too_many:
+        raise ConfigError(f"{source.name}: {too_many}")
+    return Config(**values, source=None if source.name == "command line" else source.name)
