@@ -1,0 +1,174 @@
+"""What the pre-connect phase answers, and the status/term/reason table of its refusals.
+
+Owns the three verdicts (``NeedMore``, ``Accept``, ``Reject``) and every code a
+refusal can carry.  Pure data: built by ``pipeline.Admission`` on a worker's
+relay thread, read by the relay (what to do next) and later by the access log
+and metrics (issue 11).
+
+Codes, as issue 11's access log defines them.  ``status`` is nginx stream's
+(400 bad client data, 403 forbidden, 500 internal error, 503 over a limit);
+``term`` is HAProxy's two characters, first *who/what* ended the connection,
+second *in which phase*.  Every refusal here happens in the request phase
+(``R``: before a backend was chosen, while the proxy waited for or judged what
+the client sent), so the second character is always ``R``:
+
+======  ======  =====  ======================================================
+status  term    abort  when
+======  ======  =====  ======================================================
+400     ``CR``  RST    the client sent bytes that are not a valid PROXY header
+                       or TLS ClientHello where one is required, or closed
+                       before it was complete (``*_truncated``)
+400     ``cR``  FIN    client-side timeout: the header/hello did not arrive
+                       within ``proxy_timeout_ms``/``sni_timeout_ms``
+403     ``PR``  RST    the proxy refused it by rule: ``deny``/``allow``, no
+                       route for its server name and no default pool
+503     ``PR``  RST    the proxy refused it by a configured limit
+                       (``max_connections``, per source, per source per second)
+503     ``RR``  RST    a resource of the proxy ran out: the shared per-source
+                       table or this worker's ledger is full
+500     ``IR``  RST    an unexpected error in a step (logged with a traceback)
+======  ======  =====  ======================================================
+
+``abort`` says how the relay closes: with ``SO_LINGER {1, 0}`` (an RST, so a
+refused client does not wait and the proxy keeps no TIME_WAIT), or with a
+plain close (a FIN) for a timeout, where the client was slow, not wrong.  A
+client that sent bytes we did not read gets an RST from the kernel anyway;
+making it explicit keeps the ending independent of timing.
+
+``reason`` is one of ``REASONS``: a bounded set, safe as the ``reason`` label
+of ``prefork_proxy_rejected_connections_total``.  ``detail`` is free text for
+the log line only (never a label).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+from prefork_proxy import acl, limits, proxy_protocol
+
+__all__ = ["NeedMore", "Accept", "Reject", "Verdict", "REASONS", "TERMS",
+           "BAD_REQUEST", "FORBIDDEN", "INTERNAL", "OVER_LIMIT"]
+
+BAD_REQUEST, FORBIDDEN, INTERNAL, OVER_LIMIT = 400, 403, 500, 503
+
+#: term -> (meaning, abort with an RST?)
+TERMS = {
+    "CR": ("client sent invalid data (or closed) in the request phase", True),
+    "cR": ("client-side timeout in the request phase", False),
+    "PR": ("refused by the proxy (a rule or a limit) in the request phase", True),
+    "RR": ("a proxy resource ran out in the request phase", True),
+    "IR": ("internal error in the request phase", True),
+}
+
+#: Reasons of a PROXY header refusal: the parser's own, prefixed.
+PROXY_REASONS = frozenset("proxy_" + r for r in proxy_protocol.REASONS)
+#: Reasons of a ClientHello refusal: the reader's own, the clock's and the route's.
+SNI_REASONS = frozenset({
+    "sni_not_tls", "sni_sslv2", "sni_bad_record", "sni_bad_handshake",
+    "sni_bad_server_name", "sni_bad_alpn", "sni_too_large", "sni_too_fragmented",
+    "sni_timeout", "sni_truncated",
+    "sni_no_server_name",  # a valid hello without SNI, and no default pool
+    "sni_no_route",        # a server name no route matches, and no default pool
+})
+ACCESS_REASONS = frozenset({acl.DENIED, acl.NOT_ALLOWED, acl.BAD_ADDRESS})
+LIMIT_REASONS = frozenset(limits.REASONS.values())
+#: Every ``Reject.reason``.
+REASONS = PROXY_REASONS | SNI_REASONS | ACCESS_REASONS | LIMIT_REASONS | {"internal_error"}
+
+#: ``Accept.client_address``/``destination``: ``(ip, port)`` for TCP, else the socket's
+#: own value (a unix path, ``""`` for an unnamed unix peer) or None.
+Address = Union[Tuple[str, int], str, bytes, None]
+
+
+class NeedMore:
+    """No verdict yet: read more bytes and ``feed`` them, or ``expire`` at ``deadline``.
+
+    ``deadline`` is a ``time.monotonic()`` value (None: no time limit).  It is
+    the same object from one ``feed`` to the next while it does not change;
+    the relay re-arms its timer only when ``deadline`` differs from the one
+    it armed (it moves when the PROXY header is complete and the ClientHello
+    is awaited next; it may then lie in the past: expire at once).
+    """
+
+    __slots__ = ("deadline",)
+
+    def __init__(self, deadline: Optional[float]) -> None:
+        self.deadline = deadline
+
+    def __repr__(self) -> str:
+        return f"NeedMore(deadline={self.deadline!r})"
+
+
+class Accept:
+    """Connect: to ``route`` (an index into the listener's routes; None: its own backends).
+
+    ``client_address`` is *the* client address (the PROXY header's when one was
+    accepted, the socket peer otherwise): what the ACL, limits, ``source_hash``,
+    the access log and ``send_proxy`` use; ``destination`` the address the
+    client connected to (the header's, else the socket's local one), for
+    ``send_proxy``.  ``forward_prefix`` are bytes already read from the client
+    that the backend must get first, before anything else is relayed (the
+    stream after the PROXY header: the ClientHello and whatever came with it);
+    ``consumed`` is how many bytes were read and *not* forwarded (the PROXY
+    header).  Bytes read from the client = ``consumed + len(forward_prefix)``.
+    ``server_name`` is the SNI name (normalized) when an SNI step read one.
+    """
+
+    __slots__ = ("route", "client_address", "destination", "forward_prefix", "consumed",
+                 "server_name")
+
+    def __init__(self, route: Optional[int], client_address: Address, destination: Address,
+                 forward_prefix: bytes, consumed: int,
+                 server_name: Optional[str] = None) -> None:
+        self.route = route
+        self.client_address = client_address
+        self.destination = destination
+        self.forward_prefix = forward_prefix
+        self.consumed = consumed
+        self.server_name = server_name
+
+    def _key(self) -> tuple:
+        return (self.route, self.client_address, self.destination, self.forward_prefix,
+                self.consumed, self.server_name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Accept) and other._key() == self._key()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return ("Accept(route={!r}, client_address={!r}, destination={!r}, "
+                "forward_prefix={!r}, consumed={!r}, server_name={!r})").format(*self._key())
+
+
+class Reject:
+    """Close the client: ``status``, ``term`` and ``reason`` for the log and metrics.
+
+    ``abort`` (from ``TERMS``): close with an RST.  Nothing was sent to any
+    backend, and any limit token was already given back.
+    """
+
+    __slots__ = ("status", "term", "reason", "detail", "abort")
+
+    def __init__(self, status: int, term: str, reason: str, detail: str = "") -> None:
+        self.status = status
+        self.term = term
+        self.reason = reason
+        self.detail = detail
+        self.abort = TERMS[term][1]
+
+    def _key(self) -> tuple:
+        return (self.status, self.term, self.reason)
+
+    def __eq__(self, other: object) -> bool:
+        # ``detail`` is prose for people; equal verdicts may word it differently.
+        return isinstance(other, Reject) and other._key() == self._key()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (f"Reject({self.status}, {self.term!r}, {self.reason!r}"
+                f"{', ' + repr(self.detail) if self.detail else ''})")
+
+
+Verdict = Union[NeedMore, Accept, Reject]
