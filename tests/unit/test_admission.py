@@ -334,6 +334,8 @@ def test_a_limit_token_is_given_back_exactly_once_on_every_path(limits: Counting
     assert type(verdict) is kind, verdict
     if kind is Accept:
         assert limits.connections(0) == 1 and limits.released == 0
+    else:  # a refusal gives the token back at once, before the relay's close
+        assert limits.connections(0) == 0 and adm.token == -1
     # The relay's close: release once, and again by mistake.
     adm.release()
     adm.release()
