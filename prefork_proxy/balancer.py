@@ -12,8 +12,10 @@ short pauses on its relay loop's timer (``relay.Target`` with no address),
 for at most its connect budget (or ``connect_timeout_ms``), while that loop
 serves every other connection.
 
-All state is global across workers, in ``shared.BackendTable``: whether a
-backend is up, its consecutive connect failures, its active connections.
+All state is global across workers, in shared memory: whether a backend is
+up, its consecutive connect failures and connect errors (``shared.BackendTable``),
+its connections from each worker (the worker's row, ``rows.WorkerRows``: a
+``Balancer`` writes only the row it was given, under that worker's row lock).
 The algorithms (``balance`` in the listener's config):
 
 - ``round_robin``: a smooth weighted rotation (weights 5:1:1 give a a b a c
@@ -65,6 +67,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from prefork_proxy.config import Backend, ListenerConfig
 from prefork_proxy.relay import CONNECTED, FAILED, RELEASED, Target
+from prefork_proxy.rows import FAILOVERS, WorkerRows, listener_cells
 from prefork_proxy.shared import BackendTable, PoolEntry, RoundRobinCounter, SharedState
 
 log = logging.getLogger("prefork_proxy.balancer")
@@ -253,16 +256,17 @@ class Pool:
             self._cum_weights = list(itertools.accumulate(self.weights))
         return self._cum_weights
 
-    def loads(self, table: BackendTable) -> List[float]:
+    def loads(self, table: WorkerRows) -> List[float]:
         """Active connections per unit of weight of every member, across all workers.
 
         ``O(members x worker rows)``, all of it in C: one ``itemgetter`` over
         each used row (about 30 ns per member and row), ``map`` to add the
         rows and divide by the weights.
         """
-        rows, slots, active = table.rows_used[0], table.slots, table.active
-        if not rows:
-            return [0.0] * len(self.members)
+        # Row 0 at least: an unclaimed row holds zeros (a Balancer built outside
+        # a worker, as in tests, writes row 0).
+        rows, slots, active = max(1, table.rows_used), table.backend_slots, \
+            table.backend_active
         counts = self._counts
         if counts is None:
             totals: Sequence[int] = [table.active_count(self.slots[0])]
@@ -288,9 +292,17 @@ class _View:
 class Balancer:
     """The backend choice of one listener in one worker; its state lives in shared memory."""
 
-    def __init__(self, listener: ListenerConfig, shared: SharedState, index: int) -> None:
+    def __init__(self, listener: ListenerConfig, shared: SharedState, index: int,
+                 row: int = 0) -> None:
         self.listener = listener
         self.table: BackendTable = shared.table
+        self.rows = shared.rows
+        # This worker's cells: backend slot ``s`` is ``_active[_base + s]``.
+        self._active, self._acquired = shared.rows.backend_active, shared.rows.acquired
+        self._base = row * shared.rows.backend_slots
+        self._failovers = listener_cells(shared.rows, row, shared.listener_slot(index)) \
+            + FAILOVERS
+        self._lock = shared.rows.row_lock()
         self.counter: RoundRobinCounter = shared.round_robin(listener, index)
         self.entries: Tuple[PoolEntry, ...] = shared.pool(listener, index)
         self.timeout_s = listener.connect_timeout_ms / 1000.0
@@ -306,7 +318,6 @@ class Balancer:
         self._order = {"round_robin": self._round_robin, "least_conn": self._least_conn,
                        "random_two": self._random_two,
                        "source_hash": self._source_hash}[listener.balance]
-        self.table.claim_row()  # now, in the worker's main thread, before relay threads count
 
     # -- the accepting relay loop
 
@@ -322,7 +333,10 @@ class Balancer:
                 # One backend: whatever its health, it is the one and only try
                 # (see ``_ordered``), so the ordering machinery can be skipped.
                 member = members[0]
-                self.table.acquire(member.slot)
+                cell = self._base + member.slot
+                with self._lock:
+                    self._active[cell] += 1
+                    self._acquired[cell] += 1
                 return iter((member.target,))
         host = client[0] if isinstance(client, tuple) else str(client or "")
         return self._attempts(host, time.monotonic())
@@ -455,7 +469,12 @@ class Balancer:
             if target is None:  # a hostname with no address yet: the next backend
                 continue
             tried += 1
-            self.table.acquire(member.slot)
+            cell = self._base + member.slot
+            with self._lock:
+                self._active[cell] += 1
+                self._acquired[cell] += 1
+                if tried > 1:
+                    self.rows.listener[self._failovers] += 1
             if deadline is None:
                 yield target  # no budget: the connection's own timeout applies as it is
             else:
@@ -479,11 +498,12 @@ class Balancer:
             if table.record_success(slot):
                 log.warning("backend %s up: a client connected", name)
             return
-        table.release(slot)
+        with self._lock:
+            self._active[self._base + slot] -= 1
         if outcome == FAILED:
             fall = self.listener.fall
             fails, newly_down = table.record_failure(slot, fall, self.fail_timeout_s,
-                                                     time.monotonic())
+                                                     time.monotonic(), reason)
             if newly_down:
                 log.warning("backend %s down: %s (%d/%d connect failures in a row); "
                             "tried again in %.1f s", name, reason, min(fails, fall), fall,
@@ -507,7 +527,7 @@ class Balancer:
         if len(members) == 1:
             yield members[0]
             return
-        loads = pool.loads(self.table)
+        loads = pool.loads(self.rows)
         best = min(loads)
         ties = loads.count(best)
         if ties == 1:
@@ -539,12 +559,12 @@ class Balancer:
         if b == a:  # ``a`` holds nearly all the weight: draw among the rest exactly
             rest = [i for i in range(count) if i != a]
             b = random.choices(rest, [members[i].weight for i in rest])[0]
-        load_a = self.table.active_count(members[a].slot) / members[a].weight
-        load_b = self.table.active_count(members[b].slot) / members[b].weight
+        load_a = self.rows.active_count(members[a].slot) / members[a].weight
+        load_b = self.rows.active_count(members[b].slot) / members[b].weight
         first, second = (a, b) if load_a <= load_b else (b, a)
         yield members[first]
         yield members[second]
-        loads = pool.loads(self.table)
+        loads = pool.loads(self.rows)
         for _, i in sorted((loads[i], i) for i in range(count) if i != a and i != b):
             yield members[i]
 

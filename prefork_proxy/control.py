@@ -3,7 +3,7 @@
 The master (``master.py``) writes the pidfile once it serves and removes it
 when it exits, and rewrites a status file beside it (``PIDFILE.status.json``)
 about once a second with what only it can see: its generation and the
-workers' rows from the shared scoreboard (the model of ``status.py``, also
+workers' rows from shared memory (``rows``; the model of ``status.py``, also
 served by the admin endpoint's ``/status``).  The CLI's ``reload``/``stop``/
 ``status`` commands run in a separate process and only read these files and
 send signals.  A file is written to a temporary name and renamed, so a reader

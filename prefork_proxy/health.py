@@ -70,8 +70,6 @@ from prefork_proxy.shared import BackendTable, PoolEntry, SharedState
 
 log = logging.getLogger("prefork_proxy.health")
 
-#: How often the master frees the connection-count rows of dead workers.
-SWEEP_INTERVAL_S = 1.0
 #: Wait before restarting a health-check process that died (it should not die).
 RESTART_DELAY_S = 1.0
 #: Longest wait between two attempts to fork the health-check process (fork keeps failing).
@@ -104,11 +102,10 @@ class HealthChecker:
         self.pid = 0
         self._config: object = None  # the config the running process serves
         self._restart_at = 0.0
-        self._next_sweep = 0.0
         self._fork_failures = 0  # in a row: the retry backs off
 
     def tick(self) -> None:
-        """Converge: a live process for the current config if it needs one; sweep rows."""
+        """Converge: a live process for the current config if it needs one."""
         now = time.monotonic()
         if self.pid and self.shared.config is not self._config:
             log.info("health checks: the config changed; restarting the health-check process")
@@ -123,9 +120,6 @@ class HealthChecker:
             self._restart_at = now + RESTART_DELAY_S
         if not self.pid and now >= self._restart_at and needs_process(self.shared):
             self._start()
-        if now >= self._next_sweep:
-            self._next_sweep = now + SWEEP_INTERVAL_S
-            self.shared.table.sweep_rows()
 
     def stop(self) -> None:
         """Stop the process (bounded: SIGTERM, then SIGKILL after a second)."""

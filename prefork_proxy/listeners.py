@@ -81,6 +81,27 @@ def resolve(endpoint: Endpoint) -> Resolved:
     return family, proto, sockaddr
 
 
+#: A listener's identity: the same key in the master's socket table and in shared state.
+ListenerKey = Tuple[object, ...]
+
+
+def listener_key(listener: ListenerConfig, index: int,
+                 address: Optional[Resolved] = None) -> ListenerKey:
+    """Who a listener is, across reloads: the address as the kernel sees it.
+
+    ``(family, IP, port[, scope id])``, so ``localhost:6380`` and
+    ``127.0.0.1:6380`` are one listener and a reload that respells an address
+    keeps its socket, its rotation and its counters.  A listener on port 0
+    (the kernel picks the port, as tests do) is keyed by its position, since
+    two of them are different sockets.  ``address``: ``resolve(listener.bind)``
+    when the caller has it already.
+    """
+    family, _, sockaddr = address or resolve(listener.bind)
+    if not listener.bind.port:
+        return ("port 0", index, family, sockaddr[0])
+    return (family,) + tuple(sockaddr[:2]) + tuple(sockaddr[3:4])  # scope id for IPv6
+
+
 def _bind_error(endpoint: Endpoint, exc: OSError) -> BindError:
     reason = {errno.EADDRINUSE: "address already in use",
               errno.EACCES: "permission denied (ports below 1024 need root or "
@@ -158,11 +179,7 @@ def bound_address(sock: socket.socket) -> str:
 class ListenerSet:
     """The master's table of listening sockets, keyed by the address they bind.
 
-    The key is the address as the kernel sees it (family, IP, port), so
-    ``localhost:6380`` and ``127.0.0.1:6380`` are one listener, and a reload
-    that respells an address keeps its socket.  A listener on port 0 (the
-    kernel picks the port, as tests do) is keyed by its position, since two of
-    them are different sockets.
+    The key is ``listener_key``, the same identity shared state uses.
 
     ``open`` binds all of a config's listeners or none of them: if one fails,
     the ones bound so far are closed and the error is raised.  ``retain``
@@ -174,21 +191,14 @@ class ListenerSet:
     """
 
     def __init__(self) -> None:
-        self._sockets: Dict[Tuple[object, ...], socket.socket] = {}
-        self._retired: Dict[Tuple[object, ...], socket.socket] = {}
-
-    @staticmethod
-    def _key(listener: ListenerConfig, index: int, address: Resolved) -> Tuple[object, ...]:
-        family, _, sockaddr = address
-        if not listener.bind.port:
-            return ("port 0", index, family, sockaddr[0])
-        return (family,) + tuple(sockaddr[:2]) + tuple(sockaddr[3:4])  # scope id for IPv6
+        self._sockets: Dict[ListenerKey, socket.socket] = {}
+        self._retired: Dict[ListenerKey, socket.socket] = {}
 
     def open(self, listeners: Sequence[ListenerConfig]) -> List[socket.socket]:
         """Bind what is not bound yet; return the sockets in the order of ``listeners``."""
         addresses = [resolve(listener.bind) for listener in listeners]
-        keys = [self._key(lst, i, a) for i, (lst, a) in enumerate(zip(listeners, addresses))]
-        seen: Dict[Tuple[object, ...], ListenerConfig] = {}
+        keys = [listener_key(lst, i, a) for i, (lst, a) in enumerate(zip(listeners, addresses))]
+        seen: Dict[ListenerKey, ListenerConfig] = {}
         for listener, key, address in zip(listeners, keys, addresses):
             if key in seen:
                 raise BindError(f"cannot bind {listener.bind}: {seen[key].bind} in another "
@@ -203,8 +213,8 @@ class ListenerSet:
             if listener.bind.port and not listener.reuse_port \
                     and not self._overlaps_ours(address):
                 check_not_in_use(listener.bind, address)
-        opened: List[Tuple[object, ...]] = []
-        revived: List[Tuple[object, ...]] = []
+        opened: List[ListenerKey] = []
+        revived: List[ListenerKey] = []
         try:
             for listener, key, address in zip(listeners, keys, addresses):
                 if key in self._sockets:

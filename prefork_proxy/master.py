@@ -42,7 +42,7 @@ clearly marked hooks: bind before any fork, the loop heartbeat and a restart
 check each turn, the stopping flag set before handshakes stop, the status
 model published with the status file, its process stopped last.
 
-Principle (supervision by heartbeat): every worker stamps its scoreboard row
+Principle (supervision by heartbeat): every worker stamps its row (``rows``)
 at least once a second from its main thread, with the oldest tick of its
 relay loops, so a worker whose any thread stops turning is killed and replaced
 after ``worker_timeout_s``.
@@ -72,7 +72,7 @@ from prefork_proxy.listeners import ListenerSet, bound_address
 from prefork_proxy.privileges import drop_privileges, prepare_runtime_dir
 from prefork_proxy.proctitle import set_title
 from prefork_proxy.relay import choose_mode
-from prefork_proxy.scoreboard import Scoreboard
+from prefork_proxy.rows import WorkerRows
 from prefork_proxy.shared import SharedState
 from prefork_proxy.signals import SignalQueue
 from prefork_proxy.worker import EXIT_BOOT_FAILED, Worker
@@ -85,7 +85,7 @@ MAX_RESPAWN_DELAY_S = 30.0
 #: Grace after the drain timeout before a stopping worker is killed.
 KILL_GRACE_S = 5.0
 STATUS_INTERVAL_S = 1.0
-#: How often the loop looks at the scoreboard while a new generation boots.
+#: How often the loop looks at the worker rows while a new generation boots.
 BOOT_POLL_S = 0.05
 #: After a loop step failed, the loop waits at least this long (no busy loop of tracebacks).
 FAILED_STEP_PAUSE_S = 0.1
@@ -103,7 +103,7 @@ class WorkerProcess:
     pid: int
     slot: int
     generation: int
-    row: int  # its scoreboard row
+    row: int  # its row in shared.rows
     started: float
     retiring: bool = False
     kill_at: float = 0.0  # when a retiring worker is killed if still alive
@@ -170,7 +170,7 @@ class Master:
         self.mode = "copy"
         self.shared: Optional[SharedState] = None
         self.health: Optional[HealthChecker] = None  # checks and DNS, in their own process
-        self.board: Optional[Scoreboard] = None
+        self.board: Optional[WorkerRows] = None  # shared.rows: one row per worker
         self.admin: Optional[AdminEndpoint] = None  # the HTTP admin endpoint, if configured
         self.signal_queue: Optional[SignalQueue] = None
         self.stopping = False
@@ -211,7 +211,7 @@ class Master:
             # Shared memory first: allocating it may need files only root can create.
             self.shared = SharedState(self.config)
             self.health = HealthChecker(self.shared)
-            self.board = Scoreboard()
+            self.board = self.shared.rows
             drop_privileges(self.config.server.user, self.config.server.group)
             set_title("prefork-proxy: master")
             signals = self.signal_queue = SignalQueue(HANDLED_SIGNALS)
@@ -303,7 +303,7 @@ class Master:
         for history in self.history.values():
             if history.respawn_at > now:
                 timeout = min(timeout, history.respawn_at - now)
-        if self.pending is not None:  # boots are seen on the scoreboard: look often
+        if self.pending is not None:  # boots are seen in the worker rows: look often
             timeout = min(timeout, BOOT_POLL_S)
         if self.step_failed:
             timeout = max(timeout, FAILED_STEP_PAUSE_S)
@@ -528,9 +528,9 @@ class Master:
         history = self.history.setdefault(slot, SlotHistory())
         row = self.board.claim(now)
         if row is None:
-            log.error("no free scoreboard row for worker %d; will retry", slot)
+            log.error("no free worker row for worker %d; will retry", slot)
             history.respawn_at = now + 1.0
-            self.spawn_error = "no free scoreboard row"
+            self.spawn_error = "no free worker row"
             return False
         worker = Worker(slot, self.generation, self.config, list(zip(self.config.listeners,
                                                                      self.sockets)),
@@ -546,7 +546,7 @@ class Master:
             pid = os.fork()
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
-            self.board.release(row)
+            self.board.release_unused(row)
             history.fast_deaths += 1
             delay = max(FORK_RETRY_MIN_S, crash_loop_delay(history.fast_deaths))
             history.respawn_at = now + delay
@@ -586,7 +586,8 @@ class Master:
             assert self.board is not None
             booted = bool(self.board.booted[worker.row])
             self.served = self.served or booted
-            self.board.release(worker.row)
+            # Dead: its counters join the retired totals (they never go back), its row is free.
+            self.board.fold(worker.row)
             code = os.waitstatus_to_exitcode(status)
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             lived = time.monotonic() - worker.started

@@ -3,16 +3,16 @@
 The master creates one ``SharedState`` before the first fork; every child
 inherits it.  Each value names its writers.  Shared memory cannot grow once
 children exist, so capacities are fixed (``MAX_BACKEND_ADDRESSES`` address
-slots, ``WORKER_ROWS`` rows of connection counts).
+slots; ``rows.WorkerRows`` holds the per-worker rows).
 
 Principle (no lock a dead process can keep): a process-shared semaphore (what
 ``multiprocessing.Value`` carries) stays taken forever if its holder is killed
 with SIGKILL, and every other worker would then block or time out on every
 draw.  The locks here are kernel record locks (``fcntl.lockf``, see
 ``ProcessLock``), which the kernel releases when their holder dies, however
-it dies.  Most cells need no lock at all because they have one writer: a
-worker's own row of connection counts, the health-check process's check
-results and the addresses it resolves.
+it dies.  Most cells need no lock at all because they have one writer: the
+health-check process's check results and the addresses it resolves, and a
+worker's own row (``rows``).
 
 Layout of the backend table: one anonymous shared ``mmap``, cut into typed
 ``memoryview`` arrays indexed by *slot*.  A slot is one backend address of one
@@ -39,17 +39,28 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Tuple
 
 from prefork_proxy.config import ADDRESSES_PER_NAME, MAX_BACKEND_ADDRESSES, Backend, numeric_address
+from prefork_proxy.listeners import ListenerKey, listener_key
+from prefork_proxy.rows import LISTENER_SLOTS, WorkerRows, rows_for
 
 if TYPE_CHECKING:
     from prefork_proxy.config import Config, ListenerConfig
 
 log = logging.getLogger("prefork_proxy.shared")
 
-#: Rows of per-worker connection counts: live workers of every generation at once.
-WORKER_ROWS = 256
-#: Orders the threads of one process claiming its row (the master never claims one,
-#: so no child inherits this lock held).
-_CLAIM_LOCK = threading.Lock()
+#: Reasons of ``prefork_proxy_backend_connect_errors_total`` (issue 11), by index.
+ERROR_REASONS = ("refused", "timeout", "unreachable", "other")
+
+
+def error_reason(reason: str) -> int:
+    """Index in ``ERROR_REASONS`` of a failed connect's reason as the relay words it."""
+    lowered = reason.lower()
+    if "refused" in lowered:
+        return 0
+    if "timed out" in lowered:
+        return 1
+    if "unreachable" in lowered or "no route" in lowered:
+        return 2
+    return 3
 
 
 class ProcessLock:
@@ -143,8 +154,12 @@ def _load_atomic_fetch_add() -> Optional[Callable[[int, int, int], int]]:
 _ATOMIC_FETCH_ADD = _load_atomic_fetch_add()
 
 
-# The pid of this process, kept current across fork: ``claim_row`` runs twice per
-# connection, and ``os.getpid`` is a system call each time.
+# -- for ``limits`` only (its own per-worker ledger rows, claimed by pid): to move
+# onto ``rows.WorkerRows`` (claimed by the master at spawn) when limits are wired.
+
+#: Ledger rows of ``limits``: live workers of every generation at once.
+WORKER_ROWS = 256
+# The pid of this process, kept current across fork (``os.getpid`` is a system call).
 _PID = [os.getpid()]
 
 
@@ -209,21 +224,22 @@ class BackendTable:
       health-check process; the master clears them for backends whose listener
       no longer has checks (``SharedState.clear_unchecked_verdicts``), once no
       health-check process of the old config is left to write them.
-    - ``active`` (connections per worker row and slot): the worker owning the
-      row only; ``row_owner`` is claimed and swept under ``lock``.
+    - ``errors`` (connect errors per slot and ``ERROR_REASONS`` reason, only
+      ever increasing): workers' relay threads, under ``lock`` (taken on every
+      failure anyway).  Connection counts per worker live in ``rows``.
     - ``health_version``: bumped by every write to ``family``, ``active_down``
       or ``down_until`` (see ``_VersionedCells``): balancers rebuild their list
       of up backends only when it moved (or a ``down_until`` passed).
     """
 
-    def __init__(self, slots: int = MAX_BACKEND_ADDRESSES, rows: int = WORKER_ROWS) -> None:
-        self.slots, self.rows = slots, rows
+    def __init__(self, slots: int = MAX_BACKEND_ADDRESSES) -> None:
+        self.slots = slots
         fields = [("family", "i", slots), ("port", "i", slots), ("scope", "I", slots),
                   ("fails", "i", slots), ("passive_down", "i", slots),
                   ("active_down", "i", slots), ("last_check_ok", "i", slots),
                   ("down_until", "d", slots), ("last_check", "d", slots),
-                  ("ip", "B", slots * 16), ("version", "Q", 1), ("rows_used", "i", 1),
-                  ("row_owner", "i", rows), ("active", "i", rows * slots)]
+                  ("ip", "B", slots * 16), ("version", "Q", 1),
+                  ("errors", "Q", slots * len(ERROR_REASONS))]
         sizes = {"i": 4, "I": 4, "d": 8, "B": 1, "Q": 8}
         total = sum((sizes[kind] * count + 7) // 8 * 8 for _, kind, count in fields)
         # Anonymous and MAP_SHARED: zero-filled, inherited by every child, no file.
@@ -239,10 +255,6 @@ class BackendTable:
         for name in ("family", "active_down", "down_until"):
             setattr(self, name, _VersionedCells(getattr(self, name), self.health_version))
         self.lock = ProcessLock()
-        self._row_pid = -1
-        self._row = -1
-        self._private: Dict[int, int] = {}  # counts of a worker that found no free row
-        self._row_lock = threading.Lock()
 
     # -- addresses
 
@@ -289,7 +301,7 @@ class BackendTable:
                 and self.down_until[slot] <= now)
 
     def record_failure(self, slot: int, fall: int, fail_timeout_s: float,
-                       now: float) -> Tuple[int, bool]:
+                       now: float, reason: str = "") -> Tuple[int, bool]:
         """A client's connect failed.  Returns (consecutive failures, newly marked down).
 
         With ``fall`` > 0, reaching ``fall`` marks the backend down until
@@ -297,6 +309,7 @@ class BackendTable:
         try after the timeout) marks it down again, without a new state change.
         """
         with self.lock:
+            self.errors[slot * len(ERROR_REASONS) + error_reason(reason)] += 1
             fails = self.fails[slot] + 1
             self.fails[slot] = fails
             newly = False
@@ -316,73 +329,15 @@ class BackendTable:
             self.down_until[slot] = 0.0
             return was_down
 
-    # -- connection counts: one row per worker process
+    def error_counts(self, slot: int) -> Dict[str, int]:
+        """Connect errors of ``slot`` so far, by reason (never decreasing)."""
+        base = slot * len(ERROR_REASONS)
+        return {reason: self.errors[base + i] for i, reason in enumerate(ERROR_REASONS)}
 
-    def claim_row(self) -> int:
-        """This process's row of connection counts, claimed on first use (after fork)."""
-        pid = _PID[0]
-        if self._row_pid != pid:
-            with _CLAIM_LOCK:  # relay threads of a new worker may race to claim
-                if self._row_pid != pid:
-                    self._private = {}
-                    self._row_lock = threading.Lock()
-                    self._row = self._claim_row(pid)
-                    self._row_pid = pid
-        return self._row
-
-    def _claim_row(self, pid: int) -> int:
-        with self.lock:
-            for row in range(self.rows):
-                if self.row_owner[row] == pid:
-                    return row
-            for row in range(self.rows):
-                owner = self.row_owner[row]
-                if owner == 0 or not _pid_alive(owner):
-                    self._zero_row(row)
-                    self.row_owner[row] = pid
-                    self.rows_used[0] = max(self.rows_used[0], row + 1)
-                    return row
-        log.warning("no free row for process %d's connection counts (%d rows): least_conn and "
-                    "status will not see its connections", pid, self.rows)
-        return -1
-
-    def _zero_row(self, row: int) -> None:
-        self.active[row * self.slots:(row + 1) * self.slots] = \
-            memoryview(bytes(4 * self.slots)).cast("i")
-
-    def acquire(self, slot: int) -> None:
-        """This process opens a connection to ``slot`` (relay threads; row-local)."""
-        row = self.claim_row()
-        with self._row_lock:
-            if row < 0:
-                self._private[slot] = self._private.get(slot, 0) + 1
-            else:
-                self.active[row * self.slots + slot] += 1
-
-    def release(self, slot: int) -> None:
-        row = self.claim_row()
-        with self._row_lock:
-            if row < 0:
-                self._private[slot] = self._private.get(slot, 0) - 1
-            else:
-                self.active[row * self.slots + slot] -= 1
-
-    def active_count(self, slot: int) -> int:
-        """Connections to ``slot`` from every worker (a sum over the used rows)."""
-        end = self.rows_used[0] * self.slots
-        return sum(self.active[slot:end:self.slots]) if end else 0
-
-    def sweep_rows(self) -> int:
-        """Master: free the rows of dead processes, so their counts stop counting."""
-        freed = 0
-        with self.lock:
-            for row in range(self.rows_used[0]):
-                owner = self.row_owner[row]
-                if owner and not _pid_alive(owner):
-                    self._zero_row(row)
-                    self.row_owner[row] = 0
-                    freed += 1
-        return freed
+    def reset_errors(self, slot: int) -> None:
+        """Master: a slot is given to another backend; its error counts start at 0."""
+        for i in range(len(ERROR_REASONS)):
+            self.errors[slot * len(ERROR_REASONS) + i] = 0
 
 
 @dataclass(frozen=True)
@@ -404,24 +359,38 @@ class SharedState:
     Only the master calls ``reconfigure``; workers only read and draw.
     """
 
-    def __init__(self, config: "Config") -> None:
+    def __init__(self, config: "Config", rows: Optional[int] = None) -> None:
         self.table = BackendTable()
+        # The worker rows (see ``rows``), as many as a reload and some scaling need.
+        self.rows = WorkerRows(rows or rows_for(config.server.workers), self.table.slots)
         self.config = config
-        self._round_robin: Dict[str, RoundRobinCounter] = {}
-        self._pools: Dict[str, Tuple[PoolEntry, ...]] = {}
-        self._entry_slots: Dict[Tuple[str, str, int], Tuple[int, ...]] = {}
+        self._keys: List[ListenerKey] = []  # listener_key of each listener, in config order
+        self._round_robin: Dict[ListenerKey, RoundRobinCounter] = {}
+        self._listener_slots: Dict[ListenerKey, int] = {}
+        self._free_listener_slots: Deque[int] = collections.deque(range(LISTENER_SLOTS))
+        self._pools: Dict[ListenerKey, Tuple[PoolEntry, ...]] = {}
+        self._entry_slots: Dict[Tuple[ListenerKey, str, int], Tuple[int, ...]] = {}
         self._next_fresh = 0
         self._retired: Deque[int] = collections.deque()  # freed slots, reused oldest first
         self.reconfigure(config)
 
     def reconfigure(self, config: "Config") -> None:
         self.config = config
-        wanted: Dict[Tuple[str, str, int], Tuple[str, Backend]] = {}
-        order: Dict[str, List[Tuple[str, str, int]]] = {}
+        self._keys = [listener_key(listener, index)
+                      for index, listener in enumerate(config.listeners)]
+        wanted: Dict[Tuple[ListenerKey, str, int], Tuple[ListenerKey, Backend]] = {}
+        order: Dict[ListenerKey, List[Tuple[ListenerKey, str, int]]] = {}
+        for key in [k for k in self._listener_slots if k not in self._keys]:
+            self._free_listener_slots.append(self._listener_slots.pop(key))
         for index, listener in enumerate(config.listeners):
-            key = self._key(listener, index)
+            key = self._keys[index]
             if key not in self._round_robin:
                 self._round_robin[key] = RoundRobinCounter()
+            if key not in self._listener_slots:
+                # Oldest freed first: a slot just given up may still be counted
+                # in the rows of draining workers for a while.
+                lslot = self._listener_slots[key] = self._free_listener_slots.popleft()
+                self.rows.reset_listener(lslot)
             seen: Dict[str, int] = collections.Counter()
             order[key] = []
             for backend in listener.backends:
@@ -433,7 +402,7 @@ class SharedState:
         # Free what is gone first, so a config that fits the capacity always fits.
         for entry_key in [k for k in self._entry_slots if k not in wanted]:
             self._retired.extend(self._entry_slots.pop(entry_key))
-        pools: Dict[str, List[PoolEntry]] = collections.defaultdict(list)
+        pools: Dict[ListenerKey, List[PoolEntry]] = collections.defaultdict(list)
         for key, entry_keys in order.items():
             for entry_key in entry_keys:
                 backend = wanted[entry_key][1]
@@ -447,6 +416,8 @@ class SharedState:
                     self._entry_slots[entry_key] = slots
                     for slot in slots:
                         self.table.clear_address(slot)
+                        self.table.reset_errors(slot)  # a fresh backend's counters start at 0
+                        self.rows.reset_backend(slot)
                     if literal:  # no DNS: the master writes it before any reader exists
                         try:
                             family, sockaddr = numeric_address(backend.address)
@@ -494,13 +465,17 @@ class SharedState:
         workers serving this config do not read, so restoring the maps
         restores what those workers see.
         """
-        return (self.config, dict(self._round_robin), dict(self._pools),
-                dict(self._entry_slots), self._next_fresh, collections.deque(self._retired))
+        return (self.config, list(self._keys), dict(self._round_robin), dict(self._pools),
+                dict(self._entry_slots), self._next_fresh, collections.deque(self._retired),
+                dict(self._listener_slots), collections.deque(self._free_listener_slots))
 
     def restore(self, snapshot: Tuple[object, ...]) -> None:
         """Undo every ``reconfigure`` since ``snapshot`` (master; before new workers serve)."""
-        (self.config, round_robin, pools, entry_slots, self._next_fresh,
-         retired) = snapshot  # type: ignore[assignment]
+        (self.config, keys, round_robin, pools, entry_slots, self._next_fresh,
+         retired, listener_slots, free_listener_slots) = snapshot  # type: ignore[assignment]
+        self._keys = list(keys)  # type: ignore[call-overload]
+        self._listener_slots = dict(listener_slots)  # type: ignore[call-overload]
+        self._free_listener_slots = collections.deque(free_listener_slots)  # type: ignore
         self._round_robin = dict(round_robin)  # type: ignore[call-overload]
         self._pools = dict(pools)  # type: ignore[call-overload]
         self._entry_slots = dict(entry_slots)  # type: ignore[call-overload]
@@ -512,17 +487,37 @@ class SharedState:
             return self._next_fresh - 1
         return self._retired.popleft()  # config validation guarantees enough are free
 
-    @staticmethod
-    def _key(listener: "ListenerConfig", index: int) -> str:
-        return str(listener.bind) if listener.bind.port else f"{listener.bind}#{index}"
-
     def round_robin(self, listener: "ListenerConfig", index: int) -> RoundRobinCounter:
         """The counter of the ``index``-th listener of the config the worker serves."""
-        return self._round_robin[self._key(listener, index)]
+        return self._round_robin[self._keys[index]]
 
     def pool(self, listener: "ListenerConfig", index: int) -> Tuple[PoolEntry, ...]:
         """The backends of the ``index``-th listener, with their slots."""
-        return self._pools[self._key(listener, index)]
+        return self._pools[self._keys[index]]
+
+    def listener_slot(self, index: int) -> int:
+        """The counter slot (in ``rows``) of the ``index``-th listener of the config."""
+        return self._listener_slots[self._keys[index]]
+
+    def counters(self) -> Dict[str, Dict[str, Dict[str, object]]]:
+        """Every counter of the current config's listeners and backends (master; the
+        read side a metrics collector uses).  Labels: the listener's label, and
+        ``label|backend address`` for a backend (a hostname's addresses together).
+        """
+        listener_slots = {listener.label: self.listener_slot(index)
+                          for index, listener, _ in self.pools()}
+        backend_slots = {f"{listener.label}|{entry.backend.address}": entry.slots
+                         for _, listener, entries in self.pools() for entry in entries}
+        totals: Dict[str, Dict[str, Dict[str, object]]] = \
+            self.rows.snapshot(listener_slots, backend_slots)  # type: ignore[assignment]
+        for _, listener, entries in self.pools():
+            for entry in entries:
+                errors: Dict[str, int] = collections.Counter()
+                for slot in entry.slots:
+                    errors.update(self.table.error_counts(slot))
+                totals["backends"][f"{listener.label}|{entry.backend.address}"][
+                    "connect_errors_total"] = dict(errors)
+        return totals
 
     def pools(self) -> List[Tuple[int, "ListenerConfig", Tuple[PoolEntry, ...]]]:
         """Every listener of the current config with its pool (health checks, status)."""

@@ -4,7 +4,7 @@ Who calls what:
 
 - ``build`` runs in the master (its loop, about once a second): it reads the
   master's own tables (generation, workers, listeners, last reload) and the
-  shared memory (scoreboard rows, backend table) and returns a plain,
+  shared memory (worker rows, backend table) and returns a plain,
   JSON-ready dict.  The master writes it to the status file beside the pidfile
   and publishes it to the admin process (``admin.page``), so
   ``prefork-proxy status`` and ``GET /status`` show the same content.
@@ -48,7 +48,7 @@ def build(master: Any, now: float) -> Dict[str, Any]:
     board = master.board
     workers = [{"slot": w.slot, "generation": w.generation, "pid": w.pid,
                 "age_s": now - w.started, "active": board.active[w.row],
-                "accepted": board.accepted[w.row],
+                "accepted": board.accepted(w.row),
                 "heartbeat_age_s": now - board.heartbeat[w.row],
                 "state": "draining" if w.retiring or master.stopping
                 else "serving" if board.booted[w.row] else "booting"}
@@ -58,6 +58,7 @@ def build(master: Any, now: float) -> Dict[str, Any]:
             "relay": master.mode, "listeners": [bound_address(s) for s in master.sockets],
             "stopping": bool(master.stopping), "workers": workers,
             "backends": backend_rows(master.shared) if master.shared else [],
+            "counters": master.shared.counters() if master.shared else {},
             "reloading": master.pending is not None, "last_reload": master.last_reload,
             "written_at": time.time()}
 
@@ -75,7 +76,7 @@ def backend_rows(shared: SharedState) -> List[Dict[str, Any]]:
                 rows.append({"listener": listener.label, "backend": str(entry.backend.address),
                              "state": "unresolved", "down_reason": "", "down_left_s": None,
                              "backup": entry.backend.backup,
-                             "active": table.active_count(first), "fails": table.fails[first],
+                             "active": shared.rows.active_count(first), "fails": table.fails[first],
                              "last_check_at": None, "last_check_ok": None})
             for slot in slots:
                 address = table.address(slot)
@@ -91,7 +92,7 @@ def backend_rows(shared: SharedState) -> List[Dict[str, Any]]:
                     "backend": backend_name(entry.backend, address[1] if address else None,
                                             entry.literal),
                     "state": state, "down_reason": reason, "down_left_s": left,
-                    "backup": entry.backend.backup, "active": table.active_count(slot),
+                    "backup": entry.backend.backup, "active": shared.rows.active_count(slot),
                     "fails": table.fails[slot], "last_check_at": checked or None,
                     "last_check_ok": bool(table.last_check_ok[slot]) if checked else None})
     return rows

@@ -5,11 +5,11 @@ the child will need) and ``run`` is called in the child right after ``fork``;
 it never returns, the child leaves through ``os._exit``.
 
 Threads in a worker: ``threads`` relay threads each run a ``RelayLoop``; the
-first of them also watches the listeners and accepts (``accept_ready``, with
-the worker's balancing and limits), handing each client to the loop that
-holds the fewest connections, itself included.  The main thread handles
-signals, stamps the worker's scoreboard row (heartbeat, open and accepted
-connections) at least every ``HEARTBEAT_S``, and runs the stop.  The thread
+first of them also watches the listeners and accepts (``accept.AcceptPolicy``),
+handing each client to the loop that holds the fewest connections, itself
+included.  The main thread handles signals, stamps the worker's row
+(``rows.WorkerRows``: heartbeat, open connections) at least every
+``HEARTBEAT_S``, and runs the stop.  The thread
 count is fixed at boot: 10 or 10,000 connections, same threads.
 
 Principle (no hand-off on the hot path): a separate accept thread would
@@ -30,33 +30,14 @@ drop filter of ``listeners.stop_new_handshakes``, on the shared sockets): new
 clients are held off at once instead of being queued and reset when the last
 worker exits, and its last accept sweep serves those already queued.
 
-Principle (accept only what can be served): each connection needs two file
-descriptors (client and backend), so a worker computes at boot how many
-connections its open-file limit allows (``max_connections``) and stops
-accepting at that count.  Accepting a client and then failing to open its
-backend socket would drop a client that the kernel had already accepted;
-left in the kernel's queue (which the master keeps open), it is served as
-soon as another connection ends.
-
-Principle (even load across workers): every worker accepts from the same
-kernel queue, so a worker that holds more connections than its lightest
-accepting sibling (by more than ``BALANCE_SLACK``, counts from the
-scoreboard) leaves a waiting client to that sibling: it stops watching its
-listeners for ``DEFER_S``.  The kernel wakes every worker for a new client, so
-the sibling is already on its way; if the client is still queued when the
-pause ends, the sibling is busy, and this worker takes one client without
-looking, so no client waits longer than ``DEFER_S`` for the balance.
-
-Principle (accept never spins): while paused, or when ``accept`` fails
-anyway with ``EMFILE``/``ENFILE``, the listener stays readable, and retrying
-at once would burn a core.  The worker stops watching its listeners for
-``ACCEPT_PAUSE_S`` instead.
+The accept policy (the fd budget, the sibling balance, the EMFILE back-off)
+is ``accept.AcceptPolicy``; this module is the process's lifecycle: boot,
+signals, heartbeat, stop.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import gc
 import logging
 import os
@@ -65,21 +46,16 @@ import selectors
 import signal
 import socket
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Iterable, List, Optional, Sequence, Set, Tuple
 
 from prefork_proxy import faults, hygiene, logsetup
+from prefork_proxy.accept import AcceptPolicy
 from prefork_proxy.balancer import Balancer
 from prefork_proxy.config import Config, ListenerConfig
 from prefork_proxy.listeners import stop_new_handshakes
 from prefork_proxy.proctitle import set_title
-from prefork_proxy.relay import (
-    RelayLoop,
-    SocketOptions,
-    StreamSocket,
-    apply_options,
-    keepalive_options,
-)
-from prefork_proxy.scoreboard import Scoreboard
+from prefork_proxy.relay import RelayLoop, SocketOptions, keepalive_options
+from prefork_proxy.rows import WorkerRows
 from prefork_proxy.shared import SharedState
 from prefork_proxy.signals import SignalQueue
 
@@ -92,18 +68,6 @@ EXIT_RELAY_DIED = 4
 #: Test-only: a path; when it exists, the first relay loop of a booting worker
 #: deletes it and crashes on its next batch (tests/integration/test_relay_faults.py).
 TEST_CRASH_ENV = "PREFORK_PROXY_TEST_CRASH_RELAY"
-#: Connections accepted per readiness event before looking at other listeners.
-ACCEPT_BATCH = 64
-#: Outcomes of one accept batch.
-QUEUE_EMPTY, BATCH_DONE, PAUSE, DEFER = "queue empty", "batch done", "pause", "defer"
-#: A worker holding more than this many connections over its lightest sibling defers to it.
-BALANCE_SLACK = 1
-#: How often the accepting loop looks up which workers are its accepting siblings.
-SIBLINGS_REFRESH_S = 0.1
-#: How long a deferring worker leaves the queue to its siblings.
-DEFER_S = 0.002
-#: How long accepting pauses after running out of file descriptors.
-ACCEPT_PAUSE_S = 0.1
 #: How often the worker stamps its heartbeat and checks that its master is alive.
 HEARTBEAT_S = 0.5
 PR_SET_PDEATHSIG = 1
@@ -113,21 +77,16 @@ GC_FIRST_THRESHOLD = 10_000
 RESERVED_FDS_PER_THREAD = 8
 RESERVED_FDS = 16
 
-_SOCK_STREAM = int(socket.SOCK_STREAM)
-_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-
 class Worker:
     """A worker slot's process: its config, its inherited listeners, its relay loops."""
 
     def __init__(self, slot: int, generation: int, config: Config,
                  listeners: Sequence[Tuple[ListenerConfig, socket.socket]],
-                 shared: SharedState, mode: str, master_pid: int, board: Scoreboard,
+                 shared: SharedState, mode: str, master_pid: int, board: WorkerRows,
                  row: int) -> None:
         self.slot = slot
-        self.board = board
+        self.board = board  # shared.rows; this worker writes only its own ``row``
         self.row = row
-        self.accepted = 0
         self.generation = generation
         self.config = config
         self.listeners = list(listeners)
@@ -135,18 +94,10 @@ class Worker:
         self.mode = mode
         self.master_pid = master_pid
         self.loops: List[RelayLoop] = []
-        self.accepting: List[Tuple[ListenerConfig, socket.socket, Balancer]] = []
-        self.by_listener: Dict[int, Tuple[ListenerConfig, socket.socket, Balancer]] = {}
+        self.acceptor: Optional[AcceptPolicy] = None  # built at boot, in the child
         self.stopping = False
         self.orphaned = False  # the master died; set once
         self.drain_deadline: Optional[float] = None
-        self.max_connections = 0
-        self.at_limit = False
-        self.families: Dict[int, int] = {}  # listener fd -> address family, as a plain int
-        # listener fd -> options set on its clients and their backend sockets (keepalive)
-        self.socket_options: Dict[int, SocketOptions] = {}
-        self.siblings: List[int] = []  # scoreboard rows of the other accepting workers
-        self.siblings_due = 0.0  # when to look them up again
         self.exit_code = 0  # set when the worker stops for a fault of its own
         self.signals: Optional[SignalQueue] = None
 
@@ -186,12 +137,13 @@ class Worker:
         hygiene.after_fork(keep={sock.fileno() for _, sock in self.listeners},
                            close=inherited_fds)
         self._ask_for_parent_death_signal()
-        self.accepting = [(lst, sock, Balancer(lst, self.shared, index))
-                          for index, (lst, sock) in enumerate(self.listeners)]
-        self.by_listener = {entry[1].fileno(): entry for entry in self.accepting}
-        self.families = {sock.fileno(): int(sock.family) for _, sock in self.listeners}
-        self.socket_options = {sock.fileno(): self._socket_options(lst)
-                               for lst, sock in self.listeners}
+        rows, row = self.board, self.row
+        acceptor = self.acceptor = AcceptPolicy(
+            self.slot, rows, row,
+            [AcceptPolicy.entry(rows, row, self.shared.listener_slot(index), lst, sock,
+                                Balancer(lst, self.shared, index, row),
+                                self._socket_options(lst))
+             for index, (lst, sock) in enumerate(self.listeners)], self.loops)
         threads = self.config.server.relay_threads
         # The worker's buffer budget is split evenly: each loop owns its share,
         # so no lock is taken for it on the hot path.
@@ -200,7 +152,7 @@ class Worker:
             # The first loop also accepts: with one relay thread per worker (the
             # default with one worker per CPU) no client crosses threads at all.
             loop = RelayLoop(self.mode, name=f"relay-{index}",
-                             acceptor=self if index == 0 else None, budget=budget,
+                             acceptor=acceptor if index == 0 else None, budget=budget,
                              on_crash=signals.wake)
             if index == 0 and os.environ.get(TEST_CRASH_ENV):
                 self._arm_test_crash(loop, os.environ[TEST_CRASH_ENV])
@@ -212,10 +164,10 @@ class Worker:
             loop.start()  # relay threads inherit the blocked mask: signals go to this thread
         self.board.accepting[self.row] = 1
         signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
-        self.max_connections = self._connection_budget()
+        acceptor.max_connections = self._connection_budget()
         self._tune_garbage_collector()
         log.info("worker %d booted: pid=%d threads=%d relay=%s max_connections=%d", self.slot,
-                 os.getpid(), len(self.loops), self.mode, self.max_connections)
+                 os.getpid(), len(self.loops), self.mode, acceptor.max_connections)
         return signals
 
     @staticmethod
@@ -286,27 +238,11 @@ class Worker:
     def active(self) -> int:
         return sum(loop.active for loop in self.loops)
 
-    # -- the first relay loop's thread (see ``RelayLoop``'s ``Acceptor``)
-
-    def listening_sockets(self) -> List[socket.socket]:
-        return [sock for _, sock, _ in self.accepting]
-
-    def accept_ready(self, sock: socket.socket, force: bool) -> Optional[Tuple[float, bool]]:
-        """A listener is readable: accept a batch; say how long to pause, if at all."""
-        outcome = self._accept_batch(*self.by_listener[sock.fileno()], balance=True,
-                                     force_first=force)
-        if outcome == PAUSE:
-            return ACCEPT_PAUSE_S, False
-        if outcome == DEFER:
-            return DEFER_S, True
-        return None
-
     # -- the main thread
 
     def _serve(self, signals: SignalQueue) -> None:
         selector = selectors.DefaultSelector()
         selector.register(signals.read_fd, selectors.EVENT_READ, None)
-        accepting = self.accepting
         next_beat = 0.0
 
         while not self.stopping:
@@ -316,7 +252,7 @@ class Worker:
                 signum = signals.pending.popleft()
                 try:
                     faults.trip("worker.signal")
-                    self._handle_signal(signum, accepting)
+                    self._handle_signal(signum)
                 except Exception:  # a failed handler must not cut this worker's connections
                     log.exception("worker %d: unexpected error handling %s; going on",
                                   self.slot, signal.Signals(signum).name)
@@ -328,7 +264,7 @@ class Worker:
                 self._beat(now)
                 if os.getppid() != self.master_pid and not self.stopping:
                     self._master_gone()
-                    self._begin_stop(self.config.server.drain_timeout_s, accepting)
+                    self._begin_stop(self.config.server.drain_timeout_s, sweep=True)
         selector.close()
         self._finish()
 
@@ -351,14 +287,14 @@ class Worker:
             log.error("worker %d: relay thread %s died (%s); stopping accepting and exiting so "
                       "that the other workers and a fresh worker take over", self.slot,
                       loop.name, loop.crashed)
-        self._begin_stop(self.config.server.drain_timeout_s, [])
+        self._begin_stop(self.config.server.drain_timeout_s, sweep=False)
         abandoned = sum(loop.close_abandoned() for loop in dead)
         if abandoned:
             log.warning("worker %d: closed %d client(s) handed to a dead relay thread",
                         self.slot, abandoned)
 
     def _beat(self, now: float) -> None:
-        """Stamp the scoreboard row; the oldest relay-loop tick stands for the whole worker.
+        """Stamp the worker's row; the oldest relay-loop tick stands for the whole worker.
 
         A loop that has ended while the worker serves (its thread crashed) stops
         ticking too, so the master sees a hung worker and replaces it, rather
@@ -366,95 +302,17 @@ class Worker:
         """
         ticks = [] if self.stopping else [loop.last_tick for loop in self.loops]
         oldest = min([now] + ticks)
-        self.board.beat(self.row, oldest, self.active(), self.accepted)
+        self.board.beat(self.row, oldest, self.active())
 
-    def _accept_batch(self, listener: ListenerConfig, sock: socket.socket,
-                      balancer: Balancer, balance: bool = False,
-                      force_first: bool = False) -> str:
-        """Accept what is queued, up to a batch.
-
-        Returns ``QUEUE_EMPTY``, ``BATCH_DONE`` when the batch ran out first
-        (epoll reports the rest), ``PAUSE`` to stop accepting for a while, or
-        (only when ``balance`` is asked for) ``DEFER`` to leave the queue to a
-        lighter sibling for a moment.  ``force_first`` takes the first client
-        without looking at the balance (the sibling had its chance).
-        """
-        timeout_s = listener.connect_timeout_ms / 1000.0
-        family = self.families[sock.fileno()]
-        options = self.socket_options[sock.fileno()]
-        board, row, loops = self.board, self.row, self.loops
-        siblings: List[int] = []
-        if balance:
-            now = time.monotonic()
-            if now >= self.siblings_due:
-                self.siblings = board.accepting_rows(exclude=row)
-                self.siblings_due = now + SIBLINGS_REFRESH_S
-            siblings = self.siblings
-        for _ in range(ACCEPT_BATCH):
-            # One pass over the loops: the worker's open connections, and the
-            # loop holding the fewest, which gets the client.
-            active = 0
-            least, least_active = loops[0], -1
-            for loop in loops:
-                held = loop.submitted - loop.finished
-                active += held
-                if least_active < 0 or held < least_active:
-                    least, least_active = loop, held
-            if siblings and active > BALANCE_SLACK and not force_first:
-                if active > board.lightest_of(siblings) + BALANCE_SLACK:
-                    return DEFER
-            if active >= self.max_connections:
-                if not self.at_limit:
-                    self.at_limit = True
-                    log.warning("worker %d: at its limit of %d connections (open-file limit); "
-                                "new clients wait in the accept queue", self.slot,
-                                self.max_connections)
-                return PAUSE
-            self.at_limit = False
-            try:
-                # ``_accept`` (what ``socket.accept`` wraps) returns the bare
-                # descriptor: building the socket object ourselves, with the
-                # listener's family known, skips the enum conversions that
-                # ``socket.accept`` spends on every client.
-                fd, address = sock._accept()  # type: ignore[attr-defined]
-            except BlockingIOError:
-                return QUEUE_EMPTY  # or a sibling worker was faster
-            except OSError as exc:
-                if exc.errno in _OUT_OF_DESCRIPTORS:
-                    log.warning("worker %d: cannot accept on %s: %s; pausing accept for "
-                                "%.0f ms", self.slot, listener.label, exc.strerror,
-                                ACCEPT_PAUSE_S * 1000)
-                    return PAUSE
-                if exc.errno == errno.ECONNABORTED:
-                    continue
-                raise
-            client = StreamSocket(family, _SOCK_STREAM, 0, fd)
-            client.setblocking(False)
-            if options:
-                try:
-                    apply_options(client, options)
-                except OSError as exc:  # the client is already gone: nothing to serve
-                    log.debug("client on %s closed before it was served: %s",
-                              listener.label, exc)
-                    client.close()
-                    continue
-            self.accepted += 1
-            board.active[row] = active + 1
-            peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
-            least.submit(client, balancer.targets(address), timeout_s, peer, options)
-            force_first = False
-        return BATCH_DONE
-
-    def _handle_signal(self, signum: int, accepting: List[Tuple[ListenerConfig, socket.socket,
-                                                                  Balancer]]) -> None:
+    def _handle_signal(self, signum: int) -> None:
         if signum == signal.SIGUSR1:
             logsetup.reopen_log_files()  # logs, and never raises, when a file cannot be
         elif signum == signal.SIGTERM:
             if os.getppid() != self.master_pid:  # PR_SET_PDEATHSIG: the master died
                 self._master_gone()
-            self._begin_stop(self.config.server.drain_timeout_s, accepting)
+            self._begin_stop(self.config.server.drain_timeout_s, sweep=True)
         else:  # SIGINT, SIGQUIT: fast stop
-            self._begin_stop(0.0, [])
+            self._begin_stop(0.0, sweep=False)
 
     def _master_gone(self) -> None:
         """The master died: freeze the accept queues it can no longer freeze itself.
@@ -471,9 +329,8 @@ class Worker:
                     "of %d listener(s))", self.slot, self.master_pid, frozen,
                     len(self.listeners))
 
-    def _begin_stop(self, drain_timeout_s: float,
-                    accepting: List[Tuple[ListenerConfig, socket.socket, Balancer]]) -> None:
-        """Stop accepting (after one last sweep of the queues) and start draining."""
+    def _begin_stop(self, drain_timeout_s: float, sweep: bool) -> None:
+        """Stop accepting (after one last sweep of the queues, if ``sweep``) and start draining."""
         if self.stopping and drain_timeout_s >= self._drain_left():
             return
         self.board.accepting[self.row] = 0
@@ -484,9 +341,8 @@ class Worker:
             if not self.loops[0].stop_accepting():
                 log.warning("worker %d: the accepting relay loop did not confirm that it "
                             "stopped accepting", self.slot)
-            for entry in accepting:
-                while self._accept_batch(*entry) == BATCH_DONE:
-                    pass
+            if sweep and self.acceptor is not None:
+                self.acceptor.sweep()
         if not self.stopping:
             log.info("worker %d gen %d: stopped accepting; draining %d connection(s) for up to "
                      "%.1f s", self.slot, self.generation, self.active(), drain_timeout_s)

@@ -6,7 +6,7 @@ to a millisecond).  The data:
 
 - ``StatusPage`` (written by the master): its loop heartbeat, the stopping
   flag, the status model as JSON;
-- the scoreboard (written by the workers): which workers accept right now.
+- the worker rows (``rows``, written by the workers): which workers accept right now.
 
 ``/live`` is 200 while the master's loop turns (heartbeat younger than
 ``LIVE_AFTER_S``); ``/ready`` is 200 while at least one worker accepts and
@@ -32,7 +32,7 @@ from prefork_proxy.admin.exposition import metrics_handler
 from prefork_proxy.admin.httphead import Request
 from prefork_proxy.admin.page import StatusPage
 from prefork_proxy.admin.server import Handler, Response
-from prefork_proxy.scoreboard import Scoreboard
+from prefork_proxy.rows import WorkerRows
 
 #: The master loop turns at least once a second; this long without a turn is not live.
 LIVE_AFTER_S = status_model.STALE_AFTER_S
@@ -42,7 +42,7 @@ _TEXT = "text/plain; charset=utf-8"
 _JSON = "application/json"
 
 
-def serving_workers(board: Scoreboard, now: float) -> int:
+def serving_workers(board: WorkerRows, now: float) -> int:
     """Workers accepting now: a live row, booted, accepting, heartbeat fresh."""
     used = board.rows_used
     pid, booted, accepting, heartbeat = board.pid, board.booted, board.accepting, board.heartbeat
@@ -89,7 +89,7 @@ class ModelCollector:
         yield workers
 
 
-def build_routes(page: StatusPage, board: Scoreboard, master_pid: int) -> Dict[str, Handler]:
+def build_routes(page: StatusPage, board: WorkerRows, master_pid: int) -> Dict[str, Handler]:
     """The routing table for ``AdminServer`` (admin process)."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(ModelCollector(page))

@@ -41,7 +41,7 @@ from prefork_proxy.admin.server import is_loopback
 from prefork_proxy.config import Endpoint
 from prefork_proxy.errors import BindError
 from prefork_proxy.proctitle import set_title
-from prefork_proxy.scoreboard import Scoreboard
+from prefork_proxy.rows import WorkerRows
 
 log = logging.getLogger("prefork_proxy.admin")
 
@@ -136,7 +136,7 @@ class AdminEndpoint:
 
     # -- the process
 
-    def tick(self, now: float, board: Scoreboard, configured: Optional[Endpoint]) -> None:
+    def tick(self, now: float, board: WorkerRows, configured: Optional[Endpoint]) -> None:
         """(Re)start the admin process when due; warn once if a reload changed [admin]."""
         if configured != self.configured and configured != self._warned_bind:
             self._warned_bind = configured
@@ -159,7 +159,7 @@ class AdminEndpoint:
         self._restart_at = now + delay
         return True
 
-    def start(self, board: Scoreboard) -> None:
+    def start(self, board: WorkerRows) -> None:
         master_pid = os.getpid()
         # Blocked across fork (as for workers): a SIGTERM that reached the child
         # before its own handler was installed would run the master's copy and
@@ -217,7 +217,7 @@ class AdminEndpoint:
 # --------------------------------------------------------------------------- the process
 
 
-def _child(sock: socket.socket, page: StatusPage, board: Scoreboard, master_pid: int,
+def _child(sock: socket.socket, page: StatusPage, board: WorkerRows, master_pid: int,
            signal_mask: Iterable[int]) -> None:
     """The admin process's whole life (its main thread)."""
     from prefork_proxy.admin.endpoints import build_routes  # loaded by open()

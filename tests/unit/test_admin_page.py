@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prefork_proxy.admin.endpoints import build_routes, serving_workers
 from prefork_proxy.admin.httphead import parse_request_head
 from prefork_proxy.admin.page import StatusPage
-from prefork_proxy.scoreboard import Scoreboard
+from prefork_proxy.rows import WorkerRows
 
 
 def _body(n: int) -> bytes:
@@ -66,8 +66,8 @@ def _get(routes, path):
     return routes[path](request)
 
 
-def test_live_ready_status_and_metrics_from_page_and_scoreboard():
-    page, board = StatusPage(), Scoreboard(capacity=8)
+def test_live_ready_status_and_metrics_from_page_and_worker_rows():
+    page, board = StatusPage(), WorkerRows(capacity=8, backend_slots=8)
     routes = build_routes(page, board, os.getpid())
     assert _get(routes, "/live")[0] == 503  # never stamped
     page.beat(time.monotonic())

@@ -207,38 +207,8 @@ def test_counter_is_global_across_forked_processes(atomic):
     assert sorted(drawn) == list(range(4000))
 
 
-def test_active_counts_are_global_and_a_dead_workers_counts_are_swept():
-    table = BackendTable(slots=8, rows=16)
-    go_read, go_write = os.pipe()
-    done_read, done_write = os.pipe()
-    children = []
-    for _ in range(4):
-        pid = os.fork()
-        if pid == 0:  # child: hold 60 connections, say so, live until the parent lets go
-            os.close(go_write)
-            for _ in range(100):
-                table.acquire(3)
-            for _ in range(40):
-                table.release(3)
-            os.write(done_write, b"x")
-            os.read(go_read, 1)
-            os._exit(0)
-        children.append(pid)
-    for _ in range(4):
-        assert os.read(done_read, 1) == b"x"
-    assert table.active_count(3) == 4 * 60
-    os.close(go_write)  # the children exit without releasing, as if killed
-    for pid in children:
-        os.waitpid(pid, 0)
-    for fd in (go_read, done_read, done_write):
-        os.close(fd)
-    assert table.active_count(3) == 4 * 60
-    assert table.sweep_rows() == 4
-    assert table.active_count(3) == 0
-
-
 def test_locks_are_released_when_their_holder_is_killed():
-    table = BackendTable(slots=8, rows=4)
+    table = BackendTable(slots=8)
     counter = RoundRobinCounter()
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -261,9 +231,11 @@ def test_locks_are_released_when_their_holder_is_killed():
 
 def _shared_of(balancer: Balancer) -> SharedState:
     shared = SharedState.__new__(SharedState)  # the same table and pools, as a forked worker has
-    shared.table = balancer.table
-    shared._round_robin = {"127.0.0.1:0#0": balancer.counter}
-    shared._pools = {"127.0.0.1:0#0": balancer.entries}
+    shared.table, shared.rows = balancer.table, balancer.rows
+    shared._keys = [("port 0", 0)]
+    shared._round_robin = {("port 0", 0): balancer.counter}
+    shared._pools = {("port 0", 0): balancer.entries}
+    shared._listener_slots = {("port 0", 0): 0}
     return shared
 
 

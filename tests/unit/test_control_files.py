@@ -14,7 +14,7 @@ from prefork_proxy import config, control, hygiene
 from prefork_proxy.errors import BindError, ProxyError
 from prefork_proxy.listeners import ListenerSet
 from prefork_proxy.master import Master
-from prefork_proxy.scoreboard import Scoreboard
+from prefork_proxy.rows import WorkerRows
 
 
 def test_a_locked_pidfile_refuses_a_second_holder_and_is_released_on_remove(tmp_path):
@@ -48,7 +48,7 @@ def test_a_locked_pidfile_refuses_a_second_holder_and_is_released_on_remove(tmp_
 def test_status_write_failures_warn_once_per_cause(tmp_path, caplog):
     master = Master(config.load_text('[[tcp_proxy]]\nbind = "127.0.0.1:0"\n'
                                      'backends = ["127.0.0.1:9"]\n'))
-    master.board = Scoreboard(4)
+    master.board = WorkerRows(4, 8)
     master.pidfile = control.PidFile(str(tmp_path / "gone" / "proxy.pid"))
     with caplog.at_level(logging.DEBUG, logger="prefork_proxy.master"):
         for _ in range(3):

@@ -1,0 +1,246 @@
+"""The worker rows: one row of shared memory per live worker, and the totals of dead ones.
+
+Owned by the master: it allocates the table before the first fork (shared
+memory cannot grow once children exist), claims a free row for each worker
+just before forking it, and, when it reaps that worker, folds the row's
+counters into the *retired totals* and frees the row.  No process ever looks
+for dead pids: the master knows when a worker is gone because it reaps it.
+
+A row holds everything a worker publishes:
+
+- supervision: ``pid``, ``started`` (master, before the fork), ``heartbeat``,
+  ``booted``, ``accepting`` and ``active`` (its open connections, published
+  at each accept and heartbeat; read by the master for status and by the
+  sibling workers for the accept balance, see ``accept``);
+- per listener (indexed by the listener's *slot*, assigned by
+  ``SharedState`` and stable across reloads): ``LISTENER_CELLS`` counters,
+  ``CONNECTIONS`` (clients accepted) written by the worker's accepting
+  thread, ``FAILOVERS`` written under the row lock by relay threads, and
+  cells reserved for the relay (bytes, closes) and admission (rejections);
+- per backend slot (the ``shared.BackendTable`` slot), written under the row
+  lock by the worker's relay threads: ``backend_active``, the backend's open
+  connections from this worker (one up at each attempt, one down when it
+  ends; least_conn reads it, see ``balancer.Pool.loads``), and ``acquired``,
+  its connections (attempts) so far, only ever increasing.
+
+Principle (one writer per cell, no lock another process can hold): a cell
+is written by one thread of one process at a time: the accepting thread, or
+any thread of the owning worker under that worker's own ``threading.Lock``
+(``row_lock``; a process lock, never shared with another process, so a
+killed worker can leave nothing held).  Every cell is one aligned 8-byte
+value, which the CPU stores whole, so a reader never sees half a value.
+
+Principle (counters never go backwards): a counter's value is the retired
+total plus the sum over the live rows.  ``fold`` adds a dead worker's row to
+the retired totals and zeroes the row under a sequence counter (odd while a
+fold runs), so ``snapshot`` retries rather than count a row twice or not at
+all.  Gauges (open connections) are not folded: a dead worker holds nothing.
+
+Capacity: ``rows_for(workers)`` rows, room for a reload (two generations at
+once) and scaling up; a spawn that finds every row taken is retried later.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from typing import Dict, Iterable, List, Optional, Sequence
+
+#: Listener slots (distinct listeners over the master's life, reused oldest first).
+LISTENER_SLOTS = 256
+#: Counters per listener per row, by index.
+CONNECTIONS, CLOSED, RECEIVED_BYTES, SENT_BYTES, FAILOVERS = 0, 1, 2, 3, 4
+REJECTED = 5  # REJECTED .. REJECTED + REJECT_REASONS - 1, one per reason (admission, later)
+REJECT_REASONS = 3
+LISTENER_CELLS = REJECTED + REJECT_REASONS
+LISTENER_COUNTERS = {"connections_total": CONNECTIONS, "failovers_total": FAILOVERS}
+
+# The pid of this process, kept current across fork (the row lock is per process).
+_PID = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
+
+
+def rows_for(workers: int) -> int:
+    """Rows for a master started with ``workers``: a reload doubles them, TTIN adds some."""
+    return min(4096, max(64, 4 * workers))
+
+
+class WorkerRows:
+    """Shared rows of worker state and counters, indexed by row number (not by slot or pid)."""
+
+    def __init__(self, capacity: int = 64, backend_slots: int = 1024) -> None:
+        self.capacity, self.backend_slots = capacity, backend_slots
+        fields = [("pid", "q", capacity), ("started", "d", capacity),
+                  ("heartbeat", "d", capacity), ("active", "q", capacity),
+                  ("booted", "q", capacity), ("accepting", "q", capacity),
+                  ("_used", "q", 1), ("fold_seq", "q", 1),
+                  ("listener", "q", capacity * LISTENER_SLOTS * LISTENER_CELLS),
+                  ("acquired", "q", capacity * backend_slots),
+                  ("backend_active", "q", capacity * backend_slots),
+                  ("retired_listener", "q", LISTENER_SLOTS * LISTENER_CELLS),
+                  ("retired_acquired", "q", backend_slots)]
+        # Anonymous and MAP_SHARED: zero-filled, inherited by every child; pages
+        # of rows never used are never touched, so they cost no memory.
+        self._map = mmap.mmap(-1, sum(8 * count for _, _, count in fields))
+        offset = 0
+        for name, kind, count in fields:
+            setattr(self, name, memoryview(self._map)[offset:offset + 8 * count].cast(kind))
+            offset += 8 * count
+        self._free: List[int] = list(range(capacity - 1, -1, -1))  # master only
+        self._lock_pid = -1
+        self._lock = threading.Lock()
+
+    # -- master
+
+    def claim(self, now: float) -> Optional[int]:
+        """Reserve a zeroed row for a worker about to be forked; None when all are taken."""
+        if not self._free:
+            return None
+        row = self._free.pop()
+        self.pid[row] = 0
+        self.started[row] = self.heartbeat[row] = now
+        self.active[row] = self.booted[row] = self.accepting[row] = 0
+        self._used[0] = max(self._used[0], row + 1)
+        return row
+
+    def fold(self, row: int) -> None:
+        """The worker of ``row`` is reaped: add its counters to the retired totals, free it.
+
+        Master only, and only once the worker is dead (nothing writes the row).
+        """
+        self.fold_seq[0] += 1  # odd: a fold is under way
+        cells = LISTENER_SLOTS * LISTENER_CELLS
+        listener, retired = self.listener, self.retired_listener
+        base = row * cells
+        for index in range(cells):
+            value = listener[base + index]
+            if value:
+                retired[index] += value
+                listener[base + index] = 0
+        slots = self.backend_slots
+        acquired, backend_active, retired_acquired = self.acquired, self.backend_active, \
+            self.retired_acquired
+        base = row * slots
+        for slot in range(slots):
+            value = acquired[base + slot]
+            if value:
+                retired_acquired[slot] += value
+                acquired[base + slot] = 0
+            backend_active[base + slot] = 0
+        self.active[row] = self.pid[row] = self.accepting[row] = self.booted[row] = 0
+        self.fold_seq[0] += 1
+        self._free.append(row)
+
+    def release_unused(self, row: int) -> None:
+        """A claimed row whose worker was never forked: free it (nothing to fold)."""
+        self.fold(row)
+
+    def reset_listener(self, lslot: int) -> None:
+        """Master: a listener slot is reused for another listener; its totals start at 0."""
+        for cell in range(LISTENER_CELLS):
+            self.retired_listener[lslot * LISTENER_CELLS + cell] = 0
+
+    def reset_backend(self, slot: int) -> None:
+        """Master: a backend slot is reused for another backend; its totals start at 0."""
+        self.retired_acquired[slot] = 0
+
+    # -- any process
+
+    @property
+    def rows_used(self) -> int:
+        """One past the highest row ever claimed: no live row lies beyond (any process)."""
+        return self._used[0]
+
+    def live_rows(self) -> List[int]:
+        """Rows of workers forked and not reaped (the master fills ``pid`` after fork)."""
+        return [row for row in range(self._used[0]) if self.pid[row]]
+
+    def accepting_rows(self, exclude: int) -> List[int]:
+        """Rows of the workers accepting now, but ``exclude`` (a worker's siblings)."""
+        used = self._used[0]
+        return [row for row, accepting in enumerate(self.accepting[:used])
+                if accepting and row != exclude]
+
+    def lightest_of(self, rows: List[int]) -> int:
+        """The fewest open connections among ``rows`` (at least one; may be a moment old)."""
+        active = self.active
+        return min([active[row] for row in rows])
+
+    def active_count(self, slot: int) -> int:
+        """Open connections to backend ``slot`` from every worker (a sum over used rows)."""
+        # Row 0 at least: an unclaimed row holds zeros (and a Balancer built
+        # outside a worker, as in tests, writes row 0).
+        step = self.backend_slots
+        end = max(1, self._used[0]) * step
+        return sum(self.backend_active[slot:end:step])
+
+    def accepted(self, row: int) -> int:
+        """Clients accepted by the worker of ``row``, every listener together."""
+        base = row * LISTENER_SLOTS * LISTENER_CELLS
+        return sum(self.listener[base + CONNECTIONS:base + LISTENER_SLOTS * LISTENER_CELLS:
+                                 LISTENER_CELLS])
+
+    def snapshot(self, listener_slots: Dict[str, int],
+                 backend_slots: Dict[str, Sequence[int]]) -> Dict[str, Dict[str, Dict[str, int]]]:
+        """Counter totals, for a metrics collector or ``status`` (pure read; retried
+        while a fold runs).
+
+        ``listener_slots`` maps a listener's label to its slot and
+        ``backend_slots`` a backend's label to its slots (``SharedState.labels``).
+        Returns ``{"listeners": {label: {counter: value}}, "backends": {label:
+        {"connections_total": n, "connections_active": n}}}``.
+        """
+        for _ in range(1000):
+            before = self.fold_seq[0]
+            if before & 1:
+                continue
+            result = self._totals(listener_slots, backend_slots)
+            if self.fold_seq[0] == before:
+                return result
+        return self._totals(listener_slots, backend_slots)  # only a dead master could spin
+
+    def _totals(self, listener_slots: Dict[str, int],
+                backend_slots: Dict[str, Sequence[int]]) -> Dict[str, Dict[str, Dict[str, int]]]:
+        used = max(1, self._used[0])
+        stride = LISTENER_SLOTS * LISTENER_CELLS
+        listeners: Dict[str, Dict[str, int]] = {}
+        for label, lslot in listener_slots.items():
+            counts = {}
+            for name, cell in LISTENER_COUNTERS.items():
+                index = lslot * LISTENER_CELLS + cell
+                counts[name] = self.retired_listener[index] + sum(
+                    self.listener[index:used * stride:stride])
+            listeners[label] = counts
+        backends: Dict[str, Dict[str, int]] = {}
+        step, end = self.backend_slots, used * self.backend_slots
+        for label, slots in backend_slots.items():
+            total = active = 0
+            for slot in slots:
+                acquired = sum(self.acquired[slot:end:step])
+                total += self.retired_acquired[slot] + acquired
+                active += sum(self.backend_active[slot:end:step])
+            backends[label] = {"connections_total": total, "connections_active": active}
+        return {"listeners": listeners, "backends": backends}
+
+    # -- a worker (its own row only)
+
+    def row_lock(self) -> threading.Lock:
+        """This process's lock for the cells its threads share (fresh after fork)."""
+        if self._lock_pid != _PID[0]:
+            self._lock = threading.Lock()
+            self._lock_pid = _PID[0]
+        return self._lock
+
+    def beat(self, row: int, now: float, active: int) -> None:
+        self.active[row] = active
+        self.heartbeat[row] = now
+
+
+def listener_cells(rows: WorkerRows, row: int, lslot: int) -> int:
+    """Index of the first counter cell of listener slot ``lslot`` in ``row``."""
+    return (row * LISTENER_SLOTS + lslot) * LISTENER_CELLS
+
+
+__all__: Iterable[str] = ["WorkerRows", "rows_for", "listener_cells", "LISTENER_SLOTS",
+                          "CONNECTIONS", "FAILOVERS"]
