@@ -42,8 +42,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Dict, List, Optional, Set
 
-XOR = bytes(b ^ 0x5A for b in range(256))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test helpers
+from support import free_port, transform  # noqa: E402
 
 # --------------------------------------------------------------------------- backends
 
@@ -74,7 +74,7 @@ def _echo_server(port_queue) -> None:
                     data = conn.recv(262144)
                     if not data:
                         raise ConnectionResetError
-                    out += data.translate(XOR)
+                    out += transform(data)
                 if out:
                     del out[:conn.send(out)]
             except BlockingIOError:
@@ -220,7 +220,7 @@ def client_loop(port: int, stop: threading.Event, tally: Tally, seed: int) -> No
                     if not chunk:
                         raise ConnectionError(f"EOF after {len(received)} of {len(message)}")
                     received += chunk
-                expected = message.translate(XOR)
+                expected = transform(message)
                 if received != expected:
                     wrong = sum(1 for a, b in zip(received, expected) if a != b)
                     with tally.lock:
@@ -257,7 +257,7 @@ class LongStream(threading.Thread):
                     if not chunk:
                         raise ConnectionError("EOF")
                     received += chunk
-                if received != message.translate(XOR):
+                if received != transform(message):
                     raise ValueError("mismatched bytes")
                 self.turns += 1
                 self.bytes += len(message)
@@ -294,9 +294,7 @@ class Report:
 def run(duration: float, clients: int, workers: int) -> Report:
     report = Report(duration_s=duration, clients=clients, workers=workers)
     backend_processes, backends = start_backends(2)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="prefork-chaos-"))
     proxy = Proxy(workdir, port, backends[:1], workers)
     stop = threading.Event()

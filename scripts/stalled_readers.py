@@ -19,7 +19,6 @@ flood backend (used by tests/integration/test_relay_faults.py): it prints
 from __future__ import annotations
 
 import argparse
-import os
 import selectors
 import socket
 import subprocess
@@ -30,6 +29,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the test helpers, also from a fresh clone
+from support import ProxyProcess, cpu_seconds, rss_kib  # noqa: E402
+
 CHUNK = memoryview(bytes(1 << 20))
 
 
@@ -67,28 +69,6 @@ def serve_flood(total: int) -> None:
                 del left[sock]
 
 
-def _status_kib(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} for pid {pid}")
-
-
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _children(pid: int) -> List[int]:
-    found: List[int] = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            found += [int(p) for p in f.read().split()]
-    return found
-
-
 def start_flood(total: int) -> Tuple[subprocess.Popen, int]:
     process = subprocess.Popen([sys.executable, __file__, "--serve-flood", str(total)],
                                stdout=subprocess.PIPE, text=True)
@@ -98,17 +78,6 @@ def start_flood(total: int) -> Tuple[subprocess.Popen, int]:
         process.kill()
         raise RuntimeError(f"flood backend did not start: {line!r}")
     return process, int(line.split()[1])
-
-
-def _wait_port(log: Path, deadline: float) -> int:
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        for line in text.splitlines():
-            if "ready pid=" in line and "listeners=" in line:
-                first = line.rsplit("listeners=", 1)[1].split()[0].split(",")[0]
-                return int(first.rsplit(":", 1)[1])
-        time.sleep(0.05)
-    raise RuntimeError("the proxy did not get ready:\n" + log.read_text(errors="replace"))
 
 
 def measure(relay: str, connections: int, total: int, budget_mb: Optional[int],
@@ -121,32 +90,27 @@ def measure(relay: str, connections: int, total: int, budget_mb: Optional[int],
     config.write_text(f"[server]\nworkers = 1\nthreads = 1\nrelay = \"{relay}\"\n{budget_line}\n"
                       f"[[tcp_proxy]]\nbind = \"127.0.0.1:0\"\n"
                       f"backends = [\"127.0.0.1:{port}\"]\n")
-    log = workdir / "proxy.log"
-    with open(log, "ab") as log_file:
-        proxy = subprocess.Popen([sys.executable, "-m", "prefork_proxy", "start", "--config",
-                                  str(config)], stdout=log_file, stderr=subprocess.STDOUT,
-                                 cwd=ROOT)
+    proxy = ProxyProcess(["start", "--config", str(config)], workdir / "proxy.log",
+                         wait_ready=False, cwd=ROOT)
     clients: List[socket.socket] = []
     try:
-        deadline = time.monotonic() + 20
-        proxy_port = _wait_port(log, deadline)
-        while not _children(proxy.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        (worker,) = _children(proxy.pid)
+        proxy.wait_ready(20)
+        proxy_port = proxy.port()
+        (worker,) = proxy.wait_workers(1, 20)
         time.sleep(0.5)  # let the worker finish booting before the first figure
-        figures: Dict[str, float] = {"rss_start": _status_kib(worker, "VmRSS") / 1024}
+        figures: Dict[str, float] = {"rss_start": rss_kib(worker) / 1024}
         for _ in range(connections):
             sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
             clients.append(sock)  # and never read
         # Settled: nothing moves any more: RSS unchanged (within 64 KiB) and the
         # worker used under 1 % of a CPU, for two seconds in a row; bounded by
         # settle_s (a worker that spins never settles, and the figures show it).
-        peak, last_rss, last_cpu, quiet_since = 0.0, -1.0, _cpu_s(worker), None
+        peak, last_rss, last_cpu, quiet_since = 0.0, -1.0, cpu_seconds(worker), None
         started = time.monotonic()
         deadline = started + settle_s
         while time.monotonic() < deadline:
             time.sleep(0.5)
-            rss, cpu = _status_kib(worker, "VmRSS") / 1024, _cpu_s(worker)
+            rss, cpu = rss_kib(worker) / 1024, cpu_seconds(worker)
             peak = max(peak, rss)
             quiet = abs(rss - last_rss) <= 1 / 16 and cpu - last_cpu <= 0.005
             last_rss, last_cpu = rss, cpu
@@ -158,25 +122,20 @@ def measure(relay: str, connections: int, total: int, budget_mb: Optional[int],
                 break
         figures["settle_s"] = time.monotonic() - started
         figures["rss_peak"] = peak
-        figures["rss_stalled"] = _status_kib(worker, "VmRSS") / 1024
-        cpu, wall = _cpu_s(worker), time.monotonic()
+        figures["rss_stalled"] = rss_kib(worker) / 1024
+        cpu, wall = cpu_seconds(worker), time.monotonic()
         time.sleep(3.0)
-        figures["cpu_stalled_pct"] = 100 * (_cpu_s(worker) - cpu) / (time.monotonic() - wall)
+        figures["cpu_stalled_pct"] = 100 * (cpu_seconds(worker) - cpu) / (time.monotonic() - wall)
         for sock in clients:
             sock.close()
         clients.clear()
         time.sleep(after_s)
-        figures["rss_after_close"] = _status_kib(worker, "VmRSS") / 1024
+        figures["rss_after_close"] = rss_kib(worker) / 1024
         return figures
     finally:
         for sock in clients:
             sock.close()
-        proxy.terminate()
-        try:
-            proxy.wait(20)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
-            proxy.wait(5)
+        proxy.stop(20)
         flood.kill()
         flood.wait(5)
 

@@ -18,18 +18,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import socket
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test helpers
 from bench_lib.procfs import tree_cpu_seconds  # noqa: E402  (the benchmark's /proc reader)
+from support import ProxyProcess  # noqa: E402  (starts the CLI, waits for its ready line)
 
 CHUNK = 1 << 20
 
@@ -66,23 +67,13 @@ def send(port: int, total: int) -> float:
     return elapsed
 
 
-def start_proxy(backend_port: int, relay: str) -> tuple:
-    proxy = subprocess.Popen([sys.executable, "-m", "prefork_proxy", "start", "--bind",
-                              "127.0.0.1:0", "--backend", f"127.0.0.1:{backend_port}",
-                              "--workers", "1", "--threads", "2", "--relay", relay],
-                             stderr=subprocess.PIPE, text=True)
-    assert proxy.stderr is not None
-    deadline = time.monotonic() + 15
-    port = 0
-    while time.monotonic() < deadline and not port:
-        line = proxy.stderr.readline()
-        match = re.search(r"ready pid=\d+ listeners=\S+:(\d+)", line)
-        if match:
-            port = int(match.group(1))
-    if not port:
-        proxy.kill()
-        raise RuntimeError("the proxy did not become ready")
-    return proxy, port
+def start_proxy(backend_port: int, relay: str) -> Tuple[ProxyProcess, int]:
+    """The proxy (1 worker, 2 relay threads) in front of the backend, its log in a temp dir."""
+    log = Path(tempfile.mkdtemp(prefix="transfer-figures-")) / f"proxy-{relay}.log"
+    proxy = ProxyProcess(["start", "--bind", "127.0.0.1:0", "--backend",
+                          f"127.0.0.1:{backend_port}", "--workers", "1", "--threads", "2",
+                          "--relay", relay], log)
+    return proxy, proxy.port()
 
 
 def workers_of(pid: int) -> List[int]:
@@ -129,8 +120,7 @@ def bulk(gib: float, repeats: int) -> None:
                 samples[mode].append((elapsed, tree_cpu_seconds(proxy.pid) - cpu_before))
     finally:
         for proxy, _ in proxies.values():
-            proxy.terminate()
-            proxy.wait(30)
+            proxy.stop(30)
         sink_process.terminate()
     direct = statistics.median(t for t, _ in samples["direct"])
     print(f"bulk: {total / (1 << 30):.2f} GiB one way over 127.0.0.1, median of {repeats}")
@@ -166,8 +156,7 @@ def idle(count: int) -> None:
     finally:
         for sock in clients:
             sock.close()
-        proxy.terminate()
-        proxy.wait(30)
+        proxy.stop(30)
         sink_process.terminate()
     print(f"idle: one worker holding {count} connections")
     print(f"  RSS {before['VmRSS']} KiB -> {after['VmRSS']} KiB "

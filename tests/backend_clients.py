@@ -2,11 +2,10 @@
 
 ``tag`` connects through the proxy (optionally from another 127.x source
 address) and returns the backend's name; ``run_clients`` makes many such
-connections from a few threads, counting names, failures and latencies.
-``Blackhole`` is a loopback listener whose accept queue is full, so a connect
-to it hangs like one to a dead host.  ``figure`` prints a measured number for
-the report (``pytest -s``); ``PREFORK_PROXY_FIGURES=1`` asks for the issue's
-sizes instead of the lean defaults.
+connections from a few threads, counting names, failures and latencies
+(ports and the blackhole backend are in support.py).  ``figure`` prints a
+measured number for the report (``pytest -s``); ``PREFORK_PROXY_FIGURES=1``
+asks for the issue's sizes instead of the lean defaults.
 """
 
 from __future__ import annotations
@@ -25,13 +24,6 @@ FIGURES = os.environ.get("PREFORK_PROXY_FIGURES") == "1"
 def figure(text: str) -> None:
     """A measured number, for the report (shown with pytest -s)."""
     print(f"FIGURE {text}", file=sys.stderr)
-
-
-def free_port() -> int:
-    """A loopback port with nothing listening (connects to it are refused)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def tag(port: int, source: str = "127.0.0.1", timeout: float = 10.0) -> str:
@@ -72,24 +64,3 @@ def run_clients(port: int, total: int, threads: int = 4) -> Tuple[collections.Co
     for worker in workers:
         worker.join(100)
     return names, failures[0], latencies
-
-
-class Blackhole:
-    """A listener that never accepts and whose queue is full: connects to it hang."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(0)
-        self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
-        self.fillers = []
-        for _ in range(8):  # fill the queue; later SYNs are dropped
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(self.sock.getsockname())
-            self.fillers.append(filler)
-
-    def close(self) -> None:
-        for filler in self.fillers:
-            filler.close()
-        self.sock.close()

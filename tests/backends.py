@@ -27,13 +27,10 @@ import socket
 import struct
 import sys
 
-XOR_TABLE = bytes(b ^ 0x5A for b in range(256))
+from support import transform  # run as a script, tests/ is sys.path[0]
+
 #: Echo stops reading from a client while this much waits to be sent (backpressure).
 MAX_PENDING = 1 << 20
-
-
-def transform(data: bytes) -> bytes:
-    return data.translate(XOR_TABLE)
 
 
 class Session:

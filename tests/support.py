@@ -1,9 +1,22 @@
-"""Helpers shared by the tests: real processes, real sockets, waits on conditions.
+"""The one module of test helpers: real processes, real sockets, waits on conditions.
 
-``ProxyProcess`` runs the real ``prefork-proxy`` CLI (``python -m prefork_proxy``)
-as a child process and waits for its ``ready`` log line; ``start_backend``
-runs a ``tests/backends.py`` server in its own process.  Every wait is bounded
-and waits for a condition, never for a fixed time.
+Used by the tests (``from support import ...``; tests/ is on pytest's path) and
+by the scripts (scripts/chaos.py, stalled_readers.py, transfer_figures.py put
+tests/ on ``sys.path`` from their own location, so they run from a fresh
+clone), which is why it imports only the standard library: no pytest here
+(pytest fixtures live in tests/conftest.py).
+
+- ports: ``free_port`` (nothing listens there once it returns) and
+  ``closed_port`` (held bound, so connects are refused while the block runs);
+- backends: ``BackendProcess`` runs a tests/backends.py server in its own
+  process; ``Blackhole`` is a listener that never accepts, with a full queue;
+- bytes: ``transform`` is what every test backend does to each byte (XOR 0x5A);
+- the proxy: ``ProxyProcess`` runs the real ``prefork-proxy`` CLI
+  (``python -m prefork_proxy``) as a child process and waits for its ``ready``
+  log line; tests/conftest.py's ``proxy_factory`` starts it through
+  pytest-xprocess with the same API.
+
+Every wait is bounded and waits for a condition, never for a fixed time.
 """
 
 from __future__ import annotations
@@ -16,8 +29,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, TypeVar
+from typing import Callable, Iterable, Iterator, List, Optional, TypeVar
 
 HERE = Path(__file__).resolve().parent
 XOR_TABLE = bytes(b ^ 0x5A for b in range(256))
@@ -27,6 +41,60 @@ T = TypeVar("T")
 def transform(data: bytes) -> bytes:
     """What the test backends do to every byte (see backends.py)."""
     return data.translate(XOR_TABLE)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A loopback port with nothing bound once this returns (connects to it are refused).
+
+    Another process may take it before the caller binds it: when the port must
+    stay refused for a while, hold it with ``closed_port`` instead.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def closed_port(host: str = "127.0.0.1") -> Iterator[int]:
+    """A port held bound but not listening for the block: connects to it are refused."""
+    with socket.socket() as placeholder:
+        placeholder.bind((host, 0))
+        yield placeholder.getsockname()[1]
+
+
+class Blackhole:
+    """A listener that never accepts and whose queue is full: connects to it hang.
+
+    The kernel drops SYNs to a full accept queue, so a connect stays in SYN_SENT
+    exactly as to a dead host, while staying on loopback.  ``fill`` is how many
+    connects fill the queue (listen(0) holds one; more only make it surer).
+    """
+
+    def __init__(self, host: str = "127.0.0.1", fill: int = 8) -> None:
+        self.sock = socket.socket()
+        self.sock.bind((host, 0))
+        self.sock.listen(0)
+        self.sockname = self.sock.getsockname()
+        self.port = self.sockname[1]
+        self.address = f"{host}:{self.port}"
+        self.fillers: List[socket.socket] = []
+        for _ in range(fill):  # fill the queue; later SYNs are dropped
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(self.sockname)
+            self.fillers.append(filler)
+
+    def close(self) -> None:
+        for filler in self.fillers:
+            filler.close()
+        self.sock.close()
+
+    def __enter__(self) -> "Blackhole":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def wait_for(condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.01,
@@ -73,18 +141,23 @@ class ProxyProcess:
 
     def __init__(self, args: Iterable[str], log_path: Path, wait_ready: bool = True,
                  preexec_fn: Optional[Callable[[], None]] = None,
-                 env: Optional[dict] = None, command: Optional[List[str]] = None) -> None:
+                 env: Optional[dict] = None, command: Optional[List[str]] = None,
+                 cwd: Optional[Path] = None) -> None:
         """Run ``python -m prefork_proxy ARGS``, or ``command`` as given (e.g. the API)."""
         self.args = command or [sys.executable, "-m", "prefork_proxy", *args]
         self.log_path = log_path
-        self.log_file = open(log_path, "ab")
-        self.process = subprocess.Popen(self.args, stdout=self.log_file,
-                                        stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
-                                        env=env)
-        self.pid = self.process.pid
         self.listeners: List[str] = []
+        self.process = self._spawn(preexec_fn, env, cwd)
+        self.pid = self.process.pid
         if wait_ready:
             self.wait_ready()
+
+    def _spawn(self, preexec_fn: Optional[Callable[[], None]], env: Optional[dict],
+               cwd: Optional[Path]) -> subprocess.Popen:
+        """Start the process, stdout and stderr to the log (conftest's xprocess one overrides)."""
+        with open(self.log_path, "ab") as log_file:  # the child keeps its own copy
+            return subprocess.Popen(self.args, stdout=log_file, stderr=subprocess.STDOUT,
+                                    preexec_fn=preexec_fn, env=env, cwd=cwd)
 
     @property
     def log(self) -> str:
@@ -92,12 +165,16 @@ class ProxyProcess:
 
     def wait_ready(self, timeout: float = 15.0) -> None:
         def ready() -> Optional[re.Match]:
-            if self.process.poll() is not None:
-                raise AssertionError(f"proxy exited with {self.process.returncode}:\n{self.log}")
+            self.check_running()
             return self.READY.search(self.log)
 
         match = wait_for(ready, timeout, message="the proxy's ready line")
         self.listeners = match.group(2).split(",")
+
+    def check_running(self) -> None:
+        """Fail with the log when the proxy has already exited."""
+        if self.process.poll() is not None:
+            raise AssertionError(f"proxy exited with {self.process.returncode}:\n{self.log}")
 
     def port(self, index: int = 0) -> int:
         return int(self.listeners[index].rsplit(":", 1)[1])
@@ -132,6 +209,7 @@ class ProxyProcess:
         self.process.send_signal(signum)
 
     def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM (the drain), then after ``timeout`` SIGKILL the workers and the master."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -141,7 +219,6 @@ class ProxyProcess:
                     os.kill(pid, signal.SIGKILL)
                 self.process.kill()
                 self.process.wait(5)
-        self.log_file.close()
         return self.process.returncode
 
 

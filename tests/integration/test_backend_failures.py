@@ -7,7 +7,7 @@ import socket
 import time
 
 import pytest
-from support import recv_exactly, transform
+from support import Blackhole, closed_port, recv_exactly, transform
 
 
 def _closed_within(sock: socket.socket, seconds: float) -> float:
@@ -43,9 +43,8 @@ def test_backend_reset_mid_stream_closes_client_within_1s(mode, backend_factory,
 
 
 def test_refused_backend_closes_client_within_1s_and_logs_it(proxy_factory):
-    with socket.socket() as placeholder:  # reserve a port with nothing listening on it
-        placeholder.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{placeholder.getsockname()[1]}"
+    with closed_port() as port:  # reserve a port with nothing listening on it
+        dead = f"127.0.0.1:{port}"
         proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", dead,
                               "--workers", "1")
         with proxy.connect() as sock:
@@ -57,27 +56,13 @@ def test_refused_backend_closes_client_within_1s_and_logs_it(proxy_factory):
 def test_backend_that_never_accepts_closes_client_at_connect_timeout(proxy_factory):
     # A listener whose accept queue is full: the kernel drops further SYNs, so a
     # connect to it hangs, exactly like a dead host, while staying on loopback.
-    blackhole = socket.socket()
-    blackhole.bind(("127.0.0.1", 0))
-    blackhole.listen(0)
-    fillers = []
-    try:
-        for _ in range(8):  # fill the queue; later connects stay in SYN_SENT
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(blackhole.getsockname())
-            fillers.append(filler)
-        address = "127.0.0.1:%d" % blackhole.getsockname()[1]
-        proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", address,
+    with Blackhole() as blackhole:
+        proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", blackhole.address,
                               "--workers", "1", "--connect-timeout-ms", "800")
         with proxy.connect() as sock:
             elapsed = _closed_within(sock, 5.0)
         assert 0.8 * 0.8 <= elapsed <= 0.8 * 1.2, elapsed
         assert "connect timed out after 800 ms" in proxy.log
-    finally:
-        for filler in fillers:
-            filler.close()
-        blackhole.close()
 
 
 @pytest.mark.parametrize("mode", ["splice", "copy"])

@@ -19,13 +19,7 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 from bench_lib import growth, procfs, procs, report, workloads  # noqa: E402
-from support import wait_for  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from support import free_port, wait_for  # noqa: E402
 
 
 def _accepts(port: int) -> bool:
@@ -38,7 +32,7 @@ def _accepts(port: int) -> bool:
 
 @pytest.mark.timeout(60)
 def test_idle_workload_and_proc_readers_against_the_real_proxy(proxy_factory):
-    port = _free_port()
+    port = free_port()
     backend = subprocess.Popen([sys.executable, str(SCRIPTS / "bench_lib" / "hold_backend.py"),
                                 "--port", str(port)])
     try:

@@ -10,7 +10,7 @@ import sys
 import textwrap
 
 import pytest
-from support import ProxyProcess, alive, recv_exactly, transform, write_config
+from support import ProxyProcess, alive, free_port, recv_exactly, transform, write_config
 
 
 def run_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
@@ -132,9 +132,7 @@ def test_config_file_with_cli_worker_override(backend_factory, proxy_factory, tm
 
 def test_python_api_serves(backend_factory, tmp_path):
     backend = backend_factory("echo")
-    with socket.socket() as probe:  # the API binds a fixed address: find a free one
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # the API binds a fixed address: find a free one
     script = textwrap.dedent(f"""
         import sys
         from prefork_proxy import TcpProxy

@@ -14,8 +14,8 @@ import socket
 import statistics
 import time
 
-from backend_clients import free_port, run_clients
-from support import recv_exactly, transform, wait_for, write_config
+from backend_clients import run_clients
+from support import free_port, recv_exactly, transform, wait_for, write_config
 
 
 def _dns(**names: dict) -> dict:

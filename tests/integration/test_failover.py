@@ -19,8 +19,8 @@ import textwrap
 import time
 from typing import Dict, List, Optional
 
-from backend_clients import FIGURES, Blackhole, figure, free_port, run_clients, tag
-from support import wait_for, write_config
+from backend_clients import FIGURES, figure, run_clients, tag
+from support import Blackhole, free_port, wait_for, write_config
 
 
 def proxy_config(path, backends: List[str], *, workers: int = 2, listener: str = "",

@@ -21,6 +21,8 @@ from support import (
     ProxyProcess,
     alive,
     children_of,
+    closed_port,
+    free_port,
     process_title,
     recv_exactly,
     recv_until_eof,
@@ -46,12 +48,6 @@ def _config(path, backends, *, workers=2, extra_server="", extra_listeners="", b
 def _tag(port: int) -> str:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         return sock.makefile("rb").readline().decode().strip()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Stream:
@@ -92,7 +88,7 @@ def test_reload_switches_backends_while_an_old_stream_keeps_flowing(backend_fact
                                                                    proxy_factory, tmp_path):
     a, b = backend_factory("tag", "A"), backend_factory("tag", "B")
     echo = backend_factory("echo")
-    port = _free_port()
+    port = free_port()
     config = _config(tmp_path / "proxy.toml", [a.address], bind=f"127.0.0.1:{port}")
     proxy = proxy_factory("start", "--config", str(config))
     old_workers = proxy.wait_workers(2)
@@ -100,7 +96,7 @@ def test_reload_switches_backends_while_an_old_stream_keeps_flowing(backend_fact
 
     # A stream to the echo backend opened before the reload, on a second listener
     # that stays in both configs.
-    echo_port = _free_port()
+    echo_port = free_port()
     _config(config, [a.address], bind=f"127.0.0.1:{port}", extra_listeners=textwrap.dedent(f"""
         [[tcp_proxy]]
         bind = "127.0.0.1:{echo_port}"
@@ -150,7 +146,7 @@ def test_invalid_reload_keeps_workers_and_old_config(backend_factory, proxy_fact
 
 def test_reload_adds_and_removes_listeners(backend_factory, proxy_factory, tmp_path):
     a = backend_factory("tag", "A")
-    first, second = _free_port(), _free_port()
+    first, second = free_port(), free_port()
     config = _config(tmp_path / "proxy.toml", [a.address], bind=f"127.0.0.1:{first}")
     proxy = proxy_factory("start", "--config", str(config))
     _config(config, [a.address], bind=f"127.0.0.1:{second}")  # first removed, second added
@@ -366,9 +362,8 @@ def test_hung_worker_is_killed_and_replaced(backend_factory, proxy_factory, tmp_
 
 def test_usr1_reopens_log_files_in_master_and_workers(proxy_factory, tmp_path):
     log_file = tmp_path / "proxy.log"
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{unused.getsockname()[1]}"
+    with closed_port() as unused:
+        dead = f"127.0.0.1:{unused}"
     proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", dead, "--workers", "1",
                           "--log-file", str(log_file), wait_ready=False)
     wait_for(lambda: log_file.exists() and "ready pid=" in log_file.read_text(),

@@ -22,13 +22,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import pytest
-from support import ProxyProcess, alive, process_title, recv_exactly, transform, wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from support import ProxyProcess, alive, free_port, process_title, recv_exactly, transform, wait_for
 
 
 def _write(path: Path, binds: List[str], backend: str, *, workers: int = 2, server: str = "",
@@ -107,7 +101,7 @@ def _bindable_without_reuseport(port: int) -> bool:
 def test_removed_listener_is_unbound_and_a_readded_one_serves_every_client(
         backend_factory, proxy_factory, tmp_path):
     echo = backend_factory("echo")
-    kept, removed = _free_port(), _free_port()
+    kept, removed = free_port(), free_port()
     both = [f"127.0.0.1:{kept}", f"127.0.0.1:{removed}"]
     config = _write(tmp_path / "proxy.toml", both, echo.address)
     proxy = proxy_factory("start", "--config", str(config))
@@ -136,7 +130,7 @@ def test_listener_readded_while_the_old_generation_drains_serves_every_client(
     """Re-added before the filtered socket could close: it must be that very socket
     again, not a fresh one in its SO_REUSEPORT group (half the clients would hang)."""
     echo = backend_factory("echo")
-    kept, removed = _free_port(), _free_port()
+    kept, removed = free_port(), free_port()
     both = [f"127.0.0.1:{kept}", f"127.0.0.1:{removed}"]
     config = _write(tmp_path / "proxy.toml", both, echo.address, server="drain_timeout_s = 60")
     proxy = proxy_factory("start", "--config", str(config))
@@ -184,7 +178,7 @@ def test_second_start_on_the_same_pidfile_exits_1(backend_factory, proxy_factory
 def test_second_instance_on_a_port_in_use_exits_1(spelling, backend_factory, proxy_factory,
                                                   tmp_path):
     echo = backend_factory("echo")
-    port = _free_port()
+    port = free_port()
     first = proxy_factory("start", "--config",
                           str(_write(tmp_path / "a.toml", [f"127.0.0.1:{port}"], echo.address,
                                      workers=1)))
@@ -200,7 +194,7 @@ def test_second_instance_on_a_port_in_use_exits_1(spelling, backend_factory, pro
 
 def test_reuse_port_opts_in_to_sharing(backend_factory, proxy_factory, tmp_path):
     echo = backend_factory("echo")
-    port = _free_port()
+    port = free_port()
     first = proxy_factory("start", "--config",
                           str(_write(tmp_path / "a.toml", [f"127.0.0.1:{port}"], echo.address,
                                      workers=1)))
@@ -216,7 +210,7 @@ def test_reload_respelling_an_address_keeps_its_socket(backend_factory, proxy_fa
                                                        tmp_path):
     """``127.0.0.1:P`` -> ``localhost:P`` is the same address: kept, not "in use"."""
     echo = backend_factory("echo")
-    port = _free_port()
+    port = free_port()
     config = _write(tmp_path / "proxy.toml", [f"127.0.0.1:{port}"], echo.address, workers=1)
     proxy = proxy_factory("start", "--config", str(config))
     proxy.wait_workers(1)

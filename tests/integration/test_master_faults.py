@@ -24,18 +24,13 @@ from support import (
     ProxyProcess,
     alive,
     children_of,
+    free_port,
     process_title,
     recv_exactly,
     transform,
     wait_for,
     write_config,
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _config(path: Path, backend: str, *, workers: int = 2, server: str = "",
@@ -307,7 +302,7 @@ def test_reload_whose_workers_cannot_boot_keeps_the_old_generation_and_config(
     """256 relay threads do not fit in 1 GiB of address space (see test_lifecycle)."""
     echo, tag = backend_factory("echo"), backend_factory("tag", "NEW")
     pidfile = tmp_path / "proxy.pid"
-    port, added = _free_port(), _free_port()
+    port, added = free_port(), free_port()
     server = f'pidfile = "{pidfile}"\nworker_timeout_s = 5'  # the shortest allowed
     config = _config(tmp_path / "proxy.toml", echo.address, server=server,
                      bind=f"127.0.0.1:{port}")

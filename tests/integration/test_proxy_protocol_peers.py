@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator, List
 
 import pytest
-from support import wait_for
+from support import free_port, wait_for
 
 from prefork_proxy.proxy_protocol import (
     ProxyHeader,
@@ -89,13 +89,6 @@ class Capture:
         self.stopping.set()
         self.thread.join(5)
         self.sock.close()
-
-
-def free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 def host_of(variant: str) -> str:

@@ -9,6 +9,7 @@ import socket
 import time
 
 import pytest
+from support import free_port
 
 from prefork_proxy import config, control, hygiene
 from prefork_proxy.errors import BindError, ProxyError
@@ -102,9 +103,7 @@ def _listeners(*binds: str):
 
 
 def test_one_address_spelled_two_ways_is_one_listener():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     listeners = ListenerSet()
     try:
         [first] = listeners.open(_listeners(f"127.0.0.1:{port}"))
@@ -118,9 +117,7 @@ def test_one_address_spelled_two_ways_is_one_listener():
 
 def test_a_retired_listener_added_back_is_the_same_socket_accepting_again():
     listeners = ListenerSet()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     try:
         [sock] = listeners.open(_listeners(f"127.0.0.1:{port}"))
         other = listeners.open(_listeners("127.0.0.1:0"))

@@ -9,6 +9,8 @@ import socket
 import threading
 import time
 
+from support import free_port
+
 from prefork_proxy import config
 from prefork_proxy import health as health_module
 from prefork_proxy.balancer import Balancer
@@ -107,9 +109,7 @@ def test_probes_connect_send_and_compare_the_reply_concurrently():
         return listener.getsockname()[1]
 
     good, wrong, silent = serve(b"+PONG\r\n"), serve(b"-ERR\r\n"), serve(b"")
-    with socket.socket() as placeholder:
-        placeholder.bind(("127.0.0.1", 0))
-        refusing = placeholder.getsockname()[1]
+    refusing = free_port()
     addresses = [f"127.0.0.1:{p}" for p in (good, wrong, refusing, silent)]
     checker = _checker('[[tcp_proxy]]\nbind = "127.0.0.1:0"\nbackends = ['
                        + ", ".join(f'"{a}"' for a in addresses) + ']\n'

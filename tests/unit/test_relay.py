@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from support import recv_exactly, recv_until_eof, wait_for
+from support import Blackhole, closed_port, recv_exactly, recv_until_eof, wait_for
 
 from prefork_proxy import splice as splice_module
 from prefork_proxy.relay import TIMEOUTS_SLACK, RelayLoop, Target, choose_mode
@@ -157,9 +157,8 @@ def test_backpressure_bounds_memory_and_does_not_spin(relay):
 
 def test_refused_target_closes_client_and_tries_the_next(relay):
     loop, open_pair = relay
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        dead = Target(socket.AF_INET, unused.getsockname(), "dead")
+    with closed_port() as unused:
+        dead = Target(socket.AF_INET, ("127.0.0.1", unused), "dead")
         front = socket.create_server(("127.0.0.1", 0))
         client = socket.create_connection(front.getsockname(), timeout=5)
         accepted, _ = front.accept()
@@ -415,20 +414,12 @@ def test_connect_deadlines_stay_few_while_another_connect_hangs():
     """
     loop = RelayLoop("copy")
     loop.start()
-    full = socket.socket()
-    full.bind(("127.0.0.1", 0))
-    full.listen(0)
-    fillers = []
+    # Its accept queue is full: from now on the kernel drops SYNs to it.
+    full = Blackhole(fill=4)
     backend = _HangingUpBackend("live")
     live = backend.target
-    dead = Target(socket.AF_INET, full.getsockname(), "never-answers")
+    dead = Target(socket.AF_INET, full.sockname, "never-answers")
     try:
-        # Fill the accept queue: from now on the kernel drops SYNs to ``full``.
-        for _ in range(4):
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(full.getsockname())
-            fillers.append(filler)
         ours, theirs = socket.socketpair()
         theirs.setblocking(False)
         loop.submit(theirs, iter([dead]), 30.0, "waits for a dead backend")
@@ -449,8 +440,8 @@ def test_connect_deadlines_stay_few_while_another_connect_hangs():
         backend.close()
         loop.stop()
         assert loop.join(5)
-        for sock in fillers + [full, ours]:
-            sock.close()
+        full.close()
+        ours.close()
 
 
 def test_a_pause_target_waits_on_the_timer_while_the_loop_serves_others(relay):
