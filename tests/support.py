@@ -6,8 +6,9 @@ tests/ on ``sys.path`` from their own location, so they run from a fresh
 clone), which is why it imports only the standard library: no pytest here
 (pytest fixtures live in tests/conftest.py).
 
-- ports: ``free_port`` (nothing listens there once it returns) and
-  ``closed_port`` (held bound, so connects are refused while the block runs);
+- ports: ``free_port`` (nothing listens there once it returns),
+  ``closed_port`` (held bound, so connects are refused while the block runs)
+  and ``accepts`` (does anything listen there now);
 - backends: ``BackendProcess`` runs a tests/backends.py server in its own
   process; ``Blackhole`` is a listener that never accepts, with a full queue;
 - bytes: ``transform`` is what every test backend does to each byte (XOR 0x5A);
@@ -61,6 +62,15 @@ def closed_port(host: str = "127.0.0.1") -> Iterator[int]:
     with socket.socket() as placeholder:
         placeholder.bind((host, 0))
         yield placeholder.getsockname()[1]
+
+
+def accepts(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
+    """Something accepts a connect to host:port (refused, timed out or any error: False)."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 class Blackhole:

@@ -8,7 +8,6 @@ readers, then its parsers and report writers on fixed samples.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,15 +18,7 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 from bench_lib import growth, procfs, procs, report, workloads  # noqa: E402
-from support import free_port, wait_for  # noqa: E402
-
-
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
+from support import accepts, free_port, wait_for  # noqa: E402
 
 
 @pytest.mark.timeout(60)
@@ -36,7 +27,7 @@ def test_idle_workload_and_proc_readers_against_the_real_proxy(proxy_factory):
     backend = subprocess.Popen([sys.executable, str(SCRIPTS / "bench_lib" / "hold_backend.py"),
                                 "--port", str(port)])
     try:
-        wait_for(lambda: _accepts(port), message="the hold backend")
+        wait_for(lambda: accepts(port), message="the hold backend")
         proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend",
                               f"127.0.0.1:{port}", "--workers", "2")
         proxy.wait_workers(2)

@@ -19,6 +19,7 @@ import time
 import pytest
 from support import (
     ProxyProcess,
+    accepts,
     alive,
     children_of,
     closed_port,
@@ -155,15 +156,7 @@ def test_reload_adds_and_removes_listeners(backend_factory, proxy_factory, tmp_p
     assert _tag(second) == "A"
     # The removed listener is closed once the old generation has gone.
     wait_for(lambda: not _worker_pids(proxy, 1), 15, message="generation 1 to exit")
-
-    def refused() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", first), timeout=1).close()
-            return False
-        except OSError:
-            return True
-
-    wait_for(refused, 10, message=f"port {first} to be closed")
+    wait_for(lambda: not accepts(first), 10, message=f"port {first} to be closed")
 
 
 # --------------------------------------------------------------------------- scaling

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from support import (
     ProxyProcess,
+    accepts,
     alive,
     children_of,
     free_port,
@@ -332,15 +333,7 @@ def test_reload_whose_workers_cannot_boot_keeps_the_old_generation_and_config(
     assert "generation 2" in shown  # which generation failed, and why
     # The failed generation is gone, and with it the listener only it had.
     wait_for(lambda: not _workers(proxy, 2), 10, message="the failed generation to exit")
-
-    def refused() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", added), timeout=1).close()
-            return False
-        except OSError:
-            return True
-
-    wait_for(refused, 10, message=f"port {added} to be closed")
+    wait_for(lambda: not accepts(added), 10, message=f"port {added} to be closed")
 
     # The rollback left a consistent master: a good reload still works.
     _config(config, tag.address, server=server, bind=f"127.0.0.1:{port}")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator, List
 
 import pytest
-from support import free_port, wait_for
+from support import accepts, free_port, wait_for
 
 from prefork_proxy.proxy_protocol import (
     ProxyHeader,
@@ -157,12 +157,7 @@ defaults
     try:
         def listening() -> bool:
             assert process.poll() is None, (workdir / "haproxy.log").read_text()
-            for name in VARIANTS:
-                try:
-                    socket.create_connection((host_of(name), ports[name]), timeout=1).close()
-                except OSError:
-                    return False
-            return True
+            return all(accepts(ports[name], host_of(name)) for name in VARIANTS)
 
         wait_for(listening, timeout=10, message="haproxy listening")
         yield {"ports": ports, "captures": captures}
