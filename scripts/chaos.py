@@ -32,7 +32,6 @@ import re
 import selectors
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,7 +42,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Set
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test helpers
-from support import free_port, transform  # noqa: E402
+from support import ProxyProcess, free_port, process_title, transform, wait_for  # noqa: E402
 
 # --------------------------------------------------------------------------- backends
 
@@ -102,29 +101,24 @@ def start_backends(count: int) -> tuple:
 # --------------------------------------------------------------------------- the proxy
 
 
-class Proxy:
-    """prefork-proxy started from a config file, with its log in a file."""
+class Proxy(ProxyProcess):
+    """prefork-proxy started from a config file it rewrites for reloads, its log in a file."""
 
     def __init__(self, workdir: Path, port: int, backends: List[str], workers: int) -> None:
         self.workdir = workdir
-        self.port = port
+        self.listen_port = port
         self.backends = backends
         self.config = workdir / "proxy.toml"
-        self.log_path = workdir / "proxy.log"
         self.pidfile = workdir / "proxy.pid"
         self.write_config(workers=workers, threads=2, timeout_ms=2000, backends=backends)
-        self.log_file = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "prefork_proxy", "start", "--config", str(self.config)],
-            stdout=self.log_file, stderr=subprocess.STDOUT)
-        self.wait_log("ready pid=", 15)
+        super().__init__(["start", "--config", str(self.config)], workdir / "proxy.log")
 
     def write_config(self, *, workers: int, threads: int, timeout_ms: int, backends: List[str],
                      invalid: bool = False) -> None:
         backend_list = ", ".join(f'"{b}"' for b in backends)
         text = (f"[server]\nworkers = {workers}\nthreads = {threads}\n"
                 f"drain_timeout_s = 60\npidfile = \"{self.pidfile}\"\n\n"
-                f"[[tcp_proxy]]\nbind = \"127.0.0.1:{self.port}\"\n"
+                f"[[tcp_proxy]]\nbind = \"127.0.0.1:{self.listen_port}\"\n"
                 f"backends = [{backend_list}]\nconnect_timeout_ms = {timeout_ms}\n")
         if invalid:
             text = text.replace("connect_timeout_ms", "conect_timeout_ms")  # a typo'd key
@@ -132,32 +126,22 @@ class Proxy:
         temporary.write_text(text)
         temporary.replace(self.config)
 
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
     def wait_log(self, text: str, timeout: float, count: int = 1) -> None:
-        deadline = time.monotonic() + timeout
-        while self.log.count(text) < count:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"proxy exited:\n{self.log}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"timed out waiting for {text!r} x{count}")
-            time.sleep(0.01)
+        def logged() -> bool:
+            self.check_running()
+            return self.log.count(text) >= count
+
+        wait_for(logged, timeout, message=f"{text!r} x{count} in the log")
 
     def workers(self, generation: Optional[int] = None) -> List[int]:
-        pids: List[int] = []
-        for task in os.listdir(f"/proc/{self.process.pid}/task"):
-            with open(f"/proc/{self.process.pid}/task/{task}/children") as f:
-                pids.extend(int(p) for p in f.read().split())
+        pids = self.worker_pids()
         if generation is None:
             return pids
         titled = []
         for pid in pids:
             try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if f.read().rstrip(b"\0").endswith(f"gen {generation}".encode()):
-                        titled.append(pid)
+                if process_title(pid).endswith(f"gen {generation}"):
+                    titled.append(pid)
             except FileNotFoundError:
                 pass
         return titled
@@ -165,9 +149,6 @@ class Proxy:
     def generation(self) -> int:
         found = re.findall(r"generation (\d+) serves", self.log)
         return int(found[-1]) if found else 1
-
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
 
 
 def client_ports_held_by(pid: int, proxy_port: int) -> Set[int]:
@@ -366,12 +347,7 @@ def run(duration: float, clients: int, workers: int) -> Report:
         for thread in threading.enumerate():
             if thread is not threading.current_thread() and thread.daemon:
                 thread.join(20)
-        proxy.signal(signal.SIGTERM)
-        try:
-            report.proxy_exit_code = proxy.process.wait(70)
-        except subprocess.TimeoutExpired:
-            proxy.process.kill()
-        proxy.log_file.close()
+        report.proxy_exit_code = proxy.stop(70)  # SIGTERM; SIGKILL after 70 s
         for process in backend_processes:
             process.terminate()
 
