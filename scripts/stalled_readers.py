@@ -21,16 +21,15 @@ from __future__ import annotations
 import argparse
 import selectors
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the test helpers, also from a fresh clone
-from support import ProxyProcess, cpu_seconds, rss_kib  # noqa: E402
+from support import BackendProcess, ProxyProcess, cpu_seconds, rss_kib  # noqa: E402
 
 CHUNK = memoryview(bytes(1 << 20))
 
@@ -69,21 +68,16 @@ def serve_flood(total: int) -> None:
                 del left[sock]
 
 
-def start_flood(total: int) -> Tuple[subprocess.Popen, int]:
-    process = subprocess.Popen([sys.executable, __file__, "--serve-flood", str(total)],
-                               stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if not line.startswith("listening "):
-        process.kill()
-        raise RuntimeError(f"flood backend did not start: {line!r}")
-    return process, int(line.split()[1])
+def start_flood(total: int) -> BackendProcess:
+    """This script's flood backend in its own process (``--serve-flood``)."""
+    return BackendProcess(command=[sys.executable, __file__, "--serve-flood", str(total)])
 
 
 def measure(relay: str, connections: int, total: int, budget_mb: Optional[int],
             settle_s: float = 60.0, after_s: float = 5.0) -> Dict[str, float]:
     """Run one measurement; return the figures (MiB, percent, seconds)."""
-    flood, port = start_flood(total)
+    flood = start_flood(total)
+    port = flood.port
     workdir = Path(tempfile.mkdtemp(prefix="stalled-readers-"))
     config = workdir / "proxy.toml"
     budget_line = f"buffer_budget_mb = {budget_mb}\n" if budget_mb else ""
@@ -136,8 +130,7 @@ def measure(relay: str, connections: int, total: int, budget_mb: Optional[int],
         for sock in clients:
             sock.close()
         proxy.stop(20)
-        flood.kill()
-        flood.wait(5)
+        flood.stop()
 
 
 def main() -> None:

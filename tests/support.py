@@ -121,18 +121,23 @@ def wait_for(condition: Callable[[], T], timeout: float = 10.0, interval: float 
 
 
 class BackendProcess:
-    """A tests/backends.py server in its own process."""
+    """A backend server in its own process that prints ``listening PORT`` once it accepts.
 
-    def __init__(self, mode: str, name: str = "backend", *extra: str) -> None:
+    A tests/backends.py ``mode``, or ``command`` as given (scripts/stalled_readers.py
+    ``--serve-flood`` follows the same protocol).
+    """
+
+    def __init__(self, mode: str = "echo", name: str = "backend", *extra: str,
+                 command: Optional[List[str]] = None) -> None:
         self.name = name
-        self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "backends.py"), mode, "--name", name, *extra],
-            stdout=subprocess.PIPE, text=True)
+        argv = command or [sys.executable, str(HERE / "backends.py"), mode, "--name", name,
+                           *extra]
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
         if not line.startswith("listening "):
             self.stop()
-            raise RuntimeError(f"backend {mode} did not start: {line!r}")
+            raise RuntimeError(f"backend {' '.join(argv[1:])} did not start: {line!r}")
         self.port = int(line.split()[1])
         self.address = f"127.0.0.1:{self.port}"
 

@@ -12,7 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
-from support import alive, cpu_seconds, recv_exactly, rss_kib, transform, wait_for, write_config
+from support import (
+    BackendProcess,
+    alive,
+    cpu_seconds,
+    recv_exactly,
+    rss_kib,
+    transform,
+    wait_for,
+    write_config,
+)
 
 from prefork_proxy.worker import EXIT_RELAY_DIED, TEST_CRASH_ENV
 
@@ -112,14 +121,10 @@ FLOOD_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "stalled_reader
 @pytest.fixture
 def flood_backend():
     """scripts/stalled_readers.py's flood backend: 8 MiB to every client, reads nothing."""
-    process = subprocess.Popen([sys.executable, str(FLOOD_SCRIPT), "--serve-flood",
-                                str(8 << 20)], stdout=subprocess.PIPE, text=True)
-    line = process.stdout.readline()
-    assert line.startswith("listening "), line
-    yield f"127.0.0.1:{int(line.split()[1])}"
-    process.kill()
-    process.wait(5)
-    process.stdout.close()
+    backend = BackendProcess(command=[sys.executable, str(FLOOD_SCRIPT), "--serve-flood",
+                                      str(8 << 20)])
+    yield backend.address
+    backend.stop()
 
 
 def _timed_round_trips(sock, count: int) -> list:
