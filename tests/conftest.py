@@ -113,7 +113,8 @@ class XProxy(ProxyProcess):
             attributes.update(pattern=None, startup_check=lambda starter: True)
         starter = type("ProxyStarter", (_ProxyStarter,), attributes)
         pid, _ = self.xprocess.ensure(self.name, starter, restart=True, persist_logs=False)
-        popen = self.xprocess.resources[-1].popen
+        self._resource = self.xprocess.resources[-1]  # this start's Popen and log handle
+        popen = self._resource.popen
         assert popen.pid == pid
         return popen
 
@@ -121,6 +122,15 @@ class XProxy(ProxyProcess):
         returncode = super().stop(timeout)
         if self.info.pidpath.check():  # reaped: its pid may be reused by anyone now
             self.info.pidpath.remove()
+        # xprocess keeps each start's log handle open for the whole session (and
+        # reads it in every report): one fd per proxy ever started, hundreds in
+        # this suite, which tests counting this process's fds see.  Give it back.
+        logfiles = getattr(self.xprocess.config, "_extlogfiles", {})
+        if logfiles.get(self.name) in self._resource.fhandles:
+            del logfiles[self.name]
+        if self._resource in self.xprocess.resources:
+            self.xprocess.resources.remove(self._resource)
+        self._resource.release()
         return returncode
 
 

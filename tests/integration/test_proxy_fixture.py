@@ -3,7 +3,8 @@
 A small test session is run in a subprocess (pytester) with this suite's
 conftest: its failing test must report the proxy's whole log, a proxy that
 exits before ``ready`` must fail its test at once with the log (not after the
-15 s ready timeout), and every proxy must be stopped at teardown.
+15 s ready timeout), every proxy must be stopped at teardown, and a stopped
+proxy must leave no file descriptor open in the test process.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ def test_a_proxy_that_exits_before_ready(proxy_factory):
     proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", "nonsense")
 
 
+def test_a_stopped_proxy_leaves_no_file_descriptor_behind(proxy_factory):
+    import os
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", "127.0.0.1:9").stop()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_a_preexec_fn_gets_a_plain_proxy_process(proxy_factory):
     proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", "127.0.0.1:9",
                           preexec_fn=lambda: None)
@@ -49,7 +58,7 @@ def test_the_proxy_fixture_reports_logs_fails_fast_and_stops_its_proxies(pyteste
     result = pytester.runpytest_subprocess(timeout=90)
     elapsed = time.monotonic() - started
     output = result.stdout.str()
-    result.assert_outcomes(failed=2, passed=1)
+    result.assert_outcomes(failed=2, passed=2)
     # Started by xprocess, which waited for the ready line.
     assert "process 'prefork-proxy-0' started" in output
     # The failing test's report has the proxy's whole log: from its first line
