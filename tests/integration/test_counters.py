@@ -13,18 +13,10 @@ import socket
 import threading
 
 import pytest
-from support import recv_exactly, transform, wait_for, write_config
+from support import free_port, recv_exactly, transform, wait_for, write_config
 
 CLIENTS_PER_ROUND = 1000
 THREADS = 4
-
-
-def _refused_address() -> str:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()  # nothing listens there: every connect is refused
-    return f"127.0.0.1:{port}"
 
 
 def _clients(port: int, count: int) -> int:
@@ -54,7 +46,7 @@ def _clients(port: int, count: int) -> int:
 def test_counters_equal_what_clients_counted_and_survive_a_sigkill(backend_factory,
                                                                    proxy_factory, tmp_path):
     backend = backend_factory("echo")
-    refused = _refused_address()
+    refused = f"127.0.0.1:{free_port()}"  # nothing listens there: every connect is refused
     pidfile = tmp_path / "proxy.pid"
     config = write_config(tmp_path / "proxy.toml", f"""
 [server]
