@@ -322,11 +322,12 @@ def table(samples: list[dict], header: dict, notes: list[str]) -> str:
               "|---|---|---|---|---|---|---|---|"]
     for row in summary(samples):
         unit = "req/s" if row["metric"] == "rps" else "p99 ms"
+        fmt = _fmt_rate if row["metric"] == "rps" else _fmt_ms
         cells = []
         for peer in PEERS:
             st = row[peer]
             cells.append("—" if st is None else
-                         f"{_fmt(st['median'])} ({_fmt(st['min'])}–{_fmt(st['max'])}, n={st['n']})")
+                         f"{fmt(st['median'])} ({fmt(st['min'])}–{fmt(st['max'])}, n={st['n']})")
         for base in ("old", "haproxy"):
             r, pr = row[f"new/{base}"], row[f"new/{base} per round"]
             cells.append("—" if r is None else
@@ -337,8 +338,12 @@ def table(samples: list[dict], header: dict, notes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value: float) -> str:
-    return f"{value:,.0f}" if value >= 100 else f"{value:.3f}"
+def _fmt_rate(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def _fmt_ms(value: float) -> str:
+    return f"{value:.3g}"
 
 
 # --------------------------------------------------------------------------- main

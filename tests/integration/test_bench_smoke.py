@@ -109,3 +109,25 @@ def test_report_medians_ratios_markdown_and_json(tmp_path):
     path = tmp_path / "results.json"
     report.write_json(path, {"machine": "test"}, samples, [], meds, {})
     assert json.loads(path.read_text())["samples"] == samples
+
+
+def test_ab_bench_rotation_summary_and_table():
+    """scripts/ab_bench.py's pure parts on fixed samples (the run itself needs redis/haproxy)."""
+    import ab_bench
+
+    assert [ab_bench.rotated(ab_bench.PEERS, r) for r in (1, 2, 3, 4)] == [
+        ["old", "new", "haproxy"], ["new", "haproxy", "old"], ["haproxy", "old", "new"],
+        ["old", "new", "haproxy"]]
+    values = {"old": [100.0, 110.0, 90.0], "new": [105.0, 99.0, 120.0],
+              "haproxy": [200.0, 210.0, 190.0]}
+    samples = [{"round": r + 1, "peer": peer, "workload": "newconn", "test": "PING_MBULK",
+                "metric": "rps", "value": v}
+               for peer, vs in values.items() for r, v in enumerate(vs)]
+    (row,) = ab_bench.summary(samples)
+    assert row["old"] == {"median": 100.0, "min": 90.0, "max": 110.0, "n": 3}
+    assert row["new/old"] == pytest.approx(1.05)
+    assert row["new/old per round"] == pytest.approx([0.9, 120 / 90])
+    assert row["new/haproxy"] == pytest.approx(105 / 200)
+    text = ab_bench.table(samples, {"date": "x"}, ["a note"])
+    assert "| newconn | PING_MBULK | req/s | 100 (90–110, n=3) | 105 (99–120, n=3) |" in text
+    assert "1.050 [0.900–1.333]" in text and "- a note" in text
