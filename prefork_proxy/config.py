@@ -223,6 +223,7 @@ class ServerConfig:
     log_file: Optional[str] = None
     user: Optional[str] = None
     group: Optional[str] = None
+    watch_config: bool = False
 
     @property
     def relay_threads(self) -> int:
@@ -452,6 +453,8 @@ SERVER = Table(ServerConfig, [
         default_doc="stderr"),
     Key("user", Text(), "bind as root, then serve as this user", default_doc="unchanged"),
     Key("group", Text(), "and this group", default_doc="the user's group"),
+    Key("watch_config", Flag(), "poll the config file's content (every 1 s) and reload as "
+        "SIGHUP does when it changes (a Kubernetes ConfigMap's symlink swap included)"),
 ], expected="a [server] table")
 
 HEALTH_CHECK = Table(HealthCheck, [

@@ -66,6 +66,7 @@ from prefork_proxy import control, faults, hygiene, logsetup, notify
 from prefork_proxy import status as status_model
 from prefork_proxy.admin.process import AdminEndpoint
 from prefork_proxy.config import Config
+from prefork_proxy.config_watch import ConfigWatch
 from prefork_proxy.errors import EXIT_FAILURE, EXIT_OK, ProxyError
 from prefork_proxy.health import HealthChecker
 from prefork_proxy.listeners import ListenerSet, bound_address
@@ -159,6 +160,10 @@ class Master:
     def __init__(self, config: Config, loader: Optional[Callable[[], Config]] = None) -> None:
         self.config = config
         self.loader = loader  # re-reads the config on SIGHUP; None: started without a file
+        # [server] watch_config: the file's content, polled from the loop (config_watch)
+        self.watch = ConfigWatch(config.source) if loader and config.source else None
+        if self.watch is not None and loader is not None:
+            self.loader = self.watch.loading(loader)
         self.listeners = ListenerSet()
         self.sockets: List[socket.socket] = []  # in the order of config.listeners
         self.workers: Dict[int, WorkerProcess] = {}  # by pid
@@ -278,6 +283,7 @@ class Master:
         else:
             self._step("supervise", self.kill_hung_and_overdue, now)
             self._step("reload_progress", self.reload_progress, now)
+            self._step("watch_config", self._watch_config, now)
             self._step("manage_workers", self.manage_workers)
             self._step("close_sockets", self.close_unused_sockets)
             if self.health is not None:
@@ -395,6 +401,11 @@ class Master:
             log.exception("reload: unexpected error while starting the new generation")
             self._rollback_reload(f"unexpected error while starting the new generation: "
                                   f"{exc!r}")
+
+    def _watch_config(self, now: float) -> None:
+        """``[server] watch_config``: the file's content changed: reload as SIGHUP does."""
+        if self.watch is not None and self.config.server.watch_config and self.watch.poll(now):
+            self.reload()
 
     def _start_generation(self, config: Config, mode: str,
                           sockets: List[socket.socket]) -> None:
