@@ -43,6 +43,10 @@ algorithm's order (each backend at most once, up to ``retries`` more, within
 ``connect_budget_ms``), then the backups.  Backups serve first only while
 every primary is down.  If every backend is down, all are tried anyway, in
 the same order: a stale mark must never be the reason a client is refused.
+The one exception: a backend the operator drained or disabled
+(``prefork-proxy backend``, ``BackendTable.admin_state``) is never tried, not
+even then; a change bumps ``health_version``, so each balancer sees it on its
+next pick.
 
 Passive health: every outcome comes back through ``Target.report``.  ``fall``
 consecutive failed connects mark a backend down for every worker at once for
@@ -333,6 +337,8 @@ class Balancer:
                 # One backend: whatever its health, it is the one and only try
                 # (see ``_ordered``), so the ordering machinery can be skipped.
                 member = members[0]
+                if self.table.admin_raw[member.slot]:  # drained or disabled: nothing to try
+                    return iter(())
                 cell = self._base + member.slot
                 with self._lock:
                     self._active[cell] += 1
@@ -401,9 +407,12 @@ class Balancer:
                 and now < view.expires:
             return view
         eligible, down_until = self.table.eligible, self.table.down_until
+        admin = self.table.admin_raw
         up, down = [], []
         expires = math.inf
         for m in members:
+            if admin[m.slot]:
+                continue  # drained or disabled by the operator: not even a last resort
             if eligible(m.slot, now):
                 up.append(m)
             else:

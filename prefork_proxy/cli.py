@@ -1,4 +1,5 @@
-"""The ``prefork-proxy`` command: ``start``, ``check``, ``reload``, ``stop``, ``status``.
+"""The ``prefork-proxy`` command: ``start``, ``check``, ``reload``, ``stop``, ``status``,
+``backend`` (runtime drain / disable / enable through the control socket, ``backend_control``).
 
 ``--version`` prints the installed version.  ``start`` runs in the process
 that becomes the master; the other commands are short-lived and talk to a
@@ -16,7 +17,7 @@ import signal
 import sys
 from typing import Any, List, Optional, Sequence, Union
 
-from prefork_proxy import __version__, control, logsetup
+from prefork_proxy import __version__, backend_control, control, logsetup
 from prefork_proxy import config as config_module
 from prefork_proxy import status as status_model
 from prefork_proxy.config import RELAY_MODES, Config
@@ -108,12 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("reload", "reload the config of a running proxy (SIGHUP)"),
                        ("stop", "stop a running proxy gracefully (SIGTERM) and wait"),
                        ("status", "show the master, its generation and its workers; "
-                                  "exit 1 if it is stuck or no worker serves")):
+                                  "exit 1 if it is stuck or no worker serves"),
+                       ("backend", "list backends and their state (`backend list`), or take "
+                                   "one out of rotation or back: `backend LISTENER BACKEND "
+                                   "drain|disable|enable` (through the master's control "
+                                   "socket beside the pidfile)")):
         command = commands.add_parser(name, help=text, description=text)
         where = command.add_mutually_exclusive_group(required=True)
         where.add_argument("--pidfile", metavar="FILE", help="the running master's pidfile")
         where.add_argument("--config", "-c", metavar="FILE",
                            help="the config file whose [server] pidfile names it")
+        if name == "backend":
+            command.add_argument("words", nargs="+", metavar="list | LISTENER BACKEND ACTION",
+                                 help="`list`, or a listener (name or bind), a backend (as "
+                                      "configured) and drain, disable or enable")
         if name == "stop":
             command.add_argument("--fast", action="store_true",
                                  help="close connections at once (SIGINT) instead of draining")
@@ -163,6 +172,8 @@ def control_command(args: argparse.Namespace) -> int:
         if args.command == "reload":
             pid = control.signal_master(pidfile, signal.SIGHUP)
             print(f"sent SIGHUP to master {pid}: it reloads, or logs why it kept the old config")
+        elif args.command == "backend":
+            return backend_command(pidfile, args.words)
         elif args.command == "stop":
             pid = control.stop_master(pidfile, args.timeout, fast=args.fast)
             print(f"master {pid} stopped")
@@ -180,9 +191,30 @@ def control_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def backend_command(pidfile: str, words: List[str]) -> int:
+    """``backend list`` / ``backend LISTENER BACKEND ACTION``: ask the master, print its answer."""
+    if words == ["list"]:
+        message = {"command": "list"}
+    elif len(words) == 3 and words[2] in backend_control.ACTIONS:
+        message = {"command": "set", "listener": words[0], "backend": words[1],
+                   "action": words[2]}
+    else:
+        raise ConfigError("backend: expected `list` or LISTENER BACKEND "
+                          f"{'|'.join(backend_control.ACTIONS)}, got {' '.join(words)!r}")
+    reply = backend_control.request(pidfile, message)
+    if not reply.get("ok"):
+        print(f"prefork-proxy: {reply.get('error', 'the master refused the request')}",
+              file=sys.stderr)
+        return EXIT_CONFIG if reply.get("usage") else EXIT_FAILURE
+    if message["command"] == "set":
+        print(f"backend {words[1]} of listener {words[0]}: {words[2]}")
+    print(backend_control.render(reply.get("backends", [])))
+    return EXIT_OK
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("reload", "stop", "status"):
+    if args.command in ("reload", "stop", "status", "backend"):
         return control_command(args)
     if args.command == "check":
         try:

@@ -62,7 +62,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-from prefork_proxy import control, faults, hygiene, logsetup, notify
+from prefork_proxy import backend_control, control, faults, hygiene, logsetup, notify
 from prefork_proxy import status as status_model
 from prefork_proxy.admin.process import AdminEndpoint
 from prefork_proxy.config import Config
@@ -177,6 +177,7 @@ class Master:
         self.health: Optional[HealthChecker] = None  # checks and DNS, in their own process
         self.board: Optional[WorkerRows] = None  # shared.rows: one row per worker
         self.admin: Optional[AdminEndpoint] = None  # the HTTP admin endpoint, if configured
+        self.control: Optional[backend_control.ControlServer] = None  # `prefork-proxy backend`
         self.signal_queue: Optional[SignalQueue] = None
         self.stopping = False
         self.stop_deadline = 0.0
@@ -218,12 +219,15 @@ class Master:
             self.health = HealthChecker(self.shared)
             self.board = self.shared.rows
             drop_privileges(self.config.server.user, self.config.server.group)
+            self._open_control()  # as the serving user: it owns the socket
             set_title("prefork-proxy: master")
             signals = self.signal_queue = SignalQueue(HANDLED_SIGNALS)
             for fd in signals.fds():  # no child needs the master's wake-up pipe
                 hygiene.master_only(fd)
         except BaseException:
             self.listeners.close()
+            if self.control is not None:
+                self.control.close()
             if self.admin is not None:
                 self.admin.close()
             if pidfile:
@@ -245,6 +249,8 @@ class Master:
                 self.health.stop()
             signals.close()
             self.listeners.close()
+            if self.control is not None:
+                self.control.close()
             if pidfile:
                 pidfile.remove()
             if self.admin is not None:  # last: /live answers until the master exits
@@ -264,7 +270,8 @@ class Master:
 
     def _turn(self, signals: SignalQueue) -> bool:
         """One turn of the loop; True once an explicit stop has finished."""
-        select.select([signals.read_fd], [], [], self._next_timer())
+        control_fds = self.control.fds() if self.control is not None else []
+        select.select([signals.read_fd, *control_fds], [], [], self._next_timer())
         self.step_failed = False
         signals.drain_wakeups()
         while signals.pending:
@@ -272,6 +279,8 @@ class Master:
         self._step("reap", self.reap)
         now = time.monotonic()
         self._step("admin", self._admin_tick, now)
+        if self.control is not None:
+            self._step("control", self.control.serve, now)
         if self.stopping:
             if not self.workers:
                 return True
@@ -720,6 +729,20 @@ class Master:
             return
         self.admin.beat(now)
         self.admin.tick(now, self.board, self.config.admin.bind)
+
+    # -- the control socket (backend_control owns it; `prefork-proxy backend`)
+
+    def _open_control(self) -> None:
+        """The control socket beside the pidfile; none without a pidfile."""
+        if self.pidfile is not None and self.shared is not None:
+            shared = self.shared
+            path = backend_control.socket_path(self.pidfile.path)
+            try:
+                self.control = backend_control.ControlServer(
+                    path, lambda request: backend_control.apply(shared, request))
+            except OSError as exc:  # e.g. a path too long for AF_UNIX: serve without it
+                log.error("cannot create the control socket %s: %s; `prefork-proxy backend` "
+                          "will not work", path, exc.strerror or exc)
 
     @staticmethod
     def _notify(state: str) -> None:

@@ -63,6 +63,12 @@ def error_reason(reason: str) -> int:
     return 3
 
 
+#: ``BackendTable.admin_state`` values, by name (``prefork-proxy backend``).
+ADMIN_READY, ADMIN_DRAIN, ADMIN_DISABLED = 0, 1, 2
+ADMIN_STATES = {"ready": ADMIN_READY, "drain": ADMIN_DRAIN, "disabled": ADMIN_DISABLED}
+ADMIN_STATE_NAMES = {value: name for name, value in ADMIN_STATES.items()}
+
+
 class ProcessLock:
     """Mutual exclusion across processes and threads that a dead holder cannot keep.
 
@@ -227,9 +233,16 @@ class BackendTable:
     - ``errors`` (connect errors per slot and ``ERROR_REASONS`` reason, only
       ever increasing): workers' relay threads, under ``lock`` (taken on every
       failure anyway).  Connection counts per worker live in ``rows``.
-    - ``health_version``: bumped by every write to ``family``, ``active_down``
-      or ``down_until`` (see ``_VersionedCells``): balancers rebuild their list
-      of up backends only when it moved (or a ``down_until`` passed).
+    - ``admin_state`` (``ADMIN_STATES``: the operator's ``prefork-proxy
+      backend ... drain|disable|enable``): the master only, from its control
+      socket (``backend_control``); zeroed when a slot is given to a new
+      backend, kept across respawns and, for surviving backends, reloads.
+      Any state but ``ready`` keeps the slot out of every balancer's choice,
+      even as a last resort when everything else is down.
+    - ``health_version``: bumped by every write to ``family``, ``active_down``,
+      ``down_until`` or ``admin_state`` (see ``_VersionedCells``): balancers
+      rebuild their list of up backends only when it moved (or a
+      ``down_until`` passed).
     """
 
     def __init__(self, slots: int = MAX_BACKEND_ADDRESSES) -> None:
@@ -239,7 +252,7 @@ class BackendTable:
                   ("active_down", "i", slots), ("last_check_ok", "i", slots),
                   ("down_until", "d", slots), ("last_check", "d", slots),
                   ("ip", "B", slots * 16), ("version", "Q", 1),
-                  ("errors", "Q", slots * len(ERROR_REASONS))]
+                  ("errors", "Q", slots * len(ERROR_REASONS)), ("admin_state", "i", slots)]
         sizes = {"i": 4, "I": 4, "d": 8, "B": 1, "Q": 8}
         total = sum((sizes[kind] * count + 7) // 8 * 8 for _, kind, count in fields)
         # Anonymous and MAP_SHARED: zero-filled, inherited by every child, no file.
@@ -252,7 +265,8 @@ class BackendTable:
         # Every write to what ``eligible`` reads bumps ``health_version``, so a
         # balancer keeps its view of which backends are up until it moves.
         self.health_version = RoundRobinCounter()
-        for name in ("family", "active_down", "down_until"):
+        self.admin_raw = self.admin_state  # unversioned reads (a relay thread's one-backend path)
+        for name in ("family", "active_down", "down_until", "admin_state"):
             setattr(self, name, _VersionedCells(getattr(self, name), self.health_version))
         self.lock = ProcessLock()
 
@@ -298,6 +312,7 @@ class BackendTable:
     def eligible(self, slot: int, now: float) -> bool:
         """Up for new connections: has an address, not down by checks nor by failures."""
         return (self.family[slot] != 0 and not self.active_down[slot]
+                and not self.admin_state[slot]
                 and self.down_until[slot] <= now)
 
     def record_failure(self, slot: int, fall: int, fail_timeout_s: float,
@@ -417,6 +432,7 @@ class SharedState:
                     for slot in slots:
                         self.table.clear_address(slot)
                         self.table.reset_errors(slot)  # a fresh backend's counters start at 0
+                        self.table.admin_state[slot] = ADMIN_READY  # and it is in rotation
                         self.rows.reset_backend(slot)
                     if literal:  # no DNS: the master writes it before any reader exists
                         try:

@@ -20,7 +20,8 @@ The dict (``SCHEMA_VERSION`` 1)::
                   "heartbeat_age_s", "state": "booting" | "serving" | "draining"}],
      "backends": [{"listener", "backend", "state": "up" | "down" | "unresolved",
                    "down_reason": "checks" | "failures" | "", "down_left_s",
-                   "backup", "active", "fails", "last_check_at", "last_check_ok"}],
+                   "backup", "active", "fails", "last_check_at", "last_check_ok",
+                   "admin": "ready" | "drain" | "disabled" (``prefork-proxy backend``)}],
      "reloading": bool (a new generation is booting),
      "last_reload": {"ok", "generation", "error", "at"} | None}
 
@@ -35,7 +36,7 @@ from typing import Any, Dict, List, Optional
 
 from prefork_proxy.balancer import backend_name
 from prefork_proxy.listeners import bound_address
-from prefork_proxy.shared import SharedState
+from prefork_proxy.shared import ADMIN_STATE_NAMES, SharedState
 
 SCHEMA_VERSION = 1
 #: A status older than this means the master loop is not turning.
@@ -77,7 +78,8 @@ def backend_rows(shared: SharedState) -> List[Dict[str, Any]]:
                              "state": "unresolved", "down_reason": "", "down_left_s": None,
                              "backup": entry.backend.backup,
                              "active": shared.rows.active_count(first), "fails": table.fails[first],
-                             "last_check_at": None, "last_check_ok": None})
+                             "last_check_at": None, "last_check_ok": None,
+                             "admin": ADMIN_STATE_NAMES.get(table.admin_state[first], "?")})
             for slot in slots:
                 address = table.address(slot)
                 state, reason, left = "up", "", None
@@ -94,7 +96,8 @@ def backend_rows(shared: SharedState) -> List[Dict[str, Any]]:
                     "state": state, "down_reason": reason, "down_left_s": left,
                     "backup": entry.backend.backup, "active": shared.rows.active_count(slot),
                     "fails": table.fails[slot], "last_check_at": checked or None,
-                    "last_check_ok": bool(table.last_check_ok[slot]) if checked else None})
+                    "last_check_ok": bool(table.last_check_ok[slot]) if checked else None,
+                    "admin": ADMIN_STATE_NAMES.get(table.admin_state[slot], "?")})
     return rows
 
 
@@ -153,6 +156,8 @@ def backend_lines(rows: List[Dict[str, Any]], wall: Optional[float] = None) -> L
             state = row["state"]
         if row["backup"] and row["state"] != "unresolved":
             state += ", backup"
+        if row.get("admin", "ready") != "ready":  # the operator took it out of rotation
+            state += f", {row['admin']}"
         checked = "-"
         if row["last_check_at"]:
             result = "ok" if row["last_check_ok"] else "failed"

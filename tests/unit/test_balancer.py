@@ -433,3 +433,35 @@ def test_random_two_and_source_hash_scale_to_1000_backends():
     hashed = _balancer(f"[{backends}]", balance="source_hash")
     first = {f"10.9.0.{i}": _first(hashed, (f"10.9.0.{i}", 1)) for i in range(1, 200)}
     assert all(_first(hashed, (host, 2)) == name for host, name in first.items())
+
+
+# -- the operator's drain / disable (BackendTable.admin_state, prefork-proxy backend)
+
+
+def test_a_drained_backend_is_never_tried_not_even_as_a_last_resort():
+    from prefork_proxy.shared import ADMIN_DISABLED, ADMIN_DRAIN, ADMIN_READY
+
+    balancer = _balancer(THREE)
+    table = balancer.table
+    first, second, third = balancer.members()
+    table.admin_state[second.slot] = ADMIN_DRAIN
+    assert "10.0.0.2:1" not in {_first(balancer) for _ in range(9)}
+    # Every other backend down by checks: the down ones are tried, the drained one not.
+    table.active_down[first.slot] = table.active_down[third.slot] = 1
+    assert _names(balancer.targets()) in (["10.0.0.1:1", "10.0.0.3:1"],
+                                          ["10.0.0.3:1", "10.0.0.1:1"])
+    table.admin_state[first.slot] = table.admin_state[third.slot] = ADMIN_DISABLED
+    assert _names(balancer.targets()) == []
+    table.admin_state[second.slot] = ADMIN_READY  # enable: the next pick sees it
+    assert _names(balancer.targets()) == ["10.0.0.2:1"]
+
+
+def test_a_single_drained_backend_gets_no_connection():
+    from prefork_proxy.shared import ADMIN_DRAIN, ADMIN_READY
+
+    balancer = _balancer('["10.0.0.1:1"]')
+    slot = balancer.members()[0].slot
+    balancer.table.admin_state[slot] = ADMIN_DRAIN
+    assert _names(balancer.targets()) == []
+    balancer.table.admin_state[slot] = ADMIN_READY
+    assert _names(balancer.targets()) == ["10.0.0.1:1"]
