@@ -10,6 +10,12 @@ Who owns what:
   and reads are non-blocking, at most ``MAX_CLIENTS`` connections are open at
   once, a request is one line of at most ``MAX_REQUEST`` bytes that must
   arrive within ``REQUEST_TIMEOUT_S``, and the reply is one short line.
+- What the states mean: ``drain`` takes the backend out of rotation (no new
+  connection; open ones run until they end) until ``enable``, or until
+  health checks see it go down and come back up (drained, restarted, back:
+  the health-check process ends the drain); ``disable`` takes it out until
+  ``enable``, whatever checks say.  Either way it is never tried, not even as
+  the last resort when every other backend is down.
 - ``apply`` (master) turns a request into a change of
   ``BackendTable.admin_state`` (shared memory), which every worker's
   balancer reads on its next pick (the write bumps ``health_version``); so
@@ -73,7 +79,8 @@ def backend_list(shared: SharedState) -> List[Dict[str, Any]]:
     """Every configured backend of every listener with its admin state (master)."""
     table = shared.table
     return [{"listener": listener.label, "backend": str(entry.backend.address),
-             "state": ADMIN_STATE_NAMES.get(table.admin_state[entry.slots[0]], "?"),
+             "state": "/".join(sorted({ADMIN_STATE_NAMES.get(table.admin_state[slot], "?")
+                                       for slot in entry.slots})),  # a name's addresses
              "active": sum(shared.rows.active_count(slot) for slot in entry.slots)}
             for _, listener, entries in shared.pools() for entry in entries]
 

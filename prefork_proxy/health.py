@@ -66,7 +66,7 @@ from prefork_proxy import faults, hygiene, logsetup
 from prefork_proxy.balancer import backend_name
 from prefork_proxy.config import HealthCheck, ListenerConfig
 from prefork_proxy.proctitle import set_title
-from prefork_proxy.shared import BackendTable, PoolEntry, SharedState
+from prefork_proxy.shared import ADMIN_DRAIN, ADMIN_READY, BackendTable, PoolEntry, SharedState
 
 log = logging.getLogger("prefork_proxy.health")
 
@@ -416,6 +416,12 @@ class _CheckerProcess:
                     self._clear_passive(slot)
                     log.warning("backend %s up: health check passed (%d/%d)", name,
                                 check.rise, check.rise)
+                    if table.admin_state[slot] == ADMIN_DRAIN:
+                        # A drain ends with the backend's comeback (drained, restarted,
+                        # up again); a disable holds whatever checks say.
+                        table.admin_state[slot] = ADMIN_READY
+                        log.warning("backend %s: its drain ends: it went down and came back "
+                                    "up", name)
                 elif table.passive_down[slot]:
                     self._clear_passive(slot)
                     streak.saw_passive = False

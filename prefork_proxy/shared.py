@@ -234,9 +234,13 @@ class BackendTable:
       ever increasing): workers' relay threads, under ``lock`` (taken on every
       failure anyway).  Connection counts per worker live in ``rows``.
     - ``admin_state`` (``ADMIN_STATES``: the operator's ``prefork-proxy
-      backend ... drain|disable|enable``): the master only, from its control
-      socket (``backend_control``); zeroed when a slot is given to a new
-      backend, kept across respawns and, for surviving backends, reloads.
+      backend ... drain|disable|enable``): the master, from its control
+      socket (``backend_control``), and when a slot is given to a new
+      backend (zeroed); the health-check process ends a drain (drain ->
+      ready) when checks bring the address back up after marking it down (a
+      plain read-then-write: a disable landing in that instant can be lost,
+      and the operator sees it in ``backend list``).  Kept across respawns
+      and, for surviving backends, reloads.
       Any state but ``ready`` keeps the slot out of every balancer's choice,
       even as a last resort when everything else is down.
     - ``health_version``: bumped by every write to ``family``, ``active_down``,

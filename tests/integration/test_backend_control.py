@@ -230,3 +230,39 @@ def test_unknown_listener_or_backend_exits_2(backend_factory, proxy_factory, tmp
     listing = _cli("backend", "--pidfile", str(pidfile), "list")
     assert listing.returncode == 0
     assert listing.stdout.count("ready") == 2, listing.stdout  # nothing changed
+
+
+def test_a_drain_ends_with_a_comeback_a_disable_does_not(backend_factory, proxy_factory,
+                                                        tmp_path):
+    a, b = backend_factory("tag", "A"), backend_factory("tag", "B")
+    port, pidfile = _free_port(), tmp_path / "proxy.pid"
+    config = _config(tmp_path / "proxy.toml", pidfile, a.address, b.address, port)
+    proxy = proxy_factory("start", "--config", str(config))
+    _booted(proxy)
+
+    def state_of_b() -> str:
+        listing = _cli("backend", "--pidfile", str(pidfile), "list").stdout
+        return [line for line in listing.splitlines() if b.address in line][0].split()[2]
+
+    def restart_b():
+        b.stop()  # checks (every 50 ms, fall 1) mark it down
+        wait_for(lambda: f"backend {b.address} down" in proxy.log[mark:],
+                 message="B marked down")
+        return backend_factory("tag", "B", "--port", str(b.port))
+
+    mark = len(proxy.log)
+    _act(pidfile, b.address, "disable")
+    b2 = restart_b()
+    wait_for(lambda: f"backend {b.address} up" in proxy.log[mark:], message="B back up")
+    assert state_of_b() == "disabled"
+    for _ in range(6):  # up by its checks, and still out of rotation
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            assert sock.makefile("rb").readline() == b"A\n"
+
+    mark = len(proxy.log)
+    _act(pidfile, b.address, "drain")
+    b = b2
+    restart_b()
+    wait_for(lambda: state_of_b() == "ready", message="the drain to end at the comeback")
+    assert "its drain ends" in proxy.log[mark:]
+    _connect_to(port, "B").close()
