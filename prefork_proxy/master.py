@@ -40,7 +40,10 @@ so letting an error reach it would cut every connection.
 The admin endpoint (``[admin]``, ``admin/process.py``) hangs on a few
 clearly marked hooks: bind before any fork, the loop heartbeat and a restart
 check each turn, the stopping flag set before handshakes stop, the status
-model published with the status file, its process stopped last.
+model published with the status file, its process stopped last.  The control
+socket (``backend_control``, ``prefork-proxy backend``) likewise: created after
+the privilege drop, its fds in the loop's ``select``, one ``control`` step.
+``[server] watch_config`` (``config_watch``) is one ``watch_config`` step.
 
 Principle (supervision by heartbeat): every worker stamps its row (``rows``)
 at least once a second from its main thread, with the oldest tick of its
