@@ -21,6 +21,7 @@ import threading
 import time
 from typing import List, Tuple
 
+import pytest
 from support import process_title, recv_exactly, transform, wait_for, write_config
 
 #: Connections that start later than this after the command's answer must obey it.
@@ -266,3 +267,35 @@ def test_a_drain_ends_with_a_comeback_a_disable_does_not(backend_factory, proxy_
     wait_for(lambda: state_of_b() == "ready", message="the drain to end at the comeback")
     assert "its drain ends" in proxy.log[mark:]
     _connect_to(port, "B").close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_the_control_socket_belongs_to_the_serving_user(backend_factory, proxy_factory,
+                                                        tmp_path):
+    import pwd
+    import shutil
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    a, b = backend_factory("tag", "A"), backend_factory("tag", "B")
+    port = _free_port()
+    top = tempfile.mkdtemp(prefix="pp-ctl-")  # reachable by nobody (pytest's dirs are 0700)
+    try:
+        os.chmod(top, 0o755)
+        pidfile = os.path.join(top, "run", "proxy.pid")  # the master creates run/ for nobody
+        config = _config(tmp_path / "proxy.toml", pidfile, a.address, b.address, port)
+        config.write_text(config.read_text().replace("workers = 2", 'workers = 2\nuser = "nobody"'))
+        proxy = proxy_factory("start", "--config", str(config))
+        _booted(proxy)
+        info = os.stat(f"{pidfile}.sock")
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (nobody.pw_uid, 0o600)
+        # root may use it (SO_PEERCRED: uid 0); nobody else but the serving user
+        _act(pidfile, b.address, "drain")
+        other = subprocess.run(
+            [sys.executable, "-c", "import os, socket; os.setgid(65534); os.setuid(1); "
+             f"socket.socket(socket.AF_UNIX).connect({pidfile + '.sock'!r})"],
+            capture_output=True, text=True, timeout=30)
+        assert other.returncode != 0 and "PermissionError" in other.stderr, other.stderr
+        proxy.stop()
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
