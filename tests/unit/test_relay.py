@@ -336,9 +336,9 @@ def test_every_submitted_client_is_taken_even_in_a_burst(monkeypatch):
     wake-ups can bring the count back to zero in time.  (The next test pins
     the one interleaving that lost wake-ups in an earlier version.)
     """
-    from prefork_proxy import relay as relay_module
+    from prefork_proxy.relay import loop as loop_module
 
-    monkeypatch.setattr(relay_module, "IDLE_POLL_S", 60.0)
+    monkeypatch.setattr(loop_module, "IDLE_POLL_S", 60.0)
     loop = RelayLoop("copy")
     loop.start()
     backend = _HangingUpBackend("sink")
@@ -377,7 +377,7 @@ def test_a_client_submitted_while_the_loop_takes_its_inbox_still_wakes_it(monkey
     emptying the pipe swallows the second client's wake-up, leaves the flag
     set, and the third client then waits forever.)
     """
-    from prefork_proxy import relay as relay_module
+    from prefork_proxy.relay import loop as relay_module
 
     loop = RelayLoop("copy")  # not started: this thread plays the loop's part
     pairs = [socket.socketpair() for _ in range(3)]
@@ -423,7 +423,7 @@ def test_connect_deadlines_stay_few_while_another_connect_hangs():
         ours, theirs = socket.socketpair()
         theirs.setblocking(False)
         loop.submit(theirs, iter([dead]), 30.0, "waits for a dead backend")
-        wait_for(lambda: len(loop._connecting) == 1, 5, message="the hanging connect")
+        wait_for(lambda: len(loop._timers.armed) == 1, 5, message="the hanging connect")
         for index in range(600):
             client, accepted = socket.socketpair()
             accepted.setblocking(False)
@@ -432,10 +432,10 @@ def test_connect_deadlines_stay_few_while_another_connect_hangs():
             if index % 50 == 49:
                 wait_for(lambda: loop.active <= 1, 10, message="short connections to end")
         wait_for(lambda: loop.active == 1, 10, message="only the hanging connect left")
-        assert len(loop._connecting) == 1
+        assert len(loop._timers.armed) == 1
         # At most 50 connects overlap (one burst), so the heap stays within
         # twice that plus the slack, not one entry per connection (601).
-        assert len(loop._timeouts) <= 2 * 51 + TIMEOUTS_SLACK + 1
+        assert len(loop._timers.heap) <= 2 * 51 + TIMEOUTS_SLACK + 1
     finally:
         backend.close()
         loop.stop()

@@ -1,0 +1,170 @@
+"""The connect phase: a non-blocking connect per target, failover, deadlines.
+
+Owns ``Connector``: for each connection of one ``RelayLoop``, it draws targets
+from the balancer's iterator, connects without blocking, arms the attempt's
+deadline (or a pause's) on the loop's ``TimerHeap``, fails over to the next
+target on refusal, error or timeout, reports each attempt's outcome to its
+``Target.report``, and hands a connected backend to the loop's relay phase
+(``RelayLoop._start_relay``).  Also the helpers for backend socket options.
+Only the loop's own thread calls it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import time
+from typing import TYPE_CHECKING, Optional
+
+from .connection import Connection
+from .contract import CONNECTED, FAILED, RELEASED, SocketOptions, StreamSocket
+
+if TYPE_CHECKING:  # the loop owns its Connector; no import at run time
+    from .loop import RelayLoop
+
+log = logging.getLogger("prefork_proxy.relay")
+
+_OUT = select.EPOLLOUT
+_ERROR = select.EPOLLERR | select.EPOLLHUP
+_SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+_STREAM_NONBLOCK = int(socket.SOCK_STREAM) | _SOCK_NONBLOCK  # plain ints: no enum arithmetic
+_TCP_FAMILIES = frozenset((int(socket.AF_INET), int(socket.AF_INET6)))
+
+
+def keepalive_options(idle_s: Optional[int] = None, interval_s: Optional[int] = None,
+                      count: Optional[int] = None) -> SocketOptions:
+    """SO_KEEPALIVE on, with the timings given (``None``: the kernel's default)."""
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", idle_s), ("TCP_KEEPINTVL", interval_s),
+                        ("TCP_KEEPCNT", count)):
+        if value is not None and hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    return tuple(options)
+
+
+def apply_options(sock: StreamSocket, options: SocketOptions) -> None:
+    for level, name, value in options:
+        sock.setsockopt(level, name, value)
+
+
+class Connector:
+    """The connect phase of one loop's connections (see the module docstring).
+
+    ``connect_next`` starts (or moves on to) an attempt; ``on_ready`` is the
+    connection's event handler while its backend socket connects; ``on_timer``
+    runs when the attempt's deadline (or a pause) is over.
+    """
+
+    def __init__(self, loop: "RelayLoop") -> None:
+        self._loop = loop
+        self._epoll = loop._epoll
+        self._by_fd = loop._by_fd
+        self._to_close = loop._to_close
+        self._timers = loop._timers
+        # Bound once: a connection refers to these, and refers to the same objects.
+        self.on_ready = self._on_ready
+        self.on_timer = self._on_timer
+
+    def connect_next(self, conn: Connection, reason: Optional[str],
+                     backend_failed: bool = True) -> None:
+        """Start connecting to the next target, or give up and close the client."""
+        if conn.target is not None:
+            log.warning("backend %s unreachable for client %s: %s", conn.target.name,
+                        conn.peer or "?", reason)
+            self.report(conn, FAILED if backend_failed else RELEASED, reason or "")
+        if conn.backend is not None:
+            self._forget_backend(conn)
+        try:
+            target = next(conn.targets, None) if conn.targets is not None else None
+        except Exception as exc:  # a balancer failure while choosing the next backend
+            log.warning("no backend for client %s: %s", conn.peer or "?", exc)
+            target = None
+        if target is None:
+            self._loop._close(conn)
+            return
+        if target.sockaddr is None:  # a pause (see Target): ask again after it
+            self._timers.arm(conn, time.monotonic() + (target.timeout_s or 0.0),
+                             self.on_timer)
+            return
+        conn.target = target
+        try:
+            # Non-blocking from birth where the flag exists: one system call fewer.
+            backend = StreamSocket(target.family, _STREAM_NONBLOCK)
+        except OSError as exc:  # EMFILE/ENFILE: out of descriptors for this one
+            self.connect_next(conn, f"cannot create a socket: {exc.strerror}",
+                              backend_failed=False)
+            return
+        if not _SOCK_NONBLOCK:
+            backend.setblocking(False)
+        conn.backend = backend
+        conn.backend_fd = backend.fileno()
+        if target.family in _TCP_FAMILIES:
+            backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if conn.options:
+                apply_options(backend, conn.options)
+        code = backend.connect_ex(target.sockaddr)
+        if code not in (0, errno.EINPROGRESS):
+            self.connect_next(conn, os.strerror(code))
+            return
+        self._timers.arm(conn, time.monotonic() + self.attempt_timeout(conn), self.on_timer)
+        conn.handler = self.on_ready
+        self._by_fd[conn.backend_fd] = conn
+        self._epoll.register(conn.backend_fd, _OUT)
+        conn.backend_mask = _OUT
+
+    def _forget_backend(self, conn: Connection) -> None:
+        """Drop a backend socket that failed to connect (its fd closes after this batch)."""
+        backend = conn.backend
+        assert backend is not None
+        if conn.backend_mask:
+            self._epoll.unregister(conn.backend_fd)
+            conn.backend_mask = 0
+        self._by_fd.pop(conn.backend_fd, None)
+        self._to_close.append(backend)
+        conn.backend = None
+        conn.backend_fd = -1
+
+    def _on_ready(self, conn: Connection, fd: int, events: int) -> None:
+        backend = conn.backend
+        assert backend is not None
+        if events & _ERROR:
+            # Only then can the connect have failed: on success epoll reports
+            # the socket writable and nothing else, which saves a system call
+            # per connection.
+            code = backend.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                self.connect_next(conn, os.strerror(code))
+                return
+        self._timers.cancel(conn)
+        conn.targets = None  # connected: no failover from here on
+        self.report(conn, CONNECTED)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("client %s connected to backend %s", conn.peer or "?", conn.target.name)
+        self._loop._start_relay(conn)
+
+    def _on_timer(self, conn: Connection) -> None:
+        """The attempt's deadline passed (or a pause is over): the next target."""
+        reason = None
+        if conn.target is not None:
+            reason = f"connect timed out after {self.attempt_timeout(conn) * 1000:.0f} ms"
+        self.connect_next(conn, reason)
+
+    @staticmethod
+    def attempt_timeout(conn: Connection) -> float:
+        target = conn.target
+        return conn.timeout_s if target is None or target.timeout_s is None else target.timeout_s
+
+    @staticmethod
+    def report(conn: Connection, outcome: str, reason: str = "") -> None:
+        """Tell the target's balancer how its attempt went; the final outcome only once."""
+        target = conn.target
+        if outcome != CONNECTED:
+            conn.target = None
+        if target is not None and target.report is not None:
+            try:
+                target.report(outcome, reason)
+            except Exception:  # bookkeeping must never cost the connection
+                log.exception("reporting %s for backend %s failed", outcome, target.name)

@@ -1,0 +1,88 @@
+"""What the relay asks of the outside world, and what it tells it.
+
+Owns the types that cross the relay's boundary, so that the worker and the
+balancer import these and never the loop's internals:
+
+- ``StreamSocket``: the socket class the relay takes (``_socket.socket``).
+- ``SocketOptions``: socket options as data, set on each backend socket.
+- ``Target``: one backend address to try, from the balancer's iterator, and
+  ``CONNECTED``/``FAILED``/``RELEASED``: the outcomes ``Target.report`` hears.
+- ``Acceptor``: what the loop that watches the listeners needs from its worker.
+
+The balancer builds ``Target``s on a relay thread (drawn lazily while the loop
+connects) and hears their reports on that same thread; the worker's
+``Acceptor`` methods run on the accepting loop's thread.  Nothing here blocks
+or imports beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import socket
+from _socket import socket as StreamSocket
+from typing import Callable, List, Optional, Protocol, Tuple
+
+__all__ = ["StreamSocket", "SocketOptions", "Target", "CONNECTED", "FAILED", "RELEASED",
+           "Acceptor"]
+
+# ``StreamSocket`` is ``_socket.socket``, the C class that ``socket.socket``
+# extends with Python-level bookkeeping (``makefile`` reference counts, enum
+# conversions).  The relay uses none of it, and making and closing two plain
+# C sockets per connection instead saves a few microseconds each.  Anything
+# ``socket.socket`` is accepted too: it is a subclass.
+
+#: Socket options as data, ``(level, name, value)`` each, for ``setsockopt``.
+SocketOptions = Tuple[Tuple[int, int, int], ...]
+
+#: Outcomes of one connect attempt, passed to ``Target.report``.
+CONNECTED, FAILED, RELEASED = "connected", "failed", "released"
+
+
+class Target:
+    """One backend address to try: the resolved socket address and the name to log.
+
+    ``timeout_s``, when set, bounds this attempt instead of the connection's
+    timeout (the balancer spends a budget across attempts).  ``report``, when
+    set, hears how the attempt went, on the relay thread (it must not block):
+    ``CONNECTED`` once connected, then exactly one of ``FAILED`` with the reason
+    (the backend could not be reached) or ``RELEASED`` (the connection ended,
+    or the attempt was abandoned for a reason of ours, not the backend's).
+
+    ``sockaddr`` None makes a pause, not an attempt: nothing to connect to
+    yet (the balancer's hostnames are not resolved yet).  The loop then waits
+    ``timeout_s`` without a socket, on its connect-deadline heap, and asks the
+    iterator again; the balancer bounds how long it keeps answering pauses.
+
+    Immutable by convention; a plain slotted class rather than a dataclass
+    because one is made per connection and held for its whole life.
+    """
+
+    __slots__ = ("family", "sockaddr", "name", "timeout_s", "report")
+
+    def __init__(self, family: int, sockaddr: Optional[tuple], name: str,
+                 timeout_s: Optional[float] = None,
+                 report: Optional[Callable[[str, str], None]] = None) -> None:
+        self.family = family
+        self.sockaddr = sockaddr
+        self.name = name
+        self.timeout_s = timeout_s
+        self.report = report
+
+    def __repr__(self) -> str:
+        return f"Target({self.name!r}, {self.sockaddr!r}, timeout_s={self.timeout_s!r})"
+
+
+class Acceptor(Protocol):
+    """What a relay loop that accepts needs from its worker (``Worker`` is one)."""
+
+    def listening_sockets(self) -> List[socket.socket]:
+        """The listeners to watch; asked once, when the loop starts."""
+
+    def accept_ready(self, sock: socket.socket,
+                     force: bool) -> Optional[Tuple[float, bool]]:
+        """Accept what ``sock`` has queued, handing clients to loops with ``submit``.
+
+        Runs on the loop's thread.  Returns None to keep watching, or
+        ``(pause_s, force_next)`` to stop watching the listeners for
+        ``pause_s`` and then, if ``force_next``, pass ``force=True`` once.
+        """
+

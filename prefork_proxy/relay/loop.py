@@ -1,0 +1,543 @@
+"""The relay loop: one epoll thread serving many connections (``RelayLoop``).
+
+Owns the epoll instance, the map from file descriptor to connection (each
+connection's ``handler`` hears its events: the connect phase's, then the relay
+phase's), the cross-thread inbox and its wake pipe, closing sockets only after
+a batch (``_to_close``), the one ``TimerHeap`` of the loop (connect deadlines
+and pauses now; pre-connect and idle timeouts later), the watch on the
+listeners for the loop that accepts (``ListenerWatch``), and the relay phase
+of a connection (``_on_event``, interest masks, ``_close``).  The worker
+creates and starts it; ``submit``, ``stop_accepting`` and ``stop`` may be
+called from any thread, everything else runs on the loop's own thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import heapq
+import itertools
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
+
+from prefork_proxy import splice as splice_module
+from prefork_proxy.errors import ProxyError
+from prefork_proxy.splice import SpliceFunction
+
+from .buffers import DEFAULT_BUDGET, BufferPool, PipePool
+from .connect import Connector
+from .connection import Connection
+from .contract import RELEASED, Acceptor, SocketOptions, StreamSocket, Target
+from .direction import DONE, WANT_READ, WANT_WRITE, Direction
+
+log = logging.getLogger("prefork_proxy.relay")
+
+#: Stale timer entries tolerated beyond twice the armed timers.
+TIMEOUTS_SLACK = 64
+#: The longest a loop sleeps in epoll with nothing due: its heartbeat stays fresh.
+IDLE_POLL_S = 1.0
+#: How long accepting pauses after an unexpected error from the acceptor.
+ACCEPT_ERROR_PAUSE_S = 0.1
+
+_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+#: SO_LINGER {on, 0 s}: ``close`` then sends an RST instead of a FIN (see ``RelayLoop._close``).
+_LINGER_ABORT = struct.pack("ii", 1, 0)
+#: Errors that are simply how TCP connections end; anything else is logged.
+_ORDINARY_ENDINGS = frozenset((errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT))
+
+#: ``callback(conn)``: what runs when a connection's armed deadline passes.
+TimerCallback = Callable[[Connection], None]
+
+
+class TimerHeap:
+    """The loop's one timer heap: at most one armed deadline per connection.
+
+    Owned by one ``RelayLoop`` thread.  An entry is ``(deadline, sequence,
+    connection, callback)``; the connection's ``deadline`` says which entry is
+    live, so re-arming or cancelling needs no search: a stale entry (the
+    connection moved on, or closed) is skipped when it comes due.  The whole
+    heap is dropped whenever nothing is armed, and it is compacted when armed
+    timers keep overlapping, so it stays about as long as the timers armed.
+    """
+
+    __slots__ = ("heap", "armed", "_sequence")
+
+    def __init__(self) -> None:
+        self.heap: List[Tuple[float, int, Connection, TimerCallback]] = []
+        self.armed: Set[Connection] = set()
+        self._sequence = itertools.count()  # ties in the heap never compare Connections
+
+    def arm(self, conn: Connection, deadline: float, callback: TimerCallback) -> None:
+        """Run ``callback(conn)`` at ``deadline`` (monotonic), instead of any armed before."""
+        conn.deadline = deadline
+        heap = self.heap
+        if len(heap) > 2 * len(self.armed) + TIMEOUTS_SLACK:
+            # Timers keep overlapping, so the heap was never dropped whole:
+            # sift out the stale entries (amortized: at most once per as many
+            # pushes as there are live entries).  In place: the loop holds the list.
+            heap[:] = [entry for entry in heap
+                       if entry[2].deadline == entry[0] and not entry[2].closed]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (deadline, next(self._sequence), conn, callback))
+        self.armed.add(conn)
+
+    def cancel(self, conn: Connection) -> None:
+        """Disarm the connection's timer, if any (its entry goes stale)."""
+        conn.deadline = 0.0
+        armed = self.armed
+        armed.discard(conn)
+        if not armed:
+            self.heap.clear()  # every entry left is stale
+
+    def next_due(self) -> Optional[float]:
+        return self.heap[0][0] if self.heap else None
+
+    def expire(self, now: float, run: Callable[..., None]) -> None:
+        """Run the callbacks that are due, each through ``run(conn, callback, conn)``."""
+        heap = self.heap
+        while heap and heap[0][0] <= now:
+            deadline, _, conn, callback = heapq.heappop(heap)
+            if not conn.closed and conn.deadline == deadline:
+                self.cancel(conn)
+                run(conn, callback, conn)
+
+
+class ListenerWatch:
+    """The accepting loop's side of accepting: listeners in or out of epoll, pauses.
+
+    Owned by the one ``RelayLoop`` given an ``Acceptor`` (the worker), whose
+    accept policy decides; this only watches the listeners, calls
+    ``accept_ready`` on the loop's thread, and keeps the pause it asks for.
+    ``request_stop`` is the one call from another thread (the worker's main).
+    """
+
+    def __init__(self, epoll: select.epoll, acceptor: Acceptor) -> None:
+        self._epoll = epoll
+        self._acceptor = acceptor
+        self.sockets: Dict[int, socket.socket] = {}  # listener fd -> socket
+        self._listening = False
+        self.resume_at = 0.0  # a pause ends then (0.0: none)
+        self._force_next = False  # after a deferral: take one client regardless
+        self.stop_requested = False
+        self.stopped = threading.Event()
+
+    def start(self) -> None:
+        for sock in self._acceptor.listening_sockets():
+            self.sockets[sock.fileno()] = sock
+        self._listen(True)
+
+    def _listen(self, on: bool) -> None:
+        """Put the listeners into epoll, or take them out (a pause, or for good)."""
+        if on == self._listening:
+            return
+        for fd in self.sockets:
+            if on:
+                self._epoll.register(fd, _IN)
+            else:
+                self._epoll.unregister(fd)
+        self._listening = on
+
+    def on_ready(self, sock: socket.socket) -> None:
+        if not self._listening:
+            return  # taken out of epoll earlier in this batch
+        force, self._force_next = self._force_next, False
+        try:
+            pause = self._acceptor.accept_ready(sock, force)
+        except Exception:
+            log.exception("accepting on %s failed; pausing accept", sock)
+            pause = (ACCEPT_ERROR_PAUSE_S, False)
+        if pause is not None:
+            pause_s, self._force_next = pause
+            self.resume_at = time.monotonic() + pause_s
+            self._listen(False)
+
+    def review(self) -> None:
+        """After each batch: end a pause that is over, or stop accepting when asked."""
+        if self.stop_requested:
+            if not self.stopped.is_set():
+                self._listen(False)
+                self.resume_at = 0.0
+                self.stopped.set()
+        elif self.resume_at and time.monotonic() >= self.resume_at:
+            self.resume_at = 0.0
+            self._listen(True)
+
+
+class RelayLoop:
+    """One relay thread: an epoll loop serving many connections.
+
+    Created and started by the worker; ``submit`` and ``stop`` may be called
+    from any thread, everything else runs on the loop's own thread.
+
+    Principle (the hot path is a few lookups): the loop uses ``select.epoll``
+    directly, with one dict from file descriptor to connection, rather than
+    ``selectors`` (whose per-event key objects cost time on every event and
+    memory on every connection).  A relay event is a dict lookup, the
+    connection's ``handler``, one or two ``pump`` calls and, only when a
+    direction changed what it waits for, an ``epoll_ctl``.
+
+    Principle (no descriptor is reused within one batch of events): sockets
+    of connections that end are closed only after the whole batch returned by
+    one ``epoll.poll`` has been handled.  Otherwise a later event of the same
+    batch, meant for the closed socket, could reach a new backend socket that
+    got the same descriptor number during failover.  Freshly submitted
+    clients are likewise taken in only between batches.
+    """
+
+    def __init__(self, mode: str, name: str = "relay",
+                 splice: Optional[SpliceFunction] = None,
+                 acceptor: Optional[Acceptor] = None,
+                 budget: int = DEFAULT_BUDGET,
+                 on_crash: Optional[Callable[[], None]] = None) -> None:
+        if mode not in ("splice", "copy"):
+            raise ValueError(f"mode must be 'splice' or 'copy', not {mode!r}")
+        self.mode = mode
+        self.name = name
+        self._splice = splice or splice_module.splice
+        if mode == "splice" and self._splice is None:
+            raise ProxyError("splice mode asked for, but no splice function is available")
+        self._epoll = select.epoll()
+        self._by_fd: Dict[int, Connection] = {}
+        # ``budget``: bytes this loop may hold in buffers and pipes (see BufferPool).
+        self._buffers = BufferPool(budget=budget)
+        self._pipes = PipePool()
+        self._inbox: Deque[Tuple[StreamSocket, Iterator[Target], float, str,
+                                 SocketOptions]] = collections.deque()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # The loop may end (and close the wake pipe) the moment ``stop`` sets
+        # ``_stopping``, before ``stop`` writes its wake-up: the lock makes
+        # writing and closing exclusive, so a stale write can never land in a
+        # descriptor number that another socket has reused.
+        self._wake_lock = threading.Lock()
+        self._wake_pending = False
+        self._epoll.register(self._wake_r, _IN)
+        self._timers = TimerHeap()
+        self._connections: Set[Connection] = set()
+        self._to_close: List[StreamSocket] = []  # closed after the current batch
+        self._stopping = False
+        self._drain_deadline = 0.0
+        self._thread: Optional[threading.Thread] = None
+        self._thread_id = -1
+        self._watch = ListenerWatch(self._epoll, acceptor) if acceptor is not None else None
+        self._connector = Connector(self)
+        self._relay_handler = self._on_event  # bound once, shared by every connection
+        # Two counters, each with one writer, so no lock is needed: ``submitted``
+        # is written by the submitting thread, ``finished`` by the loop.
+        self.submitted = 0
+        self.finished = 0
+        self.last_tick = time.monotonic()  # written by the loop each turn: its heartbeat
+        # Set once, by the loop's thread, when ``run`` raised: what killed it.
+        # ``on_crash`` is then called from that thread (the worker wakes up).
+        self.crashed: Optional[str] = None
+        self._on_crash = on_crash
+
+    @property
+    def active(self) -> int:
+        """Connections this loop owns now (any thread may read it)."""
+        return self.submitted - self.finished
+
+    # -- any thread
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def submit(self, client: StreamSocket, targets: Iterator[Target], timeout_s: float,
+               peer: str = "", options: SocketOptions = ()) -> None:
+        """Hand a freshly accepted, non-blocking client over; the loop owns it from now on.
+
+        ``options`` are set on every backend socket made for it (e.g. TCP
+        keepalive, see ``keepalive_options``); the client's own are the caller's.
+        """
+        self.submitted += 1
+        self._inbox.append((client, targets, timeout_s, peer, options))
+        if threading.get_ident() == self._thread_id:
+            return  # accepted by this loop itself: it looks at its inbox after each batch
+        if not self._wake_pending:
+            # One wake-up per batch is enough: the loop clears the flag before
+            # it empties the inbox, so a client appended after that finds the
+            # flag clear and wakes it again.
+            self._wake_pending = True
+            self._wake()
+
+    def stop_accepting(self, timeout_s: float = 1.0) -> bool:
+        """Stop taking clients from the listeners; True once the loop has confirmed it.
+
+        Called by the worker's main thread when it begins to stop, before its
+        own last sweep of the accept queues.
+        """
+        if self._watch is None:
+            return True
+        self._watch.stop_requested = True
+        self._wake()
+        return self._watch.stopped.wait(timeout_s)
+
+    def stop(self, drain_timeout_s: Optional[float] = None) -> None:
+        """Ask the loop to end: at once, or once its connections end or the drain time passes."""
+        self._drain_deadline = time.monotonic() + (drain_timeout_s or 0.0)
+        self._stopping = True
+        self._wake()
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def _wake(self) -> None:
+        with self._wake_lock:
+            if self._wake_w < 0:
+                return  # the loop has ended
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups already: the loop will look
+
+    # -- the loop's own thread
+
+    def run(self) -> None:
+        poll = self._epoll.poll
+        by_fd = self._by_fd
+        wake_fd = self._wake_r
+        to_close = self._to_close
+        timers = self._timers.heap  # emptied and compacted in place, never replaced
+        watch = self._watch
+        listeners = watch.sockets if watch is not None else {}
+        self._thread_id = threading.get_ident()
+        try:
+            if watch is not None:
+                watch.start()
+            while not (self._stopping and (not self._connections and not self._inbox
+                                           or time.monotonic() >= self._drain_deadline)):
+                woken = False
+                if timers or self._stopping or (watch is not None and watch.resume_at):
+                    timeout = self._poll_timeout()
+                else:
+                    timeout = IDLE_POLL_S
+                for fd, events in poll(timeout):
+                    conn = by_fd.get(fd)
+                    if conn is None:
+                        if fd in listeners:
+                            watch.on_ready(listeners[fd])  # type: ignore[union-attr]
+                        else:
+                            woken = woken or fd == wake_fd
+                        continue  # or a socket closed earlier in this batch
+                    try:
+                        conn.handler(conn, fd, events)  # type: ignore[misc]
+                    except Exception:
+                        log.exception("relay error on the connection from %s; closing it",
+                                      conn.peer or "?")
+                        self._close(conn, abort=True)
+                while to_close:
+                    to_close.pop().close()
+                if woken or self._inbox:
+                    self._take_inbox(woken)
+                if watch is not None and (watch.resume_at or watch.stop_requested):
+                    watch.review()
+                if timers:
+                    self._timers.expire(time.monotonic(), self._guarded)
+                while to_close:
+                    to_close.pop().close()
+                self.last_tick = time.monotonic()
+        except BaseException as exc:
+            log.exception("relay loop %s crashed; closing its connections", self.name)
+            self.crashed = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            if watch is not None:
+                watch.stopped.set()
+            # Whatever is still open here is cut (the drain deadline passed, a
+            # fast stop, or this loop crashed): both ends hear a reset.
+            for conn in list(self._connections):
+                self._close(conn, abort=True)
+            while self._inbox:
+                self._inbox.popleft()[0].close()
+                self.finished += 1
+            for sock in to_close:
+                sock.close()
+            to_close.clear()
+            self._pipes.close()
+            self._buffers.close()
+            self._epoll.close()
+            with self._wake_lock:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r = self._wake_w = -1
+            if self.crashed is not None and self._on_crash is not None:
+                self._on_crash()
+
+    def close_abandoned(self) -> int:
+        """Close clients submitted after this loop's thread ended; return how many.
+
+        Only for a loop whose thread is gone (``crashed``), called by the
+        worker once nothing submits to it any more.
+        """
+        count = 0
+        while self._inbox:
+            self._inbox.popleft()[0].close()
+            self.finished += 1
+            count += 1
+        return count
+
+    def _poll_timeout(self) -> float:
+        timeout = IDLE_POLL_S
+        due = self._timers.next_due()
+        if due is not None:
+            timeout = min(timeout, max(0.0, due - time.monotonic()))
+        if self._stopping:
+            timeout = min(timeout, max(0.0, self._drain_deadline - time.monotonic()))
+        if self._watch is not None and self._watch.resume_at:
+            timeout = min(timeout, max(0.0, self._watch.resume_at - time.monotonic()))
+        return timeout
+
+    def _take_inbox(self, woken: bool) -> None:
+        """Take in submitted clients; ``woken``: the wake pipe was reported readable.
+
+        Clients this loop accepted itself arrive without a wake-up, so the
+        pipe is read only when it has something to read.  Order matters:
+        empty the wake pipe, then clear the flag, then take the clients.  A
+        client submitted after the flag is cleared writes a new wake-up;
+        clearing the flag before reading the pipe could swallow that wake-up
+        and leave a later client waiting with the flag still set.
+        """
+        if woken:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+            self._wake_pending = False
+        inbox = self._inbox
+        connect_next = self._connector.connect_next
+        while inbox:
+            conn = Connection(*inbox.popleft())
+            self._connections.add(conn)
+            self._guarded(conn, connect_next, conn, None)
+
+    # relay phase
+
+    def _start_relay(self, conn: Connection) -> None:
+        """The backend is connected (``Connector``): relay from now on."""
+        backend = conn.backend
+        assert backend is not None
+        pipes = self._pipes if self.mode == "splice" else None
+        conn.upstream = Direction(conn.client, backend, self._buffers, pipes, self._splice)
+        conn.downstream = Direction(backend, conn.client, self._buffers, pipes, self._splice)
+        conn.handler = self._relay_handler
+        self._by_fd[conn.client_fd] = conn
+        # Speculative read: a client that speaks first (HTTP, Redis, PostgreSQL)
+        # has usually sent its first bytes while we connected.  Moving them now
+        # saves a trip through epoll; if nothing is there, it costs one recv.
+        self._on_event(conn, conn.client_fd, _IN)
+        if not conn.closed:
+            self._update_interest(conn)
+
+    def _guarded(self, conn: Connection, step: Callable[..., None], *args: object) -> None:
+        """Run one step of a connection; whatever goes wrong ends this connection only."""
+        try:
+            step(*args)
+        except Exception:
+            log.exception("relay error on the connection from %s; closing it", conn.peer or "?")
+            self._close(conn, abort=True)
+
+    def _on_event(self, conn: Connection, fd: int, events: int) -> None:
+        if fd == conn.client_fd:
+            reading, writing = conn.upstream, conn.downstream
+        else:
+            reading, writing = conn.downstream, conn.upstream
+        read_state, write_state = reading.state, writing.state
+        try:
+            # As ``selectors`` does: an error or hang-up counts as both readable
+            # and writable, so whichever direction waits on this socket hears it.
+            if events & ~_OUT and read_state == WANT_READ:
+                reading.state = reading.pump()
+            if events & ~_IN and write_state == WANT_WRITE:
+                writing.state = writing.pump()
+        except OSError as exc:
+            if exc.errno not in _ORDINARY_ENDINGS:
+                log.info("connection from %s closed on error: %s", conn.peer or "?", exc)
+            self._close(conn, abort=True)
+            return
+        if reading.state == DONE:
+            if writing.state == DONE:
+                self._close(conn)
+                return
+            writing.last = True
+        elif writing.state == DONE:
+            reading.last = True
+        if reading.state != read_state or writing.state != write_state:
+            # Most events (request/response traffic) leave both states as they
+            # were; then the registered interests are already right.
+            self._update_interest(conn)
+
+    def _update_interest(self, conn: Connection) -> None:
+        up, down = conn.upstream, conn.downstream
+        assert up is not None and down is not None
+        client_mask = (_IN if up.state == WANT_READ else 0) | \
+            (_OUT if down.state == WANT_WRITE else 0)
+        backend_mask = (_IN if down.state == WANT_READ else 0) | \
+            (_OUT if up.state == WANT_WRITE else 0)
+        if client_mask != conn.client_mask:
+            self._set_mask(conn.client_fd, conn.client_mask, client_mask)
+            conn.client_mask = client_mask
+        if backend_mask != conn.backend_mask:
+            self._set_mask(conn.backend_fd, conn.backend_mask, backend_mask)
+            conn.backend_mask = backend_mask
+
+    def _set_mask(self, fd: int, current: int, wanted: int) -> None:
+        """Register, modify or unregister: a socket nobody waits on is not left in epoll,
+        where a hang-up would be reported on every turn."""
+        if not current:
+            self._epoll.register(fd, wanted)
+        elif not wanted:
+            self._epoll.unregister(fd)
+        else:
+            self._epoll.modify(fd, wanted)
+
+    def _close(self, conn: Connection, abort: bool = False) -> None:
+        """End a connection: forget its sockets now, close them after the current batch.
+
+        Closing a socket also takes it out of epoll, so no ``unregister`` is needed.
+
+        Principle (a cut stream is never passed off as a clean end): ``abort``
+        is for every ending that is not both sides' clean FIN: a reset or any
+        other socket error on either side, an unexpected error in our own
+        code, the drain deadline.  Both sockets then get SO_LINGER {on, 0}, so
+        closing them sends an RST: a peer reading to EOF (an HTTP/1.0 body, a
+        dump, ``nc > file``) gets ECONNRESET instead of a truncated "complete"
+        stream, as it would without a proxy in between (HAProxy does the
+        same).  A clean ending costs nothing extra: the option is set only here.
+        """
+        if conn.closed:
+            return
+        conn.closed = True
+        by_fd = self._by_fd
+        by_fd.pop(conn.client_fd, None)
+        if conn.backend is not None:
+            by_fd.pop(conn.backend_fd, None)
+        self._connections.discard(conn)
+        if conn.deadline:
+            self._timers.cancel(conn)
+        for direction in (conn.upstream, conn.downstream):
+            if direction is not None:
+                direction.release()
+        conn.upstream = conn.downstream = None  # a stale timeout entry may outlive it
+        if abort:
+            for sock in (conn.client, conn.backend):
+                if sock is not None:
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+                    except OSError:  # already gone, or not a socket that lingers
+                        pass
+        self._to_close.append(conn.client)
+        if conn.backend is not None:
+            self._to_close.append(conn.backend)
+        if conn.target is not None:
+            self._connector.report(conn, RELEASED)
+        conn.targets = None
+        self.finished += 1
