@@ -14,15 +14,23 @@ Modules (each says what it owns and which thread calls it):
 - ``loop``: ``RelayLoop`` (epoll, fd -> connection -> ``handler``, inbox and
   wake pipe, close-after-batch, the relay phase), ``TimerHeap`` (the loop's
   one timer heap) and ``ListenerWatch`` (watching the listeners for the worker).
+- ``admit``: ``Admitter``: the pre-connect phase (feeding a connection's
+  admission object, its deadline, reject or accept -> ``choose`` -> connect).
 - ``connect``: ``Connector``: non-blocking connect, failover, deadlines.
 - ``direction``: ``Direction.pump``, the fast path; ``choose_mode``.
 - ``buffers``: ``PipePool``, ``BufferPool`` and the loop's budget.
 - ``connection``: ``Connection``, the record every phase shares.
 - ``contract``: what crosses the boundary: ``Target`` and its outcomes,
-  ``Acceptor``, ``StreamSocket``, ``SocketOptions``.
+  ``Acceptor``, ``Admission``/``Chooser``/``OutcomeHook``, ``StreamSocket``,
+  ``SocketOptions``.
 
 How a connection is served:
 
+0. ``submit(..., admission=adm, choose=f)`` only: the client is "accepted,
+   admitting": the loop reads it and feeds ``adm`` until a verdict or its
+   deadline; a reject closes it (an RST unless it timed out) and tells the
+   loop's ``on_outcome``; an accept gets its targets from ``f(verdict)`` and
+   goes on to 1., with the bytes read so far sent to the backend first.
 1. ``submit(client, targets, timeout_s)``: the loop connects to the first
    target without blocking, bounded by ``timeout_s``; on refusal or timeout it
    tries the next target, and when none is left it closes the client and logs
@@ -54,6 +62,7 @@ is empty.  10,000 idle connections hold 20,000 socket descriptors and no pipes.
 """
 
 
+from .admit import Admitter
 from .buffers import (
     BUFFER_SIZE,
     DEFAULT_BUDGET,
@@ -71,6 +80,9 @@ from .contract import (
     FAILED,
     RELEASED,
     Acceptor,
+    Admission,
+    Chooser,
+    OutcomeHook,
     SocketOptions,
     StreamSocket,
     Target,
@@ -89,7 +101,8 @@ from .loop import IDLE_POLL_S, TIMEOUTS_SLACK, ListenerWatch, RelayLoop, TimerHe
 __all__ = [
     "BUFFER_SIZE", "BULK_READ", "CONNECTED", "DEFAULT_BUDGET", "DONE", "FAILED", "IDLE_POLL_S",
     "PIPE_SIZE", "POOL_KEEP", "RELEASED", "ROUNDS_PER_EVENT", "SHORT_READ", "SMALL_SIZE",
-    "TIMEOUTS_SLACK", "WANT_READ", "WANT_WRITE", "Acceptor", "BufferPool", "Connection",
+    "TIMEOUTS_SLACK", "WANT_READ", "WANT_WRITE", "Acceptor", "Admission", "Admitter",
+    "BufferPool", "Chooser", "Connection", "OutcomeHook",
     "Connector", "Direction", "ListenerWatch", "PipePool", "RelayLoop", "SocketOptions",
     "StreamSocket", "Target", "TimerHeap", "apply_options", "choose_mode", "keepalive_options",
 ]

@@ -143,7 +143,9 @@ class Connector:
         self.report(conn, CONNECTED)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("client %s connected to backend %s", conn.peer or "?", conn.target.name)
-        self._loop._start_relay(conn)
+        # Bytes the backend gets first: a per-backend header, then what the
+        # admission read from the client (both b"" without them).
+        self._loop._start_relay(conn, conn.target.send_prefix + conn.prefix)
 
     def _on_timer(self, conn: Connection) -> None:
         """The attempt's deadline passed (or a pause is over): the next target."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Optional
 
-from .contract import SocketOptions, StreamSocket, Target
+from .contract import Admission, Chooser, SocketOptions, StreamSocket, Target
 from .direction import Direction
 
 #: ``handler(conn, fd, events)``: what one readiness event of a connection's socket runs.
@@ -26,6 +26,8 @@ class Connection:
     itself knows no phases.  ``client_mask``/``backend_mask`` are the epoll
     events registered for each socket (0: not registered).  ``deadline`` is
     the one timer armed for it on the loop's ``TimerHeap`` (0.0: none).
+    ``admission``, when set, is the connection's pre-connect phase (see
+    ``admit``): it is "accepted, admitting" until the verdict, then connects.
     ``targets`` is dropped once connected: the balancer's generators behind
     it are only needed to fail over, and an idle connection should hold as
     little as possible.
@@ -33,10 +35,13 @@ class Connection:
 
     __slots__ = ("client", "backend", "client_fd", "backend_fd", "targets", "target",
                  "timeout_s", "deadline", "upstream", "downstream", "client_mask",
-                 "backend_mask", "peer", "closed", "options", "handler")
+                 "backend_mask", "peer", "closed", "options", "handler", "admission",
+                 "choose", "prefix")
 
     def __init__(self, client: StreamSocket, targets: Optional[Iterator[Target]],
-                 timeout_s: float, peer: str, options: SocketOptions = ()) -> None:
+                 timeout_s: float, peer: str, options: SocketOptions = (),
+                 admission: Optional[Admission] = None,
+                 choose: Optional[Chooser] = None) -> None:
         self.client = client
         self.options = options  # set on each backend socket before it connects
         self.client_fd = client.fileno()
@@ -53,3 +58,7 @@ class Connection:
         self.peer = peer
         self.closed = False
         self.handler: Optional[Handler] = None
+        # The pre-connect phase (``admit``), None for a listener without one.
+        self.admission = admission
+        self.choose = choose  # dropped once it has chosen the targets
+        self.prefix = b""  # the verdict's forward_prefix: the backend gets it first

@@ -8,6 +8,10 @@ balancer import these and never the loop's internals:
 - ``Target``: one backend address to try, from the balancer's iterator, and
   ``CONNECTED``/``FAILED``/``RELEASED``: the outcomes ``Target.report`` hears.
 - ``Acceptor``: what the loop that watches the listeners needs from its worker.
+- ``Admission``, ``Chooser``, ``OutcomeHook``: the pre-connect phase's hooks
+  (one admission object per client, given to ``RelayLoop.submit`` by the
+  worker from its listener's pipeline; see /work/briefs/admission-contract.md
+  and prefork_proxy/admission/pipeline.py, which the relay never imports).
 
 The balancer builds ``Target``s on a relay thread (drawn lazily while the loop
 connects) and hears their reports on that same thread; the worker's
@@ -19,10 +23,10 @@ from __future__ import annotations
 
 import socket
 from _socket import socket as StreamSocket
-from typing import Callable, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Protocol, Tuple
 
 __all__ = ["StreamSocket", "SocketOptions", "Target", "CONNECTED", "FAILED", "RELEASED",
-           "Acceptor"]
+           "Acceptor", "Admission", "Chooser", "OutcomeHook"]
 
 # ``StreamSocket`` is ``_socket.socket``, the C class that ``socket.socket``
 # extends with Python-level bookkeeping (``makefile`` reference counts, enum
@@ -52,20 +56,27 @@ class Target:
     ``timeout_s`` without a socket, on its connect-deadline heap, and asks the
     iterator again; the balancer bounds how long it keeps answering pauses.
 
+    ``send_prefix``: bytes this backend gets before anything from the client
+    (a PROXY header for a ``send_proxy`` backend, built by the balancer per
+    backend, so it stays right across failover); sent once connected, ahead
+    of an admission verdict's ``forward_prefix``.
+
     Immutable by convention; a plain slotted class rather than a dataclass
     because one is made per connection and held for its whole life.
     """
 
-    __slots__ = ("family", "sockaddr", "name", "timeout_s", "report")
+    __slots__ = ("family", "sockaddr", "name", "timeout_s", "report", "send_prefix")
 
     def __init__(self, family: int, sockaddr: Optional[tuple], name: str,
                  timeout_s: Optional[float] = None,
-                 report: Optional[Callable[[str, str], None]] = None) -> None:
+                 report: Optional[Callable[[str, str], None]] = None,
+                 send_prefix: bytes = b"") -> None:
         self.family = family
         self.sockaddr = sockaddr
         self.name = name
         self.timeout_s = timeout_s
         self.report = report
+        self.send_prefix = send_prefix
 
     def __repr__(self) -> str:
         return f"Target({self.name!r}, {self.sockaddr!r}, timeout_s={self.timeout_s!r})"
@@ -86,3 +97,36 @@ class Acceptor(Protocol):
         ``pause_s`` and then, if ``force_next``, pass ``force=True`` once.
         """
 
+
+
+class Admission(Protocol):
+    """One connection's pre-connect phase, as the relay drives it (``admit.Admitter``).
+
+    ``prefork_proxy.admission.Admission`` is one.  Every call runs on the
+    connection's relay thread and must not block.  A verdict is told apart by
+    its fields: an accept has ``forward_prefix`` (and ``route``,
+    ``client_address``, ``destination``), a reject has ``abort`` (and
+    ``status``, ``term``, ``reason``, ``detail``), anything else is "need
+    more", with ``deadline`` (monotonic seconds, or None).
+    """
+
+    def start(self, now: Optional[float] = None) -> Any:
+        """The first verdict, at accept."""
+
+    def feed(self, data: bytes) -> Any:
+        """Bytes read from the client (``b""``: it closed); the new verdict."""
+
+    def expire(self) -> Any:
+        """The deadline passed: a reject."""
+
+    def release(self) -> bool:
+        """At close, exactly once per connection: give back what admission holds."""
+
+
+#: ``choose(accept_verdict)``: the targets to try for an accepted client (the
+#: balancer of the verdict's route); runs on the relay thread, never blocks.
+Chooser = Callable[[Any], Iterator[Target]]
+
+#: ``on_outcome(peer, admission, verdict)``: a connection refused by its
+#: admission (the verdict is the reject), told before its client is closed.
+OutcomeHook = Callable[[str, Any, Any], None]

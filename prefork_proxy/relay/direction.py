@@ -238,6 +238,18 @@ class Direction:
             self.bulk = False
         return n
 
+    def hold(self, data: bytes) -> None:
+        """Bytes the destination must get first (a pre-connect prefix, before any
+        ``pump``): held as a burst's remainder is, charged to the budget."""
+        buffers = self.buffers
+        count = len(data)
+        if count > len(buffers.scratch):
+            raise ValueError(f"a prefix of {count} bytes is larger than a buffer")
+        buffers.scratch[:count] = data
+        self.held, self.start = buffers.keep(0, count)
+        self.pending, self.in_pipe = count, False
+        self.state = WANT_WRITE
+
     def idle(self) -> None:
         """Nothing pending: lend the pipe and the buffer back (an idle direction holds none)."""
         if self.pipe is not None:

@@ -30,10 +30,20 @@ from prefork_proxy import splice as splice_module
 from prefork_proxy.errors import ProxyError
 from prefork_proxy.splice import SpliceFunction
 
+from .admit import Admitter
 from .buffers import DEFAULT_BUDGET, BufferPool, PipePool
 from .connect import Connector
 from .connection import Connection
-from .contract import RELEASED, Acceptor, SocketOptions, StreamSocket, Target
+from .contract import (
+    RELEASED,
+    Acceptor,
+    Admission,
+    Chooser,
+    OutcomeHook,
+    SocketOptions,
+    StreamSocket,
+    Target,
+)
 from .direction import DONE, WANT_READ, WANT_WRITE, Direction
 
 log = logging.getLogger("prefork_proxy.relay")
@@ -194,7 +204,8 @@ class RelayLoop:
                  splice: Optional[SpliceFunction] = None,
                  acceptor: Optional[Acceptor] = None,
                  budget: int = DEFAULT_BUDGET,
-                 on_crash: Optional[Callable[[], None]] = None) -> None:
+                 on_crash: Optional[Callable[[], None]] = None,
+                 on_outcome: Optional[OutcomeHook] = None) -> None:
         if mode not in ("splice", "copy"):
             raise ValueError(f"mode must be 'splice' or 'copy', not {mode!r}")
         self.mode = mode
@@ -207,8 +218,9 @@ class RelayLoop:
         # ``budget``: bytes this loop may hold in buffers and pipes (see BufferPool).
         self._buffers = BufferPool(budget=budget)
         self._pipes = PipePool()
-        self._inbox: Deque[Tuple[StreamSocket, Iterator[Target], float, str,
-                                 SocketOptions]] = collections.deque()
+        self._inbox: Deque[Tuple[StreamSocket, Optional[Iterator[Target]], float, str,
+                                 SocketOptions, Optional[Admission],
+                                 Optional[Chooser]]] = collections.deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # The loop may end (and close the wake pipe) the moment ``stop`` sets
         # ``_stopping``, before ``stop`` writes its wake-up: the lock makes
@@ -226,6 +238,8 @@ class RelayLoop:
         self._thread_id = -1
         self._watch = ListenerWatch(self._epoll, acceptor) if acceptor is not None else None
         self._connector = Connector(self)
+        self._admitter = Admitter(self)
+        self._on_outcome = on_outcome  # hears each connection refused by its admission
         self._relay_handler = self._on_event  # bound once, shared by every connection
         # Two counters, each with one writer, so no lock is needed: ``submitted``
         # is written by the submitting thread, ``finished`` by the loop.
@@ -248,15 +262,21 @@ class RelayLoop:
         self._thread = threading.Thread(target=self.run, name=self.name, daemon=True)
         self._thread.start()
 
-    def submit(self, client: StreamSocket, targets: Iterator[Target], timeout_s: float,
-               peer: str = "", options: SocketOptions = ()) -> None:
+    def submit(self, client: StreamSocket, targets: Optional[Iterator[Target]],
+               timeout_s: float, peer: str = "", options: SocketOptions = (),
+               admission: Optional[Admission] = None,
+               choose: Optional[Chooser] = None) -> None:
         """Hand a freshly accepted, non-blocking client over; the loop owns it from now on.
 
         ``options`` are set on every backend socket made for it (e.g. TCP
         keepalive, see ``keepalive_options``); the client's own are the caller's.
+        ``admission`` (None: none) is the client's pre-connect phase (see
+        ``admit``); once it accepts, ``choose(verdict)`` gives the targets to
+        try (None: ``targets``).  ``admission.release()`` is called exactly
+        once, when the connection closes, whatever ended it.
         """
         self.submitted += 1
-        self._inbox.append((client, targets, timeout_s, peer, options))
+        self._inbox.append((client, targets, timeout_s, peer, options, admission, choose))
         if threading.get_ident() == self._thread_id:
             return  # accepted by this loop itself: it looks at its inbox after each batch
         if not self._wake_pending:
@@ -417,12 +437,21 @@ class RelayLoop:
         while inbox:
             conn = Connection(*inbox.popleft())
             self._connections.add(conn)
-            self._guarded(conn, connect_next, conn, None)
+            if conn.admission is None:  # the one test a listener without admission pays
+                self._guarded(conn, connect_next, conn, None)
+            else:
+                self._guarded(conn, self._admitter.start, conn)
 
     # relay phase
 
-    def _start_relay(self, conn: Connection) -> None:
-        """The backend is connected (``Connector``): relay from now on."""
+    def _start_relay(self, conn: Connection, prefix: bytes = b"") -> None:
+        """The backend is connected (``Connector``): relay from now on.
+
+        ``prefix`` (the target's ``send_prefix`` and the admission's
+        ``forward_prefix``) goes to the backend before any other client byte:
+        it is held by the client->backend direction as a burst's remainder
+        would be (charged to the budget), and written out first.
+        """
         backend = conn.backend
         assert backend is not None
         pipes = self._pipes if self.mode == "splice" else None
@@ -430,12 +459,28 @@ class RelayLoop:
         conn.downstream = Direction(backend, conn.client, self._buffers, pipes, self._splice)
         conn.handler = self._relay_handler
         self._by_fd[conn.client_fd] = conn
+        if prefix:
+            conn.upstream.hold(prefix)
+            conn.prefix = b""
+            # Write it now (the backend just connected, so its send buffer is
+            # empty); the same pump then reads on from the client.
+            self._on_event(conn, conn.backend_fd, _OUT)
+            if conn.closed:
+                return
         # Speculative read: a client that speaks first (HTTP, Redis, PostgreSQL)
         # has usually sent its first bytes while we connected.  Moving them now
         # saves a trip through epoll; if nothing is there, it costs one recv.
         self._on_event(conn, conn.client_fd, _IN)
         if not conn.closed:
             self._update_interest(conn)
+
+    def _report_outcome(self, conn: Connection, verdict: object) -> None:
+        """Tell the outcome hook that a connection was refused before connecting."""
+        if self._on_outcome is not None:
+            try:
+                self._on_outcome(conn.peer, conn.admission, verdict)
+            except Exception:  # bookkeeping must never cost the loop its thread
+                log.exception("reporting the outcome of %s failed", conn.peer or "?")
 
     def _guarded(self, conn: Connection, step: Callable[..., None], *args: object) -> None:
         """Run one step of a connection; whatever goes wrong ends this connection only."""
@@ -540,4 +585,9 @@ class RelayLoop:
         if conn.target is not None:
             self._connector.report(conn, RELEASED)
         conn.targets = None
+        if conn.admission is not None:
+            try:
+                conn.admission.release()
+            except Exception:  # bookkeeping must never cost the loop its thread
+                log.exception("releasing the admission of %s failed", conn.peer or "?")
         self.finished += 1

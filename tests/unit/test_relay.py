@@ -851,3 +851,262 @@ def test_socket_options_are_set_on_the_backend_socket_before_it_connects(relay):
     finally:
         backend_listener.close()
         front.close()
+
+
+# --------------------------------------------------------------------------- pre-connect phase
+#
+# The real pipeline from prefork_proxy/admission (PROXY v2 header, allow/deny,
+# SNI routes) driven by a real RelayLoop over loopback sockets: the relay's
+# side of /work/briefs/admission-contract.md.
+
+from pathlib import Path  # noqa: E402
+
+from prefork_proxy import proxy_protocol  # noqa: E402
+from prefork_proxy.admission import compile_pipeline, proxy_header  # noqa: E402
+from prefork_proxy.sni_routes import ServerNameTable  # noqa: E402
+
+_HELLO_DIR = Path(__file__).resolve().parent.parent / "data" / "client_hello"
+#: A real TLS 1.3 ClientHello (OpenSSL) naming a.test.
+A_TEST_HELLO = bytes.fromhex((_HELLO_DIR / "openssl_tls13_sni.hex").read_text().replace("\n", ""))
+PROXIED_CLIENT = ("192.0.2.10", 51234)
+PROXIED_DST = ("198.51.100.1", 443)
+
+
+class CountedAdmission:
+    """The real ``Admission`` with its ``release`` calls counted (the relay must call it
+    exactly once per connection, at close)."""
+
+    def __init__(self, admission) -> None:
+        self.admission = admission
+        self.releases = 0
+
+    def start(self, now=None):
+        return self.admission.start(now)
+
+    def feed(self, data):
+        return self.admission.feed(data)
+
+    def expire(self):
+        return self.admission.expire()
+
+    def release(self):
+        self.releases += 1
+        return self.admission.release()
+
+
+class AdmittingRig:
+    """A started RelayLoop with an outcome hook, a front listener and two backends
+    (route 1 for a.test, the listener's own for the rest)."""
+
+    def __init__(self, mode: str, function) -> None:
+        self.outcomes = []
+        self.loop = RelayLoop(mode, splice=function,
+                              on_outcome=lambda peer, adm, verdict: self.outcomes.append(
+                                  (peer, adm, verdict)))
+        self.loop.start()
+        self.front = socket.create_server(("127.0.0.1", 0))
+        self.backends = {None: socket.create_server(("127.0.0.1", 0)),
+                         1: socket.create_server(("127.0.0.1", 0))}
+        self.chosen = []
+
+    def open(self, pipeline, send_proxy: bool = False, targets=None):
+        """A client through ``pipeline``: (client socket, CountedAdmission)."""
+        client = socket.create_connection(self.front.getsockname(), timeout=10)
+        accepted, address = self.front.accept()
+        accepted.setblocking(False)
+        admission = CountedAdmission(pipeline.open(accepted.getpeername(),
+                                                   accepted.getsockname()))
+
+        def choose(verdict):
+            self.chosen.append(verdict)
+            if targets is not None:
+                return iter(targets)
+            prefix = (proxy_header("v2", verdict.client_address, verdict.destination)
+                      if send_proxy else b"")
+            listener = self.backends[verdict.route]
+            return iter([Target(socket.AF_INET, listener.getsockname(), f"route-{verdict.route}",
+                                send_prefix=prefix)])
+
+        self.loop.submit(accepted, None, 5.0, f"{address[0]}:{address[1]}",
+                         admission=admission, choose=choose)
+        return client, admission
+
+    def backend_connected(self, route=None) -> bool:
+        readable, _, _ = select.select([self.backends[route]], [], [], 0)
+        return bool(readable)
+
+    def close(self) -> None:
+        self.loop.stop()
+        assert self.loop.join(5)
+        for sock in [self.front, *self.backends.values()]:
+            sock.close()
+
+
+@pytest.fixture(params=["copy", "os-splice"])
+def rig(request):
+    mode, function = MOVERS[request.param]
+    if mode == "splice" and not splice_module.works(function):
+        pytest.skip(f"{request.param} is not available here")
+    rig = AdmittingRig(mode, function)
+    yield rig
+    rig.close()
+
+
+def _full_pipeline(**overrides):
+    keys = dict(accept_proxy="v2", allow=["192.0.2.0/24"],
+                routes=ServerNameTable([["b.test"], ["a.test"]], [None, None]))
+    keys.update(overrides)
+    return compile_pipeline(**keys)
+
+
+def _send_split(client, admission, data: bytes, cuts) -> None:
+    """Send ``data`` in pieces, each only once the relay has fed the one before
+    to the admission (so the pipeline really sees the cuts)."""
+    last = 0
+    for cut in list(cuts) + [len(data)]:
+        target = admission.admission.received + (cut - last)
+        client.sendall(data[last:cut])
+
+        def fed(target=target) -> bool:
+            verdict = admission.admission.verdict
+            return admission.admission.received >= target or type(verdict).__name__ != "NeedMore"
+
+        wait_for(fed, 5, message="the relay to feed the piece")
+        last = cut
+
+
+@pytest.mark.parametrize("send_proxy", [False, True], ids=["plain", "send_proxy"])
+def test_an_admitted_client_reaches_its_route_with_exactly_the_payload(rig, send_proxy):
+    """PROXY v2 header + ClientHello + payload, split over several sends: the backend
+    of the hello's route gets exactly the hello and the payload (after our own header
+    when it wants one), then the relay carries both ways; release once at close."""
+    header = proxy_protocol.encode_v2(PROXIED_CLIENT, PROXIED_DST)
+    payload = A_TEST_HELLO + b"application bytes after the hello"
+    stream = header + payload
+    client, admission = rig.open(_full_pipeline(), send_proxy=send_proxy)
+    _send_split(client, admission, stream, [5, 16, len(header) + 3, len(header) + 40])
+    backend, _ = rig.backends[1].accept()
+    backend.settimeout(10)
+    ours = proxy_header("v2", PROXIED_CLIENT, PROXIED_DST) if send_proxy else b""
+    assert recv_exactly(backend, len(ours) + len(payload)) == ours + payload
+    (verdict,) = rig.chosen
+    assert verdict.route == 1 and verdict.client_address == PROXIED_CLIENT
+    assert not rig.backend_connected(None), "the default pool was connected too"
+    client.sendall(b"more from the client")
+    assert recv_exactly(backend, 20) == b"more from the client"
+    backend.sendall(b"from the backend")
+    assert recv_exactly(client, 16) == b"from the backend"
+    assert admission.releases == 0, "released before the connection ended"
+    client.shutdown(socket.SHUT_WR)
+    assert recv_until_eof(backend) == b""
+    backend.close()
+    assert recv_until_eof(client) == b""
+    wait_for(lambda: rig.loop.active == 0, 5, message="the connection to end")
+    assert admission.releases == 1
+    assert rig.outcomes == []
+    client.close()
+
+
+def test_a_denied_client_gets_a_reset_and_no_backend_is_connected(rig):
+    header = proxy_protocol.encode_v2(("203.0.113.7", 4000), PROXIED_DST)  # not allowed
+    client, admission = rig.open(_full_pipeline())
+    client.sendall(header + A_TEST_HELLO)
+    with pytest.raises(ConnectionResetError):
+        while client.recv(4096):
+            pass
+    wait_for(lambda: rig.loop.active == 0, 5, message="the refused connection to end")
+    assert not rig.backend_connected(None) and not rig.backend_connected(1)
+    assert rig.chosen == []
+    ((peer, adm, verdict),) = rig.outcomes
+    assert adm is admission and (verdict.status, verdict.term) == (403, "PR")
+    assert admission.releases == 1
+    client.close()
+
+
+def test_a_client_denied_by_its_address_is_refused_before_it_sends(rig):
+    """No reading step: ``start`` refuses at once (the socket peer is 127.0.0.1)."""
+    client, admission = rig.open(compile_pipeline(allow=["10.0.0.0/8"]))
+    with pytest.raises(ConnectionResetError):
+        while client.recv(4096):
+            pass
+    wait_for(lambda: rig.loop.active == 0, 5, message="the refused connection to end")
+    assert not rig.backend_connected(None)
+    assert [o[2].reason for o in rig.outcomes] == ["not_allowed"]
+    assert admission.releases == 1
+    client.close()
+
+
+def test_a_slow_header_is_closed_at_its_deadline(rig):
+    """Half a PROXY header, then silence: closed (a FIN: a timeout is no abort) at
+    proxy_timeout_ms after accept, within 20 %; the loop serves others meanwhile."""
+    timeout_s = 0.5
+    started = time.monotonic()
+    client, admission = rig.open(_full_pipeline(proxy_timeout_ms=int(timeout_s * 1000)))
+    client.sendall(proxy_protocol.encode_v2(PROXIED_CLIENT, PROXIED_DST)[:10])
+    client.settimeout(5)
+    assert recv_until_eof(client) == b""
+    elapsed = time.monotonic() - started
+    assert timeout_s * 0.8 <= elapsed <= timeout_s * 1.2, f"closed after {elapsed:.3f} s"
+    wait_for(lambda: rig.loop.active == 0, 5, message="the timed-out connection to end")
+    ((_, _, verdict),) = rig.outcomes
+    assert (verdict.term, verdict.reason) == ("cR", "proxy_timeout")
+    assert not rig.backend_connected(None) and not rig.backend_connected(1)
+    assert admission.releases == 1
+    assert not rig.loop._timers.armed
+    client.close()
+
+
+def test_a_client_that_closes_while_admitting_is_released_once(rig):
+    client, admission = rig.open(_full_pipeline())
+    client.sendall(proxy_protocol.encode_v2(PROXIED_CLIENT, PROXIED_DST)[:7])
+    client.shutdown(socket.SHUT_WR)
+    client.settimeout(5)
+    with pytest.raises(ConnectionResetError):  # a truncated header is a client error: RST
+        while client.recv(4096):
+            pass
+    wait_for(lambda: rig.loop.active == 0, 5, message="the connection to end")
+    assert [o[2].reason for o in rig.outcomes] == ["proxy_truncated"]
+    assert admission.releases == 1
+    client.close()
+
+
+def test_an_accepted_client_whose_backends_all_fail_is_released_once(rig):
+    dead = socket.create_server(("127.0.0.1", 0))
+    address = dead.getsockname()
+    dead.close()  # nothing listens there now: connection refused
+    client, admission = rig.open(compile_pipeline(allow=["127.0.0.0/8"]),
+                                 targets=[Target(socket.AF_INET, address, "refuses")])
+    client.settimeout(5)
+    assert recv_until_eof(client) == b""
+    wait_for(lambda: rig.loop.active == 0, 5, message="the connection to end")
+    assert len(rig.chosen) == 1 and rig.outcomes == []
+    assert admission.releases == 1
+    client.close()
+
+
+def test_a_connection_without_admission_is_served_while_another_is_admitting(rig):
+    """A plain submit (no admission) in the same loop relays at once, while a client
+    of an admitting listener still waits for its header."""
+    waiting, admission = rig.open(_full_pipeline())
+    plain_backend = socket.create_server(("127.0.0.1", 0))
+    try:
+        client, accepted = socket.socketpair()
+        accepted.setblocking(False)
+        rig.loop.submit(accepted, iter([Target(socket.AF_INET, plain_backend.getsockname(),
+                                               "plain")]), 5.0, "plain")
+        backend, _ = plain_backend.accept()
+        backend.settimeout(10)
+        client.sendall(b"ping")
+        assert recv_exactly(backend, 4) == b"ping"
+        backend.sendall(b"pong")
+        client.settimeout(10)
+        assert recv_exactly(client, 4) == b"pong"
+        plain = [conn for conn in rig.loop._connections if conn.admission is None]
+        assert len(plain) == 1 and plain[0].upstream is not None
+        assert admission.admission.verdict is not None and not rig.chosen
+        client.close()
+        backend.close()
+        wait_for(lambda: rig.loop.active == 1, 5, message="the plain connection to end")
+    finally:
+        plain_backend.close()
+        waiting.close()

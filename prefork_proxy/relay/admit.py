@@ -1,0 +1,123 @@
+"""The pre-connect phase on the relay's side: driving a connection's admission.
+
+Owns ``Admitter``: for a connection submitted with an ``admission`` object
+(``contract.Admission``; the worker opens one per client from its listener's
+pipeline), it watches the client for reads, feeds what arrives to
+``admission.feed``, arms the verdict's deadline on the loop's ``TimerHeap``
+(``admission.expire`` when it passes), and acts on the verdict: a reject
+closes the client (an RST when the verdict says ``abort``) and is told to the
+loop's outcome hook; an accept asks the connection's ``choose(verdict)`` for
+the targets to try and hands the connection to the connect phase, with the
+verdict's ``forward_prefix`` to send first.  No backend is connected before an
+accept.  Only the loop's own thread calls it; a connection without an
+admission object never meets it.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import time
+from typing import TYPE_CHECKING
+
+from .connection import Connection
+
+if TYPE_CHECKING:  # the loop owns its Admitter; no import at run time
+    from .loop import RelayLoop
+
+log = logging.getLogger("prefork_proxy.relay")
+
+#: Bytes read per ``recv`` while admitting: one maximal TLS record and its header
+#: (a whole ClientHello), more than any PROXY header (admission.READ_SIZE).
+READ_SIZE = 16384 + 5
+
+_IN = select.EPOLLIN
+
+
+def verdict_kind(verdict: object) -> str:
+    """``"accept"``, ``"reject"`` or ``"more"``, told by the verdict's fields (the
+    relay does not import the admission package: see ``contract.Admission``)."""
+    if hasattr(verdict, "forward_prefix"):
+        return "accept"
+    if hasattr(verdict, "abort"):
+        return "reject"
+    return "more"
+
+
+class Admitter:
+    """The admitting phase of one loop's connections (see the module docstring)."""
+
+    def __init__(self, loop: "RelayLoop") -> None:
+        self._loop = loop
+        self._epoll = loop._epoll
+        self._by_fd = loop._by_fd
+        self._timers = loop._timers
+        # Bound once: connections refer to these same objects.
+        self.on_readable = self._on_readable
+        self.on_timer = self._on_timer
+
+    def start(self, conn: Connection) -> None:
+        """A client just taken in: watch it for reads, and take the first verdict."""
+        admission = conn.admission
+        assert admission is not None
+        conn.handler = self.on_readable
+        self._by_fd[conn.client_fd] = conn
+        self._epoll.register(conn.client_fd, _IN)
+        conn.client_mask = _IN
+        self._act(conn, admission.start(time.monotonic()))
+
+    def _on_readable(self, conn: Connection, fd: int, events: int) -> None:
+        try:
+            data = conn.client.recv(READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:  # a reset while we waited: the client has closed
+            data = b""
+        self._act(conn, conn.admission.feed(data))  # type: ignore[union-attr]
+
+    def _on_timer(self, conn: Connection) -> None:
+        self._act(conn, conn.admission.expire())  # type: ignore[union-attr]
+
+    def _act(self, conn: Connection, verdict: object) -> None:
+        kind = verdict_kind(verdict)
+        if kind == "more":
+            deadline = verdict.deadline  # type: ignore[attr-defined]
+            if deadline is None:
+                if conn.deadline:
+                    self._timers.cancel(conn)
+            elif deadline != conn.deadline:
+                self._timers.arm(conn, deadline, self.on_timer)
+            return
+        if conn.deadline:
+            self._timers.cancel(conn)
+        if kind == "reject":
+            self._reject(conn, verdict)
+        else:
+            self._accept(conn, verdict)
+
+    def _reject(self, conn: Connection, verdict: object) -> None:
+        if log.isEnabledFor(logging.INFO):
+            log.info("client %s refused: %s %s %s%s", conn.peer or "?",
+                     getattr(verdict, "status", "?"), getattr(verdict, "term", "?"),
+                     getattr(verdict, "reason", "?"),
+                     f" ({verdict.detail})" if getattr(verdict, "detail", "") else "")
+        self._loop._report_outcome(conn, verdict)
+        self._loop._close(conn, abort=bool(getattr(verdict, "abort", True)))
+
+    def _accept(self, conn: Connection, verdict: object) -> None:
+        # The client is not watched while its backend connects: the relay
+        # phase registers it again (``RelayLoop._start_relay``).
+        self._epoll.unregister(conn.client_fd)
+        conn.client_mask = 0
+        self._by_fd.pop(conn.client_fd, None)
+        conn.prefix = verdict.forward_prefix  # type: ignore[attr-defined]
+        choose = conn.choose
+        if choose is not None:
+            conn.choose = None
+            try:
+                conn.targets = choose(verdict)
+            except Exception as exc:  # a balancer failure while choosing the pool
+                log.warning("no backend for client %s: %s", conn.peer or "?", exc)
+                self._loop._close(conn)
+                return
+        self._loop._connector.connect_next(conn, None)
