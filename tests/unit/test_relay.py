@@ -1071,14 +1071,13 @@ def test_a_client_that_closes_while_admitting_is_released_once(rig):
 
 
 def test_an_accepted_client_whose_backends_all_fail_is_released_once(rig):
-    dead = socket.create_server(("127.0.0.1", 0))
-    address = dead.getsockname()
-    dead.close()  # nothing listens there now: connection refused
-    client, admission = rig.open(compile_pipeline(allow=["127.0.0.0/8"]),
-                                 targets=[Target(socket.AF_INET, address, "refuses")])
-    client.settimeout(5)
-    assert recv_until_eof(client) == b""
-    wait_for(lambda: rig.loop.active == 0, 5, message="the connection to end")
+    with closed_port() as port:  # connects to it are refused
+        client, admission = rig.open(compile_pipeline(allow=["127.0.0.0/8"]),
+                                     targets=[Target(socket.AF_INET, ("127.0.0.1", port),
+                                                     "refuses")])
+        client.settimeout(5)
+        assert recv_until_eof(client) == b""
+        wait_for(lambda: rig.loop.active == 0, 5, message="the connection to end")
     assert len(rig.chosen) == 1 and rig.outcomes == []
     assert admission.releases == 1
     client.close()
