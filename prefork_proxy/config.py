@@ -46,6 +46,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple
 
+from prefork_proxy import acl
 from prefork_proxy.errors import ConfigError
 from prefork_proxy.schema import (
     Array,
@@ -86,6 +87,12 @@ BALANCE_MODES = ("round_robin", "least_conn", "random_two", "source_hash")
 DEFAULT_FALL = 3
 DEFAULT_FAIL_TIMEOUT_MS = 10_000
 DEFAULT_RESOLVE_INTERVAL_MS = 5_000
+DEFAULT_PROXY_TIMEOUT_MS = 3000  # HAProxy's advice for the whole PROXY header
+DEFAULT_SNI_TIMEOUT_MS = 3000
+ACCEPT_PROXY_MODES = ("v1", "v2", "any")
+SEND_PROXY_VERSIONS = ("v1", "v2")
+#: Largest per-listener connection limits (the shared table is sized from them).
+MAX_LIMIT = 1_000_000
 MAX_MS = 86_400_000  # one day: the largest interval any *_ms key accepts
 MAX_S = 86_400.0  # one day: the largest duration any *_s key accepts
 #: The shortest ``worker_timeout_s``: a worker stamps its heartbeat every 0.5 s
@@ -145,6 +152,8 @@ class Backend:
     address: Endpoint
     weight: int = 1
     backup: bool = False
+    #: "v1"/"v2": a PROXY header before the first byte (None: the listener's ``send_proxy``).
+    send_proxy: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -188,6 +197,28 @@ class ListenerConfig:
     #: off: binding an address in use fails with "address in use".
     reuse_port: bool = False
     tcp_keepalive: Optional[Keepalive] = None  # None: off (the default)
+    # The pre-connect phase (issue 12; ``admission.compile_pipeline`` takes these):
+    # every one off by default, and a listener with none of them pays nothing.
+    accept_proxy: Optional[str] = None  # "v1" | "v2" | "any": a PROXY header is required
+    trusted_proxies: Optional[Tuple[str, ...]] = None  # None: every source must send one
+    proxy_timeout_ms: int = DEFAULT_PROXY_TIMEOUT_MS
+    send_proxy: Optional[str] = None  # to every backend without its own ``send_proxy``
+    allow: Optional[Tuple[str, ...]] = None
+    deny: Optional[Tuple[str, ...]] = None
+    max_connections: int = 0  # 0: off
+    max_connections_per_source: int = 0
+    max_new_connections_per_source: int = 0
+    sni_timeout_ms: int = DEFAULT_SNI_TIMEOUT_MS
+
+    @property
+    def has_limits(self) -> bool:
+        """Whether any connection limit is set (the master then sizes ``ConnectionLimits``)."""
+        return bool(self.max_connections or self.max_connections_per_source
+                    or self.max_new_connections_per_source)
+
+    def backend_send_proxy(self, backend: Backend) -> Optional[str]:
+        """The PROXY header version ``backend`` gets (its own key, else the listener's)."""
+        return backend.send_proxy or self.send_proxy
 
     @property
     def label(self) -> str:
@@ -397,6 +428,20 @@ class Address(Kind):
             raise Invalid(str(exc)) from None
 
 
+class Cidrs(Kind):
+    """A non-empty list of CIDRs (``acl.cidr_errors`` decides), as a tuple of strings."""
+
+    expected = 'a non-empty list of CIDRs like ["192.0.2.0/24", "2001:db8::/32"]'
+
+    def parse(self, value: Any, where: Where) -> Tuple[str, ...]:
+        if not isinstance(value, list) or not value:
+            raise self.wrong(value)
+        errors = acl.cidr_errors(value)
+        if errors:
+            raise Invalid(f"expected {self.expected}: {errors[0]}")
+        return tuple(value)
+
+
 def _usable(endpoint: Endpoint) -> Endpoint:
     """``endpoint`` if the master can turn it into a socket address later; else ValueError."""
     if endpoint.is_ip_literal():
@@ -418,6 +463,12 @@ def _budget_covers_timeout(listener: ListenerConfig) -> None:
     if budget is not None and budget < timeout:
         raise Invalid(f"expected at least connect_timeout_ms ({timeout}), got {budget}: the "
                       "budget covers every attempt together", key="connect_budget_ms")
+
+
+def _proxy_keys(listener: ListenerConfig) -> None:
+    if listener.trusted_proxies is not None and not listener.accept_proxy:
+        raise Invalid("trusted_proxies needs accept_proxy (\"v1\", \"v2\" or \"any\"): "
+                      "without it no PROXY header is read", key="trusted_proxies")
 
 
 def _one_primary(listener: ListenerConfig) -> None:
@@ -487,6 +538,9 @@ BACKEND = Table(Backend, [
     Key("address", Address(), "the backend (a hostname may resolve to several)", missing=""),
     Key("weight", Int(1, 1000), "its share wherever balance uses weights"),
     Key("backup", Flag(), "serves only while every primary is down"),
+    Key("send_proxy", OneOf(SEND_PROXY_VERSIONS), "a PROXY header of this version before "
+        "the first byte to this backend (and health checks send LOCAL/UNKNOWN first)",
+        default_doc="the listener's send_proxy"),
 ], expected='"host:port" or an inline table', inline=True, shorthand="address")
 
 LISTENER = Table(ListenerConfig, [
@@ -513,7 +567,28 @@ LISTENER = Table(ListenerConfig, [
     Key("reuse_port", Flag(), "share the address with another process listening on it"),
     Key("tcp_keepalive", KEEPALIVE, "SO_KEEPALIVE on the client's and the backend's socket "
         "(true: the kernel's timings)", default_doc="off"),
-], checks=[_budget_covers_timeout, _one_primary])
+    Key("accept_proxy", OneOf(ACCEPT_PROXY_MODES), "a PROXY header is required first from "
+        "trusted sources; its client address is what allow/deny, limits, source_hash and "
+        "send_proxy use", default_doc="off"),
+    Key("trusted_proxies", Cidrs(), "with accept_proxy: sources that must send a header; "
+        "others are served as direct clients", default_doc="every source"),
+    Key("proxy_timeout_ms", Int(1, MAX_MS, MS), "the whole PROXY header within this of "
+        "accept, else closed (status 400)"),
+    Key("send_proxy", OneOf(SEND_PROXY_VERSIONS), "a PROXY header before the first byte "
+        "to every backend (a backend's send_proxy overrides)", default_doc="off"),
+    Key("allow", Cidrs(), "only these client addresses get in (others: RST, status 403)",
+        default_doc="every address"),
+    Key("deny", Cidrs(), "these client addresses are refused (checked before allow)",
+        default_doc="none"),
+    Key("max_connections", Int(0, MAX_LIMIT, note="0: off"), "open connections of this "
+        "listener, all workers together; above it, refused (status 503)"),
+    Key("max_connections_per_source", Int(0, MAX_LIMIT, note="0: off"), "open connections "
+        "per client address, all workers together; above it, refused (status 503)"),
+    Key("max_new_connections_per_source", Int(0, MAX_LIMIT, note="0: off"), "new "
+        "connections per client address per second, all workers together"),
+    Key("sni_timeout_ms", Int(1, MAX_MS, MS), "with routes: the TLS ClientHello within "
+        "this of accept"),
+], checks=[_budget_covers_timeout, _one_primary, _proxy_keys])
 
 
 def _distinct_binds(listeners: Sequence[ListenerConfig]) -> Optional[Tuple[int, str]]:
