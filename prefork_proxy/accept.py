@@ -43,6 +43,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from prefork_proxy.balancer import Balancer
 from prefork_proxy.config import ListenerConfig
+from prefork_proxy.gate import Gate
 from prefork_proxy.relay import RelayLoop, SocketOptions, StreamSocket, apply_options
 from prefork_proxy.rows import CONNECTIONS, WorkerRows, listener_cells
 
@@ -66,11 +67,15 @@ _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 class Entry:
     """One listener as the accept path needs it: precomputed once at boot."""
 
-    __slots__ = ("listener", "sock", "balancer", "family", "options", "timeout_s", "cell")
+    __slots__ = ("listener", "sock", "balancer", "family", "options", "timeout_s", "cell",
+                 "gate")
 
     def __init__(self, listener: ListenerConfig, sock: socket.socket, balancer: Balancer,
-                 options: SocketOptions, cell: int) -> None:
+                 options: SocketOptions, cell: int, gate: Optional[Gate] = None) -> None:
         self.listener, self.sock, self.balancer = listener, sock, balancer
+        # The pre-connect phase (``gate``); None: none configured, and the accept
+        # path pays one ``is None`` test per client for it.
+        self.gate = gate
         self.family = int(sock.family)  # a plain int: no enum conversion per client
         self.options = options  # set on its clients and their backend sockets (keepalive)
         self.timeout_s = listener.connect_timeout_ms / 1000.0
@@ -93,8 +98,9 @@ class AcceptPolicy:
 
     @staticmethod
     def entry(rows: WorkerRows, row: int, lslot: int, listener: ListenerConfig,
-              sock: socket.socket, balancer: Balancer, options: SocketOptions) -> Entry:
-        return Entry(listener, sock, balancer, options, listener_cells(rows, row, lslot))
+              sock: socket.socket, balancer: Balancer, options: SocketOptions,
+              gate: Optional[Gate] = None) -> Entry:
+        return Entry(listener, sock, balancer, options, listener_cells(rows, row, lslot), gate)
 
     # -- the first relay loop's thread (``relay.Acceptor``)
 
@@ -189,9 +195,32 @@ class AcceptPolicy:
             counts[cell] += 1
             published[row] = active + 1
             peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
-            least.submit(client, entry.balancer.targets(address), entry.timeout_s, peer, options)
+            gate = entry.gate
+            if gate is None:
+                least.submit(client, entry.balancer.targets(address), entry.timeout_s, peer,
+                             options)
+            else:
+                self._submit_gated(least, client, address, entry, gate, peer)
             force_first = False
         return BATCH_DONE
+
+
+    @staticmethod
+    def _submit_gated(loop: RelayLoop, client: StreamSocket, address: object, entry: Entry,
+                      gate: Gate, peer: str) -> None:
+        """A client of a listener with a pre-connect phase: its loop runs the pipeline.
+
+        Costs a ``getsockname`` (the destination a PROXY header sends) and one
+        ``Admission``; no backend is chosen before the pipeline's ``Accept``.
+        """
+        try:
+            local = client.getsockname()
+        except OSError:  # gone already
+            client.close()
+            return
+        admission = gate.open(address, local)
+        loop.submit(client, None, entry.timeout_s, peer, entry.options,  # type: ignore[call-arg]
+                    admission=admission, choose=gate.choose)
 
 
 class Outcome:

@@ -71,7 +71,9 @@ from prefork_proxy.admin.process import AdminEndpoint
 from prefork_proxy.config import Config
 from prefork_proxy.config_watch import ConfigWatch
 from prefork_proxy.errors import EXIT_FAILURE, EXIT_OK, ProxyError
+from prefork_proxy.gate import connection_limits
 from prefork_proxy.health import HealthChecker
+from prefork_proxy.limits import ConnectionLimits
 from prefork_proxy.listeners import ListenerSet, bound_address
 from prefork_proxy.privileges import drop_privileges, prepare_runtime_dir
 from prefork_proxy.proctitle import set_title
@@ -177,6 +179,11 @@ class Master:
         self.started = time.monotonic()
         self.mode = "copy"
         self.shared: Optional[SharedState] = None
+        #: Shared connection limits (``gate.connection_limits``): created before the first
+        #: fork when a listener sets a limit, else on the first reload that sets one, and
+        #: kept for the master's life (its size is fixed then), so a reload that keeps a
+        #: listener keeps its open counts (scopes are the stable listener slots).
+        self.limits: Optional[ConnectionLimits] = None
         self.health: Optional[HealthChecker] = None  # checks and DNS, in their own process
         self.board: Optional[WorkerRows] = None  # shared.rows: one row per worker
         self.admin: Optional[AdminEndpoint] = None  # the HTTP admin endpoint, if configured
@@ -219,6 +226,8 @@ class Master:
             self._open_admin()
             # Shared memory first: allocating it may need files only root can create.
             self.shared = SharedState(self.config)
+            # Before the first fork, so every worker inherits the same mapping.
+            self.limits = connection_limits(self.config)
             self.health = HealthChecker(self.shared)
             self.board = self.shared.rows
             drop_privileges(self.config.server.user, self.config.server.group)
@@ -304,6 +313,8 @@ class Master:
         if now >= self.next_status:
             self.next_status = now + STATUS_INTERVAL_S
             self._step("write_status", self.write_status, now)
+            if self.limits is not None:  # rows of processes that died unseen by reap
+                self._step("sweep_limits", self.limits.sweep)
         return False
 
     def _step(self, name: str, action: Callable[..., object], *args: object) -> None:
@@ -430,6 +441,8 @@ class Master:
                                      self.shared.snapshot(),
                                      now + config.server.worker_timeout_s)
         self.shared.reconfigure(config)
+        if self.limits is None:  # the first config with a limit: the new workers inherit it
+            self.limits = connection_limits(config)
         faults.trip("master.reload")  # as if reconfigure failed half-way
         self.config, self.sockets, self.mode = config, sockets, mode
         self.desired = config.server.workers
@@ -557,7 +570,7 @@ class Master:
             return False
         worker = Worker(slot, self.generation, self.config, list(zip(self.config.listeners,
                                                                      self.sockets)),
-                        self.shared, self.mode, self.pid, self.board, row)
+                        self.shared, self.mode, self.pid, self.board, row, self.limits)
         # Signals stay blocked across fork: a SIGTERM that reached the child before
         # it installed its own handlers would otherwise land in the master's
         # handler, copied into the child, and be lost.  The child unblocks them
@@ -601,6 +614,9 @@ class Master:
                 return
             if pid == 0:
                 return
+            if self.limits is not None:
+                # Whatever it held (a SIGKILLed worker's clients included) is free again.
+                self._step("release_limits", self.limits.release_process, pid)
             worker = self.workers.pop(pid, None)
             if worker is None:
                 if self.admin is not None:

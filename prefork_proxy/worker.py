@@ -52,6 +52,9 @@ from prefork_proxy import faults, hygiene, logsetup
 from prefork_proxy.accept import AcceptPolicy
 from prefork_proxy.balancer import Balancer
 from prefork_proxy.config import Config, ListenerConfig
+from prefork_proxy.errors import ProxyError
+from prefork_proxy.gate import listener_gate, relay_supports_admission
+from prefork_proxy.limits import ConnectionLimits
 from prefork_proxy.listeners import stop_new_handshakes
 from prefork_proxy.proctitle import set_title
 from prefork_proxy.relay import RelayLoop, SocketOptions, keepalive_options
@@ -83,8 +86,9 @@ class Worker:
     def __init__(self, slot: int, generation: int, config: Config,
                  listeners: Sequence[Tuple[ListenerConfig, socket.socket]],
                  shared: SharedState, mode: str, master_pid: int, board: WorkerRows,
-                 row: int) -> None:
+                 row: int, limits: Optional[ConnectionLimits] = None) -> None:
         self.slot = slot
+        self.limits = limits  # the master's shared connection limits (None: no listener sets one)
         self.board = board  # shared.rows; this worker writes only its own ``row``
         self.row = row
         self.generation = generation
@@ -138,12 +142,18 @@ class Worker:
                            close=inherited_fds)
         self._ask_for_parent_death_signal()
         rows, row = self.board, self.row
-        acceptor = self.acceptor = AcceptPolicy(
-            self.slot, rows, row,
-            [AcceptPolicy.entry(rows, row, self.shared.listener_slot(index), lst, sock,
-                                Balancer(lst, self.shared, index, row),
-                                self._socket_options(lst))
-             for index, (lst, sock) in enumerate(self.listeners)], self.loops)
+        entries = []
+        for index, (lst, sock) in enumerate(self.listeners):
+            lslot = self.shared.listener_slot(index)
+            balancer = Balancer(lst, self.shared, index, row)
+            # Compiled once per listener; None (no admission key): the seed's accept path.
+            gate = listener_gate(lst, balancer, self.limits, lslot)
+            if gate is not None and not relay_supports_admission():
+                raise ProxyError(f"listener {lst.label}: its admission keys need the relay's "
+                                 "pre-connect phase, which this build lacks")
+            entries.append(AcceptPolicy.entry(rows, row, lslot, lst, sock, balancer,
+                                              self._socket_options(lst), gate))
+        acceptor = self.acceptor = AcceptPolicy(self.slot, rows, row, entries, self.loops)
         threads = self.config.server.relay_threads
         # The worker's buffer budget is split evenly: each loop owns its share,
         # so no lock is taken for it on the hot path.

@@ -1,0 +1,181 @@
+"""The admission glue: a listener's config -> its pre-connect pipeline and its ``choose``.
+
+Who owns what.  ``admission`` is pure and knows nothing of the config, the
+balancer or the relay; the relay knows nothing of admission but its calls
+(``RelayLoop.submit(..., admission=, choose=)``).  This module joins them:
+
+- the master calls ``connection_limits(config)`` before the first fork (one
+  shared ``limits.ConnectionLimits`` for every listener with a limit key,
+  None when no listener has one), and keeps it across reloads (see
+  ``Master`` for the reshaping rule);
+- a worker calls ``listener_gate(listener, balancer, limits, scope)`` once per
+  listener at boot: None when the listener sets no admission key (the
+  accept path then stays exactly as it was: one ``is None`` test per
+  client), else a ``Gate`` holding the compiled ``Pipeline`` and the
+  ``choose`` callable;
+- per accepted client, on the accepting relay thread, ``Gate.open(peer,
+  local)``; ``Gate.choose(verdict)`` runs later on the client's relay thread,
+  once the verdict is an ``Accept``.
+
+``choose`` asks the listener's balancer for targets with the *client address*
+(from the PROXY header when one was accepted: what ``source_hash`` hashes),
+and, when a backend wants ``send_proxy``, gives each of its targets the header
+to send first (``Target.send_prefix``), built per backend so a failover to a
+backend with another version sends the right one.  Routes (issue 13's
+``[[tcp_proxy.routes]]``) are not wired yet: the pipeline gets no SNI table,
+so ``verdict.route`` is always None (the listener's own pool).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, Iterator, Optional, Tuple
+
+from prefork_proxy.admission import Accept, Admission, Pipeline, compile_pipeline, proxy_header
+from prefork_proxy.balancer import Balancer
+from prefork_proxy.config import Config, ListenerConfig
+from prefork_proxy.limits import LEDGER_PER_ROW, ConnectionLimits
+from prefork_proxy.relay import RelayLoop, Target
+from prefork_proxy.rows import LISTENER_SLOTS
+
+log = logging.getLogger("prefork_proxy.gate")
+
+#: Entries of the shared per-source table (fixed at creation: shared memory does not
+#: grow after fork).  Pages are touched only as sources arrive.
+MAX_SOURCES = 65536
+
+
+def has_admission(listener: ListenerConfig) -> bool:
+    """Whether ``listener`` sets any key of the pre-connect phase."""
+    return bool(listener.accept_proxy or listener.allow or listener.deny or listener.has_limits
+                or listener.send_proxy or any(b.send_proxy for b in listener.backends))
+
+
+def relay_supports_admission() -> bool:
+    """Whether this relay has the pre-connect phase (``submit(..., admission=, choose=)``)."""
+    code = RelayLoop.submit.__code__
+    return "admission" in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+
+
+def sources_for(config: Config) -> int:
+    """How many per-source entries the config can need: bounded by ``MAX_SOURCES``.
+
+    A listener with ``max_connections`` cannot hold more distinct sources than
+    that; one without is bounded only by ``MAX_SOURCES``.
+    """
+    total = 0
+    for listener in config.listeners:
+        if listener.max_connections_per_source or listener.max_new_connections_per_source:
+            total += listener.max_connections or MAX_SOURCES
+    return max(1, min(MAX_SOURCES, total))
+
+
+def connection_limits(config: Config) -> Optional[ConnectionLimits]:
+    """Master, before fork: the shared limits for ``config``, or None if no listener limits."""
+    if not any(listener.has_limits for listener in config.listeners):
+        return None
+    return ConnectionLimits(sources=sources_for(config), scopes=LISTENER_SLOTS,
+                            ledger=LEDGER_PER_ROW)
+
+
+class PassStep:
+    """A step that admits everyone: the pipeline of a listener with only ``send_proxy``.
+
+    The relay's pre-connect path is what sends ``Target.send_prefix``; this
+    step gives it an ``Accept`` at once (no byte read), with the endpoints.
+    """
+
+    reads = False
+    __slots__ = ()
+
+    def enter(self, adm: Admission) -> None:
+        return None
+
+
+class _PrefixedTarget(Target):
+    """A ``Target`` carrying ``send_prefix`` (only while the relay's Target has no such slot)."""
+
+    __slots__ = ("send_prefix",)
+
+
+_TARGET = Target if "send_prefix" in getattr(Target, "__slots__", ()) else _PrefixedTarget
+
+
+def with_prefix(target: Target, prefix: bytes) -> Target:
+    """A copy of ``target`` that sends ``prefix`` to the backend first."""
+    copy = _TARGET(target.family, target.sockaddr, target.name, target.timeout_s,
+                   target.report)
+    copy.send_prefix = prefix  # type: ignore[attr-defined]
+    return copy
+
+
+class Gate:
+    """One listener's pipeline and backend choice, in one worker (see the module docstring)."""
+
+    __slots__ = ("listener", "pipeline", "balancer", "_versions", "_uniform", "_members",
+                 "_by_address")
+
+    def __init__(self, listener: ListenerConfig, pipeline: Optional[Pipeline],
+                 balancer: Balancer) -> None:
+        self.listener, self.pipeline, self.balancer = listener, pipeline, balancer
+        versions = {listener.backend_send_proxy(b) for b in listener.backends}
+        self._versions = versions - {None}
+        # One version for every backend (or none): no lookup per target.
+        self._uniform: Optional[str] = next(iter(versions)) if len(versions) == 1 else ""
+        self._members: object = None
+        self._by_address: Dict[tuple, Optional[str]] = {}
+
+    def open(self, peer: object, local: object) -> Optional[Admission]:
+        """Accepting relay thread: the admission of one client (None: no pipeline)."""
+        return self.pipeline.open(peer, local) if self.pipeline is not None else None
+
+    def choose(self, verdict: Accept) -> Iterator[Target]:
+        """The client's relay thread, on ``Accept``: the targets to try, in order."""
+        client = verdict.client_address
+        targets = self.balancer.targets(client if isinstance(client, tuple) else None)
+        if not self._versions:
+            return targets
+        return self._prefixed(targets, client, verdict.destination)
+
+    def _prefixed(self, targets: Iterator[Target], client: object,
+                  destination: object) -> Iterator[Target]:
+        headers: Dict[str, bytes] = {}
+        for target in targets:
+            version = self._uniform if self._uniform != "" else self._version_of(target)
+            if target.sockaddr is None or not version:
+                yield target  # a pause, or a backend that wants no header
+                continue
+            header = headers.get(version)
+            if header is None:
+                header = headers[version] = proxy_header(version, client, destination)
+            yield with_prefix(target, header)
+
+    def _version_of(self, target: Target) -> Optional[str]:
+        """The send_proxy version of the backend behind ``target`` (by its address)."""
+        members = self.balancer.members()
+        if members is not self._members:
+            self._by_address = {m.target.sockaddr: self.listener.backend_send_proxy(m.backend)
+                                for m in members if m.target is not None}
+            self._members = members
+        return self._by_address.get(target.sockaddr)
+
+
+def listener_gate(listener: ListenerConfig, balancer: Balancer,
+                  limits: Optional[ConnectionLimits], scope: int) -> Optional[Gate]:
+    """Worker boot: the listener's ``Gate``, or None when it sets no admission key."""
+    if not has_admission(listener):
+        return None
+    pipeline = compile_pipeline(
+        accept_proxy=listener.accept_proxy, trusted_proxies=listener.trusted_proxies,
+        proxy_timeout_ms=listener.proxy_timeout_ms, allow=listener.allow, deny=listener.deny,
+        limits=limits if listener.has_limits else None, scope=scope,
+        max_connections=listener.max_connections,
+        max_connections_per_source=listener.max_connections_per_source,
+        max_new_connections_per_source=listener.max_new_connections_per_source)
+    if pipeline is None:  # send_proxy alone: the Accept (with its addresses) comes at once
+        pipeline = Pipeline([PassStep()])
+    return Gate(listener, pipeline, balancer)
+
+
+__all__: Tuple[str, ...] = ("Gate", "connection_limits", "has_admission", "listener_gate",
+                            "relay_supports_admission", "sources_for", "with_prefix")

@@ -1,0 +1,74 @@
+"""The admission glue (prefork_proxy/gate.py): which listeners get a pipeline, what ``choose``
+gives the relay (the client address from the verdict, per-backend PROXY headers), and the
+master's shared limits.  Real config, real SharedState and Balancer; no sockets."""
+
+from __future__ import annotations
+
+from prefork_proxy import config, gate
+from prefork_proxy.admission import Accept, NeedMore, proxy_header
+from prefork_proxy.balancer import Balancer
+from prefork_proxy.shared import SharedState
+
+CLIENT, LOCAL = ("198.51.100.7", 40000), ("127.0.0.1", 8443)
+
+
+def _setup(keys: str, backends: str = '["127.0.0.1:7001", "127.0.0.1:7002"]'):
+    loaded = config.load_text(f'[[tcp_proxy]]\nbind = "127.0.0.1:0"\nbackends = {backends}\n'
+                              + keys)
+    listener = loaded.listeners[0]
+    limits = gate.connection_limits(loaded)
+    balancer = Balancer(listener, SharedState(loaded), 0)
+    return loaded, gate.listener_gate(listener, balancer, limits, 0), limits
+
+
+def _accept(client=CLIENT) -> Accept:
+    return Accept(None, client, LOCAL, b"", 0, None)
+
+
+def test_a_listener_without_admission_keys_gets_no_gate_and_no_limits():
+    loaded, g, limits = _setup("")
+    assert g is None and limits is None
+    assert not gate.has_admission(loaded.listeners[0])
+
+
+def test_send_proxy_gives_every_target_the_header_of_the_client_address():
+    _, g, _ = _setup('send_proxy = "v2"\n')
+    assert g is not None
+    adm = g.open(("127.0.0.1", 5555), LOCAL)  # send_proxy alone: Accept at once
+    assert isinstance(adm.start(), Accept)
+    targets = list(g.choose(_accept()))
+    assert [t.sockaddr[1] for t in targets] in ([7001, 7002], [7002, 7001])
+    assert {t.send_prefix for t in targets} == {proxy_header("v2", CLIENT, LOCAL)}
+
+
+def test_a_backend_key_overrides_the_listener_and_failover_keeps_each_its_own():
+    _, g, _ = _setup('balance = "round_robin"\n',
+                     '["127.0.0.1:7001", { address = "127.0.0.1:7002", send_proxy = "v1" }]')
+    by_port = {t.sockaddr[1]: t for t in g.choose(_accept())}
+    assert by_port[7002].send_prefix == proxy_header("v1", CLIENT, LOCAL)
+    assert getattr(by_port[7001], "send_prefix", b"") == b""
+
+
+def test_source_hash_hashes_the_client_address_of_the_verdict_not_the_peer():
+    _, g, _ = _setup('balance = "source_hash"\nallow = ["0.0.0.0/0"]\n',
+                     '["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003", "127.0.0.1:7004"]')
+    firsts = {next(g.choose(_accept((f"203.0.113.{n}", 1)))).sockaddr[1] for n in range(64)}
+    assert len(firsts) > 1  # different clients spread...
+    for n in range(8):      # ...and one client always lands on the same backend
+        client = (f"203.0.113.{n}", n)
+        assert len({next(g.choose(_accept(client))).sockaddr for _ in range(5)}) == 1
+
+
+def test_limits_are_shared_and_sized_from_the_config():
+    loaded, g, limits = _setup('max_connections = 100\nmax_connections_per_source = 2\n'
+                               'accept_proxy = "v1"\n')
+    assert limits is not None and limits.capacity == 100
+    assert gate.sources_for(loaded) == 100
+    opened = []
+    for _ in range(3):
+        adm = g.open(("127.0.0.1", 1), LOCAL)
+        assert isinstance(adm.start(0.0), NeedMore)
+        opened.append(adm.feed(b"PROXY TCP4 192.0.2.9 127.0.0.1 5 6\r\n"))
+    assert [type(v).__name__ for v in opened] == ["Accept", "Accept", "Reject"]
+    assert opened[0].client_address == ("192.0.2.9", 5)
+    assert limits.source_connections(0, "192.0.2.9") == 2
