@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from prefork_proxy import faults, hygiene, logsetup
+from prefork_proxy.admission.send_proxy import health_check_header
 from prefork_proxy.balancer import backend_name
 from prefork_proxy.config import HealthCheck, ListenerConfig
 from prefork_proxy.proctitle import set_title
@@ -221,7 +222,7 @@ class _CheckerProcess:
         self._plan_version = -1
         # Log paths that could not be reopened, with the (dev, inode) then seen there.
         self._unopenable: Dict[str, object] = {}
-        self._cached_plan: Dict[int, Tuple[str, HealthCheck]] = {}
+        self._cached_plan: Dict[int, Tuple[str, HealthCheck, bytes]] = {}
         self.getaddrinfo: Callable[..., Any] = socket.getaddrinfo  # the hook's, if installed
         self.seed = instance_seed(master_pid)
         self._names: List[Tuple[int, ListenerConfig, PoolEntry]] = []
@@ -289,8 +290,12 @@ class _CheckerProcess:
 
     # -- the loop
 
-    def _plan(self) -> Dict[int, Tuple[str, HealthCheck]]:
-        """Every address to probe now: slot -> (name, check); rebuilt when addresses change."""
+    def _plan(self) -> Dict[int, Tuple[str, HealthCheck, bytes]]:
+        """Every address to probe now: slot -> (name, check, first bytes); rebuilt when
+        addresses change.  The first bytes are the PROXY header of a backend with
+        ``send_proxy`` (v2 LOCAL / v1 UNKNOWN: the probe is the proxy's own
+        connection, not a client's), so a backend that requires one does not
+        refuse the probe nor log it as a client."""
         version = self.table.version[0]
         if self._plan_version == version:
             return self._cached_plan
@@ -299,21 +304,23 @@ class _CheckerProcess:
             if listener.health_check is None:
                 continue
             for entry in entries:
+                version = listener.backend_send_proxy(entry.backend)
+                first = health_check_header(version) if version else b""
                 for slot in entry.slots:
                     address = self.table.address(slot)
                     if address is not None:
                         plan[slot] = (backend_name(entry.backend, address[1], entry.literal),
-                                      listener.health_check)
+                                      listener.health_check, first)
         self._plan_version, self._cached_plan = version, plan
         return plan
 
     def _turn(self, wake_r: int) -> None:
         now = time.monotonic()
         plan = self._plan()
-        for slot, (name, check) in plan.items():
+        for slot, (name, check, first) in plan.items():
             if slot not in self.probes and now >= self.due.get(slot, 0.0):
                 self.due[slot] = now + check.interval_ms / 1000.0
-                self._start_probe(slot, name, check, now)
+                self._start_probe(slot, name, check, now, first)
         for slot in [s for s in self.due if s not in plan]:
             del self.due[slot]
             self.streaks.pop(slot, None)
@@ -331,7 +338,8 @@ class _CheckerProcess:
         self._watch_resolver()
         self._follow_log_rotation()
 
-    def _start_probe(self, slot: int, name: str, check: HealthCheck, now: float) -> None:
+    def _start_probe(self, slot: int, name: str, check: HealthCheck, now: float,
+                     first: bytes = b"") -> None:
         address = self.table.address(slot)
         if address is None:
             return
@@ -342,7 +350,7 @@ class _CheckerProcess:
             return
         sock.setblocking(False)
         probe = _Probe(slot, name, check, sock, now + check.timeout_ms / 1000.0,
-                       unsent=check.send)
+                       unsent=first + check.send)
         self.probes[slot] = probe
         code = sock.connect_ex(address[1])
         if code not in (0, errno.EINPROGRESS):

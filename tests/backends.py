@@ -16,6 +16,12 @@ crossed the backend, as nginx's stream tests do):
 - ``reset``: echo, but after ``--reset-after`` bytes received, close with RST.
 - ``pong``: a Redis-like health-check target: answer ``+PONG\\r\\n`` to each
   ``PING\\r\\n`` line (``-ERR\\r\\n`` to any other line), untransformed.
+- ``whois``: a backend that requires nothing but reports what it was told:
+  if the stream starts with a PROXY header (v1 or v2; parsed here by its own
+  few lines, independent of ``prefork_proxy.proxy_protocol``), it answers
+  ``FROM ip port\\n`` (``LOCAL\\n`` for v2 LOCAL / v1 UNKNOWN), else
+  ``NONE\\n``; then it echoes the rest like ``echo``.  With ``--report`` it
+  also prints that line on stdout (a test reading it sees what health checks sent).
 """
 
 from __future__ import annotations
@@ -33,6 +39,41 @@ from support import transform  # run as a script, tests/ is sys.path[0]
 MAX_PENDING = 1 << 20
 
 
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def whois(data: bytes):
+    """``(answer line, bytes after the header)``, or None while the header is incomplete."""
+    if data.startswith(b"PROXY "):
+        if b"\r\n" not in data:
+            return None if len(data) < 107 else (b"BAD\n", b"")
+        line, _, rest = data.partition(b"\r\n")
+        parts = line.split(b" ")
+        if parts[1] == b"UNKNOWN":
+            return b"LOCAL\n", rest
+        return b"FROM " + parts[2] + b" " + parts[4] + b"\n", rest
+    if data.startswith(V2_SIGNATURE):
+        if len(data) < 16:
+            return None
+        command, family = data[12] & 0x0F, data[13] >> 4
+        end = 16 + struct.unpack("!H", data[14:16])[0]
+        if len(data) < end:
+            return None
+        body, rest = data[16:end], data[end:]
+        if command == 0 or family == 0:
+            return b"LOCAL\n", rest
+        if family == 1:
+            ip = socket.inet_ntop(socket.AF_INET, body[:4])
+            port = struct.unpack("!H", body[8:10])[0]
+        else:
+            ip = socket.inet_ntop(socket.AF_INET6, body[:16])
+            port = struct.unpack("!H", body[32:34])[0]
+        return f"FROM {ip} {port}\n".encode(), rest
+    if len(data) < 16 and (b"PROXY "[:len(data)] == data or V2_SIGNATURE[:len(data)] == data):
+        return None
+    return b"NONE\n", data
+
+
 class Session:
     """One accepted connection inside the single-threaded backend loop."""
 
@@ -45,6 +86,7 @@ class Session:
         self.read_eof = False
         self.after_eof_buffer: list[bytes] = []
         self.line = b""
+        self.header: "bytes | None" = b"" if server.mode == "whois" else None
         if server.mode == "tag":
             self.out += f"{server.name}\n".encode()
 
@@ -67,6 +109,16 @@ class Session:
             self.update()
             return
         self.received += len(data)
+        if self.header is not None:
+            self.header += data
+            told = whois(self.header)
+            if told is None:
+                return
+            answer, data = told
+            self.header = None
+            if self.server.report:
+                print(answer.decode().strip(), flush=True)
+            self.out += answer
         if self.server.mode == "pong":
             self.line += data
             while b"\n" in self.line:
@@ -127,6 +179,7 @@ class Server:
         self.name = args.name
         self.reply_bytes = args.reply_bytes
         self.reset_after = args.reset_after
+        self.report = args.report
         self.selector = selectors.DefaultSelector()
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -167,12 +220,14 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["echo", "tag", "reply-after-eof", "reset", "pong"])
+    parser.add_argument("mode", choices=["echo", "tag", "reply-after-eof", "reset", "pong",
+                                           "whois"])
     parser.add_argument("--name", default="backend")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--reply-bytes", type=int, default=1 << 20)
     parser.add_argument("--reset-after", type=int, default=1 << 20)
+    parser.add_argument("--report", action="store_true", help="whois: print each answer")
     Server(parser.parse_args()).serve()
 
 

@@ -348,3 +348,39 @@ def test_a_slow_name_delays_no_other_name():
     finally:
         checker.stopping.set()
         thread.join(5)
+
+
+def test_a_probe_of_a_send_proxy_backend_sends_local_or_unknown_first():
+    """v2 LOCAL / v1 UNKNOWN before ``send``, so a backend requiring a header takes the probe
+    for the proxy's own connection (real whois backends, tests/backends.py)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "backends.py"
+    procs = [subprocess.Popen([sys.executable, str(script), "whois", "--report"],
+                              stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    try:
+        ports = [int(p.stdout.readline().split()[1]) for p in procs]
+        checker = _checker(
+            '[[tcp_proxy]]\nbind = "127.0.0.1:0"\nsend_proxy = "v2"\nbackends = ['
+            f'"127.0.0.1:{ports[0]}", {{ address = "127.0.0.1:{ports[1]}", send_proxy = "v1" }}]'
+            '\n[tcp_proxy.health_check]\ninterval_ms = 2000\ntimeout_ms = 1000\n'
+            'send = "PING\\r\\n"\nexpect = "LOCAL"\n'
+            '[[tcp_proxy]]\nbind = "127.0.0.1:0"\n'
+            f'backends = ["127.0.0.1:{ports[2]}"]\n'
+            '[tcp_proxy.health_check]\ninterval_ms = 2000\ntimeout_ms = 1000\n'
+            'send = "PING\\r\\n"\nexpect = "NONE"\n')
+        results = {}
+        checker._record = lambda slot, name, check, passed, reason: results.update(
+            {name: (passed, reason)})
+        wake_r, _ = os.pipe()
+        started = time.monotonic()
+        while len(results) < 3 and time.monotonic() - started < 5:
+            checker._turn(wake_r)
+        assert results == {f"127.0.0.1:{p}": (True, "") for p in ports}
+        # What each backend was told: v2 LOCAL and v1 UNKNOWN read as LOCAL; the third none.
+        assert [p.stdout.readline().strip() for p in procs] == ["LOCAL", "LOCAL", "NONE"]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(5)
