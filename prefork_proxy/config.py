@@ -66,6 +66,7 @@ from prefork_proxy.schema import (
     describe,
     rows,
 )
+from prefork_proxy.sni_routes import ServerNameTable
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -174,6 +175,25 @@ class HealthCheck:
 
 
 @dataclass(frozen=True)
+class RouteConfig:
+    """One ``[[tcp_proxy.routes]]`` table (issue 13): clients whose TLS ClientHello names
+    one of ``server_names`` (and offers one of ``alpn``, if set) go to ``backends``,
+    balanced, retried and health-checked with the route's own pool keys."""
+
+    server_names: Tuple[str, ...]
+    backends: Tuple[Backend, ...]
+    alpn: Optional[Tuple[str, ...]] = None  # None: any (or no) ALPN list
+    balance: str = "round_robin"
+    retries: Optional[int] = None
+    connect_timeout_ms: int = DEFAULT_CONNECT_TIMEOUT_MS
+    connect_budget_ms: Optional[int] = None
+    fall: int = DEFAULT_FALL
+    fail_timeout_ms: int = DEFAULT_FAIL_TIMEOUT_MS
+    health_check: Optional[HealthCheck] = None
+    send_proxy: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class ListenerConfig:
     """One ``[[tcp_proxy]]`` section: a bind address, its backends and how to choose them.
 
@@ -209,6 +229,7 @@ class ListenerConfig:
     max_connections_per_source: int = 0
     max_new_connections_per_source: int = 0
     sni_timeout_ms: int = DEFAULT_SNI_TIMEOUT_MS
+    routes: Tuple[RouteConfig, ...] = ()  # SNI routes, matched before the listener's backends
 
     @property
     def has_limits(self) -> bool:
@@ -542,12 +563,74 @@ BACKEND = Table(Backend, [
         "the first byte to this backend (and health checks send LOCAL/UNKNOWN first)",
         default_doc="the listener's send_proxy"),
 ], expected='"host:port" or an inline table', inline=True, shorthand="address")
+BACKEND_LIST = Array(BACKEND, "backends", 'a non-empty list of "host:port" strings or '
+                     '{ address = "host:port", weight = N } tables')
+
+def _route_primary(route: RouteConfig) -> None:
+    if all(b.backup for b in route.backends):
+        raise Invalid("every backend is a backup: expected at least one primary (a backend "
+                      "without backup = true)", key="backends")
+
+
+ROUTE = Table(RouteConfig, [
+    Key("server_names", Array(Text(), "server_names", 'a non-empty list of names like '
+                              '["api.example.com", "*.api.example.com"]'),
+        "exact names and one leading wildcard label, matched case-insensitively",
+        missing="expected a list of server names"),
+    Key("backends", BACKEND_LIST, "where its clients go",
+        missing='expected a list of "host:port" strings'),
+    Key("alpn", Array(Text(), "alpn", 'a non-empty list of protocols like ["h2"]'),
+        "also match on the ALPN list the client offers", default_doc="any"),
+    Key("balance", OneOf(BALANCE_MODES), "how a backend is chosen"),
+    Key("retries", Int(0, 1000, note="other backends tried after a failed connect"),
+        "failover after a refused or timed-out connect", default_doc="each other backend once"),
+    Key("connect_timeout_ms", Int(1, 3_600_000, MS), "each connect attempt within this"),
+    Key("connect_budget_ms", Int(1, MAX_MS, MS), "every attempt together",
+        default_doc="connect_timeout_ms per attempt"),
+    Key("fall", Int(0, 1000, note="0: never"), "passive health"),
+    Key("fail_timeout_ms", Int(1, MAX_MS, MS), "passive: how long a backend marked down is "
+        "skipped"),
+    Key("health_check", HEALTH_CHECK, "active checks of its backends", default_doc="none"),
+    Key("send_proxy", OneOf(SEND_PROXY_VERSIONS), "a PROXY header to its backends",
+        default_doc="the listener's send_proxy"),
+], expected="a [[tcp_proxy.routes]] table", checks=[_route_primary])
+
+
+class Routes(Array):
+    """``[[tcp_proxy.routes]]``: each route's keys, then the set as ``ServerNameTable``
+    compiles it (names valid, none shadowed by an earlier route), an error naming the
+    route at fault and pointing at its header line."""
+
+    def __init__(self) -> None:
+        super().__init__(ROUTE, "routes", "[[tcp_proxy.routes]] tables")
+
+    def parse(self, value: Any, where: Where) -> tuple:
+        routes = super().parse(value, where)
+        for count in range(1, len(routes) + 1):  # the first route whose names break the table
+            try:
+                ServerNameTable([r.server_names for r in routes[:count]],
+                                [r.alpn for r in routes[:count]])
+            except ValueError as exc:
+                message = re.sub(r"\broute (\d+)\b", lambda m: f"route {int(m[1]) + 1}",
+                                 str(exc))
+                raise where.item(count - 1, self.label, False).fail(
+                    f"server_names: {message}") from None
+        return routes
+
+
+def _routes_served(listener: ListenerConfig) -> None:
+    # Parsed and checked, but not served yet: route pools need their own shared backend
+    # slots and balancers (issue 13).  Refused rather than ignored, so no client is
+    # silently sent to the listener's own backends.
+    if listener.routes:
+        raise Invalid("SNI routes are not served by this version yet (issue 13): remove the "
+                      "[[tcp_proxy.routes]] tables", key="routes")
+
 
 LISTENER = Table(ListenerConfig, [
     Key("bind", Address(port_zero=True), "the address to listen on",
         missing='expected "host:port" to listen on, e.g. "0.0.0.0:5432"'),
-    Key("backends", Array(BACKEND, "backends", 'a non-empty list of "host:port" strings or '
-                          '{ address = "host:port", weight = N } tables'),
+    Key("backends", BACKEND_LIST,
         "where connections go", missing='expected a list of "host:port" strings'),
     Key("connect_timeout_ms", Int(1, 3_600_000, MS), "each connect attempt within this"),
     Key("name", Text(non_empty=False), "how logs name the listener", default_doc="its bind"),
@@ -588,7 +671,9 @@ LISTENER = Table(ListenerConfig, [
         "connections per client address per second, all workers together"),
     Key("sni_timeout_ms", Int(1, MAX_MS, MS), "with routes: the TLS ClientHello within "
         "this of accept"),
-], checks=[_budget_covers_timeout, _one_primary, _proxy_keys])
+    Key("routes", Routes(), "SNI routes "
+        "(issue 13; validated, not served yet)", default_doc="none"),
+], checks=[_budget_covers_timeout, _one_primary, _proxy_keys, _routes_served])
 
 
 def _distinct_binds(listeners: Sequence[ListenerConfig]) -> Optional[Tuple[int, str]]:

@@ -69,3 +69,34 @@ def test_bad_backend_send_proxy_names_the_backend():
     with pytest.raises(ConfigError, match=r'p.toml:3: .*key "backends": backends\[1\]: '
                                           r'send_proxy: expected one of "v1", "v2"'):
         config.load_text(text, source="p.toml")
+
+
+ROUTES = HEAD + 'backends = ["127.0.0.1:1"]\n' + """
+[[tcp_proxy.routes]]
+server_names = ["a.test", "*.api.test"]
+backends = ["127.0.0.1:2"]
+
+[[tcp_proxy.routes]]
+server_names = [NAMES]
+backends = ["127.0.0.1:3"]
+balance = BALANCE
+alpn = ["h2"]
+"""
+
+
+@pytest.mark.parametrize("names, balance, expected", [
+    ('"b.test"', '"nope"', 'p.toml:12: tcp_proxy[1] (bind "127.0.0.1:0"): key '
+                           '"routes[2].balance": expected one of "round_robin"'),
+    ('"A.test."', '"least_conn"', 'p.toml:9: tcp_proxy[1] (bind "127.0.0.1:0"): key '
+                                  '"routes[2]": server_names: route 2: server name '
+                                  "'A.test.' can never match: route 1 takes every client"),
+    ('"*.*.test"', '"least_conn"', 'p.toml:9: tcp_proxy[1] (bind "127.0.0.1:0"): key '
+                                   '"routes[2]": server_names: server name \'*.*.test\''),
+    # Valid routes: refused as not served yet, rather than silently ignored.
+    ('"b.test"', '"least_conn"', 'key "routes": SNI routes are not served by this version'),
+])
+def test_routes_are_validated_with_the_server_name_table(names, balance, expected):
+    text = ROUTES.replace("NAMES", names).replace("BALANCE", balance)
+    with pytest.raises(ConfigError) as info:
+        config.load_text(text, source="p.toml")
+    assert expected in str(info.value)
