@@ -71,7 +71,7 @@ from prefork_proxy.admin.process import AdminEndpoint
 from prefork_proxy.config import Config
 from prefork_proxy.config_watch import ConfigWatch
 from prefork_proxy.errors import EXIT_FAILURE, EXIT_OK, ProxyError
-from prefork_proxy.gate import connection_limits
+from prefork_proxy.gate import connection_limits, sources_for
 from prefork_proxy.health import HealthChecker
 from prefork_proxy.limits import ConnectionLimits
 from prefork_proxy.listeners import ListenerSet, bound_address
@@ -182,7 +182,10 @@ class Master:
         #: Shared connection limits (``gate.connection_limits``): created before the first
         #: fork when a listener sets a limit, else on the first reload that sets one, and
         #: kept for the master's life (its size is fixed then), so a reload that keeps a
-        #: listener keeps its open counts (scopes are the stable listener slots).
+        #: listener keeps its open counts (scopes are the stable listener slots): the old
+        #: generation's connections still count against the new generation's limits, and
+        #: release theirs as they end.  A listener a reload removes frees its slot; one
+        #: added later in that slot sees the draining ones' counts until they end.
         self.limits: Optional[ConnectionLimits] = None
         self.health: Optional[HealthChecker] = None  # checks and DNS, in their own process
         self.board: Optional[WorkerRows] = None  # shared.rows: one row per worker
@@ -443,6 +446,12 @@ class Master:
         self.shared.reconfigure(config)
         if self.limits is None:  # the first config with a limit: the new workers inherit it
             self.limits = connection_limits(config)
+        elif sources_for(config) > self.limits.capacity:
+            # Fixed at creation (workers map it): more distinct sources than it holds are
+            # refused with ``source_table_full`` (known sources go on).  A restart resizes.
+            log.warning("reload: the connection limits table holds %d sources; this config "
+                        "may need %d: new sources beyond it are refused until a restart",
+                        self.limits.capacity, sources_for(config))
         faults.trip("master.reload")  # as if reconfigure failed half-way
         self.config, self.sockets, self.mode = config, sockets, mode
         self.desired = config.server.workers
