@@ -236,6 +236,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as exc:
         logging.getLogger("prefork_proxy").error("cannot open the log file: %s", exc)
         return EXIT_FAILURE
+    from prefork_proxy.handover import restart_command
     from prefork_proxy.health import install_test_dns
     from prefork_proxy.master import serve  # imported late: `check` never needs it
 
@@ -243,7 +244,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # SIGHUP re-reads the file with the same command-line overrides.
     loader = (lambda: config_from_start_args(args)) if args.config else None
-    return serve(loaded, loader)
+    # SIGUSR2 starts this same command line again, from the program on disk then.
+    command = restart_command(sys.argv[1:] if argv is None else argv)
+    return serve(loaded, loader, command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -78,7 +78,7 @@ class PidFile:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise ProxyError(f"{self.path}: cannot lock the pidfile: "
                                      f"{exc.strerror or exc}") from None
-                holder = _pid_in(self.path)
+                holder = pid_in(self.path)
                 raise ProxyError(f"{self.path}: another prefork-proxy master "
                                  f"{f'(pid {holder}) ' if holder else ''}is running with this "
                                  "pidfile: stop it first, or give this one another pidfile"
@@ -104,6 +104,23 @@ class PidFile:
         except OSError:
             pass
 
+    def move(self, path: str) -> None:
+        """Rename the pidfile (and its status file) to ``path``; the lock goes with it.
+
+        Used by an upgrade: ``PIDFILE`` becomes ``PIDFILE.oldbin`` so that the
+        new master can create and lock a fresh ``PIDFILE``, and back if the
+        new master fails.  ``OSError`` when the rename fails (nothing moved).
+        A file at ``path`` is replaced: callers check that it is stale.
+        """
+        if os.fstat(self.fd).st_ino != os.stat(self.path).st_ino:
+            raise OSError(errno.ESTALE, "the pidfile was replaced by another file")
+        os.replace(self.path, path)
+        old_status, self.path = status_path(self.path), path
+        try:
+            os.replace(old_status, status_path(path))
+        except OSError:
+            pass  # not written yet; the next status write creates it
+
     def remove(self) -> None:
         """Remove the pidfile and the status file (if still ours), then release the lock."""
         if self.fd < 0:
@@ -126,7 +143,8 @@ class PidFile:
         self.fd = -1
 
 
-def _pid_in(pidfile: str) -> Optional[int]:
+def pid_in(pidfile: str) -> Optional[int]:
+    """The pid written in ``pidfile``, None if it cannot be read (no lock check)."""
     try:
         with open(pidfile, encoding="utf-8") as f:
             return int(f.read().strip())
@@ -180,7 +198,7 @@ def read_pid(pidfile: str) -> int:
     ``PidFile``) and the process looks like a prefork-proxy (its title or
     command line), so ``reload``/``stop`` never signal an unrelated process.
     """
-    pid = _pid_in(pidfile)
+    pid = pid_in(pidfile)
     if pid is None:
         try:
             with open(pidfile, encoding="utf-8") as f:

@@ -68,6 +68,7 @@ from prefork_proxy.balancer import backend_name
 from prefork_proxy.config import HealthCheck, ListenerConfig
 from prefork_proxy.proctitle import set_title
 from prefork_proxy.shared import ADMIN_DRAIN, ADMIN_READY, BackendTable, PoolEntry, SharedState
+from prefork_proxy.signals import ignore_in_child
 
 log = logging.getLogger("prefork_proxy.health")
 
@@ -279,6 +280,7 @@ class _CheckerProcess:
             signal.signal(signum, signal.SIG_DFL)
         for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
             signal.signal(signum, signal.SIG_IGN)
+        ignore_in_child()
         try:
             import ctypes
 

@@ -188,11 +188,46 @@ class ListenerSet:
     back takes its retired socket back, so no second socket ever joins its
     SO_REUSEPORT group while the old one is still open and filtered (clients
     hashed to the filtered one would hang).
+
+    ``adopt`` gives it sockets bound by another process (the master this one
+    upgrades, see ``handover``; or systemd): ``open`` takes such a socket for
+    its key instead of binding, so the address is never re-bound.
     """
 
     def __init__(self) -> None:
         self._sockets: Dict[ListenerKey, socket.socket] = {}
         self._retired: Dict[ListenerKey, socket.socket] = {}
+        # Sockets handed to this master (by the master it upgrades, or by systemd),
+        # taken by the first ``open`` that needs their key instead of binding.
+        self._inherited: Dict[ListenerKey, socket.socket] = {}
+
+    def adopt(self, sockets: Dict[ListenerKey, socket.socket]) -> None:
+        """Take listening sockets another process bound, keyed as ``listener_key`` keys them.
+
+        ``open`` then uses the socket of a key instead of binding one, and
+        skips the in-use probe for it: the socket already listening there is
+        this very one.  Called once, before the first ``open``.
+        """
+        self._inherited.update(sockets)
+
+    def adopt_by_address(self, sockets: Sequence[socket.socket]) -> None:
+        """``adopt`` sockets known only by the address they listen on (systemd's)."""
+        for sock in sockets:
+            sockaddr = sock.getsockname()
+            key = (int(sock.family),) + tuple(sockaddr[:2]) + tuple(sockaddr[3:4])
+            self._inherited[key] = sock
+
+    def close_unadopted(self) -> List[str]:
+        """Close the inherited sockets the config did not claim; return their addresses."""
+        closed = [bound_address(sock) for sock in self._inherited.values()]
+        for sock in self._inherited.values():
+            sock.close()
+        self._inherited.clear()
+        return closed
+
+    def named(self) -> Dict[ListenerKey, socket.socket]:
+        """The serving sockets by key (not the retired ones): what an upgrade hands over."""
+        return dict(self._sockets)
 
     def open(self, listeners: Sequence[ListenerConfig]) -> List[socket.socket]:
         """Bind what is not bound yet; return the sockets in the order of ``listeners``."""
@@ -206,7 +241,8 @@ class ListenerSet:
                                 f"({_show(address)})")
             seen[key] = listener
         fresh = [(lst, key, address) for lst, key, address in zip(listeners, keys, addresses)
-                 if key not in self._sockets and key not in self._retired]
+                 if key not in self._sockets and key not in self._retired
+                 and key not in self._inherited]
         # Probe every new address before binding any: a listener of this very
         # config (0.0.0.0:P beside 127.0.0.1:P) must not look like another process.
         for listener, _, address in fresh:
@@ -215,11 +251,15 @@ class ListenerSet:
                 check_not_in_use(listener.bind, address)
         opened: List[ListenerKey] = []
         revived: List[ListenerKey] = []
+        adopted: List[ListenerKey] = []
         try:
             for listener, key, address in zip(listeners, keys, addresses):
                 if key in self._sockets:
                     continue
-                if key in self._retired:
+                if key in self._inherited:
+                    self._sockets[key] = self._inherited.pop(key)
+                    adopted.append(key)
+                elif key in self._retired:
                     sock = self._retired.pop(key)
                     allow_new_handshakes(sock)
                     self._sockets[key] = sock
@@ -235,6 +275,8 @@ class ListenerSet:
             for key in revived:
                 sock = self._retired[key] = self._sockets.pop(key)
                 stop_new_handshakes(sock)
+            for key in adopted:  # never closed here: another master may serve them
+                self._inherited[key] = self._sockets.pop(key)
             raise
         return [self._sockets[key] for key in keys]
 
@@ -243,7 +285,9 @@ class ListenerSet:
         wildcard on either side: the probe could not tell it from another process."""
         family, _, sockaddr = address
         wildcards = ("0.0.0.0", "::")
-        for sock in list(self._sockets.values()) + list(self._retired.values()):
+        ours = list(self._sockets.values()) + list(self._retired.values()) \
+            + list(self._inherited.values())
+        for sock in ours:
             if sock.family != family:
                 continue
             host, port = sock.getsockname()[:2]
@@ -282,7 +326,10 @@ class ListenerSet:
             stop_new_handshakes(sock)
 
     def close(self) -> None:
+        """Close this master's descriptors.  Another master that holds the same
+        sockets (an upgrade) keeps them, and their queues, open."""
         self.close_retired()
+        self.close_unadopted()
         for sock in self._sockets.values():
             sock.close()
         self._sockets.clear()

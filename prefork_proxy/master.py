@@ -26,6 +26,13 @@ Signals (the semantics of gunicorn and nginx, which operators know):
   and ``status`` shows why the reload failed.
 - SIGTTIN / SIGTTOU: one worker more / fewer (never below one).
 - SIGUSR1: reopen log files, here and in every worker.
+- SIGUSR2: in-place upgrade (``upgrade``): a new master is started from the
+  program on disk and handed the listening sockets; once it serves, this one
+  drains and exits 0; if it fails, this one serves on.
+- SIGWINCH, SIGALRM, SIGVTALRM, SIGPROF, SIGPWR, SIGIO, SIGXCPU, SIGXFSZ,
+  SIGSTKFLT and the real-time signals (``IGNORED_SIGNALS``): they mean nothing
+  here, and their default action would kill the master, so each is logged and
+  ignored.  Workers ignore them (and the master's signals) silently.
 
 Principle: the master owns the listening sockets for its whole life (see
 ``listeners``), so no worker's death, retirement or replacement ever resets
@@ -65,7 +72,15 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-from prefork_proxy import backend_control, control, faults, hygiene, logsetup, notify
+from prefork_proxy import (
+    backend_control,
+    control,
+    faults,
+    handover,
+    hygiene,
+    logsetup,
+    notify,
+)
 from prefork_proxy import status as status_model
 from prefork_proxy.admin.process import AdminEndpoint
 from prefork_proxy.config import Config
@@ -80,7 +95,8 @@ from prefork_proxy.proctitle import set_title
 from prefork_proxy.relay import choose_mode
 from prefork_proxy.rows import WorkerRows
 from prefork_proxy.shared import SharedState
-from prefork_proxy.signals import SignalQueue
+from prefork_proxy.signals import IGNORED_SIGNALS, SignalQueue, signal_name
+from prefork_proxy.upgrade import Upgrades, current_version
 from prefork_proxy.worker import EXIT_BOOT_FAILED, Worker
 
 log = logging.getLogger("prefork_proxy.master")
@@ -98,8 +114,12 @@ FAILED_STEP_PAUSE_S = 0.1
 #: Shortest wait before retrying a fork that failed (EAGAIN, ENOMEM).
 FORK_RETRY_MIN_S = 0.1
 
+#: How often the loop looks at the scoreboard while an upgrade's new master boots.
+UPGRADE_POLL_S = 0.05
+
 HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
+                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2) \
+    + IGNORED_SIGNALS
 
 
 @dataclass
@@ -162,7 +182,9 @@ def raise_open_file_limit() -> int:
 class Master:
     """Supervisor of the workers serving the current config."""
 
-    def __init__(self, config: Config, loader: Optional[Callable[[], Config]] = None) -> None:
+    def __init__(self, config: Config, loader: Optional[Callable[[], Config]] = None,
+                 command: Optional[List[str]] = None) -> None:
+        """``command``: how to start this program again (SIGUSR2); None: no upgrades."""
         self.config = config
         self.loader = loader  # re-reads the config on SIGHUP; None: started without a file
         # [server] watch_config: the file's content, polled from the loop (config_watch)
@@ -191,6 +213,7 @@ class Master:
         self.board: Optional[WorkerRows] = None  # shared.rows: one row per worker
         self.admin: Optional[AdminEndpoint] = None  # the HTTP admin endpoint, if configured
         self.control: Optional[backend_control.ControlServer] = None  # `prefork-proxy backend`
+        self.admin_handed_over = False  # an upgrade's new master serves it now
         self.signal_queue: Optional[SignalQueue] = None
         self.stopping = False
         self.stop_deadline = 0.0
@@ -206,6 +229,10 @@ class Master:
         self.served = False  # a worker has booted: boot failures are retried, not fatal
         self.step_failed = False
         self.spawn_error = ""
+        self.upgrades = Upgrades(self, command)
+        # Sockets handed over by the master this one upgrades (the listeners are
+        # in self.listeners); named others (``take``) are for their owners.
+        self.inherited = handover.Inherited()
 
     # -- lifetime
 
@@ -220,26 +247,38 @@ class Master:
         file_limit = raise_open_file_limit()
         server = self.config.server
         pidfile = self.pidfile = control.PidFile(server.pidfile) if server.pidfile else None
+        # Sockets this master is given instead of binding: by the master it
+        # upgrades (SIGUSR2 there), or by systemd (socket activation).
+        inherited = self.inherited = handover.take_inherited()
+        self.listeners.adopt(inherited.listeners())
+        self.listeners.adopt_by_address(handover.take_systemd_sockets())
+        self.upgrades.adopt_predecessor(inherited)
         try:
             if pidfile:
                 # Locked before binding: a second start on this pidfile is told so.
                 owner = prepare_runtime_dir(pidfile.path, server.user, server.group)
                 pidfile.acquire(self.pid, owner)
             self.sockets = self.listeners.open(self.config.listeners)
+            for address in self.listeners.close_unadopted():
+                log.warning("inherited listener %s is not in the config; this master does not "
+                            "serve it", address)
             self._open_admin()
+            self.inherited.close_rest()  # a handed-over socket this config has no use for
             # Shared memory first: allocating it may need files only root can create.
             self.shared = SharedState(self.config)
             # Before the first fork, so every worker inherits the same mapping.
             self.limits = connection_limits(self.config)
             self.health = HealthChecker(self.shared)
             self.board = self.shared.rows
+            self.board.shared_listeners = self.upgrades.other_master_accepts()
             drop_privileges(self.config.server.user, self.config.server.group)
             self._open_control()  # as the serving user: it owns the socket
             set_title("prefork-proxy: master")
             signals = self.signal_queue = SignalQueue(HANDLED_SIGNALS)
-            for fd in signals.fds():  # no child needs the master's wake-up pipe
+            for fd in signals.fds() + tuple(self.upgrades.fds()):  # the master's alone
                 hygiene.master_only(fd)
         except BaseException:
+            self.upgrades.close()
             self.listeners.close()
             if self.control is not None:
                 self.control.close()
@@ -253,12 +292,17 @@ class Master:
             self._step("manage_workers", self.manage_workers)
             log.info("open-file limit %d: room for about %d idle connections per worker",
                      file_limit, max(0, (file_limit - 64) // 2))
-            log.info("ready pid=%d listeners=%s workers=%d threads=%d relay=%s", self.pid,
-                     ",".join(bound_address(sock) for sock in self.sockets), self.desired,
-                     self.config.server.relay_threads, self.mode)
-            self._notify("ready")
+            log.info("ready pid=%d listeners=%s workers=%d threads=%d relay=%s version=%s",
+                     self.pid, ",".join(bound_address(sock) for sock in self.sockets),
+                     self.desired, self.config.server.relay_threads, self.mode,
+                     current_version())
+            if self.upgrades.predecessor is None:
+                # (An upgrade's new master is not systemd's main process yet: the
+                # old one sends MAINPID= and READY=1 once this one reports ready.)
+                self._notify("ready")
             self._loop(signals)
         finally:
+            self.upgrades.close()
             self._signal_all(signal.SIGKILL)
             if self.health is not None:
                 self.health.stop()
@@ -286,7 +330,8 @@ class Master:
     def _turn(self, signals: SignalQueue) -> bool:
         """One turn of the loop; True once an explicit stop has finished."""
         control_fds = self.control.fds() if self.control is not None else []
-        select.select([signals.read_fd, *control_fds], [], [], self._next_timer())
+        waited = [signals.read_fd, *control_fds, *self.upgrades.fds()]
+        select.select(waited, [], [], self._next_timer())
         self.step_failed = False
         signals.drain_wakeups()
         while signals.pending:
@@ -296,6 +341,7 @@ class Master:
         self._step("admin", self._admin_tick, now)
         if self.control is not None:
             self._step("control", self.control.serve, now)
+        self._step("upgrade", self.upgrades.progress, now)
         if self.stopping:
             if not self.workers:
                 return True
@@ -339,11 +385,18 @@ class Master:
             timeout = min(timeout, BOOT_POLL_S)
         if self.step_failed:
             timeout = max(timeout, FAILED_STEP_PAUSE_S)
+        predecessor = self.upgrades.predecessor
+        if predecessor is not None and not predecessor.ready_sent:
+            timeout = min(timeout, UPGRADE_POLL_S)  # boots are seen on the scoreboard
         return max(0.0, timeout)
 
     def _handle(self, signum: int) -> None:
         if signum == signal.SIGCHLD:
             return  # reap() runs after every wake-up
+        if signum in IGNORED_SIGNALS:
+            log.info("%s ignored: it means nothing to prefork-proxy (see the signal table in "
+                     "README.md)", signal_name(signum))
+            return
         if self.stopping and signum not in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             return
         if signum == signal.SIGHUP:
@@ -361,6 +414,8 @@ class Master:
                 log.info("SIGTTOU: workers %d -> %d", self.desired + 1, self.desired)
             else:
                 log.info("SIGTTOU ignored: already at one worker")
+        elif signum == signal.SIGUSR2:
+            self.upgrades.request()
         elif signum == signal.SIGUSR1:
             logsetup.reopen_log_files()  # logs, and never raises, when a file cannot be
             log.info("SIGUSR1: log files reopened; asking workers to do the same")
@@ -374,18 +429,90 @@ class Master:
             self._stop(signal.SIGQUIT, 0.0)
 
     def _stop(self, worker_signal: int, drain_timeout_s: float) -> None:
+        shared = self.upgrades.other_master_accepts()
+        if shared and self.exit_code == EXIT_FAILURE and worker_signal == signal.SIGQUIT:
+            # A new master failing before it is ready: the clients its workers
+            # took are served to the end, the old master takes the next ones.
+            worker_signal, drain_timeout_s = signal.SIGTERM, self.config.server.drain_timeout_s
         if not self.stopping:
             if self.admin is not None:  # /ready turns 503 before handshakes stop
                 self.admin.set_stopping()
             self.next_status = 0.0  # and /status says so on the next turn
             self._notify("stopping")
             # Freeze the accept queues first: the workers' last accept sweep then
-            # empties them, and closing them at exit resets nobody.
-            self.listeners.stop_new_handshakes()
+            # empties them, and closing them at exit resets nobody.  Not while
+            # another master accepts from them (an upgrade): the filter is on
+            # the socket, so it would freeze that master's clients too.
+            if shared:
+                log.info("not freezing the accept queues: master %s accepts from them too",
+                         self._other_master())
+            else:
+                self.listeners.stop_new_handshakes()
             self.listeners.close_retired()
         self.stopping = True
         self.stop_deadline = time.monotonic() + drain_timeout_s + KILL_GRACE_S
         self._signal_all(worker_signal)
+
+    # -- upgrade (see ``upgrade``)
+
+    def handover_sockets(self) -> Dict[str, socket.socket]:
+        """Every socket a new master takes over, by its hand-over name."""
+        named = {handover.listener_name(key): sock for key, sock in self.listeners.named().items()}
+        named.update(self.extra_handover_sockets())
+        return named
+
+    def extra_handover_sockets(self) -> Dict[str, socket.socket]:
+        """Named sockets beside the listeners: the admin endpoint's."""
+        return {"admin": self.admin.sock} if self.admin is not None else {}
+
+    def hand_over(self) -> None:
+        """A new master serves: stop as on SIGTERM, without touching the shared queues."""
+        drain = self.config.server.drain_timeout_s
+        log.info("handing over: generation %d stops accepting and drains for up to %.1f s",
+                 self.generation, drain)
+        self.listeners.close_retired()
+        if self.admin is not None:
+            # The new master's admin process answers on the same socket; this one's
+            # would say "not ready" (draining) to the probes that reach it.
+            self.admin_handed_over = True
+            self.admin.stop()
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + drain + KILL_GRACE_S
+        self._signal_all(signal.SIGTERM)
+
+    def _other_master(self) -> str:
+        upgrades = self.upgrades
+        if upgrades.successor is not None:
+            return str(upgrades.successor.pid)
+        return str(upgrades.predecessor.pid) if upgrades.predecessor else "?"
+
+    def board_shared(self, shared: bool) -> None:
+        if self.board is not None:
+            self.board.shared_listeners = shared
+
+    def all_workers_booted(self) -> bool:
+        """Every slot of the current generation has a worker that serves."""
+        if self.board is None or self.stopping:
+            return False
+        booted = {w.slot for w in self.workers.values()
+                  if w.generation == self.generation and not w.retiring
+                  and self.board.booted[w.row]}
+        return len(booted) >= self.desired
+
+    def reload_in_progress(self) -> bool:
+        """A reload's new generation is still booting (an upgrade waits for it)."""
+        return self.pending is not None
+
+    @property
+    def version(self) -> str:
+        return current_version()
+
+    @property
+    def upgrade_status(self) -> Optional[Dict[str, object]]:
+        return self.upgrades.status()
+
+    def write_status_now(self) -> None:
+        self.write_status(time.monotonic())
 
     # -- reload
 
@@ -630,6 +757,7 @@ class Master:
             if worker is None:
                 if self.admin is not None:
                     self.admin.reaped(pid, time.monotonic())
+                self.upgrades.child_exited(pid, os.waitstatus_to_exitcode(status))
                 continue  # else an adopted orphan: reaping it is all we owe it
             assert self.board is not None
             booted = bool(self.board.booted[worker.row])
@@ -749,11 +877,13 @@ class Master:
     def _open_admin(self) -> None:
         """Bind the admin socket before anything is forked; it is kept for life."""
         if self.config.admin.bind is not None:
-            self.admin = AdminEndpoint.open(self.config.admin.bind)
+            # Handed over by the master this one upgrades: the same socket, never re-bound.
+            self.admin = AdminEndpoint.open(self.config.admin.bind,
+                                            inherited=self.inherited.take("admin"))
 
     def _admin_tick(self, now: float) -> None:
         """Every loop turn: the heartbeat /live reads, and the admin process kept running."""
-        if self.admin is None or self.board is None:
+        if self.admin is None or self.board is None or self.admin_handed_over:
             return
         self.admin.beat(now)
         self.admin.tick(now, self.board, self.config.admin.bind)
@@ -778,10 +908,14 @@ class Master:
         getattr(notify, state)()
 
 
-def serve(config: Config, loader: Optional[Callable[[], Config]] = None) -> int:
-    """Run a master for ``config`` in this process; return its exit code."""
+def serve(config: Config, loader: Optional[Callable[[], Config]] = None,
+          command: Optional[List[str]] = None) -> int:
+    """Run a master for ``config`` in this process; return its exit code.
+
+    ``command`` starts this program again (an upgrade, SIGUSR2); None: upgrades
+    are refused with a log line."""
     try:
-        return Master(config, loader).run()
+        return Master(config, loader, command).run()
     except ProxyError as exc:
         log.error("%s", exc)
         return EXIT_FAILURE

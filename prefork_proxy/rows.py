@@ -74,7 +74,7 @@ class WorkerRows:
         fields = [("pid", "q", capacity), ("started", "d", capacity),
                   ("heartbeat", "d", capacity), ("active", "q", capacity),
                   ("booted", "q", capacity), ("accepting", "q", capacity),
-                  ("_used", "q", 1), ("fold_seq", "q", 1),
+                  ("_used", "q", 1), ("fold_seq", "q", 1), ("_shared_listeners", "q", 1),
                   ("listener", "q", capacity * LISTENER_SLOTS * LISTENER_CELLS),
                   ("acquired", "q", capacity * backend_slots),
                   ("backend_active", "q", capacity * backend_slots),
@@ -90,6 +90,17 @@ class WorkerRows:
         self._free: List[int] = list(range(capacity - 1, -1, -1))  # master only
         self._lock_pid = -1
         self._lock = threading.Lock()
+
+    @property
+    def shared_listeners(self) -> bool:
+        """1 while another master also accepts from these listeners (an upgrade in
+        progress): a worker orphaned then must not freeze their queues.  The
+        master writes it, workers read it."""
+        return bool(self._shared_listeners[0])
+
+    @shared_listeners.setter
+    def shared_listeners(self, shared: bool) -> None:
+        self._shared_listeners[0] = 1 if shared else 0
 
     # -- master
 

@@ -3,6 +3,7 @@
 Used by the master and by each worker's main thread.  Handlers only record the
 signal in a queue and wake the loop through ``signal.set_wakeup_fd``; the loop
 does the work, outside signal context, where it may take locks and log.
+``IGNORED_SIGNALS`` lists the signals that mean nothing to the proxy.
 """
 
 from __future__ import annotations
@@ -49,3 +50,33 @@ class SignalQueue:
         signal.set_wakeup_fd(-1)
         os.close(self.read_fd)
         os.close(self._write_fd)
+
+
+def _ignored_signals() -> tuple:
+    """Signals an operator (or a stray ``kill``) may send that mean nothing to the proxy
+    and whose default action would end the process: logged and ignored."""
+    names = ("SIGWINCH", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGPWR", "SIGIO", "SIGXCPU",
+             "SIGXFSZ", "SIGSTKFLT")
+    found = [getattr(signal, name) for name in names if hasattr(signal, name)]
+    if hasattr(signal, "SIGRTMIN"):
+        found.extend(range(signal.SIGRTMIN, signal.SIGRTMAX + 1))
+    return tuple(found)
+
+
+#: Logged and ignored by the master, ignored silently by its children.
+IGNORED_SIGNALS = _ignored_signals()
+
+
+def ignore_in_child() -> None:
+    """In a child of the master (worker, health process), right after fork: the
+    meaningless signals and SIGUSR2 (the master's upgrade) are ignored silently."""
+    for signum in IGNORED_SIGNALS + (signal.SIGUSR2,):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def signal_name(signum: int) -> str:
+    """A signal's name for a log line, real-time signals included."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:  # a real-time signal without a name of its own
+        return f"SIGRTMIN+{signum - signal.SIGRTMIN}"

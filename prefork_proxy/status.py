@@ -23,7 +23,10 @@ The dict (``SCHEMA_VERSION`` 1)::
                    "backup", "active", "fails", "last_check_at", "last_check_ok",
                    "admin": "ready" | "drain" | "disabled" (``prefork-proxy backend``)}],
      "reloading": bool (a new generation is booting),
-     "last_reload": {"ok", "generation", "error", "at"} | None}
+     "last_reload": {"ok", "generation", "error", "at"} | None,
+     "version": the running code's __version__,
+     "upgrade": {"state": "starting" | "ready" | "failed", "new_pid", "version",
+                 "error", "started_at", "at"} | None (the last SIGUSR2 upgrade)}
 
 This module imports no process code (not ``master``): ``build`` reads a
 master-like object by its attributes.
@@ -61,6 +64,8 @@ def build(master: Any, now: float) -> Dict[str, Any]:
             "backends": backend_rows(master.shared) if master.shared else [],
             "counters": master.shared.counters() if master.shared else {},
             "reloading": master.pending is not None, "last_reload": master.last_reload,
+            "version": getattr(master, "version", ""),
+            "upgrade": getattr(master, "upgrade_status", None),
             "written_at": time.time()}
 
 

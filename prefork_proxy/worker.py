@@ -60,7 +60,7 @@ from prefork_proxy.proctitle import set_title
 from prefork_proxy.relay import RelayLoop, SocketOptions, keepalive_options
 from prefork_proxy.rows import WorkerRows
 from prefork_proxy.shared import SharedState
-from prefork_proxy.signals import SignalQueue
+from prefork_proxy.signals import SignalQueue, ignore_in_child
 
 log = logging.getLogger("prefork_proxy.worker")
 
@@ -133,6 +133,7 @@ class Worker:
         faults.trip("worker.boot")
         for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(signum, signal.SIG_IGN)  # the master's business, not ours
+        ignore_in_child()  # SIGUSR2 and the meaningless ones
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signals = self.signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
                                               signal.SIGUSR1))
@@ -334,6 +335,12 @@ class Worker:
         if self.orphaned:
             return
         self.orphaned = True
+        if self.board.shared_listeners:
+            # An upgrade is under way: another master accepts from these very
+            # sockets, and a filter on them would hold off its clients too.
+            log.warning("worker %d: master %d is gone; draining (the queues are left open: "
+                        "another master accepts from them)", self.slot, self.master_pid)
+            return
         frozen = sum(stop_new_handshakes(sock) for _, sock in self.listeners)
         log.warning("worker %d: master %d is gone; draining (new handshakes held off on %d "
                     "of %d listener(s))", self.slot, self.master_pid, frozen,

@@ -86,6 +86,18 @@ def bind_admin(endpoint: Endpoint) -> socket.socket:
     return sock
 
 
+def _serves(sock: socket.socket, endpoint: Endpoint) -> bool:
+    """Whether ``sock`` listens where ``endpoint`` says (any port for port 0)."""
+    try:
+        host, port = sock.getsockname()[:2]
+        infos = socket.getaddrinfo(endpoint.host, endpoint.port or None, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        return False
+    wanted = infos[0][4]
+    return wanted[0] == host and (not endpoint.port or wanted[1] == port)
+
+
 def _address_text(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -106,9 +118,17 @@ class AdminEndpoint:
         self._warned_bind: Optional[Endpoint] = None
 
     @classmethod
-    def open(cls, endpoint: Endpoint) -> "AdminEndpoint":
-        """Bind (master, before any fork); warns once if other hosts can reach it."""
-        sock = bind_admin(endpoint)
+    def open(cls, endpoint: Endpoint,
+             inherited: Optional[socket.socket] = None) -> "AdminEndpoint":
+        """Bind (master, before any fork); warns once if other hosts can reach it.
+
+        ``inherited``: the admin socket of the master this one upgrades
+        (``handover``), used instead of binding when it listens on ``endpoint``.
+        """
+        sock = inherited if inherited is not None and _serves(inherited, endpoint) \
+            else bind_admin(endpoint)
+        if inherited is not None and sock is not inherited:
+            inherited.close()  # the config moved the endpoint: the old address is not ours
         # Imported now, before privileges drop: the admin process imports nothing
         # later from an installation the serving user may not be able to read.
         import prefork_proxy.admin.endpoints  # noqa: F401
