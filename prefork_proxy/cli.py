@@ -1,4 +1,4 @@
-"""The ``prefork-proxy`` command: ``start``, ``check``, ``reload``, ``stop``, ``status``,
+"""The ``prefork-proxy`` command: ``start``, ``check``, ``reload``, ``upgrade``, ``stop``, ``status``,
 ``backend`` (runtime drain / disable / enable through the control socket, ``backend_control``).
 
 ``--version`` prints the installed version.  ``start`` runs in the process
@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", "-c", metavar="FILE", required=True, help="TOML config file")
 
     for name, text in (("reload", "reload the config of a running proxy (SIGHUP)"),
+                       ("upgrade", "start the program on disk in place of the running master "
+                                   "(SIGUSR2) and wait until it serves or has failed"),
                        ("stop", "stop a running proxy gracefully (SIGTERM) and wait"),
                        ("status", "show the master, its generation and its workers; "
                                   "exit 1 if it is stuck or no worker serves"),
@@ -123,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("words", nargs="+", metavar="list | LISTENER BACKEND ACTION",
                                  help="`list`, or a listener (name or bind), a backend (as "
                                       "configured) and drain, disable or enable")
+        if name == "upgrade":
+            command.add_argument("--timeout", type=float, default=90.0, metavar="SECONDS",
+                                 help="how long to wait for the new master to be ready")
         if name == "stop":
             command.add_argument("--fast", action="store_true",
                                  help="close connections at once (SIGINT) instead of draining")
@@ -166,7 +171,8 @@ def pidfile_from_args(args: argparse.Namespace) -> str:
 
 
 def control_command(args: argparse.Namespace) -> int:
-    """``reload``, ``stop`` and ``status``: act on a running master through its pidfile."""
+    """``reload``, ``upgrade``, ``stop`` and ``status``: act on a running master through its
+    pidfile."""
     try:
         pidfile = pidfile_from_args(args)
         if args.command == "reload":
@@ -174,6 +180,10 @@ def control_command(args: argparse.Namespace) -> int:
             print(f"sent SIGHUP to master {pid}: it reloads, or logs why it kept the old config")
         elif args.command == "backend":
             return backend_command(pidfile, args.words)
+        elif args.command == "upgrade":
+            outcome = control.upgrade_master(pidfile, args.timeout)
+            print(outcome.message)
+            return EXIT_OK if outcome.ok else EXIT_FAILURE
         elif args.command == "stop":
             pid = control.stop_master(pidfile, args.timeout, fast=args.fast)
             print(f"master {pid} stopped")
@@ -214,7 +224,7 @@ def backend_command(pidfile: str, words: List[str]) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("reload", "stop", "status", "backend"):
+    if args.command in ("reload", "upgrade", "stop", "status", "backend"):
         return control_command(args)
     if args.command == "check":
         try:

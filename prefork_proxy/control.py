@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 from prefork_proxy import hygiene
@@ -238,6 +239,55 @@ def stop_master(pidfile: str, timeout_s: float, fast: bool = False) -> int:
             return pid
         time.sleep(0.05)  # polling another process's exit: there is nothing to wait on
     raise ProxyError(f"master {pid} still running after {timeout_s:.0f} s")
+
+
+@dataclass
+class UpgradeOutcome:
+    ok: bool
+    message: str
+
+
+def upgrade_master(pidfile: str, timeout_s: float) -> UpgradeOutcome:
+    """SIGUSR2 to the master, then wait (bounded) for what its status file says.
+
+    The old master records the upgrade in its status file (``upgrade``:
+    starting, ready or failed), which is at ``PIDFILE.oldbin.status.json``
+    while the pidfile is moved and back at ``PIDFILE.status.json`` after a
+    failure; whichever holds the old master's pid is read.
+    """
+    sent_at = time.time()
+    pid = signal_master(pidfile, signal.SIGUSR2)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for path in (status_path(pidfile + ".oldbin"), status_path(pidfile)):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    status = json.load(f)
+            except (OSError, ValueError):
+                continue
+            upgrade = status.get("upgrade") or {}
+            if status.get("pid") != pid or upgrade.get("started_at", 0.0) < sent_at - 1.0:
+                continue
+            if upgrade.get("state") == "ready":
+                return UpgradeOutcome(True, f"master {pid} (version {status.get('version')}) "
+                                            f"handed over to master {upgrade['new_pid']} "
+                                            f"(version {upgrade.get('version')}), which serves; "
+                                            f"{pid} drains its connections and exits")
+            if upgrade.get("state") == "failed":
+                return UpgradeOutcome(False, f"upgrade failed: {upgrade.get('error')}; master "
+                                             f"{pid} goes on serving")
+        if not _running(pid):  # it may have handed over and drained between two looks
+            try:
+                new_pid = read_pid(pidfile)
+            except ProxyError:
+                new_pid = pid
+            if new_pid != pid:
+                return UpgradeOutcome(True, f"master {pid} handed over to master {new_pid}, "
+                                            f"which serves; {pid} has drained and exited")
+            return UpgradeOutcome(False, f"master {pid} exited during the upgrade")
+        time.sleep(0.05)  # another process's state: there is nothing to wait on
+    return UpgradeOutcome(False, f"no outcome within {timeout_s:.0f} s: see the master's log "
+                                 f"(sent SIGUSR2 to master {pid})")
 
 
 def _running(pid: int) -> bool:

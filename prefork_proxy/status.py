@@ -126,7 +126,8 @@ def problems(status: Dict[str, Any]) -> List[str]:
 
 def render_text(status: Dict[str, Any]) -> str:
     """The text ``prefork-proxy status`` prints."""
-    lines = [f"master pid {status['pid']}  uptime {_duration(status['uptime_s'])}  "
+    version = f"  version {status['version']}" if status.get("version") else ""
+    lines = [f"master pid {status['pid']}{version}  uptime {_duration(status['uptime_s'])}  "
              f"generation {status['generation']}  workers {len(status['workers'])}/"
              f"{status['desired_workers']}  relay {status['relay']}"
              + ("  STOPPING" if status.get("stopping") else ""),
@@ -139,6 +140,13 @@ def render_text(status: Dict[str, Any]) -> str:
                      f"{worker['accepted']:>9} {worker['state']}")
     lines.extend(backend_lines(status.get("backends", [])))
     lines.extend(_reload_lines(status))
+    upgrade = status.get("upgrade")
+    if upgrade:
+        ago = _duration(max(0.0, time.time() - upgrade.get("at", 0.0)))
+        lines.append(f"last upgrade: {upgrade.get('state')} {ago} ago, new master "
+                     f"{upgrade.get('new_pid')}"
+                     + (f" (version {upgrade['version']})" if upgrade.get("version") else "")
+                     + (f": {upgrade['error']}" if upgrade.get("error") else ""))
     lines.extend(f"UNHEALTHY: {problem}" for problem in problems(status))
     return "\n".join(lines)
 

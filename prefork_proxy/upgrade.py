@@ -61,6 +61,8 @@ OLDBIN_SUFFIX = ".oldbin"
 #: Time the new master gets to import, load its config and boot its workers,
 #: on top of ``worker_timeout_s`` (which bounds a worker's boot in the new master).
 READY_MARGIN_S = 30.0
+#: A new master that closed the channel but has not exited after this long is stopped.
+CHANNEL_CLOSED_GRACE_S = 5.0
 #: After asking a new master that timed out to stop: how long before SIGKILL.
 ABORT_GRACE_S = 10.0
 READY_LINE_MAX = 256
@@ -158,8 +160,12 @@ class Upgrades:
                 successor.kill_at = 0.0
             return
         if now >= successor.deadline:
-            self._fail(f"the new master (pid {successor.pid}) did not report ready within "
-                       f"{successor.deadline - successor.started:.0f} s; asking it to stop")
+            if successor.channel is None:
+                why = "closed the upgrade channel before it was ready"
+            else:
+                why = (f"did not report ready within "
+                       f"{successor.deadline - successor.started:.0f} s")
+            self._fail(f"the new master (pid {successor.pid}) {why}; asking it to stop")
             _kill(successor.pid, signal.SIGTERM)  # it drains what it took, freezing nothing
             successor.kill_at = now + ABORT_GRACE_S
 
@@ -241,9 +247,10 @@ class Upgrades:
         if not data:
             _close_channel(successor)
             if not successor.ready and not successor.failure:
-                # It is exiting (reap() will say how) or closed its end: either way, not ours.
-                self._fail(f"the new master (pid {successor.pid}) closed the upgrade channel "
-                           "before it was ready")
+                # Most likely it is exiting: reap() says how, soon.  If it lives on
+                # without its channel, it cannot report ready: stopped at the grace.
+                successor.deadline = min(successor.deadline,
+                                         time.monotonic() + CHANNEL_CLOSED_GRACE_S)
             return
         successor.buffer = (successor.buffer + data)[-READY_LINE_MAX:]
         if b"\n" not in successor.buffer or successor.ready or successor.failure:
@@ -287,11 +294,9 @@ class Upgrades:
         successor.process.returncode = code  # reaped by us: Popen must not wait for it
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         if successor.ready:
-            if not self.master.stopping:
-                log.error("upgrade: new master %d exited with %s after taking over", pid, how)
-            else:
-                log.warning("upgrade: new master %d exited with %s while this master drains; "
-                            "nothing accepts on the handed-over listeners now", pid, how)
+            # Its business now (it may have been upgraded or stopped in turn).
+            (log.info if code == 0 else log.warning)(
+                "upgrade: the new master %d, which took over, exited with %s", pid, how)
             self.successor = None
             return True
         if not successor.failure:
