@@ -9,7 +9,9 @@ verify every byte, and one long stream opened before the first upgrade.
 
 from __future__ import annotations
 
+import http.client
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -80,6 +82,15 @@ def _master_in(pidfile: Path) -> int:
         return 0
 
 
+def _admin_status(port: int) -> Dict[str, object]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request("GET", "/status")
+        return json.loads(connection.getresponse().read())
+    finally:
+        connection.close()
+
+
 def _write_config(path: Path, backend: str, pidfile: Path, valid: bool = True) -> None:
     path.write_text(f"""
 [server]
@@ -87,6 +98,9 @@ workers = 2
 threads = 1
 pidfile = "{pidfile}"
 drain_timeout_s = 60
+
+[admin]
+bind = "127.0.0.1:0"
 
 [[tcp_proxy]]
 bind = "127.0.0.1:0"
@@ -111,6 +125,8 @@ def test_three_upgrades_under_load_lose_nothing_and_a_broken_one_changes_nothing
         assert "version=1.0.0" in first.log
         first.wait_workers(2)
         port = first.port()
+        admin_port = int(re.search(r"admin endpoint listening on \S+:(\d+)", first.log)
+                         .group(1))
         stop = threading.Event()
         tally = chaos.Tally()
         clients = [threading.Thread(target=chaos.client_loop, args=(port, stop, tally, seed),
@@ -149,6 +165,10 @@ def test_three_upgrades_under_load_lose_nothing_and_a_broken_one_changes_nothing
             # The old master keeps PIDFILE.oldbin while it drains.
             status = control.read_status(str(pidfile))
             assert status["pid"] == new and status["version"] == version
+            # The admin socket moved over too: same port, the new master's model.
+            wait_for(lambda new=new: _admin_status(admin_port)["pid"] == new, 10,
+                     message="the admin endpoint served by the new master")
+            assert _admin_status(admin_port)["version"] == version
             if number > 1:  # (the first old master drains the long stream until the end)
                 wait_for(lambda old=old: not _running(old), 30, message=f"old master {old} exits")
                 exit_s.append(time.monotonic() - started)
