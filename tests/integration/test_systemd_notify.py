@@ -99,3 +99,34 @@ def test_ready_reloading_ready_stopping_all_from_the_master(
     assert proxy.process.wait(30) == 0
     assert systemd.pending() == b"", "nothing else (no worker) may notify"
 
+
+
+def test_upgrade_moves_mainpid_to_the_new_master(backend_factory, proxy_factory, systemd,
+                                                  tmp_path):
+    """SIGUSR2: the old master, still systemd's main process (NotifyAccess=main), names the
+    new one with MAINPID= and READY=1; afterwards the new master notifies on its own."""
+    backend = backend_factory("echo")
+    config = _config(tmp_path / "proxy.toml", backend.address)
+    pidfile = tmp_path / "proxy.pid"
+    proxy = proxy_factory("start", "--config", str(config), "--pidfile", str(pidfile),
+                          env=dict(os.environ, NOTIFY_SOCKET=systemd.path))
+    assert systemd.receive() == (proxy.pid, b"READY=1")
+    proxy.signal(signal.SIGUSR2)
+    pid, message = systemd.receive(20)
+    match = re.fullmatch(rb"MAINPID=(\d+)\nREADY=1\nSTATUS=upgraded to version \S+ "
+                         rb"\(master (\d+)\)", message)
+    assert pid == proxy.pid and match, (pid, message)
+    new = int(match.group(1))
+    assert new != proxy.pid and int(match.group(2)) == new
+    assert proxy.process.wait(30) == 0  # the old master drained and left
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port()), timeout=5) as sock:
+            sock.sendall(b"after")
+            assert recv_exactly(sock, 5) == transform(b"after")
+        os.kill(new, signal.SIGHUP)  # the new main process reloads and says so itself
+        pid, message = systemd.receive()
+        assert pid == new and message.startswith(b"RELOADING=1\n")
+        assert systemd.receive() == (new, b"READY=1")
+    finally:
+        os.kill(new, signal.SIGTERM)
+    assert systemd.receive() == (new, b"STOPPING=1")

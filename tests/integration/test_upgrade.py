@@ -226,3 +226,25 @@ def test_three_upgrades_under_load_lose_nothing_and_a_broken_one_changes_nothing
         for pid in masters[1:]:
             wait_for(lambda pid=pid: not _running(pid), 30, message=f"master {pid} stopped")
         first.stop()
+
+
+def test_meaningless_signals_are_logged_and_ignored(backend_factory, proxy_factory):
+    """Signals whose default action would kill the proxy but that mean nothing to it:
+    the master logs each and serves on; a worker ignores them."""
+    backend = backend_factory("echo")
+    proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", backend.address,
+                          "--workers", "1")
+    worker = proxy.wait_workers(1)[0]
+    sent = [signal.SIGWINCH, signal.SIGALRM, signal.SIGPWR, signal.SIGVTALRM, signal.SIGXFSZ,
+            signal.SIGRTMIN + 3]
+    for signum in sent:
+        os.kill(proxy.pid, signum)
+        os.kill(worker, signum)
+    names = ["SIGWINCH", "SIGALRM", "SIGPWR", "SIGVTALRM", "SIGXFSZ", "SIGRTMIN+3"]
+    wait_for(lambda: all(f"{name} ignored" in proxy.log for name in names), 10,
+             message="a log line for each signal")
+    assert proxy.process.poll() is None and _running(worker)
+    with proxy.connect() as sock:
+        sock.sendall(b"still")
+        assert sock.recv(5) == bytes(b ^ 0x5A for b in b"still")
+    assert proxy.stop() == 0
