@@ -60,6 +60,13 @@ def drop_privileges(user: Optional[str], group: Optional[str]) -> None:
     # installation may not be readable (e.g. under /root).
     import encodings.idna  # noqa: F401  (getaddrinfo on a hostname imports it)
 
+    entry, gid = _credentials(user, group)
+    uid = entry.pw_uid if entry is not None else os.getuid()  # type: ignore[attr-defined]
+    if os.geteuid() != 0 and (os.getuid(), os.getgid()) == (uid, gid):
+        # Already that user: the new master of an upgrade, started by an old one
+        # that dropped its privileges (it inherited the sockets; nothing to bind).
+        log.info("already running as uid=%d gid=%d", uid, gid)
+        return
     _switch(user, group)
     log.info("dropped privileges: uid=%d gid=%d", os.getuid(), os.getgid())
 
