@@ -157,8 +157,10 @@ class ProxyProcess:
     def __init__(self, args: Iterable[str], log_path: Path, wait_ready: bool = True,
                  preexec_fn: Optional[Callable[[], None]] = None,
                  env: Optional[dict] = None, command: Optional[List[str]] = None,
-                 cwd: Optional[Path] = None) -> None:
-        """Run ``python -m prefork_proxy ARGS``, or ``command`` as given (e.g. the API)."""
+                 cwd: Optional[Path] = None, pass_fds: Iterable[int] = ()) -> None:
+        """Run ``python -m prefork_proxy ARGS``, or ``command`` as given (e.g. the API);
+        ``pass_fds`` are inherited by it (socket activation)."""
+        self.pass_fds = tuple(pass_fds)
         self.args = command or [sys.executable, "-m", "prefork_proxy", *args]
         self.log_path = log_path
         self.listeners: List[str] = []
@@ -172,7 +174,8 @@ class ProxyProcess:
         """Start the process, stdout and stderr to the log (conftest's xprocess one overrides)."""
         with open(self.log_path, "ab") as log_file:  # the child keeps its own copy
             return subprocess.Popen(self.args, stdout=log_file, stderr=subprocess.STDOUT,
-                                    preexec_fn=preexec_fn, env=env, cwd=cwd)
+                                    preexec_fn=preexec_fn, env=env, cwd=cwd,
+                                    pass_fds=self.pass_fds)
 
     @property
     def log(self) -> str:

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -248,3 +249,35 @@ def test_meaningless_signals_are_logged_and_ignored(backend_factory, proxy_facto
         sock.sendall(b"still")
         assert sock.recv(5) == bytes(b ^ 0x5A for b in b"still")
     assert proxy.stop() == 0
+
+
+#: Stands in for systemd: the socket at descriptor 3, LISTEN_FDS=1, LISTEN_PID=this pid,
+#: then exec (the pid stays, as when systemd execs ExecStart).
+_ACTIVATE = ("import os, sys; os.dup2(int(sys.argv[1]), 3); "
+             "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid())); "
+             "os.execv(sys.executable, [sys.executable, '-m', 'prefork_proxy'] + sys.argv[2:])")
+
+
+def test_socket_activation_adopts_the_socket_systemd_passes(backend_factory, tmp_path):
+    """LISTEN_FDS: the listener bound by "systemd" (here without SO_REUSEPORT, so binding
+    or probing the address again would fail) is adopted by address, and serves."""
+    backend = backend_factory("echo")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    port = sock.getsockname()[1]
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'[server]\nworkers = 1\n[[tcp_proxy]]\nbind = "127.0.0.1:{port}"\n'
+                      f'backends = ["{backend.address}"]\n')
+    proxy = ProxyProcess([], tmp_path / "proxy.log", pass_fds=[sock.fileno()],
+                         command=[sys.executable, "-c", _ACTIVATE, str(sock.fileno()),
+                                  "start", "--config", str(config)])
+    try:
+        sock.close()  # the proxy's copy is the only one now
+        assert proxy.port() == port
+        with proxy.connect() as client:
+            client.sendall(b"activated")
+            assert client.recv(9) == bytes(b ^ 0x5A for b in b"activated")
+        assert "address already in use" not in proxy.log
+    finally:
+        assert proxy.stop() == 0
