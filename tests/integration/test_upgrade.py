@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
-from support import ProxyProcess, children_of, wait_for
+from support import ProxyProcess, children_of, process_title, wait_for
 
 from prefork_proxy import control
 
@@ -166,10 +166,13 @@ def test_three_upgrades_under_load_lose_nothing_and_a_broken_one_changes_nothing
             # The old master keeps PIDFILE.oldbin while it drains.
             status = control.read_status(str(pidfile))
             assert status["pid"] == new and status["version"] == version
-            # The admin socket moved over too: same port, the new master's model.
-            wait_for(lambda new=new: _admin_status(admin_port)["pid"] == new, 10,
-                     message="the admin endpoint served by the new master")
-            assert _admin_status(admin_port)["version"] == version
+            # The admin socket moved over too: same port, the new master's model, once
+            # the old master's admin process (stopped at the hand-over) is gone.
+            wait_for(lambda old=old: not [pid for pid in children_of(old)
+                                          if process_title(pid) == "prefork-proxy: admin"],
+                     10, message="the old admin process gone")
+            model = _admin_status(admin_port)
+            assert model["pid"] == new and model["version"] == version
             if number > 1:  # (the first old master drains the long stream until the end)
                 wait_for(lambda old=old: not _running(old), 30, message=f"old master {old} exits")
                 exit_s.append(time.monotonic() - started)
