@@ -48,12 +48,9 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from prefork_proxy import control, handover, hygiene, notify
-
-if TYPE_CHECKING:  # pragma: no cover
-    from prefork_proxy.master import Master
 
 log = logging.getLogger("prefork_proxy.master")
 
@@ -109,7 +106,8 @@ class Predecessor:
 class Upgrades:
     """A master's upgrade state: the successor it starts, the predecessor it replaces."""
 
-    master: "Master"
+    # The ``Master`` (by its attributes: only cli and api may import master).
+    master: Any
     command: Optional[List[str]] = None  # how to start this program again; None: cannot
     successor: Optional[Successor] = None
     predecessor: Optional[Predecessor] = None
