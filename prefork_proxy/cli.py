@@ -1,4 +1,5 @@
-"""The ``prefork-proxy`` command: ``start``, ``check``, ``reload``, ``upgrade``, ``stop``, ``status``,
+"""The ``prefork-proxy`` command: ``start``, ``check``, ``reload``, ``upgrade``, ``stop``,
+``status``,
 ``backend`` (runtime drain / disable / enable through the control socket, ``backend_control``).
 
 ``--version`` prints the installed version.  ``start`` runs in the process
