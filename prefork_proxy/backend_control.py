@@ -48,7 +48,7 @@ import os
 import socket
 import struct
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from prefork_proxy import hygiene
 from prefork_proxy.errors import ProxyError
@@ -145,6 +145,10 @@ class ControlServer:
             finally:
                 os.umask(old_umask)
             os.chmod(path, 0o600)
+            # The file this master created: after an in-place upgrade the new master
+            # binds a file of its own at the same path, which this one must not remove.
+            made = os.stat(path)
+            self._file_id: Tuple[int, int] = (made.st_dev, made.st_ino)
             listener.listen(MAX_CLIENTS)
             listener.setblocking(False)
             hygiene.master_only(listener.fileno())  # no worker keeps it open
@@ -251,7 +255,9 @@ class ControlServer:
             self.listener = None
             if unlink:
                 try:
-                    os.unlink(self.path)
+                    now = os.stat(self.path)
+                    if (now.st_dev, now.st_ino) == self._file_id:
+                        os.unlink(self.path)
                 except OSError:
                     pass
 

@@ -187,6 +187,13 @@ def test_three_upgrades_under_load_lose_nothing_and_a_broken_one_changes_nothing
                 assert not [pid for pid in old_children if _running(pid)], \
                     "a process of the old version outlived its drain"
                 assert f"master {old} exiting with code 0" in first.log
+                # The control socket beside the pidfile is the new master's: the old
+                # master's exit must not have removed it.
+                listed = subprocess.run([sys.executable, "-m", "prefork_proxy", "backend",
+                                         "list", "--pidfile", str(pidfile)],
+                                        capture_output=True, text=True, timeout=30,
+                                        env=program.env())
+                assert listed.returncode == 0, listed.stdout + listed.stderr
             wait_for(lambda before=before: tally.ok >= before + 100, 20,
                      message="load through the new master")
             assert not tally.failures, tally.failures[:3]
