@@ -100,6 +100,20 @@ def _admin_status(port: int) -> Dict[str, object]:
         connection.close()
 
 
+def _build_info_versions(port: int) -> List[str]:
+    """The ``version`` labels of ``prefork_proxy_build_info`` on the admin endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    return [sample.labels["version"] for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == "prefork_proxy_build_info"]
+
+
 def _write_config(path: Path, backend: str, pidfile: Path, valid: bool = True) -> None:
     path.write_text(f"""
 [server]
@@ -181,6 +195,7 @@ def test_three_upgrades_under_load_lose_nothing_and_a_broken_one_changes_nothing
                      10, message="the old admin process gone")
             model = _admin_status(admin_port)
             assert model["pid"] == new and model["version"] == version
+            assert _build_info_versions(admin_port) == [version]
             if number > 1:  # (the first old master drains the long stream until the end)
                 wait_for(lambda old=old: not _running(old), 30, message=f"old master {old} exits")
                 exit_s.append(time.monotonic() - started)
