@@ -134,6 +134,7 @@ class WorkerProcess:
     retiring: bool = False
     kill_at: float = 0.0  # when a retiring worker is killed if still alive
     boot_timed_out: bool = False  # killed for not booting within worker_timeout_s
+    hung: bool = False  # killed for a silent heartbeat
 
 
 @dataclass
@@ -157,6 +158,22 @@ class PendingReload:
     history: Dict[int, "SlotHistory"]
     shared: object  # SharedState.snapshot()
     deadline: float  # the new generation must have booted by then
+
+
+#: ``prefork_proxy_worker_restarts_total{reason}``: why a worker died unplanned.
+RESTART_REASONS = ("exit", "signal", "hung", "boot_failed")
+#: ``prefork_proxy_reloads_total{result}``: invalid (the config or a bind was refused,
+#: nothing changed), failed (the new generation could not start: rolled back), ok.
+RELOAD_RESULTS = ("ok", "invalid", "failed")
+
+
+def restart_reason(code: int, boot_failed: bool, hung: bool) -> str:
+    """The ``reason`` label of an unplanned worker death (``code``: waitstatus_to_exitcode)."""
+    if boot_failed:
+        return "boot_failed"
+    if hung:
+        return "hung"
+    return "signal" if code < 0 else "exit"
 
 
 def crash_loop_delay(fast_deaths: int) -> float:
@@ -233,6 +250,10 @@ class Master:
         # Sockets handed over by the master this one upgrades (the listeners are
         # in self.listeners); named others (``take``) are for their owners.
         self.inherited = handover.Inherited()
+        # Counters for the master's life (metrics; published in the status model):
+        # unplanned worker deaths by reason, and reload results.
+        self.worker_restarts: Dict[str, int] = dict.fromkeys(RESTART_REASONS, 0)
+        self.reloads: Dict[str, int] = dict.fromkeys(RELOAD_RESULTS, 0)
 
     # -- lifetime
 
@@ -538,14 +559,14 @@ class Master:
             sockets = self.listeners.open(config.listeners)
         except ProxyError as exc:
             log.error("reload failed, still serving generation %d: %s", self.generation, exc)
-            self._record_reload(False, str(exc), self.generation)
+            self._record_reload(False, str(exc), self.generation, "invalid")
             self._notify("ready")
             return
         except Exception as exc:  # a bug while loading must not take the serving proxy down
             log.exception("reload failed, still serving generation %d", self.generation)
             # e.g. EMFILE half-way through binding: what was bound so far is not ours.
             self._retire_unused_listeners()
-            self._record_reload(False, f"unexpected error: {exc!r}", self.generation)
+            self._record_reload(False, f"unexpected error: {exc!r}", self.generation, "failed")
             self._notify("ready")
             return
         try:
@@ -625,7 +646,7 @@ class Master:
         log.info("reloaded: generation %d serves listeners=%s workers=%d; generation %d drains",
                  self.generation, ",".join(bound_address(s) for s in self.sockets),
                  self.desired, pending.generation)
-        self._record_reload(True, "", self.generation)
+        self._record_reload(True, "", self.generation, "ok")
         self._notify("ready")
 
     def _rollback_reload(self, reason: str) -> None:
@@ -652,16 +673,17 @@ class Master:
         self._retire_unused_listeners()  # what only the failed config had
         log.error("reload failed, still serving generation %d with the old config: %s",
                   self.generation, reason)
-        self._record_reload(False, reason, failed)
+        self._record_reload(False, reason, failed, "failed")
         self._notify("ready")
 
     def _retire_unused_listeners(self) -> None:
         """Listeners the current config does not have: no new handshakes, closed later."""
         self.listeners.retain(self.sockets)
 
-    def _record_reload(self, ok: bool, error: str, generation: int) -> None:
+    def _record_reload(self, ok: bool, error: str, generation: int, result: str) -> None:
         self.last_reload = {"ok": ok, "generation": generation, "error": error,
                             "at": time.time()}
+        self.reloads[result] += 1
         self.next_status = 0.0  # show it at once
 
     def close_unused_sockets(self) -> None:
@@ -772,6 +794,8 @@ class Master:
                          worker.generation, pid, how)
                 continue
             boot_failed = code == EXIT_BOOT_FAILED or worker.boot_timed_out
+            self.worker_restarts[restart_reason(code, boot_failed, worker.hung)] += 1
+            self.next_status = 0.0  # show it at once
             if self.pending is not None and (boot_failed or not booted):
                 self._rollback_reload(f"worker {worker.slot} of generation {worker.generation} "
                                       f"(pid {pid}) could not boot: {how}")
@@ -828,6 +852,7 @@ class Master:
             if silent > timeout:
                 log.error("worker %d (pid %d) hung: no heartbeat for %.1f s; killing it",
                           worker.slot, worker.pid, silent)
+                worker.hung = True
                 self._kill(worker.pid, signal.SIGKILL)
                 self.board.heartbeat[worker.row] = now  # one kill per timeout, not per loop
 

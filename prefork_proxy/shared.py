@@ -35,6 +35,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Tuple
 
@@ -523,6 +524,7 @@ class SharedState:
         """Every counter of the current config's listeners and backends (master; the
         read side a metrics collector uses).  Labels: the listener's label, and
         ``label|backend address`` for a backend (a hostname's addresses together).
+        A backend also has ``connect_errors_total`` ({reason: n}) and ``up`` (0/1).
         """
         listener_slots = {listener.label: self.listener_slot(index)
                           for index, listener, _ in self.pools()}
@@ -530,13 +532,17 @@ class SharedState:
                          for _, listener, entries in self.pools() for entry in entries}
         totals: Dict[str, Dict[str, Dict[str, object]]] = \
             self.rows.snapshot(listener_slots, backend_slots)  # type: ignore[assignment]
+        now = time.monotonic()
         for _, listener, entries in self.pools():
             for entry in entries:
                 errors: Dict[str, int] = collections.Counter()
                 for slot in entry.slots:
                     errors.update(self.table.error_counts(slot))
-                totals["backends"][f"{listener.label}|{entry.backend.address}"][
-                    "connect_errors_total"] = dict(errors)
+                backend = totals["backends"][f"{listener.label}|{entry.backend.address}"]
+                backend["connect_errors_total"] = dict(errors)
+                # Up: one of its addresses takes new connections (health only:
+                # checks and failures, as the balancers see it).
+                backend["up"] = int(any(self.table.eligible(slot, now) for slot in entry.slots))
         return totals
 
     def pools(self) -> List[Tuple[int, "ListenerConfig", Tuple[PoolEntry, ...]]]:

@@ -201,11 +201,11 @@ class ProxyProcess:
         return socket.create_connection(("127.0.0.1", self.port(index)), timeout=timeout)
 
     def worker_pids(self) -> List[int]:
-        """The master's children but its admin process (which has its own title)."""
+        """The master's children but its admin and health-check processes (own titles)."""
         pids = []
         for pid in children_of(self.pid):
             try:
-                if process_title(pid) == "prefork-proxy: admin":
+                if process_title(pid) in ("prefork-proxy: admin", "prefork-proxy: health"):
                     continue
             except OSError:
                 continue  # gone meanwhile

@@ -22,7 +22,7 @@ import json
 import time
 from typing import Any, Dict, Iterator, Optional
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 
@@ -60,7 +60,19 @@ def latest_status(page: StatusPage) -> Optional[Dict[str, Any]]:
 
 
 class ModelCollector:
-    """Gauges from the status model: build info, config generation, workers by state."""
+    """Every ``prefork_proxy_*`` family, from the status model the master published last.
+
+    The model (``status.build``, republished at least once a second and at
+    once after a reap or a reload) carries ``SharedState.counters()`` (the
+    worker rows' totals: retired rows folded in, so they never go backwards),
+    the backends' health, and the master's own counters (worker restarts,
+    reloads), which live as long as the master.  A scrape may be up to a
+    second behind the rows; it is never ahead of them and never backwards.
+
+    Families no cell is written for yet are left out: per listener
+    connections_active, received/sent bytes, session_duration_seconds (the
+    relay's hooks, to come), and backend_connect_duration_seconds.
+    """
 
     def __init__(self, page: StatusPage) -> None:
         self.page = page
@@ -74,19 +86,87 @@ class ModelCollector:
         status = latest_status(self.page)
         if status is None:
             return
-        generation = GaugeMetricFamily("prefork_proxy_config_generation",
-                                       "The config generation the master serves (1 at start, "
-                                       "+1 per reload).")
-        generation.add_metric([], status["generation"])
-        yield generation
-        workers = GaugeMetricFamily("prefork_proxy_workers", "Worker processes by state.",
-                                    labels=["state"])
-        counts = dict.fromkeys(status_model.WORKER_STATES, 0)
-        for worker in status["workers"]:
-            counts[worker["state"]] = counts.get(worker["state"], 0) + 1
-        for state, count in counts.items():
-            workers.add_metric([state], count)
-        yield workers
+        yield from _process_families(status)
+        counters = status.get("counters") or {}
+        yield from _listener_families(counters.get("listeners", {}))
+        yield from _backend_families(counters.get("backends", {}))
+
+
+def _process_families(status: Dict[str, Any]) -> Iterator[Metric]:
+    generation = GaugeMetricFamily("prefork_proxy_config_generation",
+                                   "The config generation the master serves (1 at start, "
+                                   "+1 per reload).")
+    generation.add_metric([], status["generation"])
+    yield generation
+    workers = GaugeMetricFamily("prefork_proxy_workers", "Worker processes by state.",
+                                labels=["state"])
+    counts = dict.fromkeys(status_model.WORKER_STATES, 0)
+    for worker in status["workers"]:
+        counts[worker["state"]] = counts.get(worker["state"], 0) + 1
+    for state, count in counts.items():
+        workers.add_metric([state], count)
+    yield workers
+    restarts = CounterMetricFamily(
+        "prefork_proxy_worker_restarts", "Workers that died unplanned and were replaced, by "
+        "reason (exit code, signal, killed as hung, could not boot).", labels=["reason"])
+    for reason, count in (status.get("worker_restarts") or {}).items():
+        restarts.add_metric([reason], count)
+    yield restarts
+    reloads = CounterMetricFamily(
+        "prefork_proxy_reloads", "Reloads by result: ok, invalid (config or bind refused, "
+        "nothing changed), failed (the new generation could not start; rolled back).",
+        labels=["result"])
+    for result, count in (status.get("reloads") or {}).items():
+        reloads.add_metric([result], count)
+    yield reloads
+
+
+def _listener_families(listeners: Dict[str, Dict[str, int]]) -> Iterator[Metric]:
+    connections = CounterMetricFamily("prefork_proxy_connections",
+                                      "Client connections accepted.", labels=["listener"])
+    failovers = CounterMetricFamily("prefork_proxy_failovers",
+                                    "Connects retried on another backend after a failure.",
+                                    labels=["listener"])
+    # Admission (limits, ACLs, PROXY, SNI) will add samples, one per reason it counted.
+    rejected = CounterMetricFamily("prefork_proxy_rejected_connections",
+                                   "Client connections refused before any backend, by reason.",
+                                   labels=["listener", "reason"])
+    for label, counts in listeners.items():
+        connections.add_metric([label], counts.get("connections_total", 0))
+        failovers.add_metric([label], counts.get("failovers_total", 0))
+        for reason, count in (counts.get("rejected_total") or {}).items():
+            rejected.add_metric([label, reason], count)
+    yield connections
+    yield failovers
+    yield rejected
+
+
+def _backend_families(backends: Dict[str, Dict[str, Any]]) -> Iterator[Metric]:
+    labels = ["listener", "backend"]
+    total = CounterMetricFamily("prefork_proxy_backend_connections",
+                                "Connects attempted to the backend (failed ones too).",
+                                labels=labels)
+    active = GaugeMetricFamily("prefork_proxy_backend_connections_active",
+                               "Open connections to the backend (attempts in progress too).",
+                               labels=labels)
+    errors = CounterMetricFamily("prefork_proxy_backend_connect_errors",
+                                 "Failed connects to the backend, by reason.",
+                                 labels=labels + ["reason"])
+    up = GaugeMetricFamily("prefork_proxy_backend_up",
+                           "1 while an address of the backend takes new connections (not "
+                           "down by checks or by failures), else 0.", labels=labels)
+    for key, counts in backends.items():
+        listener, _, backend = key.rpartition("|")  # an address never holds a "|"
+        total.add_metric([listener, backend], counts.get("connections_total", 0))
+        active.add_metric([listener, backend], counts.get("connections_active", 0))
+        for reason, count in (counts.get("connect_errors_total") or {}).items():
+            errors.add_metric([listener, backend, reason], count)
+        if "up" in counts:
+            up.add_metric([listener, backend], counts["up"])
+    yield total
+    yield active
+    yield errors
+    yield up
 
 
 def build_routes(page: StatusPage, board: WorkerRows, master_pid: int) -> Dict[str, Handler]:

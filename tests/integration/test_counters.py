@@ -101,7 +101,8 @@ backends = ["{refused}"]
     assert first["backends"][key]["connections_total"] == CLIENTS_PER_ROUND
     assert final["backends"][key] == {"connections_total": served, "connections_active": 0,
                                       "connect_errors_total": {"refused": 0, "timeout": 0,
-                                                               "unreachable": 0, "other": 0}}
+                                                               "unreachable": 0, "other": 0},
+                                      "up": 1}
     assert final["listeners"]["front"]["failovers_total"] == 0
 
     # Refused connects: each client is one attempt and one error; nothing stays open.
