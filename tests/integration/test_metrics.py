@@ -21,7 +21,6 @@ from typing import Dict, List, Tuple
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import recv_exactly, transform, wait_for, write_config
-
 from test_admin import admin_port
 
 CLIENTS_PER_ROUND = 1000
