@@ -56,6 +56,20 @@ REJECT_REASONS = 3
 LISTENER_CELLS = REJECTED + REJECT_REASONS
 LISTENER_COUNTERS = {"connections_total": CONNECTIONS, "failovers_total": FAILOVERS}
 
+#: Relay loops per worker with their own cells (one writer each: that loop's thread).
+MAX_LOOPS = 16
+#: Upper bounds of ``prefork_proxy_session_duration_seconds`` (the last one is +Inf).
+SESSION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                     60.0, 300.0, 1800.0, 3600.0, float("inf"))
+#: Cells per listener per loop (see ``LoopStats``): closes, client-side bytes, the
+#: duration sum in microseconds, then one non-cumulative cell per bucket.
+LOOP_CLOSED, LOOP_RECEIVED, LOOP_SENT, LOOP_DURATION_US, LOOP_BUCKET0 = 0, 1, 2, 3, 4
+LOOP_CELLS = LOOP_BUCKET0 + len(SESSION_BUCKETS_S)
+#: True once the relay calls ``LoopStats`` (its docstring says how): until then
+#: the loop cells stay 0 and the exporter leaves bytes, sessions and per-listener
+#: active connections out rather than show zeros that look like data.
+RELAY_HOOKS = False
+
 # The pid of this process, kept current across fork (the row lock is per process).
 _PID = [os.getpid()]
 os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
@@ -79,7 +93,10 @@ class WorkerRows:
                   ("acquired", "q", capacity * backend_slots),
                   ("backend_active", "q", capacity * backend_slots),
                   ("retired_listener", "q", LISTENER_SLOTS * LISTENER_CELLS),
-                  ("retired_acquired", "q", backend_slots)]
+                  ("retired_acquired", "q", backend_slots),
+                  ("loops_used", "q", capacity),
+                  ("loop", "q", capacity * MAX_LOOPS * LISTENER_SLOTS * LOOP_CELLS),
+                  ("retired_loop", "q", LISTENER_SLOTS * LOOP_CELLS)]
         # Anonymous and MAP_SHARED: zero-filled, inherited by every child; pages
         # of rows never used are never touched, so they cost no memory.
         self._map = mmap.mmap(-1, sum(8 * count for _, _, count in fields))
@@ -139,6 +156,16 @@ class WorkerRows:
                 retired_acquired[slot] += value
                 acquired[base + slot] = 0
             backend_active[base + slot] = 0
+        cells = LISTENER_SLOTS * LOOP_CELLS
+        loop, retired_loop = self.loop, self.retired_loop
+        for index in range(self.loops_used[row]):  # only the loops it had: pages untouched
+            base = (row * MAX_LOOPS + index) * cells
+            for cell in range(cells):
+                value = loop[base + cell]
+                if value:
+                    retired_loop[cell] += value
+                    loop[base + cell] = 0
+        self.loops_used[row] = 0
         self.active[row] = self.pid[row] = self.accepting[row] = self.booted[row] = 0
         self.fold_seq[0] += 1
         self._free.append(row)
@@ -151,6 +178,8 @@ class WorkerRows:
         """Master: a listener slot is reused for another listener; its totals start at 0."""
         for cell in range(LISTENER_CELLS):
             self.retired_listener[lslot * LISTENER_CELLS + cell] = 0
+        for cell in range(LOOP_CELLS):
+            self.retired_loop[lslot * LOOP_CELLS + cell] = 0
 
     def reset_backend(self, slot: int) -> None:
         """Master: a backend slot is reused for another backend; its totals start at 0."""
@@ -222,6 +251,8 @@ class WorkerRows:
                 index = lslot * LISTENER_CELLS + cell
                 counts[name] = self.retired_listener[index] + sum(
                     self.listener[index:used * stride:stride])
+            if RELAY_HOOKS:
+                counts.update(self._loop_totals(lslot, used, counts))
             listeners[label] = counts
         backends: Dict[str, Dict[str, int]] = {}
         step, end = self.backend_slots, used * self.backend_slots
@@ -234,7 +265,38 @@ class WorkerRows:
             backends[label] = {"connections_total": total, "connections_active": active}
         return {"listeners": listeners, "backends": backends}
 
+    def _loop_totals(self, lslot: int, used: int, counts: Dict[str, int]) -> Dict[str, object]:
+        """Bytes, closes and the session histogram of listener ``lslot`` (retired + live)."""
+        totals = list(self.retired_loop[lslot * LOOP_CELLS:(lslot + 1) * LOOP_CELLS])
+        live_closed = 0
+        stride = LISTENER_SLOTS * LOOP_CELLS
+        for row in range(used):
+            if not self.pid[row]:
+                continue
+            for index in range(self.loops_used[row]):
+                base = (row * MAX_LOOPS + index) * stride + lslot * LOOP_CELLS
+                cells = self.loop[base:base + LOOP_CELLS]
+                live_closed += cells[LOOP_CLOSED]
+                for cell in range(LOOP_CELLS):
+                    totals[cell] += cells[cell]
+        live_accepted = sum(self.listener[lslot * LISTENER_CELLS + CONNECTIONS + row *
+                                          LISTENER_SLOTS * LISTENER_CELLS]
+                            for row in range(used) if self.pid[row])
+        return {"received_bytes_total": totals[LOOP_RECEIVED],
+                "sent_bytes_total": totals[LOOP_SENT],
+                # A gauge: only live workers hold connections.
+                "connections_active": max(0, live_accepted - live_closed),
+                "session_duration": {"buckets": totals[LOOP_BUCKET0:],
+                                     "sum_s": totals[LOOP_DURATION_US] / 1e6}}
+
     # -- a worker (its own row only)
+
+    def loop_stats(self, row: int, index: int) -> "LoopStats":
+        """The cells of relay loop ``index`` of the worker of ``row`` (worker, at boot)."""
+        if not 0 <= index < MAX_LOOPS:
+            raise ValueError(f"relay loop {index}: at most {MAX_LOOPS} have cells")
+        self.loops_used[row] = max(self.loops_used[row], index + 1)
+        return LoopStats(self, row, index)
 
     def row_lock(self) -> threading.Lock:
         """This process's lock for the cells its threads share (fresh after fork)."""
@@ -248,10 +310,48 @@ class WorkerRows:
         self.heartbeat[row] = now
 
 
+class LoopStats:
+    """One relay loop's counters: its own cells in its worker's row (the relay's hooks).
+
+    Built by the worker, one per relay loop, and handed to that loop; only that
+    loop's thread writes its cells (no lock).  The relay adds bytes as they
+    move with ``cells[base + RECEIVED] += n`` / ``cells[base + SENT] += n``
+    (``base`` from ``base(listener_slot)``, computed once per connection) and
+    calls ``on_close`` once per connection.  Folded with the row at reap.
+    """
+
+    RECEIVED, SENT, CLOSED = LOOP_RECEIVED, LOOP_SENT, LOOP_CLOSED
+    __slots__ = ("cells", "_start")
+
+    def __init__(self, rows: WorkerRows, row: int, index: int) -> None:
+        self.cells = rows.loop
+        self._start = (row * MAX_LOOPS + index) * LISTENER_SLOTS * LOOP_CELLS
+
+    def base(self, lslot: int) -> int:
+        """Index in ``cells`` of listener slot ``lslot``'s cells for this loop."""
+        return self._start + lslot * LOOP_CELLS
+
+    def on_close(self, base: int, backend_slot: int, bytes_in: int, bytes_out: int,
+                 duration_s: float) -> None:
+        """A connection ended (every path, once): a close and its duration.
+
+        ``bytes_in``/``bytes_out`` are the client-side totals, already added as
+        they moved; kept in the signature for the access log's record.
+        """
+        cells = self.cells
+        cells[base + LOOP_CLOSED] += 1
+        cells[base + LOOP_DURATION_US] += max(0, int(duration_s * 1e6))
+        bucket = 0
+        while duration_s > SESSION_BUCKETS_S[bucket]:
+            bucket += 1
+        cells[base + LOOP_BUCKET0 + bucket] += 1
+
+
 def listener_cells(rows: WorkerRows, row: int, lslot: int) -> int:
     """Index of the first counter cell of listener slot ``lslot`` in ``row``."""
     return (row * LISTENER_SLOTS + lslot) * LISTENER_CELLS
 
 
-__all__: Iterable[str] = ["WorkerRows", "rows_for", "listener_cells", "LISTENER_SLOTS",
+__all__: Iterable[str] = ["WorkerRows", "LoopStats", "rows_for", "listener_cells",
+                          "LISTENER_SLOTS", "SESSION_BUCKETS_S", "RELAY_HOOKS",
                           "CONNECTIONS", "FAILOVERS"]

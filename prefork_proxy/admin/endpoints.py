@@ -22,7 +22,12 @@ import json
 import time
 from typing import Any, Dict, Iterator, Optional
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 
@@ -32,7 +37,7 @@ from prefork_proxy.admin.exposition import metrics_handler
 from prefork_proxy.admin.httphead import Request
 from prefork_proxy.admin.page import StatusPage
 from prefork_proxy.admin.server import Handler, Response
-from prefork_proxy.rows import WorkerRows
+from prefork_proxy.rows import SESSION_BUCKETS_S, WorkerRows
 
 #: The master loop turns at least once a second; this long without a turn is not live.
 LIVE_AFTER_S = status_model.STALE_AFTER_S
@@ -69,9 +74,10 @@ class ModelCollector:
     reloads), which live as long as the master.  A scrape may be up to a
     second behind the rows; it is never ahead of them and never backwards.
 
-    Families no cell is written for yet are left out: per listener
-    connections_active, received/sent bytes, session_duration_seconds (the
-    relay's hooks, to come), and backend_connect_duration_seconds.
+    Per listener connections_active, received/sent bytes and
+    session_duration_seconds come from ``rows.LoopStats`` and are left out
+    until the relay calls it (``rows.RELAY_HOOKS``);
+    backend_connect_duration_seconds is not measured yet.
     """
 
     def __init__(self, page: StatusPage) -> None:
@@ -131,14 +137,43 @@ def _listener_families(listeners: Dict[str, Dict[str, int]]) -> Iterator[Metric]
     rejected = CounterMetricFamily("prefork_proxy_rejected_connections",
                                    "Client connections refused before any backend, by reason.",
                                    labels=["listener", "reason"])
+    # Written by the relay's hooks (rows.LoopStats); absent from the model until it calls them.
+    active = GaugeMetricFamily("prefork_proxy_connections_active",
+                               "Client connections open now.", labels=["listener"])
+    received = CounterMetricFamily("prefork_proxy_received_bytes",
+                                   "Bytes received from clients, counted as they move.",
+                                   labels=["listener"])
+    sent = CounterMetricFamily("prefork_proxy_sent_bytes",
+                               "Bytes sent to clients, counted as they move.",
+                               labels=["listener"])
+    sessions = HistogramMetricFamily("prefork_proxy_session_duration_seconds",
+                                     "Client connections by duration, observed at close.",
+                                     labels=["listener"])
+    hooked = False
     for label, counts in listeners.items():
         connections.add_metric([label], counts.get("connections_total", 0))
         failovers.add_metric([label], counts.get("failovers_total", 0))
         for reason, count in (counts.get("rejected_total") or {}).items():
             rejected.add_metric([label, reason], count)
+        if "received_bytes_total" in counts:
+            hooked = True
+            active.add_metric([label], counts["connections_active"])
+            received.add_metric([label], counts["received_bytes_total"])
+            sent.add_metric([label], counts["sent_bytes_total"])
+            histogram = counts["session_duration"]
+            cumulative, buckets = 0, []
+            for bound, count in zip(SESSION_BUCKETS_S, histogram["buckets"]):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            sessions.add_metric([label], buckets, histogram["sum_s"])
     yield connections
     yield failovers
     yield rejected
+    if hooked:
+        yield active
+        yield received
+        yield sent
+        yield sessions
 
 
 def _backend_families(backends: Dict[str, Dict[str, Any]]) -> Iterator[Metric]:
