@@ -174,7 +174,9 @@ def test_health_checks_send_expect_and_status_shows_every_backend(
                                  pidfile], capture_output=True, text=True, timeout=30)
         rows = {line.split()[1]: line for line in result.stdout.splitlines()
                 if line.startswith("127.0.0.1:0 ")}
-        return rows if len(rows) == 3 and "ago, failed" in rows.get(dead, "") else None
+        # Both checked at least once (their probes finish in any order).
+        return rows if len(rows) == 3 and "ago, failed" in rows.get(dead, "") \
+            and "ago, ok" in rows.get(good.address, "") else None
 
     rows = wait_for(status, timeout=15, message="backend rows in prefork-proxy status")
     assert " up " in rows[good.address] and "ago, ok" in rows[good.address]
