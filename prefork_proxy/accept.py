@@ -28,6 +28,18 @@ anyway with ``EMFILE``/``ENFILE``, the listener stays readable, and retrying
 at once would burn a core.  The worker stops watching its listeners for
 ``ACCEPT_PAUSE_S`` instead.
 
+Principle (a full listener waits in the kernel queue): a listener with
+``max_connections`` is full when its shared count (``limits.ConnectionLimits``,
+all workers together) has reached it.  The policy then stops watching that
+listener alone for ``FULL_PAUSE_S`` and looks again, so its clients wait in
+the kernel's queue and are taken as slots free, while the other listeners go
+on.  The count moves when a client's pipeline takes its slot (on its relay
+thread, after this batch), so the check adds the clients this batch took:
+conservative within a worker.  Two workers can still both see the last free
+slot; the pipeline's ``acquire`` stays the exact bound (±0), and the loser of
+that race is refused (503) as before.  A listener without the key pays one
+truthiness test of a local per client.
+
 Counting: each accepted client adds one to its listener's ``CONNECTIONS``
 cell in the worker's row, and the worker's open connections are published in
 the row's ``active`` cell (what the siblings compare).
@@ -44,6 +56,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from prefork_proxy.balancer import Balancer
 from prefork_proxy.config import ListenerConfig
 from prefork_proxy.gate import Gate
+from prefork_proxy.limits import ConnectionLimits
 from prefork_proxy.relay import RelayLoop, SocketOptions, StreamSocket, apply_options
 from prefork_proxy.rows import CONNECTIONS, WorkerRows, listener_cells
 
@@ -59,6 +72,8 @@ SIBLINGS_REFRESH_S = 0.1
 DEFER_S = 0.002
 #: How long accepting pauses after running out of file descriptors.
 ACCEPT_PAUSE_S = 0.1
+#: How long a listener at its ``max_connections`` is left alone before looking again.
+FULL_PAUSE_S = 0.01
 
 _SOCK_STREAM = int(socket.SOCK_STREAM)
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -68,10 +83,11 @@ class Entry:
     """One listener as the accept path needs it: precomputed once at boot."""
 
     __slots__ = ("listener", "sock", "balancer", "family", "options", "timeout_s", "cell",
-                 "gate")
+                 "gate", "limit", "counts", "scope")
 
     def __init__(self, listener: ListenerConfig, sock: socket.socket, balancer: Balancer,
-                 options: SocketOptions, cell: int, gate: Optional[Gate] = None) -> None:
+                 options: SocketOptions, cell: int, gate: Optional[Gate] = None,
+                 limits: Optional[ConnectionLimits] = None, scope: int = 0) -> None:
         self.listener, self.sock, self.balancer = listener, sock, balancer
         # The pre-connect phase (``gate``); None: none configured, and the accept
         # path pays one ``is None`` test per client for it.
@@ -80,6 +96,10 @@ class Entry:
         self.options = options  # set on its clients and their backend sockets (keepalive)
         self.timeout_s = listener.connect_timeout_ms / 1000.0
         self.cell = cell + CONNECTIONS  # its connections counter in the worker's row
+        # ``max_connections`` (0: none, or no shared limits) and where its shared count is.
+        self.limit = listener.max_connections if limits is not None else 0
+        self.counts = limits.scope_count if limits is not None else None
+        self.scope = scope
 
 
 class AcceptPolicy:
@@ -99,17 +119,22 @@ class AcceptPolicy:
     @staticmethod
     def entry(rows: WorkerRows, row: int, lslot: int, listener: ListenerConfig,
               sock: socket.socket, balancer: Balancer, options: SocketOptions,
-              gate: Optional[Gate] = None) -> Entry:
-        return Entry(listener, sock, balancer, options, listener_cells(rows, row, lslot), gate)
+              gate: Optional[Gate] = None,
+              limits: Optional[ConnectionLimits] = None) -> Entry:
+        return Entry(listener, sock, balancer, options, listener_cells(rows, row, lslot), gate,
+                     limits if gate is not None else None, lslot)
 
     # -- the first relay loop's thread (``relay.Acceptor``)
 
     def listening_sockets(self) -> List[socket.socket]:
         return [entry.sock for entry in self.entries]
 
-    def accept_ready(self, sock: socket.socket, force: bool) -> Optional[Tuple[float, bool]]:
+    def accept_ready(self, sock: socket.socket,
+                     force: bool) -> Optional[Tuple[float, bool, bool]]:
         """A listener is readable: accept a batch; say how long to pause, if at all."""
         outcome = self.accept_batch(self.by_fd[sock.fileno()], balance=True, force_first=force)
+        if outcome is FULL:
+            return FULL_PAUSE_S, False, True  # this listener only
         if outcome is PAUSE:
             return ACCEPT_PAUSE_S, False
         if outcome is DEFER:
@@ -129,7 +154,8 @@ class AcceptPolicy:
         """Accept what is queued, up to a batch.
 
         Returns ``QUEUE_EMPTY``, ``BATCH_DONE`` when the batch ran out first
-        (epoll reports the rest), ``PAUSE`` to stop accepting for a while, or
+        (epoll reports the rest), ``PAUSE`` to stop accepting for a while,
+        ``FULL`` when this listener is at its ``max_connections``, or
         (only when ``balance`` is asked for) ``DEFER`` to leave the queue to a
         lighter sibling for a moment.  ``force_first`` takes the first client
         without looking at the balance (the sibling had its chance).
@@ -138,6 +164,8 @@ class AcceptPolicy:
         rows, row, loops = self.rows, self.row, self.loops
         counts, cell, published = rows.listener, entry.cell, rows.active
         siblings: List[int] = []
+        limit, shared, scope = entry.limit, entry.counts, entry.scope
+        taken = 0  # clients of this batch: their slots are taken after it
         if balance:
             now = time.monotonic()
             if now >= self.siblings_due:
@@ -165,6 +193,8 @@ class AcceptPolicy:
                                 self.max_connections)
                 return PAUSE
             self.at_limit = False
+            if limit and shared[scope] + taken >= limit:  # type: ignore[index]
+                return FULL
             try:
                 # ``_accept`` (what ``socket.accept`` wraps) returns the bare
                 # descriptor: building the socket object ourselves, with the
@@ -202,6 +232,7 @@ class AcceptPolicy:
             else:
                 self._submit_gated(least, client, address, entry, gate, peer)
             force_first = False
+            taken += 1
         return BATCH_DONE
 
 
@@ -235,5 +266,6 @@ class Outcome:
         return self.name
 
 
-QUEUE_EMPTY, BATCH_DONE, PAUSE, DEFER = (Outcome("queue empty"), Outcome("batch done"),
-                                         Outcome("pause"), Outcome("defer"))
+QUEUE_EMPTY, BATCH_DONE, PAUSE, DEFER, FULL = (
+    Outcome("queue empty"), Outcome("batch done"), Outcome("pause"), Outcome("defer"),
+    Outcome("listener full"))

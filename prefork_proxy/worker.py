@@ -153,7 +153,8 @@ class Worker:
                 raise ProxyError(f"listener {lst.label}: its admission keys need the relay's "
                                  "pre-connect phase, which this build lacks")
             entries.append(AcceptPolicy.entry(rows, row, lslot, lst, sock, balancer,
-                                              self._socket_options(lst), gate))
+                                              self._socket_options(lst), gate,
+                                              self.limits))
         acceptor = self.acceptor = AcceptPolicy(self.slot, rows, row, entries, self.loops)
         threads = self.config.server.relay_threads
         # The worker's buffer budget is split evenly: each loop owns its share,

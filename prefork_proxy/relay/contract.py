@@ -89,12 +89,15 @@ class Acceptor(Protocol):
         """The listeners to watch; asked once, when the loop starts."""
 
     def accept_ready(self, sock: socket.socket,
-                     force: bool) -> Optional[Tuple[float, bool]]:
+                     force: bool) -> Optional[Tuple[Any, ...]]:
         """Accept what ``sock`` has queued, handing clients to loops with ``submit``.
 
         Runs on the loop's thread.  Returns None to keep watching, or
         ``(pause_s, force_next)`` to stop watching the listeners for
-        ``pause_s`` and then, if ``force_next``, pass ``force=True`` once.
+        ``pause_s`` and then, if ``force_next``, pass ``force=True`` once;
+        ``(pause_s, False, True)`` stops watching ``sock`` alone for ``pause_s``
+        (a listener at its ``max_connections``: its clients wait in the kernel
+        queue while the other listeners go on).
         """
 
 

@@ -132,7 +132,10 @@ class ListenerWatch:
         self._acceptor = acceptor
         self.sockets: Dict[int, socket.socket] = {}  # listener fd -> socket
         self._listening = False
-        self.resume_at = 0.0  # a pause ends then (0.0: none)
+        self.resume_at = 0.0  # the earliest pause (all or one listener) ends then (0.0: none)
+        self._all_resume_at = 0.0  # a pause of every listener ends then (0.0: none)
+        # Listeners paused on their own (a full ``max_connections``): fd -> resume time.
+        self._held: Dict[int, float] = {}
         self._force_next = False  # after a deferral: take one client regardless
         self.stop_requested = False
         self.stopped = threading.Event()
@@ -143,10 +146,16 @@ class ListenerWatch:
         self._listen(True)
 
     def _listen(self, on: bool) -> None:
-        """Put the listeners into epoll, or take them out (a pause, or for good)."""
+        """Put the listeners into epoll, or take them out (a pause, or for good).
+
+        A listener held on its own stays out either way until its own pause ends.
+        """
         if on == self._listening:
             return
+        held = self._held
         for fd in self.sockets:
+            if fd in held:
+                continue
             if on:
                 self._epoll.register(fd, _IN)
             else:
@@ -156,6 +165,9 @@ class ListenerWatch:
     def on_ready(self, sock: socket.socket) -> None:
         if not self._listening:
             return  # taken out of epoll earlier in this batch
+        fd = sock.fileno()
+        if fd in self._held:
+            return  # held on its own earlier in this batch
         force, self._force_next = self._force_next, False
         try:
             pause = self._acceptor.accept_ready(sock, force)
@@ -163,20 +175,39 @@ class ListenerWatch:
             log.exception("accepting on %s failed; pausing accept", sock)
             pause = (ACCEPT_ERROR_PAUSE_S, False)
         if pause is not None:
-            pause_s, self._force_next = pause
-            self.resume_at = time.monotonic() + pause_s
-            self._listen(False)
+            until = time.monotonic() + pause[0]
+            if len(pause) > 2 and pause[2]:  # type: ignore[misc]
+                # This listener only (it is full); the others go on accepting.
+                self._held[fd] = until
+                self._epoll.unregister(fd)
+            else:
+                self._force_next = pause[1]
+                self._all_resume_at = until
+                self._listen(False)
+            self.resume_at = min(until, self.resume_at or until)
 
     def review(self) -> None:
         """After each batch: end a pause that is over, or stop accepting when asked."""
         if self.stop_requested:
             if not self.stopped.is_set():
                 self._listen(False)
-                self.resume_at = 0.0
+                self.resume_at = self._all_resume_at = 0.0
                 self.stopped.set()
-        elif self.resume_at and time.monotonic() >= self.resume_at:
-            self.resume_at = 0.0
+            return
+        now = time.monotonic()
+        if not self.resume_at or now < self.resume_at:
+            return
+        held = self._held
+        for fd, until in list(held.items()):
+            if now >= until:
+                del held[fd]
+                if self._listening:
+                    self._epoll.register(fd, _IN)
+        if self._all_resume_at and now >= self._all_resume_at:
+            self._all_resume_at = 0.0
             self._listen(True)
+        pending = list(held.values()) + ([self._all_resume_at] if self._all_resume_at else [])
+        self.resume_at = min(pending) if pending else 0.0
 
 
 class RelayLoop:
