@@ -664,7 +664,8 @@ LISTENER = Table(ListenerConfig, [
     Key("deny", Cidrs(), "these client addresses are refused (checked before allow)",
         default_doc="none"),
     Key("max_connections", Int(0, MAX_LIMIT, note="0: off"), "open connections of this "
-        "listener, all workers together; above it, refused (status 503)"),
+        "listener, all workers together; above it the listener stops accepting and clients "
+        "wait in the kernel queue"),
     Key("max_connections_per_source", Int(0, MAX_LIMIT, note="0: off"), "open connections "
         "per client address, all workers together; above it, refused (status 503)"),
     Key("max_new_connections_per_source", Int(0, MAX_LIMIT, note="0: off"), "new "
