@@ -68,7 +68,6 @@ from prefork_proxy.balancer import backend_name
 from prefork_proxy.config import HealthCheck, ListenerConfig
 from prefork_proxy.proctitle import set_title
 from prefork_proxy.shared import ADMIN_DRAIN, ADMIN_READY, BackendTable, PoolEntry, SharedState
-from prefork_proxy.signals import ignore_in_child
 
 log = logging.getLogger("prefork_proxy.health")
 
@@ -78,7 +77,6 @@ RESTART_DELAY_S = 1.0
 MAX_RESTART_DELAY_S = 30.0
 #: The health-check process's longest sleep: it checks on its master this often.
 MAX_WAIT_S = 0.5
-PR_SET_PDEATHSIG = 1
 #: Wait before starting another resolver thread after one died.
 RESOLVER_RESTART_S = 1.0
 #: The environment variable of the test hook (see ``fake_getaddrinfo``).
@@ -274,21 +272,12 @@ class _CheckerProcess:
         self._resolver.start()
 
     def _detach_from_master(self) -> None:
-        """Undo what fork copied from the master: its signal handlers, its listeners."""
-        signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
-        for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
-            signal.signal(signum, signal.SIG_IGN)
-        ignore_in_child()
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass  # the getppid() check in the loop covers it
+        """Undo what fork copied from the master: its signal handlers, its listeners
+        (``hygiene``; the master's death is also seen by the loop's ``getppid`` check)."""
         # A listening socket held here would outlive its removal by a reload.
-        hygiene.after_fork(keep=())
+        hygiene.detach_from_master(
+            keep=(), ignore=hygiene.CHILD_IGNORED + (signal.SIGUSR1,),
+            default=(signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD))
 
     # -- the loop
 

@@ -63,15 +63,8 @@ def _ignored_signals() -> tuple:
     return tuple(found)
 
 
-#: Logged and ignored by the master, ignored silently by its children.
+#: Logged and ignored by the master, ignored silently by its children (``hygiene``).
 IGNORED_SIGNALS = _ignored_signals()
-
-
-def ignore_in_child() -> None:
-    """In a child of the master (worker, health process), right after fork: the
-    meaningless signals and SIGUSR2 (the master's upgrade) are ignored silently."""
-    for signum in IGNORED_SIGNALS + (signal.SIGUSR2,):
-        signal.signal(signum, signal.SIG_IGN)
 
 
 def signal_name(signum: int) -> str:

@@ -37,7 +37,6 @@ signals, heartbeat, stop.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import os
@@ -60,7 +59,7 @@ from prefork_proxy.proctitle import set_title
 from prefork_proxy.relay import RelayLoop, SocketOptions, keepalive_options
 from prefork_proxy.rows import WorkerRows
 from prefork_proxy.shared import SharedState
-from prefork_proxy.signals import SignalQueue, ignore_in_child
+from prefork_proxy.signals import SignalQueue
 
 log = logging.getLogger("prefork_proxy.worker")
 
@@ -73,7 +72,6 @@ EXIT_RELAY_DIED = 4
 TEST_CRASH_ENV = "PREFORK_PROXY_TEST_CRASH_RELAY"
 #: How often the worker stamps its heartbeat and checks that its master is alive.
 HEARTBEAT_S = 0.5
-PR_SET_PDEATHSIG = 1
 #: Allocations between two young-generation collections (CPython's default is 700).
 GC_FIRST_THRESHOLD = 10_000
 #: File descriptors kept free for pipes, logs and the like when sizing max_connections.
@@ -131,17 +129,15 @@ class Worker:
     def _boot(self, signal_mask: Set[int], inherited_fds: Iterable[int]) -> SignalQueue:
         set_title(f"prefork-proxy: worker {self.slot} gen {self.generation}")
         faults.trip("worker.boot")
-        for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
-            signal.signal(signum, signal.SIG_IGN)  # the master's business, not ours
-        ignore_in_child()  # SIGUSR2 and the meaningless ones
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # Exactly this worker's listeners stay open: not the master's wake-up
+        # pipe, nor a listener a reload removed (see ``hygiene``).  Reload,
+        # scaling and upgrade signals are the master's business, not ours, and
+        # the meaningless ones are ignored.
+        hygiene.detach_from_master(keep={sock.fileno() for _, sock in self.listeners},
+                                   close=inherited_fds, default=(signal.SIGCHLD,),
+                                   master_pid=self.master_pid)
         signals = self.signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
                                               signal.SIGUSR1))
-        # Exactly this worker's listeners stay open: not the master's wake-up
-        # pipe, nor a listener a reload removed (see ``hygiene``).
-        hygiene.after_fork(keep={sock.fileno() for _, sock in self.listeners},
-                           close=inherited_fds)
-        self._ask_for_parent_death_signal()
         rows, row = self.board, self.row
         entries = []
         for index, (lst, sock) in enumerate(self.listeners):
@@ -227,16 +223,6 @@ class Worker:
         gc.freeze()
         _, second, third = gc.get_threshold()
         gc.set_threshold(GC_FIRST_THRESHOLD, second, third)
-
-    def _ask_for_parent_death_signal(self) -> None:
-        """Have the kernel send SIGTERM when the master dies (Linux; polling covers the rest)."""
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-        if os.getppid() != self.master_pid:  # it died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
 
     def _connection_budget(self) -> int:
         """How many connections fit in the open-file limit, two descriptors each."""

@@ -12,11 +12,11 @@ no blocking but the bounded ``stop``):
   it at the master's exit, after the workers, so ``/live`` answers until then;
 - ``beat``/``set_stopping``/``publish`` write the shared ``StatusPage``.
 
-Workers never hold the admin port: ``hygiene.after_fork`` in every child
-closes each inherited listening socket that is not its own.
+Workers never hold the admin port: ``hygiene.detach_from_master`` in every
+child closes each inherited listening socket that is not its own.
 
-Admin process side (``_child``): fork hygiene (its own signal handlers,
-``hygiene.after_fork`` keeping only the admin socket, ``PR_SET_PDEATHSIG``), then one
+Admin process side (``_child``): fork hygiene (``hygiene.detach_from_master``
+keeping only the admin socket, then its own signal handlers), then one
 ``AdminServer`` thread serving ``endpoints.build_routes``, while the main
 thread waits for SIGTERM or its master's death.  It never touches a relay
 thread (those live in the workers) and writes no shared memory.
@@ -24,7 +24,6 @@ thread (those live in the workers) and writes no shared memory.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import logging
@@ -55,7 +54,6 @@ STOP_GRACE_S = 1.0
 #: The admin process's main thread checks on its master this often.
 PARENT_POLL_S = 0.5
 BACKLOG = 128
-PR_SET_PDEATHSIG = 1
 _CHILD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
                   signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD)
 
@@ -244,20 +242,16 @@ def _child(sock: socket.socket, page: StatusPage, board: WorkerRows, master_pid:
     from prefork_proxy.admin.server import AdminServer
 
     stop = threading.Event()
-    signal.set_wakeup_fd(-1)
+    # The master's wake-up pipe and proxy listeners go (this process serves none);
+    # a master that died before PR_SET_PDEATHSIG took effect is seen by the
+    # getppid() check below.
+    hygiene.detach_from_master(keep={sock.fileno()},
+                               ignore=hygiene.MASTER_SIGNALS + (signal.SIGUSR1,),
+                               default=(signal.SIGCHLD,))
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(signum, lambda *_: stop.set())
-    for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_IGN)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
     set_title("prefork-proxy: admin")
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # the getppid() check below covers it
-    # The master's wake-up pipe and proxy listeners go (this process serves none).
-    hygiene.after_fork(keep={sock.fileno()})
     server = AdminServer(sock, build_routes(page, board, master_pid))
     server.start(warn_exposed=False)  # the master warned once, at bind
     while not stop.is_set() and os.getppid() == master_pid:
