@@ -1,8 +1,9 @@
 """Client address rules (``allow``/``deny``): CIDRs compiled once, one lookup per connection.
 
-Who owns what: ``compile_acl`` runs once per config (the master when it loads
-or reloads a config, so a worker inherits the compiled object through fork);
-``Acl.admits`` runs on a worker's relay thread for every accepted connection,
+Who owns what: ``compile_acl`` runs once per listener and config, in each
+worker at boot (``admission.compile_pipeline``, called by
+``gate.listener_gate``); ``Acl.check``/``Acl.admits`` run on a worker's relay
+thread (the admission step's) for every accepted connection,
 with the client address as the socket (or an accepted PROXY header) gives it:
 a ``str``.  ``cidr_errors`` is for config validation: it returns one clear
 message per bad entry and raises nothing.

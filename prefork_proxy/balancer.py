@@ -1,7 +1,9 @@
 """Choosing the backends to try for each new connection, and hearing how each try went.
 
-A ``Balancer`` per listener lives in every worker.  The accepting relay loop calls
-``targets(client_address)`` for each client; the relay thread that owns the
+A ``Balancer`` per listener lives in every worker.  ``targets(client_address)``
+is called once per client: by the accepting relay loop (``accept``), or, for a
+listener with a pre-connect phase, by ``gate.Gate.choose`` on the client's
+relay thread once admission accepts it; the relay thread that owns the
 connection then draws from the iterator one backend per connect attempt, so
 everything here runs on relay threads and never blocks: the addresses of
 hostnames come resolved from shared memory (see ``health``), and nothing here

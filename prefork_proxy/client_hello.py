@@ -4,8 +4,10 @@ A pure function over the bytes received so far, for routing TLS by server name
 without terminating it (nginx ``ssl_preread``, HAProxy ``req.ssl_sni``, Envoy's
 ``tls_inspector``).  It holds no state, opens nothing and imports only the
 standard library, so any thread of any process may call it; the connection
-that owns the bytes (a future pre-connect phase in a worker's relay thread)
-calls it again each time more bytes arrive, and forwards every byte it read to
+that owns the bytes (the SNI step of the pre-connect phase,
+``admission.steps.SniStep``, on a worker's relay thread; not compiled into any
+listener's pipeline until routes are served) calls it again each time more
+bytes arrive, and forwards every byte it read to
 the chosen backend unchanged.
 
 ``read_client_hello(data)`` answers one of three ways:

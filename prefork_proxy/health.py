@@ -3,9 +3,9 @@
 The master owns a ``HealthChecker`` (a handle; no thread, no blocking): it
 forks the health-check process when the config needs one (a listener with a
 ``health_check`` table, or a backend given by hostname), restarts it when it
-dies or when a reload changed the config, stops it when the master stops, and
-frees the connection-count rows of dead workers.  The master calls ``tick``
-from its loop at least once a second.
+dies or when a reload changed the config, and stops it when the master stops.
+The master calls ``tick`` from its loop at least once a second.  (Dead
+workers' rows are the master's business, folded at reap: see ``rows``.)
 
 The health-check process (``prefork-proxy: health``) is the one writer of:
 

@@ -2,11 +2,11 @@
 
 Who owns what.  The master creates one ``ConnectionLimits`` before the first
 fork (one anonymous shared ``mmap``, fixed in size, inherited by every
-child), calls ``release_process(pid)`` as it reaps a worker (where
-``master.reap`` releases its scoreboard row) and ``sweep`` periodically (where
-``BackendTable.sweep_rows`` runs today); workers' relay threads call
-``acquire`` when a connection is accepted (after the ACL) and ``release``
-exactly once when it ends; anyone may read ``connections``/``at_capacity``
+child; ``gate.connection_limits``), calls ``release_process(pid)`` as it reaps
+a worker and ``sweep`` from its loop about once a second (rows of processes
+that died unseen by reap); workers' relay threads call ``acquire`` when a
+connection is admitted (``admission.steps.SourceLimitStep``, after the ACL)
+and ``release`` exactly once when it ends; anyone may read ``connections``/``at_capacity``
 without a lock (one aligned read; the accept loop can use it to stop
 accepting when a listener is full and leave clients in the kernel queue).
 

@@ -1,7 +1,10 @@
 """Listening sockets: binding them, and holding them for the master's whole life.
 
 Owned by the master.  It binds every listener *before* forking; workers inherit
-the file descriptors and accept from them, but never own them.
+the file descriptors and accept from them, but never own them.  Elsewhere:
+``listener_key`` (the one listener identity) is also used by ``shared`` in the
+master, and a worker whose master died calls ``stop_new_handshakes`` on its
+main thread.
 
 Principle: a listening socket has one accept queue, and closing the last
 descriptor of it resets every connection still waiting in that queue.  The

@@ -1,7 +1,7 @@
 """A listener's pre-connect pipeline, and the per-connection state that runs it.
 
 Who owns what.  ``compile_pipeline`` (or ``Pipeline(steps)``) runs once per
-listener and config, in the master, so workers inherit it through fork; it
+listener and config, in each worker at boot (``gate.listener_gate``); it
 returns None for a listener with no admission keys, and the relay then pays
 one ``is None`` test per accepted connection.  A ``Pipeline`` is immutable and
 shared by every relay thread of a worker.  ``Pipeline.open`` makes one

@@ -1,8 +1,8 @@
 """The steps of the pre-connect phase: PROXY header, access rules, limits, SNI routing.
 
 Who owns what.  A step is compiled once per listener and config (by
-``pipeline.compile_pipeline``, in the master, inherited through fork) and is
-immutable: every relay thread of a worker shares it without a lock.  All the
+``pipeline.compile_pipeline``, in each worker at boot) and is immutable:
+every relay thread of a worker shares it without a lock.  All the
 per-connection state lives on the ``pipeline.Admission`` the step is handed;
 a step reads and writes that state and answers, on the relay thread, without
 ever blocking (no system call here beyond the limits' record lock, held for a

@@ -1,9 +1,9 @@
 """Moving bytes between two sockets: the package that owns the relay.
 
 Each worker runs a few ``RelayLoop`` threads; each loop owns an epoll instance
-and every connection handed to it, from the backend connect until both sockets
+and every connection handed to it, from ``submit`` until both sockets
 are closed.  One loop per worker also watches the listeners and lets its
-``Acceptor`` (the worker) accept, which hands each client to a loop with
+``Acceptor`` (the worker's ``accept.AcceptPolicy``) accept, which hands each client to a loop with
 ``submit``; after that only the loop's thread touches the connection, so
 connections need no locks.  This module knows sockets and addresses, nothing
 of the config or of processes: it imports only the standard library,

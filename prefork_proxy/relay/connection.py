@@ -3,8 +3,8 @@
 Owns no behaviour: the fields every phase reads and writes (sockets, their
 epoll masks, the targets left to try, the armed deadline, the two
 directions, and ``handler``: who hears the next readiness event).  Made by
-``RelayLoop._take_inbox`` and touched only by that loop's thread, from the
-first connect attempt until both sockets are closed.
+``RelayLoop._take_inbox`` and touched only by that loop's thread, from its
+admission (if any) or first connect attempt until both sockets are closed.
 """
 
 from __future__ import annotations

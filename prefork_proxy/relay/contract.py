@@ -10,8 +10,8 @@ balancer import these and never the loop's internals:
 - ``Acceptor``: what the loop that watches the listeners needs from its worker.
 - ``Admission``, ``Chooser``, ``OutcomeHook``: the pre-connect phase's hooks
   (one admission object per client, given to ``RelayLoop.submit`` by the
-  worker from its listener's pipeline; see /work/briefs/admission-contract.md
-  and prefork_proxy/admission/pipeline.py, which the relay never imports).
+  worker from its listener's pipeline; see prefork_proxy/admission/pipeline.py,
+  which the relay never imports, and ``gate``, which builds them).
 
 The balancer builds ``Target``s on a relay thread (drawn lazily while the loop
 connects) and hears their reports on that same thread; the worker's

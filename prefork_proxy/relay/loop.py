@@ -3,8 +3,8 @@
 Owns the epoll instance, the map from file descriptor to connection (each
 connection's ``handler`` hears its events: the connect phase's, then the relay
 phase's), the cross-thread inbox and its wake pipe, closing sockets only after
-a batch (``_to_close``), the one ``TimerHeap`` of the loop (connect deadlines
-and pauses now; pre-connect and idle timeouts later), the watch on the
+a batch (``_to_close``), the one ``TimerHeap`` of the loop (admission and
+connect deadlines and pauses now; idle timeouts later), the watch on the
 listeners for the loop that accepts (``ListenerWatch``), and the relay phase
 of a connection (``_on_event``, interest masks, ``_close``).  The worker
 creates and starts it; ``submit``, ``stop_accepting`` and ``stop`` may be
