@@ -2,9 +2,10 @@
 
 Owns ``detach_from_master``, the one call each child makes first (a worker in
 ``Worker._boot``, the health-check process in ``_CheckerProcess.run``, the
-admin process in ``admin.process._child``), on its main thread, while the
-signals the master blocked across ``fork`` are still blocked: the master's
-wake-up fd and signal dispositions go (``ignore``/``default``), the kernel is
+admin process in ``admin.process._child``), on its main thread (a worker and
+the admin process are forked with the master's signals blocked, and still
+have them blocked here; the health process is forked with none blocked): the
+master's wake-up fd and signal dispositions go (``ignore``/``default``), the kernel is
 asked for SIGTERM when the master dies (``die_with_parent``:
 ``PR_SET_PDEATHSIG``), and the master's descriptors are closed
 (``after_fork``).  The child then installs its own handlers and restores its
