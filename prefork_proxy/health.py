@@ -62,7 +62,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from prefork_proxy import faults, hygiene, logsetup
+from prefork_proxy import children, faults, hygiene, logsetup
 from prefork_proxy.admission.send_proxy import health_check_header
 from prefork_proxy.balancer import backend_name
 from prefork_proxy.config import HealthCheck, ListenerConfig
@@ -126,22 +126,7 @@ class HealthChecker:
         if not self.pid:
             return
         pid, self.pid = self.pid, 0
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 1.0
-        while True:
-            try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:  # already reaped by the master's reap()
-                return
-            if done:
-                return
-            if time.monotonic() >= deadline:
-                os.kill(pid, signal.SIGKILL)
-                deadline = float("inf")
-            time.sleep(0.01)  # a child's exit has nothing to wait on here but polling
+        children.stop(pid, 1.0)
 
     def _alive(self) -> bool:
         try:

@@ -74,6 +74,7 @@ from typing import Callable, Dict, List, Optional
 
 from prefork_proxy import (
     backend_control,
+    children,
     control,
     faults,
     handover,
@@ -860,15 +861,7 @@ class Master:
         for pid in list(self.workers):
             self._kill(pid, signum)
 
-    @staticmethod
-    def _kill(pid: int, signum: int) -> None:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-        except OSError as exc:  # pragma: no cover
-            if exc.errno != errno.ESRCH:
-                raise
+    _kill = staticmethod(children.kill_quietly)
 
     # -- reporting
 

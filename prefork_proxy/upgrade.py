@@ -40,7 +40,6 @@ recent old master).
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
@@ -50,7 +49,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from prefork_proxy import control, handover, hygiene, notify
+from prefork_proxy import children, control, handover, hygiene, notify
 
 log = logging.getLogger("prefork_proxy.master")
 
@@ -400,11 +399,4 @@ def _close_channel(holder: Any) -> None:
         holder.channel = None
 
 
-def _kill(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
-    except OSError as exc:  # pragma: no cover
-        if exc.errno != errno.ESRCH:
-            raise
+_kill = children.kill_quietly

@@ -34,7 +34,7 @@ import threading
 import time
 from typing import Any, Dict, Iterable, Optional
 
-from prefork_proxy import hygiene
+from prefork_proxy import children, hygiene
 from prefork_proxy.admin.page import StatusPage
 from prefork_proxy.admin.server import is_loopback
 from prefork_proxy.config import Endpoint
@@ -209,24 +209,8 @@ class AdminEndpoint:
     def stop(self) -> None:
         """End the admin process (bounded: SIGTERM, SIGKILL after ``STOP_GRACE_S``)."""
         pid, self.pid = self.pid, 0
-        if not pid:
-            return
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + STOP_GRACE_S
-        while True:
-            try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if done:
-                return
-            if time.monotonic() >= deadline:
-                os.kill(pid, signal.SIGKILL)
-                deadline = float("inf")
-            time.sleep(0.01)  # a child's exit has nothing to wait on here but polling
+        if pid:
+            children.stop(pid, STOP_GRACE_S)
 
     def close(self) -> None:
         self.sock.close()
