@@ -3,9 +3,9 @@ and the server over real loopback sockets (routes, errors, hostile clients, dead
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
-import resource
 import selectors
 import socket
 import threading
@@ -245,8 +245,8 @@ def admin_factory() -> Iterator:
     """Start AdminServers on 127.0.0.1:<free port> with the given options; all stopped after."""
     started: List[AdminServer] = []
 
-    def start(**options) -> AdminServer:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    def start(listener_class: type = socket.socket, **options) -> AdminServer:
+        listener = listener_class(socket.AF_INET, socket.SOCK_STREAM)
         listener.bind(("127.0.0.1", 0))
         listener.listen(512)
         server = AdminServer(listener, ROUTES, **options)
@@ -519,18 +519,35 @@ def test_hostile_clients_do_not_delay_a_normal_scrape_or_grow_memory(admin):
     assert admin.connection_count() <= admin.max_connections
 
 
-def test_out_of_descriptors_pauses_accepts_instead_of_spinning(admin, caplog):
-    clients = [socket.socket() for _ in range(3)]  # their descriptors exist before the limit
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+class _OutOfDescriptors(socket.socket):
+    """A listener whose accept fails with EMFILE while ``failing`` is set.
+
+    The failure is injected on the admin server's own listener rather than by
+    lowering the process's open-file limit: that limit is process-wide, so in the
+    full suite other threads of the test process (log readers, pytest's own) hit it
+    too, and the test depended on what else happened to run.
+    """
+
+    failing = False
+
+    def _accept(self):  # type: ignore[override]  (what socket.accept calls)
+        if type(self).failing:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return super()._accept()
+
+
+def test_out_of_descriptors_pauses_accepts_instead_of_spinning(admin_factory, caplog):
+    admin = admin_factory(listener_class=_OutOfDescriptors)
+    clients = [socket.socket() for _ in range(3)]
     with caplog.at_level(logging.WARNING, logger="prefork_proxy.admin"):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")), hard))
+        _OutOfDescriptors.failing = True
         try:
             for sock in clients:
                 sock.connect(("127.0.0.1", _port(admin)))  # queued; accept gets EMFILE
             wait_for(lambda: admin.stats.get("accept_errors", 0) >= 1)
-            time.sleep(0.3)  # the span the limit holds: spinning would log thousands
+            time.sleep(0.3)  # the span the failure holds: spinning would log thousands
         finally:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            _OutOfDescriptors.failing = False
     errors = admin.stats["accept_errors"]
     assert 1 <= errors <= 5, errors
     assert len(caplog.records) == errors
