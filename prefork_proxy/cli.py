@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--workers", "-w", type=int, metavar="N",
                        help="worker processes (default: [server] workers, else CPU count)")
     start.add_argument("--threads", type=_threads_argument, metavar="N|auto",
-                       help="relay threads per worker (default auto: CPUs / workers)")
+                       help="relay threads per worker (default auto: 1 under a GIL)")
     start.add_argument("--relay", choices=RELAY_MODES, help="how bytes move (default auto)")
     start.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 
 import pytest
 
@@ -72,14 +73,24 @@ expect = "+PONG"
     assert inline.listeners[0].health_check == config.HealthCheck(interval_ms=3000)
 
 
-def test_auto_threads_share_the_cpus_among_the_workers():
+def test_auto_threads_is_one_per_worker_under_a_gil():
+    # Pure: two busy relay threads in one interpreter trade the GIL on every
+    # system call (issue 15), so "auto" is one thread unless there is no GIL.
+    assert config.auto_relay_threads(cpus=2, workers=1, gil=True) == 1
+    assert config.auto_relay_threads(cpus=64, workers=1, gil=True) == 1
+    assert config.auto_relay_threads(cpus=8, workers=2, gil=False) == 4
+    assert config.auto_relay_threads(cpus=2, workers=8, gil=False) == 1  # never fewer than one
+    assert config.auto_relay_threads(cpus=2, workers=0, gil=False) == 2
+
+
+def test_auto_threads_as_configured():
     def threads(server: str) -> int:
         text = server + '[[tcp_proxy]]\nbind = "127.0.0.1:1"\nbackends = ["a:2"]\n'
         return config.load_text(text).server.relay_threads
 
     cpus = config.usable_cpus()
-    assert threads('[server]\nworkers = 1\nthreads = "auto"\n') == cpus
-    assert threads(f"[server]\nworkers = {cpus}\n") == 1
+    gil = getattr(sys, "_is_gil_enabled", lambda: True)()
+    assert threads('[server]\nworkers = 1\nthreads = "auto"\n') == (1 if gil else cpus)
     assert threads(f"[server]\nworkers = {cpus * 4}\n") == 1  # never fewer than one
     assert threads("[server]\nworkers = 1\nthreads = 3\n") == 3  # an explicit count wins
 
@@ -87,7 +98,8 @@ def test_auto_threads_share_the_cpus_among_the_workers():
 def test_defaults_without_server_section():
     loaded = config.load_text('[[tcp_proxy]]\nbind = "127.0.0.1:1"\nbackends = ["a:2"]\n')
     assert loaded.server.workers >= 1 and loaded.server.threads is None  # "auto"
-    assert loaded.server.relay_threads == max(1, config.usable_cpus() // loaded.server.workers)
+    assert loaded.server.relay_threads == config.auto_relay_threads(
+        config.usable_cpus(), loaded.server.workers, config.gil_enabled())
     assert loaded.server.relay == "auto" and loaded.server.drain_timeout_s == 30.0
 
 
