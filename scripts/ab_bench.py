@@ -13,6 +13,9 @@ Two steps (see scripts/BENCH.md, "A/B of two commits"):
   REV (or a copy of DIR, without .git/.venv) into ``ROOT/NAME-src``, a fresh
   ``ROOT/NAME-venv`` and a plain (non-editable) ``pip install`` of the copy.
   The copy keeps pip's build files out of the source tree.
+* ``variants --variant NAME=SPEC ...``: one install, several config variants
+  of its listener, interleaved the same way (bench_lib/variant_run.py): the
+  side-by-side cost of a feature (issues 11, 12, 13, 15).
 * ``run``: N rounds (default 5). In each round, for each peer of [old, new,
   haproxy] in an order rotated by one from round to round: start the proxy in
   front of the one redis-server (prefork-proxy at its defaults with
@@ -32,6 +35,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -44,8 +48,9 @@ from pathlib import Path
 sys.dont_write_bytecode = True  # keep scripts/bench_lib free of __pycache__
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_lib import growth, procfs, procs, workloads  # noqa: E402
+from bench_lib import growth, procfs, procs, variant_run, workloads  # noqa: E402
 from bench_lib.peers import PeerOptions, haproxy_argv, prefork_argv  # noqa: E402
+from bench_lib.variants import VariantError, parse_variant  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = Path("/tmp/ab")
@@ -381,7 +386,49 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="stop starting new peers after this long (default 60)")
     r.add_argument("--out", type=Path, help="output dir (default bench-results/ab-<timestamp>)")
     r.add_argument("--keep-temp", action="store_true", help="keep the logs' temp dir")
+    v = sub.add_parser("variants", parents=[common], help="config variants of one install, "
+                       "interleaved (the first variant is the reference)")
+    v.add_argument("--variant", action="append", required=True, metavar="NAME=SPEC",
+                   help="NAME= (base config), NAME=SECTION.KEY=VALUE,... or NAME=@FILE.toml; "
+                        "PORT, BACKEND, RUNDIR are replaced (scripts/BENCH.md)")
+    v.add_argument("--exe", type=Path, help="the prefork-proxy executable "
+                   "(default ROOT/new-venv/bin/prefork-proxy)")
+    v.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    v.add_argument("-n", type=int, dest="n", help="requests of BOTH redis-benchmark runs")
+    v.add_argument("--keepalive-n", type=int, default=100_000, help="-k 1 -n (default 100000)")
+    v.add_argument("--newconn-n", type=int, default=20_000, help="-k 0 -n (default 20000)")
+    v.add_argument("--clients", type=int, default=50, help="redis-benchmark -c (default 50)")
+    v.add_argument("--test", default="ping_mbulk", help="redis-benchmark -t (default ping_mbulk)")
+    v.add_argument("--workloads", type=lambda s: [w.strip() for w in s.split(",") if w.strip()],
+                   default=["keepalive", "newconn"],
+                   help="comma-separated, from keepalive,newconn,idle (default keepalive,newconn)")
+    v.add_argument("--idle-conns", type=int, default=5000,
+                   help="idle workload: connections held (default 5000)")
+    v.add_argument("--chain", action="store_true", help="HAProxy front and back around "
+                   "prefork-proxy (PROXY headers where the variant needs them)")
+    v.add_argument("--tls", action="store_true", help="TLS-only redis backend, TLS clients")
+    v.add_argument("--sni", default="bench.test", help="the server name (default bench.test)")
+    v.add_argument("--scrape-interval", type=float, default=1.0,
+                   help="GET /metrics this often where [admin] bind is set (0: off; default 1)")
+    v.add_argument("--workers", type=int, default=2, help="[server] workers (default 2)")
+    v.add_argument("--max-minutes", type=float, default=60,
+                   help="stop starting new blocks after this long (default 60)")
+    v.add_argument("--out", type=Path,
+                   help="output dir (default bench-results/variants-<timestamp>)")
+    v.add_argument("--keep-temp", action="store_true", help="keep configs and logs")
     args = p.parse_args(argv)
+    if args.command == "variants":
+        if args.n is not None:
+            args.keepalive_n = args.newconn_n = args.n
+        bad = [w for w in args.workloads if w not in variant_run.WORKLOADS]
+        if bad or not args.workloads:
+            p.error(f"--workloads: unknown {bad}; choose from {variant_run.WORKLOADS}")
+        if not (1 <= args.rounds <= 50 and 1 <= args.keepalive_n <= 2_000_000
+                and 1 <= args.newconn_n <= 200_000 and 1 <= args.clients <= 1000
+                and 1 <= args.idle_conns <= 9000 and 1 <= args.workers <= 16
+                and args.scrape_interval >= 0):
+            p.error("bounds: 1 ≤ rounds ≤ 50, requests ≤ 2,000,000 (-k 1) / 200,000 (-k 0), "
+                    "clients ≤ 1000, idle conns ≤ 9000, workers ≤ 16")
     if args.command == "run":
         if args.n is not None:
             args.keepalive_n = args.newconn_n = args.n
@@ -392,9 +439,38 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def variants(args: argparse.Namespace) -> int:
+    """Config variants of ONE install side by side (bench_lib/variant_run.py)."""
+    # Absolute: each instance runs in its own directory.
+    exe = (args.exe or args.root / "new-venv" / "bin" / "prefork-proxy").absolute()
+    if not (exe.is_file() and os.access(exe, os.X_OK)):
+        log(f"{exe} is not an executable; run `{Path(__file__).name} install new ...` first "
+            "or pass --exe (scripts/BENCH.md)")
+        return 2
+    try:
+        specs = [parse_variant(spec) for spec in args.variant]
+    except VariantError as exc:
+        log(str(exc))
+        return 2
+    if len({v.name for v in specs}) != len(specs):
+        log("--variant: every NAME must be different")
+        return 2
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the idle workload's sockets
+    log(f"prefork-proxy: {exe} = {_source_of(exe)}")
+    opts = variant_run.Options(
+        exe=[str(exe)], variants=specs, rounds=args.rounds, keepalive_n=args.keepalive_n,
+        newconn_n=args.newconn_n, clients=args.clients, test=args.test,
+        workloads=tuple(args.workloads), idle_conns=args.idle_conns, chain=args.chain,
+        tls=args.tls, sni=args.sni, scrape_interval=args.scrape_interval,
+        workers=args.workers, max_minutes=args.max_minutes, out=args.out,
+        keep_temp=args.keep_temp, env=_clean_env(), log=log)
+    return variant_run.run(opts)
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    return install(args) if args.command == "install" else run(args)
+    return {"install": install, "run": run, "variants": variants}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import re
 import socket
 import subprocess
 import time
+from typing import Sequence
 
 from . import procfs
 
@@ -53,10 +54,13 @@ def _run_json(argv: list[str], timeout: float) -> dict:
 
 
 def run_redis_benchmark(port: int, clients: int, requests: int, keepalive: bool,
-                        test: str, timeout: float) -> dict:
-    """redis-benchmark PING: req/s and latency percentiles (ms) from its CSV."""
+                        test: str, timeout: float, extra: Sequence[str] = ()) -> dict:
+    """redis-benchmark PING: req/s and latency percentiles (ms) from its CSV.
+
+    ``extra``: more redis-benchmark options (e.g. ``--tls --sni NAME --insecure``).
+    """
     argv = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", str(clients),
-            "-n", str(requests), "-t", test, "--csv"]
+            "-n", str(requests), "-t", test, "--csv", *extra]
     if not keepalive:
         argv[1:1] = ["-k", "0"]
     started = time.monotonic()

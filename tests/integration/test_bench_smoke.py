@@ -8,6 +8,7 @@ readers, then its parsers and report writers on fixed samples.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +132,110 @@ def test_ab_bench_rotation_summary_and_table():
     text = ab_bench.table(samples, {"date": "x"}, ["a note"])
     assert "| newconn | PING_MBULK | req/s | 100 (90–110, n=3) | 105 (99–120, n=3) |" in text
     assert "1.050 [0.900–1.333]" in text and "- a note" in text
+
+
+def test_variant_specs_merge_into_a_config_prefork_proxy_reads(tmp_path):
+    """scripts/bench_lib/variants.py: the spec forms, the tokens, the TOML it writes."""
+    from bench_lib import variants as V
+
+    from prefork_proxy import config as proxy_config
+
+    assert V.split_top_level('a=1,b=["x,y"],c={d = "1,2"}') == ['a=1', 'b=["x,y"]',
+                                                                  'c={d = "1,2"}']
+    assert V.parse_value("v2") == "v2" and V.parse_value("50") == 50
+    assert V.parse_value('["127.0.0.0/8"]') == ["127.0.0.0/8"]
+    assert V.parse_variant("plain=").fragment == {}
+    adm = V.parse_variant('adm=tcp_proxy.accept_proxy=v2,listener.send_proxy=v2,'
+                          'tcp_proxy.allow=["127.0.0.0/8"],tcp_proxy.max_connections_per_source=99,'
+                          'admin.bind=127.0.0.1:PORT')
+    assert adm.fragment == {"tcp_proxy": {"accept_proxy": "v2", "send_proxy": "v2",
+                                          "allow": ["127.0.0.0/8"],
+                                          "max_connections_per_source": 99},
+                            "admin": {"bind": "127.0.0.1:PORT"}}
+    fragment = tmp_path / "obs.toml"
+    fragment.write_text('[admin]\nbind = "127.0.0.1:PORT"\n[tcp_proxy]\nname = "RUNDIR"\n')
+    assert V.parse_variant(f"obs=@{fragment}").fragment == {
+        "admin": {"bind": "127.0.0.1:PORT"}, "tcp_proxy": {"name": "RUNDIR"}}
+    for bad in ("=x", "noequals", "x=bogus.key=1", "x=server=1", f"x=@{tmp_path}/missing"):
+        with pytest.raises(V.VariantError):
+            V.parse_variant(bad)
+    doc = V.merged(V.base_document(7001, 7002, 2), adm,
+                   {"PORT": "7003", "BACKEND": "127.0.0.1:7002", "RUNDIR": str(tmp_path)})
+    text = V.to_toml(doc)
+    loaded = proxy_config.load_text(text)  # the proxy's own validation accepts it
+    [listener] = loaded.listeners
+    assert listener.accept_proxy == "v2" and listener.max_connections_per_source == 99
+    assert str(loaded.admin.bind).endswith("7003")
+    assert V.chain_options(doc["tcp_proxy"][0]) == ("v2", True)
+    assert V.chain_options({"accept_proxy": "v1", "backends": [{"send_proxy": "v1"}]}) == (
+        "v1", True)
+    assert V.chain_options(V.base_document(1, 2, 2)["tcp_proxy"][0]) == (None, False)
+    front, back = V.haproxy_chain_configs(1, 2, 3, 4, "v2", True)
+    assert "server prefork 127.0.0.1:2 send-proxy-v2" in front
+    assert "bind 127.0.0.1:3 accept-proxy" in back and "server backend 127.0.0.1:4" in back
+    plain_front, plain_back = V.haproxy_chain_configs(1, 2, 3, 4, None, False)
+    assert "send-proxy" not in plain_front and "accept-proxy" not in plain_back
+
+
+def test_variant_summary_ratios_and_table():
+    from bench_lib import variants as V
+
+    samples = [{"round": r + 1, "variant": name, "workload": "newconn", "metric": "rps",
+                "value": value}
+               for name, values in (("plain", [100.0, 110.0, 90.0]), ("obs", [95.0, 99.0, 99.0]))
+               for r, value in enumerate(values)]
+    [row] = V.summary(samples, ["plain", "obs"])
+    assert row["variants"]["plain"] == {"median": 100.0, "min": 90.0, "max": 110.0, "n": 3}
+    assert row["variants"]["obs"]["ratio"] == pytest.approx(0.99)
+    assert row["variants"]["obs"]["ratio_per_round"] == pytest.approx([0.9, 1.1])
+    text = V.table(samples, ["plain", "obs"], {"date": "x"}, ["a note"],
+                   [V.parse_variant("plain="), V.parse_variant("obs=admin.bind=127.0.0.1:PORT")])
+    assert "| newconn | req/s | 100 (90–110, n=3) | 99 (95–99, n=3) | 0.990 [0.900–1.100] |" \
+        in text
+    assert "- a note" in text and "`admin.bind=127.0.0.1:PORT`" in text
+    assert V.rotated(["a", "b", "c"], 2) == ["b", "c", "a"]
+
+
+@pytest.mark.timeout(120)
+def test_variants_run_idle_workload_with_a_scraped_admin_variant(tmp_path):
+    """variant_run.run end to end on the hold backend (no redis needed): two variants
+    of one build, 1 round, 50 idle connections each, the admin one scraped."""
+    from bench_lib import variant_run
+    from bench_lib.variants import parse_variant
+
+    out = tmp_path / "out"
+    opts = variant_run.Options(
+        exe=[sys.executable, "-m", "prefork_proxy"],
+        variants=[parse_variant("plain="), parse_variant("admin=admin.bind=127.0.0.1:PORT")],
+        rounds=1, workloads=("idle",), idle_conns=50, scrape_interval=0.2, out=out,
+        log=lambda msg: None)
+    assert variant_run.run(opts) == 0
+    result = json.loads((out / "variants.json").read_text())
+    idle = {s["variant"]: s["value"] for s in result["samples"] if s["metric"] == "kib_per_conn"}
+    assert set(idle) == {"plain", "admin"}, result["notes"]
+    [seen] = [r for r in result["runs"] if r["workload"] == "idle" and r["variant"] == "admin"]
+    assert seen["scrape"]["scrapes"] >= 1 and seen["scrape"]["failures"] == 0, seen
+    assert seen["scrape"]["bytes"] > 0
+    assert "| idle | PSS KiB/idle conn |" in (out / "variants.md").read_text()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not (shutil.which("redis-server") and shutil.which("redis-benchmark")),
+                    reason="redis-server / redis-benchmark not installed (scripts/install-peers)")
+def test_variants_run_redis_workloads_with_cpu_per_request(tmp_path):
+    from bench_lib import variant_run
+    from bench_lib.variants import parse_variant
+
+    out = tmp_path / "out"
+    opts = variant_run.Options(
+        exe=[sys.executable, "-m", "prefork_proxy"],
+        variants=[parse_variant("plain="), parse_variant("named=tcp_proxy.name=bench")],
+        rounds=1, keepalive_n=300, newconn_n=200, clients=5, scrape_interval=0, out=out,
+        log=lambda msg: None)
+    assert variant_run.run(opts) == 0
+    result = json.loads((out / "variants.json").read_text())
+    got = {(s["variant"], s["workload"], s["metric"]) for s in result["samples"]}
+    for name in ("plain", "named"):
+        for workload in ("keepalive", "newconn"):
+            assert {(name, workload, m) for m in ("rps", "worker_cpu_us", "tree_cpu_us")} <= got, \
+                result["notes"]
