@@ -71,9 +71,11 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+from prefork_proxy.backend_queue import BackendQueue
 from prefork_proxy.config import Backend, ListenerConfig
+from prefork_proxy.limits import ConnectionLimits
 from prefork_proxy.relay import CONNECTED, FAILED, RELEASED, Target
-from prefork_proxy.rows import FAILOVERS, WorkerRows, listener_cells
+from prefork_proxy.rows import FAILOVERS, LISTENER_SLOTS, WorkerRows, listener_cells
 from prefork_proxy.shared import BackendTable, PoolEntry, RoundRobinCounter, SharedState
 
 log = logging.getLogger("prefork_proxy.balancer")
@@ -90,6 +92,9 @@ _GOLDEN = (math.sqrt(5) - 1) / 2
 #: While no backend has an address yet, a waiting connection looks again this often.
 #: Pauses end on multiples of it, so every waiting connection of a loop wakes in one batch.
 RESOLVE_WAIT_S = 0.02
+#: Scopes of the shared ``limits.ConnectionLimits`` below this are listeners'; backend
+#: address slot ``s`` is scope ``BACKEND_SCOPE_BASE + s`` (its ``max_connections``).
+BACKEND_SCOPE_BASE = LISTENER_SLOTS
 #: At most one "waited for DNS in vain" warning per listener and worker this often.
 WAIT_WARNING_INTERVAL_S = 5.0
 
@@ -299,8 +304,18 @@ class Balancer:
     """The backend choice of one listener in one worker; its state lives in shared memory."""
 
     def __init__(self, listener: ListenerConfig, shared: SharedState, index: int,
-                 row: int = 0) -> None:
+                 row: int = 0, limits: Optional[ConnectionLimits] = None) -> None:
         self.listener = listener
+        # Backends' ``max_connections``: the shared slots (None: no backend sets it, and
+        # no pick pays anything for it) and this worker's queue of clients waiting.
+        self.limits = limits if listener.has_backend_limits else None
+        self.queue: Optional[BackendQueue] = None
+        if listener.has_backend_limits:
+            if limits is None:
+                raise ValueError(f"listener {listener.label}: backends' max_connections "
+                                 "need the shared connection limits")
+            self.queue = BackendQueue(listener.label, listener.queue_timeout_ms / 1000.0,
+                                      self._slot_free)
         self.table: BackendTable = shared.table
         self.rows = shared.rows
         # This worker's cells: backend slot ``s`` is ``_active[_base + s]``.
@@ -333,7 +348,7 @@ class Balancer:
         ``client`` is the accepted address (``source_hash`` hashes its IP).  The
         connect budget starts now, when the client is accepted.
         """
-        if self.budget_s is None:
+        if self.budget_s is None and self.limits is None:
             members = self.members()
             if len(members) == 1 and members[0].target is not None:
                 # One backend: whatever its health, it is the one and only try
@@ -465,32 +480,80 @@ class Balancer:
         attempts = len(members) if self.listener.retries is None \
             else min(len(members), 1 + self.listener.retries)
         deadline = started + self.budget_s if self.budget_s is not None else None
-        tried = 0
-        for member in self._ordered(host, time.monotonic()):
-            if tried >= attempts:
-                return
-            timeout = self.timeout_s
-            if deadline is not None:
-                timeout = min(timeout, deadline - time.monotonic())
-                if timeout <= 0.001:
-                    log.warning("connect budget of %d ms spent for client %s",
-                                self.listener.connect_budget_ms, host or "?")
+        limits = self.limits
+        counts = limits.scope_count if limits is not None else None
+        queue_deadline = 0.0
+        while True:
+            tried = 0
+            full = False  # a backend was skipped at its max_connections
+            for member in self._ordered(host, time.monotonic()):
+                if tried >= attempts:
                     return
-            target = member.target
-            if target is None:  # a hostname with no address yet: the next backend
-                continue
-            tried += 1
-            cell = self._base + member.slot
-            with self._lock:
-                self._active[cell] += 1
-                self._acquired[cell] += 1
-                if tried > 1:
-                    self.rows.listener[self._failovers] += 1
-            if deadline is None:
-                yield target  # no budget: the connection's own timeout applies as it is
-            else:
-                yield Target(target.family, target.sockaddr, target.name, timeout,
-                             target.report)
+                timeout = self.timeout_s
+                if deadline is not None:
+                    timeout = min(timeout, deadline - time.monotonic())
+                    if timeout <= 0.001:
+                        log.warning("connect budget of %d ms spent for client %s",
+                                    self.listener.connect_budget_ms, host or "?")
+                        return
+                target = member.target
+                if target is None:  # a hostname with no address yet: the next backend
+                    continue
+                token = -1
+                if limits is not None:
+                    cap = member.backend.max_connections
+                    if cap:
+                        # A lock-free look first (a full backend costs no lock), then
+                        # the exact acquire (+-0 across workers).
+                        scope = BACKEND_SCOPE_BASE + member.slot
+                        if counts[scope] >= cap:  # type: ignore[index]
+                            full = True
+                            continue
+                        token = limits.acquire(scope, "", cap)
+                        if token < 0:
+                            full = True
+                            continue
+                tried += 1
+                cell = self._base + member.slot
+                with self._lock:
+                    self._active[cell] += 1
+                    self._acquired[cell] += 1
+                    if tried > 1:
+                        self.rows.listener[self._failovers] += 1
+                if token >= 0:  # its own report: the slot is given back at its end
+                    yield Target(target.family, target.sockaddr, target.name,
+                                 None if deadline is None else timeout,
+                                 functools.partial(self._report, member.slot, member.name,
+                                                   token=token))
+                elif deadline is None:
+                    yield target  # no budget: the connection's own timeout applies as it is
+                else:
+                    yield Target(target.family, target.sockaddr, target.name, timeout,
+                                 target.report)
+            if not full or self.queue is None:
+                return
+            # Every backend left to try is at its max: wait in this worker's queue
+            # (the relay refuses at once when queue_timeout_ms is 0), then look again.
+            now = time.monotonic()
+            if not queue_deadline:
+                queue_deadline = now + self.queue.timeout_s
+            yield self.queue.target(queue_deadline - now)
+            if self.budget_s is not None:  # the connect budget starts again once woken
+                deadline = time.monotonic() + self.budget_s
+
+    def _slot_free(self) -> bool:
+        """Whether an address of a capped backend has a free slot (``BackendQueue.poll``).
+
+        A few aligned reads of the shared counts, no lock: a hint, the acquire decides.
+        """
+        counts = self.limits.scope_count  # type: ignore[union-attr]
+        admin = self.table.admin_raw
+        for member in self.members():
+            cap = member.backend.max_connections
+            if cap and member.target is not None and not admin[member.slot] \
+                    and counts[BACKEND_SCOPE_BASE + member.slot] < cap:
+                return True
+        return False
 
     def _warn_unresolved(self, host: str, waited_s: float) -> None:
         now = time.monotonic()
@@ -502,8 +565,14 @@ class Balancer:
                     ", ".join(str(e.backend.address) for e in self.entries), host or "?",
                     waited_s * 1000)
 
-    def _report(self, slot: int, name: str, outcome: str, reason: str) -> None:
-        """How an attempt went (called by the relay thread through ``Target.report``)."""
+    def _report(self, slot: int, name: str, outcome: str, reason: str,
+                token: int = -1) -> None:
+        """How an attempt went (called by the relay thread through ``Target.report``).
+
+        ``token``: the backend slot this attempt holds (its ``max_connections``),
+        given back at its end (FAILED or RELEASED come exactly once per attempt),
+        which wakes the first client waiting in this worker's queue.
+        """
         table = self.table
         if outcome == CONNECTED:
             if table.record_success(slot):
@@ -511,6 +580,9 @@ class Balancer:
             return
         with self._lock:
             self._active[self._base + slot] -= 1
+        if token >= 0:
+            self.limits.release(token)  # type: ignore[union-attr]
+            self.queue.slot_freed()  # type: ignore[union-attr]
         if outcome == FAILED:
             fall = self.listener.fall
             fails, newly_down = table.record_failure(slot, fall, self.fail_timeout_s,
@@ -613,5 +685,5 @@ def _rendezvous_score(client: bytes, member: Member) -> float:
     return -member.weight / math.log(u)
 
 
-__all__ = ["Balancer", "Member", "Pool", "RotationSchedule", "backend_name",
+__all__ = ["BACKEND_SCOPE_BASE", "Balancer", "Member", "Pool", "RotationSchedule", "backend_name",
            "smooth_weighted_order", "smooth_weighted_schedule"]

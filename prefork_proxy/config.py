@@ -155,6 +155,9 @@ class Backend:
     backup: bool = False
     #: "v1"/"v2": a PROXY header before the first byte (None: the listener's ``send_proxy``).
     send_proxy: Optional[str] = None
+    #: Open connections to each of its addresses, all workers together (0: off); a backend
+    #: at it is skipped (``balancer``), and with every one full clients queue or get 503.
+    max_connections: int = 0
 
 
 @dataclass(frozen=True)
@@ -228,6 +231,8 @@ class ListenerConfig:
     max_connections: int = 0  # 0: off
     max_connections_per_source: int = 0
     max_new_connections_per_source: int = 0
+    #: With backends' ``max_connections``: how long a client waits for a slot (0: 503 at once).
+    queue_timeout_ms: int = 0
     sni_timeout_ms: int = DEFAULT_SNI_TIMEOUT_MS
     routes: Tuple[RouteConfig, ...] = ()  # SNI routes, matched before the listener's backends
 
@@ -236,6 +241,11 @@ class ListenerConfig:
         """Whether any connection limit is set (the master then sizes ``ConnectionLimits``)."""
         return bool(self.max_connections or self.max_connections_per_source
                     or self.max_new_connections_per_source)
+
+    @property
+    def has_backend_limits(self) -> bool:
+        """Whether a backend sets ``max_connections`` (the balancer then counts its slots)."""
+        return any(b.max_connections for b in self.backends)
 
     def backend_send_proxy(self, backend: Backend) -> Optional[str]:
         """The PROXY header version ``backend`` gets (its own key, else the listener's)."""
@@ -575,6 +585,9 @@ BACKEND = Table(Backend, [
     Key("send_proxy", OneOf(SEND_PROXY_VERSIONS), "a PROXY header of this version before "
         "the first byte to this backend (and health checks send LOCAL/UNKNOWN first)",
         default_doc="the listener's send_proxy"),
+    Key("max_connections", Int(0, MAX_LIMIT, note="0: off"), "open connections to each "
+        "of its addresses, all workers together; one at it is skipped by every balance "
+        "mode (see queue_timeout_ms)"),
 ], expected='"host:port" or an inline table', inline=True, shorthand="address")
 BACKEND_LIST = Array(BACKEND, "backends", 'a non-empty list of "host:port" strings or '
                      '{ address = "host:port", weight = N } tables')
@@ -683,6 +696,9 @@ LISTENER = Table(ListenerConfig, [
         "per client address, all workers together; above it, refused (status 503)"),
     Key("max_new_connections_per_source", Int(0, MAX_LIMIT, note="0: off"), "new "
         "connections per client address per second, all workers together"),
+    Key("queue_timeout_ms", Int(0, MAX_MS, MS), "when every backend is at its "
+        "max_connections: a client waits this long for a slot (FIFO per worker, its bytes "
+        "unread), then is refused (status 503, term sQ); 0: refused at once"),
     Key("sni_timeout_ms", Int(1, MAX_MS, MS), "with routes: the TLS ClientHello within "
         "this of accept"),
     Key("routes", Routes(), "SNI routes "

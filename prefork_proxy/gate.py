@@ -32,11 +32,10 @@ import logging
 from typing import Dict, Iterator, Optional, Tuple
 
 from prefork_proxy.admission import Accept, Admission, Pipeline, compile_pipeline, proxy_header
-from prefork_proxy.balancer import Balancer
-from prefork_proxy.config import Config, ListenerConfig
+from prefork_proxy.balancer import BACKEND_SCOPE_BASE, Balancer
+from prefork_proxy.config import MAX_BACKEND_ADDRESSES, Config, ListenerConfig
 from prefork_proxy.limits import LEDGER_PER_ROW, ConnectionLimits
 from prefork_proxy.relay import RelayLoop, Target
-from prefork_proxy.rows import LISTENER_SLOTS
 
 log = logging.getLogger("prefork_proxy.gate")
 
@@ -71,10 +70,17 @@ def sources_for(config: Config) -> int:
 
 
 def connection_limits(config: Config) -> Optional[ConnectionLimits]:
-    """Master, before fork: the shared limits for ``config``, or None if no listener limits."""
-    if not any(listener.has_limits for listener in config.listeners):
+    """Master, before fork: the shared limits for ``config``, or None if nothing is limited.
+
+    Scopes: one per listener slot, then one per backend address slot
+    (``balancer.BACKEND_SCOPE_BASE + slot``, for backends' ``max_connections``),
+    so a reload that adds a backend limit later finds its scopes already there.
+    """
+    if not any(listener.has_limits or listener.has_backend_limits
+               for listener in config.listeners):
         return None
-    return ConnectionLimits(sources=sources_for(config), scopes=LISTENER_SLOTS,
+    return ConnectionLimits(sources=sources_for(config),
+                            scopes=BACKEND_SCOPE_BASE + MAX_BACKEND_ADDRESSES,
                             ledger=LEDGER_PER_ROW)
 
 

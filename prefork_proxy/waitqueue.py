@@ -10,7 +10,8 @@ A waiter that lost the freed slot to another process goes back to the head
 with ``push_front``, so the order holds.  See docs/admission-queue.md for the
 rest of the design (nothing is read from a waiting client; remote releases).
 
-Not wired to the relay yet.  Pure bookkeeping: no sockets, no clock.
+Used by ``backend_queue.BackendQueue`` (one per listener with a capped
+backend, per worker).  Pure bookkeeping: no sockets, no clock.
 """
 
 from __future__ import annotations

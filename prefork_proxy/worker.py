@@ -142,7 +142,7 @@ class Worker:
         entries = []
         for index, (lst, sock) in enumerate(self.listeners):
             lslot = self.shared.listener_slot(index)
-            balancer = Balancer(lst, self.shared, index, row)
+            balancer = Balancer(lst, self.shared, index, row, self.limits)
             # Compiled once per listener; None (no admission key): the seed's accept path.
             gate = listener_gate(lst, balancer, self.limits, lslot)
             if gate is not None and not relay_supports_admission():

@@ -27,6 +27,13 @@ status  term    abort  when
 503     ``RR``  RST    a resource of the proxy ran out: the shared per-source
                        table or this worker's ledger is full
 500     ``IR``  RST    an unexpected error in a step (logged with a traceback)
+503     ``sQ``  RST    no backend slot: every backend is at its
+                       ``max_connections`` and the client waited
+                       ``queue_timeout_ms`` in the queue (``queue_timeout``),
+                       or it is 0 (``backend_max_connections``), or the
+                       queue is full (``queue_full``); HAProxy's 's' (server
+                       side) and 'Q' (queue phase).  Told by the relay's
+                       connect phase (``backend_queue``), not the pipeline
 ======  ======  =====  ======================================================
 
 ``abort`` says how the relay closes: with ``SO_LINGER {1, 0}`` (an RST, so a
@@ -58,6 +65,7 @@ TERMS = {
     "PR": ("refused by the proxy (a rule or a limit) in the request phase", True),
     "RR": ("a proxy resource ran out in the request phase", True),
     "IR": ("internal error in the request phase", True),
+    "sQ": ("no backend slot free: refused in the queue phase", True),
 }
 
 #: Reasons of a PROXY header refusal: the parser's own, prefixed.
@@ -72,8 +80,14 @@ SNI_REASONS = frozenset({
 })
 ACCESS_REASONS = frozenset({acl.DENIED, acl.NOT_ALLOWED, acl.BAD_ADDRESS})
 LIMIT_REASONS = frozenset(limits.REASONS.values())
+#: Reasons of a refusal for want of a backend slot (``backend_queue``), term ``QUEUE_TERM``.
+QUEUE_TIMEOUT, BACKENDS_FULL, QUEUE_FULL = "queue_timeout", "backend_max_connections", \
+    "queue_full"
+QUEUE_TERM = "sQ"
+QUEUE_REASONS = frozenset({QUEUE_TIMEOUT, BACKENDS_FULL, QUEUE_FULL})
 #: Every ``Reject.reason``.
-REASONS = PROXY_REASONS | SNI_REASONS | ACCESS_REASONS | LIMIT_REASONS | {"internal_error"}
+REASONS = PROXY_REASONS | SNI_REASONS | ACCESS_REASONS | LIMIT_REASONS | QUEUE_REASONS | \
+    {"internal_error"}
 
 #: ``Accept.client_address``/``destination``: ``(ip, port)`` for TCP, else the socket's
 #: own value (a unix path, ``""`` for an unnamed unix peer) or None.

@@ -17,6 +17,9 @@ Modules (each says what it owns and which thread calls it):
 - ``admit``: ``Admitter``: the pre-connect phase (feeding a connection's
   admission object, its deadline, reject or accept -> ``choose`` -> connect).
 - ``connect``: ``Connector``: non-blocking connect, failover, deadlines.
+- ``queued``: ``Queuer``: a connection waiting in a backend queue (a target
+  with ``queue``: every backend at its ``max_connections``), woken by
+  ``RelayLoop.resume``, refused at its deadline.
 - ``direction``: ``Direction.pump``, the fast path; ``choose_mode``.
 - ``buffers``: ``PipePool``, ``BufferPool`` and the loop's budget.
 - ``connection``: ``Connection``, the record every phase shares.

@@ -86,6 +86,9 @@ class Connector:
             self._loop._close(conn)
             return
         if target.sockaddr is None:  # a pause (see Target): ask again after it
+            if target.queue is not None:  # every backend full: wait for a slot
+                self._loop._queuer.wait(conn, target)
+                return
             self._timers.arm(conn, time.monotonic() + (target.timeout_s or 0.0),
                              self.on_timer)
             return

@@ -9,7 +9,7 @@ admission (if any) or first connect attempt until both sockets are closed.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from .contract import Admission, Chooser, SocketOptions, StreamSocket, Target
 from .direction import Direction
@@ -30,13 +30,14 @@ class Connection:
     ``admit``): it is "accepted, admitting" until the verdict, then connects.
     ``targets`` is dropped once connected: the balancer's generators behind
     it are only needed to fail over, and an idle connection should hold as
-    little as possible.
+    little as possible.  ``waiting`` is set while it waits in a backend queue
+    for a slot (``queued.Waiting``).
     """
 
     __slots__ = ("client", "backend", "client_fd", "backend_fd", "targets", "target",
                  "timeout_s", "deadline", "upstream", "downstream", "client_mask",
                  "backend_mask", "peer", "closed", "options", "handler", "admission",
-                 "choose", "prefix")
+                 "choose", "prefix", "waiting")
 
     def __init__(self, client: StreamSocket, targets: Optional[Iterator[Target]],
                  timeout_s: float, peer: str, options: SocketOptions = (),
@@ -62,3 +63,4 @@ class Connection:
         self.admission = admission
         self.choose = choose  # dropped once it has chosen the targets
         self.prefix = b""  # the verdict's forward_prefix: the backend gets it first
+        self.waiting: Optional[Any] = None  # its place in a backend queue (``queued``)

@@ -61,11 +61,16 @@ class Target:
     backend, so it stays right across failover); sent once connected, ahead
     of an admission verdict's ``forward_prefix``.
 
+    ``queue`` (set only on a target with no ``sockaddr``): not a pause but
+    "every backend is full: wait in this queue for at most ``timeout_s``"
+    (``queued.Queuer``; the object is a ``backend_queue.BackendQueue``, which
+    the relay only calls: push/push_front/cancel/poll and its refusals).
+
     Immutable by convention; a plain slotted class rather than a dataclass
     because one is made per connection and held for its whole life.
     """
 
-    __slots__ = ("family", "sockaddr", "name", "timeout_s", "report", "send_prefix")
+    __slots__ = ("family", "sockaddr", "name", "timeout_s", "report", "send_prefix", "queue")
 
     def __init__(self, family: int, sockaddr: Optional[tuple], name: str,
                  timeout_s: Optional[float] = None,
@@ -77,6 +82,7 @@ class Target:
         self.timeout_s = timeout_s
         self.report = report
         self.send_prefix = send_prefix
+        self.queue: Any = None
 
     def __repr__(self) -> str:
         return f"Target({self.name!r}, {self.sockaddr!r}, timeout_s={self.timeout_s!r})"

@@ -45,6 +45,7 @@ from .contract import (
     Target,
 )
 from .direction import DONE, WANT_READ, WANT_WRITE, Direction
+from .queued import Queuer
 
 log = logging.getLogger("prefork_proxy.relay")
 
@@ -270,6 +271,10 @@ class RelayLoop:
         self._watch = ListenerWatch(self._epoll, acceptor) if acceptor is not None else None
         self._connector = Connector(self)
         self._admitter = Admitter(self)
+        self._queuer = Queuer(self)
+        # Connections woken in a backend queue (``resume``, any thread), taken in by
+        # the loop after each batch.
+        self._resumed: Deque[Connection] = collections.deque()
         self._on_outcome = on_outcome  # hears each connection refused by its admission
         self._relay_handler = self._on_event  # bound once, shared by every connection
         # Two counters, each with one writer, so no lock is needed: ``submitted``
@@ -317,6 +322,15 @@ class RelayLoop:
             self._wake_pending = True
             self._wake()
 
+    def resume(self, conn: Connection) -> None:
+        """A backend slot freed for ``conn``, waiting in a queue: the loop takes it back.
+
+        Any thread (whoever freed the slot); the loop picks it up after its batch.
+        """
+        self._resumed.append(conn)
+        if threading.get_ident() != self._thread_id:
+            self._wake()
+
     def stop_accepting(self, timeout_s: float = 1.0) -> bool:
         """Stop taking clients from the listeners; True once the loop has confirmed it.
 
@@ -358,6 +372,7 @@ class RelayLoop:
         wake_fd = self._wake_r
         to_close = self._to_close
         timers = self._timers.heap  # emptied and compacted in place, never replaced
+        resumed = self._resumed
         watch = self._watch
         listeners = watch.sockets if watch is not None else {}
         self._thread_id = threading.get_ident()
@@ -367,8 +382,9 @@ class RelayLoop:
             while not (self._stopping and (not self._connections and not self._inbox
                                            or time.monotonic() >= self._drain_deadline)):
                 woken = False
-                if timers or self._stopping or (watch is not None and watch.resume_at):
-                    timeout = self._poll_timeout()
+                if timers or self._stopping or (watch is not None and watch.resume_at) \
+                        or resumed:
+                    timeout = 0.0 if resumed else self._poll_timeout()
                 else:
                     timeout = IDLE_POLL_S
                 for fd, events in poll(timeout):
@@ -393,6 +409,9 @@ class RelayLoop:
                     watch.review()
                 if timers:
                     self._timers.expire(time.monotonic(), self._guarded)
+                while resumed:  # only when a backend queue woke one of ours
+                    conn = resumed.popleft()
+                    self._guarded(conn, self._queuer.resumed, conn)
                 while to_close:
                     to_close.pop().close()
                 self.last_tick = time.monotonic()

@@ -1,0 +1,219 @@
+"""Issue 12: backends' ``max_connections`` and the queue of ``queue_timeout_ms``.
+
+Real proxy, real echo backends on loopback that record their concurrency.  A
+backend at its max is skipped by every balance mode, exactly across workers;
+when all are full a client waits (its bytes unread) in its worker's FIFO and is
+admitted as a slot frees, or refused (RST, logged 503 sQ) at the deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import pytest
+from support import wait_for, write_config
+
+
+class CountingEcho:
+    """An echo server (a thread per connection) recording its current and peak connections."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.port = self.sock.getsockname()[1]
+        self.lock = threading.Lock()
+        self.active = self.peak = self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.accepted += 1
+                self.active += 1
+                self.peak = max(self.peak, self.active)
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    conn.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def echoes() -> Iterator[List[CountingEcho]]:
+    servers = [CountingEcho(), CountingEcho()]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def _served(sock: socket.socket, payload: bytes, timeout: float = 10.0) -> Optional[bytes]:
+    """The echo of ``payload``, or None if the proxy closed or reset the client."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while len(data) < len(payload):
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+    except ConnectionResetError:
+        return None
+    return data
+
+
+def _refused(port: int, payload: bytes) -> bool:
+    """A client the proxy refuses: an RST (it may come before ``connect`` even returns)."""
+    try:
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    except ConnectionResetError:
+        return True
+    with client:
+        try:
+            client.sendall(payload)
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        return _served(client, payload) is None
+
+
+def _config(tmp_path: Path, echoes: List[CountingEcho], caps: List[int], workers: int,
+            extra: str = "") -> Path:
+    backends = ", ".join(f'{{ address = "127.0.0.1:{e.port}", max_connections = {cap} }}'
+                         for e, cap in zip(echoes, caps))
+    return write_config(tmp_path / "p.toml", (
+        f"[server]\nworkers = {workers}\nthreads = 1\n\n[[tcp_proxy]]\n"
+        f"bind = \"127.0.0.1:0\"\nbackends = [{backends}]\n{extra}"))
+
+
+@pytest.mark.parametrize("balance", ["round_robin", "least_conn", "random_two",
+                                     "source_hash"])
+def test_a_backend_at_its_max_is_skipped_exactly_across_workers(echoes, proxy_factory,
+                                                                tmp_path: Path, balance: str):
+    """Caps 3 and 4 over 2 workers: 7 clients are served (3 + 4 exactly), the 8th is
+    refused at once (queue_timeout_ms 0), and a close lets exactly one more in."""
+    config = _config(tmp_path, echoes, [3, 4], workers=2, extra=f'balance = "{balance}"\n')
+    proxy = proxy_factory("start", "--config", str(config))
+    proxy.wait_workers(2)
+    held = []
+    for index in range(7):
+        client = socket.create_connection(("127.0.0.1", proxy.port()), timeout=10)
+        payload = b"held %d\n" % index
+        client.sendall(payload)
+        assert _served(client, payload) == payload, f"client {index} not served"
+        held.append(client)
+    assert [e.active for e in echoes] == [3, 4]
+    assert _refused(proxy.port(), b"eighth\n")
+    wait_for(lambda: "503 sQ backend_max_connections" in proxy.log, timeout=5,
+             message="the refusal logged")
+    held.pop(0).close()
+    wait_for(lambda: sum(e.active for e in echoes) == 6, timeout=5, message="a slot freed")
+    again = socket.create_connection(("127.0.0.1", proxy.port()), timeout=10)
+    again.sendall(b"again\n")
+    assert _served(again, b"again\n") == b"again\n"
+    assert [e.peak for e in echoes] == [3, 4]
+    for client in held + [again]:
+        client.close()
+
+
+def test_a_sigkilled_workers_backend_slots_are_given_back(echoes, proxy_factory,
+                                                          tmp_path: Path):
+    config = _config(tmp_path, echoes, [2, 2], workers=2)
+    proxy = proxy_factory("start", "--config", str(config))
+    pids = proxy.wait_workers(2)
+    held = []
+    for _ in range(4):
+        client = socket.create_connection(("127.0.0.1", proxy.port()), timeout=10)
+        client.sendall(b"x")
+        assert _served(client, b"x") == b"x"
+        held.append(client)
+    os.kill(pids[0], signal.SIGKILL)
+    # Its clients are cut; the master releases its slots as it reaps it.
+    wait_for(lambda: sum(e.active for e in echoes) < 4, timeout=10, message="clients cut")
+    survivors = sum(e.active for e in echoes)
+    proxy.wait_workers(2)
+    fresh = []
+    started = time.monotonic()
+    while len(fresh) < 4 - survivors:
+        assert time.monotonic() - started < 10, "the dead worker's slots were not given back"
+        client = socket.create_connection(("127.0.0.1", proxy.port()), timeout=10)
+        client.sendall(b"y")
+        if _served(client, b"y") == b"y":
+            fresh.append(client)
+        else:
+            client.close()
+    assert sum(e.active for e in echoes) == 4
+    assert _refused(proxy.port(), b"z"), "the caps hold again after the release"
+    for client in held + fresh:
+        client.close()
+
+
+def test_clients_wait_in_fifo_order_for_a_slot_then_are_refused_at_the_deadline(
+        echoes, proxy_factory, tmp_path: Path):
+    """The issue's queue test: 2 backends at 5, 20 clients: 10 served, 10 wait;
+    each close admits exactly the oldest waiter; the rest are refused at
+    queue_timeout_ms (+-20 %)."""
+    timeout_ms = 3000
+    config = _config(tmp_path, echoes, [5, 5], workers=1,
+                     extra=f"queue_timeout_ms = {timeout_ms}\n")
+    proxy = proxy_factory("start", "--config", str(config))
+    proxy.wait_workers(1)
+    served, waiters, connected_at = [], [], []
+    for index in range(20):
+        client = socket.create_connection(("127.0.0.1", proxy.port()), timeout=10)
+        connected_at.append(time.monotonic())
+        payload = b"client %02d\n" % index
+        client.sendall(payload)
+        if index < 10:
+            assert _served(client, payload) == payload, f"client {index} not served"
+            served.append(client)
+        else:
+            waiters.append(client)
+    wait_for(lambda: [e.active for e in echoes] == [5, 5], timeout=5, message="10 served")
+    for client in waiters:  # nothing read from them, nothing sent to them
+        client.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            client.recv(1)
+    # Each close admits exactly one waiter, the oldest.
+    for turn in range(5):
+        served.pop(0).close()
+        payload = b"client %02d\n" % (10 + turn)
+        assert _served(waiters[turn], payload) == payload, f"waiter {turn} not admitted"
+        wait_for(lambda want=11 + turn: sum(e.accepted for e in echoes) == want, timeout=5,
+                 message="one admission")
+        for later in waiters[turn + 1:]:
+            later.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                later.recv(1)
+    assert time.monotonic() - connected_at[-1] < timeout_ms / 1000 * 0.8, "too slow a host"
+    # The other five are refused near their deadline.
+    for index, client in enumerate(waiters[5:], start=15):
+        assert _served(client, b"client %02d\n" % index, timeout=10) is None
+        waited = time.monotonic() - connected_at[index]
+        assert timeout_ms / 1000 * 0.8 <= waited <= timeout_ms / 1000 * 1.2, waited
+    assert sum(e.accepted for e in echoes) == 15
+    assert [e.peak for e in echoes] == [5, 5]
+    wait_for(lambda: proxy.log.count("503 sQ queue_timeout") == 5, timeout=5,
+             message="5 refusals logged")
+    for client in served + waiters:
+        client.close()
