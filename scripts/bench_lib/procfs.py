@@ -110,6 +110,20 @@ def tree_pss_kib(root: int) -> tuple[int, int]:
     return sum(pss_kib(pid) for pid in pids), len(pids)
 
 
+def tree_pss_by_process(root: int) -> dict[str, int]:
+    """PSS in KiB of each live process of the tree, keyed ``PID title`` (its cmdline,
+    which prefork-proxy sets to ``prefork-proxy: worker N gen G`` and the like)."""
+    shown = {}
+    for pid in tree_pids(root):
+        try:
+            title = (PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace").strip()[:60]
+        except OSError:
+            continue
+        shown[f"{pid} {title}"] = pss_kib(pid)
+    return shown
+
+
 def system_busy_seconds() -> float:
     """CPU time spent in user+nice+system+irq+softirq on all CPUs since boot.
 

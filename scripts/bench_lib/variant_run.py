@@ -369,7 +369,8 @@ class Run:
             self.note(f"round {round_no}: {name} (idle) failed to start: {str(exc)[-600:]}")
             return
         try:
-            raw = workloads.run_idle(inst.client_port, opts.idle_conns, inst.proxy.pid)
+            raw = workloads.run_idle(inst.client_port, opts.idle_conns, inst.proxy.pid,
+                                     detail=lambda: procfs.tree_pss_by_process(inst.proxy.pid))
         finally:
             seen = stop_instance(self.reg, inst)
         raw.update(seen)

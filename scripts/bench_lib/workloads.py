@@ -14,7 +14,7 @@ import re
 import socket
 import subprocess
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import procfs
 
@@ -109,12 +109,14 @@ def parse_redis_text(text: str) -> list[dict]:
 
 
 def run_idle(port: int, count: int, pss_root: int | None, settle: float = 1.0,
-             timeout: float = 120.0) -> dict:
+             timeout: float = 120.0, detail: Callable[[], dict] | None = None) -> dict:
     """Open ``count`` connections, round-trip one byte on each, hold, measure PSS.
 
     Connections are opened one after another, each checked by an echo round
     trip before the next: that keeps us within any listen backlog and proves
-    every connection really reaches the backend.
+    every connection really reaches the backend. ``detail``, if given, is
+    called next to each PSS reading (e.g. PSS per process); its results go in
+    ``detail_before`` / ``detail_after``.
     """
     measure = (lambda: procfs.tree_pss_kib(pss_root)) if pss_root else (lambda: (0, 0))
     result: dict = {"requested": count, "opened": 0, "alive_after_hold": 0, "open_s": 0.0}
@@ -129,6 +131,8 @@ def run_idle(port: int, count: int, pss_root: int | None, settle: float = 1.0,
         return result
     time.sleep(0.3)
     before = measure()
+    if detail:
+        result["detail_before"] = detail()
     socks: list[socket.socket] = []
     started = time.monotonic()
     try:
@@ -143,6 +147,8 @@ def run_idle(port: int, count: int, pss_root: int | None, settle: float = 1.0,
     try:
         time.sleep(settle)  # hold: let the proxy settle its buffers
         after = measure()
+        if detail:
+            result["detail_after"] = detail()
         result["alive_after_hold"] = sum(_still_open(s) for s in socks)
     finally:
         for sock in socks:

@@ -216,6 +216,8 @@ def test_variants_run_idle_workload_with_a_scraped_admin_variant(tmp_path):
     [seen] = [r for r in result["runs"] if r["workload"] == "idle" and r["variant"] == "admin"]
     assert seen["scrape"]["scrapes"] >= 1 and seen["scrape"]["failures"] == 0, seen
     assert seen["scrape"]["bytes"] > 0
+    titles = " ".join(seen["detail_after"])  # PSS per process of the tree, by title
+    assert "admin" in titles and titles.count("worker") == 2, seen["detail_after"]
     assert "| idle | PSS KiB/idle conn |" in (out / "variants.md").read_text()
 
 
