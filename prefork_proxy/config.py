@@ -120,18 +120,33 @@ MAX_WORKERS = 1024
 _LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?$")
 
 
+#: Longest unix socket path: ``sun_path`` is 108 bytes on Linux, with its NUL.
+MAX_UNIX_PATH = 107
+
+
 @dataclass(frozen=True)
 class Endpoint:
-    """A TCP address as the operator wrote it: host (name or literal) and port."""
+    """An address as the operator wrote it: host (name or literal) and port, or
+    (``unix:/path``) the path of a Unix socket, with ``host`` "" and ``port`` 0."""
 
     host: str
     port: int
+    path: str = ""
 
     def __str__(self) -> str:
+        if self.path:
+            return f"unix:{self.path}"
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    @property
+    def is_unix(self) -> bool:
+        return bool(self.path)
+
     def is_ip_literal(self) -> bool:
-        """True for an IPv4/IPv6 address (no DNS needed), False for a hostname."""
+        """True for an address that needs no DNS (an IPv4/IPv6 literal, or a unix
+        path: one fixed address, one backend slot), False for a hostname."""
+        if self.path:
+            return True
         host = self.host.split("%", 1)[0]
         for family in (socket.AF_INET, socket.AF_INET6):
             try:
@@ -235,6 +250,11 @@ class ListenerConfig:
     queue_timeout_ms: int = 0
     sni_timeout_ms: int = DEFAULT_SNI_TIMEOUT_MS
     routes: Tuple[RouteConfig, ...] = ()  # SNI routes, matched before the listener's backends
+    #: A ``unix:`` listener's file mode (its owner: the serving user, see listeners.py).
+    mode: int = 0o660
+    #: An IPv6 listener takes IPv6 clients only (IPV6_V6ONLY); false: IPv4 ones too,
+    #: as mapped addresses, and then no 0.0.0.0 listener can share its port.
+    v6only: bool = True
 
     @property
     def has_limits(self) -> bool:
@@ -357,10 +377,13 @@ class Config:
 
 
 def parse_endpoint(text: str, *, allow_port_zero: bool = False) -> Endpoint:
-    """Parse ``host:port`` or ``[v6]:port``.  Raises ``ValueError`` saying what is wrong."""
+    """Parse ``host:port``, ``[v6]:port`` or ``unix:/path``.  Raises ``ValueError``
+    saying what is wrong."""
     if not isinstance(text, str):
         raise ValueError(f"expected a \"host:port\" string, got {describe(text)}")
     text = text.strip()
+    if text.startswith("unix:"):
+        return Endpoint("", 0, _unix_path(text))
     if text.startswith("["):
         close = text.find("]")
         if close < 0 or not text[close + 1:].startswith(":"):
@@ -386,6 +409,22 @@ def parse_endpoint(text: str, *, allow_port_zero: bool = False) -> Endpoint:
     if not low <= port <= 65535:
         raise ValueError(f"expected a port between {low} and 65535, got {text!r}")
     return Endpoint("0.0.0.0" if host == "*" else host, port)
+
+
+def _unix_path(text: str) -> str:
+    """The path of ``unix:/path``: absolute (the master's working directory is no
+    contract), at most ``MAX_UNIX_PATH`` bytes, no NUL (no abstract sockets)."""
+    path = text[len("unix:"):]
+    if not path.startswith("/"):
+        raise ValueError(f"expected an absolute path after \"unix:\", as in "
+                         f"\"unix:/run/app.sock\"; got {text!r}")
+    if "\0" in path:
+        raise ValueError(f"a unix socket path cannot contain a NUL byte: {text!r}")
+    size = len(os.fsencode(path))
+    if size > MAX_UNIX_PATH:
+        raise ValueError(f"a unix socket path is at most {MAX_UNIX_PATH} bytes, this one has "
+                         f"{size}: {text!r}")
+    return path
 
 
 def hostname_problem(host: str) -> str:
@@ -431,6 +470,8 @@ def numeric_address(endpoint: Endpoint) -> Tuple[int, tuple]:
     ``%2``) must name an interface that exists.  Config validation calls this,
     so what passes ``check`` is what the master can turn into a socket address.
     """
+    if endpoint.path:
+        return socket.AF_UNIX, endpoint.path  # type: ignore[return-value]
     host, _, scope = endpoint.host.partition("%")
     if scope:
         try:
@@ -460,16 +501,20 @@ def numeric_address(endpoint: Endpoint) -> Tuple[int, tuple]:
 class Address(Kind):
     """``host:port`` / ``[v6]:port``, usable as written (see ``parse_endpoint``, ``_usable``)."""
 
-    def __init__(self, port_zero: bool = False) -> None:
-        self.port_zero = port_zero
-        self.expected = '"host:port" or "[ipv6]:port"' + (" (port 0: any free port)"
-                                                          if port_zero else "")
+    def __init__(self, port_zero: bool = False, unix: bool = True) -> None:
+        self.port_zero, self.unix = port_zero, unix
+        self.expected = ('"host:port", "[ipv6]:port" or "unix:/path"' if unix
+                         else '"host:port" or "[ipv6]:port"') + (
+            " (port 0: any free port)" if port_zero else "")
 
     def parse(self, value: Any, where: Where) -> Endpoint:
         try:
-            return _usable(parse_endpoint(value, allow_port_zero=self.port_zero))
+            endpoint = _usable(parse_endpoint(value, allow_port_zero=self.port_zero))
         except ValueError as exc:
             raise Invalid(str(exc)) from None
+        if endpoint.is_unix and not self.unix:
+            raise Invalid(f"expected {self.expected}: a unix socket is not supported here")
+        return endpoint
 
 
 class Cidrs(Kind):
@@ -484,6 +529,30 @@ class Cidrs(Kind):
         if errors:
             raise Invalid(f"expected {self.expected}: {errors[0]}")
         return tuple(value)
+
+
+class FileMode(Kind):
+    """A file mode as an octal string ("0660", "660"), as ``chmod`` takes it."""
+
+    expected = 'an octal file mode as a string, like "0660" (owner and group read/write)'
+
+    def parse(self, value: Any, where: Where) -> int:
+        if not isinstance(value, str) or not re.fullmatch(r"0?[0-7]{3}", value):
+            raise self.wrong(value)
+        return int(value, 8)
+
+
+def _family_keys(listener: ListenerConfig) -> None:
+    """``mode`` belongs to a unix listener, ``v6only = false`` to an IPv6 one."""
+    if listener.mode != 0o660 and not listener.bind.is_unix:
+        raise Invalid(f"mode is for a \"unix:/path\" bind only, not {listener.bind}",
+                      key="mode")
+    if not listener.v6only and (listener.bind.is_unix or ":" not in listener.bind.host):
+        raise Invalid(f"v6only is for an IPv6 bind (\"[::]:port\") only, not "
+                      f"{listener.bind}", key="v6only")
+    if listener.bind.is_unix and listener.reuse_port:
+        raise Invalid("reuse_port does not apply to a unix socket: one file, one listening "
+                      "socket", key="reuse_port")
 
 
 def _usable(endpoint: Endpoint) -> Endpoint:
@@ -523,8 +592,8 @@ def _one_primary(listener: ListenerConfig) -> None:
 
 ADMIN = Table(AdminConfig, [
     # Port 0 (any free port, logged at start) is for tests and ad-hoc runs.
-    Key("bind", Address(port_zero=True), "the HTTP admin endpoint: /live, /ready, /status, "
-        "/metrics; a non-loopback bind is warned",
+    Key("bind", Address(port_zero=True, unix=False), "the HTTP admin endpoint: /live, "
+        "/ready, /status, /metrics; a non-loopback bind is warned",
         missing='expected "host:port" for the admin endpoint, e.g. "127.0.0.1:9901"',
         default_doc="off"),
 ], expected='an [admin] table, e.g. [admin] with bind = "127.0.0.1:9901"', empty_is_default=True)
@@ -703,15 +772,19 @@ LISTENER = Table(ListenerConfig, [
         "this of accept"),
     Key("routes", Routes(), "SNI routes "
         "(issue 13; validated, not served yet)", default_doc="none"),
-], checks=[_budget_covers_timeout, _one_primary, _proxy_keys, _routes_served])
+    Key("mode", FileMode(), 'a "unix:" listener\'s file mode; its owner is the serving '
+        "user (server.user/group)", default_doc='"0660"'),
+    Key("v6only", Flag(), "an IPv6 listener takes IPv6 clients only (false: IPv4 too, "
+        "mapped)"),
+], checks=[_budget_covers_timeout, _one_primary, _proxy_keys, _routes_served, _family_keys])
 
 
 def _distinct_binds(listeners: Sequence[ListenerConfig]) -> Optional[Tuple[int, str]]:
     """(index, message) of the first listener binding an address an earlier one binds."""
-    seen: dict[Tuple[str, int], int] = {}
+    seen: dict[Tuple[str, int, str], int] = {}
     for index, listener in enumerate(listeners):
-        key = (listener.bind.host, listener.bind.port)
-        if listener.bind.port and key in seen:  # port 0: a fresh port each
+        key = (listener.bind.host, listener.bind.port, listener.bind.path)
+        if (listener.bind.port or listener.bind.path) and key in seen:  # port 0: a fresh one each
             return index, f"duplicate bind address: tcp_proxy[{seen[key] + 1}] already binds it"
         seen[key] = index
     return None

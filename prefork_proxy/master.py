@@ -91,7 +91,7 @@ from prefork_proxy.gate import connection_limits, sources_for
 from prefork_proxy.health import HealthChecker
 from prefork_proxy.limits import ConnectionLimits
 from prefork_proxy.listeners import ListenerSet, bound_address
-from prefork_proxy.privileges import drop_privileges, prepare_runtime_dir
+from prefork_proxy.privileges import drop_privileges, prepare_runtime_dir, serving_ids
 from prefork_proxy.proctitle import set_title
 from prefork_proxy.relay import choose_mode
 from prefork_proxy.rows import WorkerRows
@@ -280,6 +280,8 @@ class Master:
                 # Locked before binding: a second start on this pidfile is told so.
                 owner = prepare_runtime_dir(pidfile.path, server.user, server.group)
                 pidfile.acquire(self.pid, owner)
+            # Unix listeners' files belong to the serving user (bound while root).
+            self.listeners.owner = serving_ids(server.user, server.group)
             self.sockets = self.listeners.open(self.config.listeners)
             for address in self.listeners.close_unadopted():
                 log.warning("inherited listener %s is not in the config; this master does not "
@@ -300,8 +302,10 @@ class Master:
             for fd in signals.fds() + tuple(self.upgrades.fds()):  # the master's alone
                 hygiene.master_only(fd)
         except BaseException:
+            # A new master failing at start leaves its predecessor's files alone.
+            unlink = not self.upgrades.other_master_accepts()
             self.upgrades.close()
-            self.listeners.close()
+            self.listeners.close(unlink=unlink)
             if self.control is not None:
                 self.control.close()
             if self.admin is not None:
@@ -324,12 +328,15 @@ class Master:
                 self._notify("ready")
             self._loop(signals)
         finally:
+            # Unix socket files stay when another master serves them: the one this
+            # master handed over to, or the one whose upgrade failed here.
+            unlink = not (self.upgrades.handed_over or self.upgrades.other_master_accepts())
             self.upgrades.close()
             self._signal_all(signal.SIGKILL)
             if self.health is not None:
                 self.health.stop()
             signals.close()
-            self.listeners.close()
+            self.listeners.close(unlink=unlink)
             if self.control is not None:
                 self.control.close()
             if pidfile:

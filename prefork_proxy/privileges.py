@@ -52,6 +52,16 @@ def _switch(user: Optional[str], group: Optional[str]) -> None:
                          f"{exc.strerror} (start as root to use user/group)") from None
 
 
+def serving_ids(user: Optional[str], group: Optional[str]) -> Optional[Tuple[int, int]]:
+    """(uid, gid) the master will serve as, or None without ``user``/``group``: the
+    owner of the files it creates for that user before the drop (unix listeners)."""
+    if not user and not group:
+        return None
+    entry, gid = _credentials(user, group)
+    uid = entry.pw_uid if entry is not None else os.getuid()  # type: ignore[attr-defined]
+    return uid, gid
+
+
 def drop_privileges(user: Optional[str], group: Optional[str]) -> None:
     """Become ``user``/``group`` (supplementary groups, then gid, then uid)."""
     if not user and not group:

@@ -55,7 +55,8 @@ ERROR_REASONS = ("refused", "timeout", "unreachable", "other")
 def error_reason(reason: str) -> int:
     """Index in ``ERROR_REASONS`` of a failed connect's reason as the relay words it."""
     lowered = reason.lower()
-    if "refused" in lowered:
+    # A unix backend whose socket file is missing (ENOENT) refuses, as a closed port does.
+    if "refused" in lowered or "no such file" in lowered:
         return 0
     if "timed out" in lowered:
         return 1
@@ -223,7 +224,10 @@ class BackendTable:
       literals, into freshly assigned slots before it forks the workers that
       read them; the health-check process, for resolved hostnames, inside
       ``begin_write``/``end_write`` (a sequence lock: readers retry or keep
-      their previous view while ``version`` is odd or has moved).
+      their previous view while ``version`` is odd or has moved).  A unix
+      backend's path does not fit the 16-byte ``ip`` cell: the master keeps it
+      in ``unix_paths``, a plain dict of this process, written with the slot
+      (a literal, so before the fork of every reader) and inherited by them.
     - ``fails``, ``passive_down``, ``down_until`` (passive health): workers'
       relay threads, under ``lock``; the health-check process clears them when
       checks bring a backend back.
@@ -274,6 +278,7 @@ class BackendTable:
         for name in ("family", "active_down", "down_until", "admin_state"):
             setattr(self, name, _VersionedCells(getattr(self, name), self.health_version))
         self.lock = ProcessLock()
+        self.unix_paths: Dict[int, str] = {}  # slot -> path (see the class docstring)
 
     # -- addresses
 
@@ -282,6 +287,8 @@ class BackendTable:
         family = self.family[slot]
         if not family:
             return None
+        if family == socket.AF_UNIX:
+            return family, self.unix_paths.get(slot, "")  # type: ignore[return-value]
         raw = bytes(self.ip[slot * 16:slot * 16 + 16])
         if family == socket.AF_INET6:
             return family, (socket.inet_ntop(family, raw), self.port[slot], 0, self.scope[slot])
@@ -289,6 +296,11 @@ class BackendTable:
 
     def set_address(self, slot: int, family: int, sockaddr: tuple) -> None:
         """Write a slot's address and start its health afresh (see the class for who may)."""
+        if family == socket.AF_UNIX:
+            self.unix_paths[slot] = sockaddr  # type: ignore[assignment]
+            self.reset_health(slot)
+            self.family[slot] = family
+            return
         packed = socket.inet_pton(family, sockaddr[0].split("%", 1)[0])
         self.ip[slot * 16:slot * 16 + 16] = packed.ljust(16, b"\0")
         self.port[slot] = sockaddr[1]

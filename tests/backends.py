@@ -181,15 +181,25 @@ class Server:
         self.reset_after = args.reset_after
         self.report = args.report
         self.selector = selectors.DefaultSelector()
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((args.host, args.port))
+        if args.unix:  # a unix socket backend (``--unix PATH``)
+            self.listener = socket.socket(socket.AF_UNIX)
+            self.listener.bind(args.unix)
+            self.address = f"unix:{args.unix}"
+        else:
+            family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+            self.listener = socket.socket(family)
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.listener.bind((args.host, args.port))
+            port = self.listener.getsockname()[1]
+            self.address = f"[{args.host}]:{port}" if family == socket.AF_INET6 \
+                else f"{args.host}:{port}"
         self.listener.listen(4096)
         self.listener.setblocking(False)
         self.selector.register(self.listener, selectors.EVENT_READ, None)
 
     def serve(self) -> None:
-        print(f"listening {self.listener.getsockname()[1]}", flush=True)
+        port = 0 if self.listener.family == socket.AF_UNIX else self.listener.getsockname()[1]
+        print(f"listening {port} {self.address}", flush=True)
         while True:
             for key, events in self.selector.select():
                 if key.data is None:
@@ -225,6 +235,7 @@ def main() -> None:
     parser.add_argument("--name", default="backend")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--unix", default="", help="listen on this unix socket path instead")
     parser.add_argument("--reply-bytes", type=int, default=1 << 20)
     parser.add_argument("--reset-after", type=int, default=1 << 20)
     parser.add_argument("--report", action="store_true", help="whois: print each answer")

@@ -138,8 +138,10 @@ class BackendProcess:
         if not line.startswith("listening "):
             self.stop()
             raise RuntimeError(f"backend {' '.join(argv[1:])} did not start: {line!r}")
-        self.port = int(line.split()[1])
-        self.address = f"127.0.0.1:{self.port}"
+        words = line.split()
+        self.port = int(words[1])
+        # As a config names it: "127.0.0.1:P", "[::1]:P" (--host ::1), "unix:/path" (--unix).
+        self.address = words[2] if len(words) > 2 else f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         if self.process.poll() is None:

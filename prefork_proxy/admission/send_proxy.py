@@ -8,7 +8,9 @@ the health-check process once per probe.  Wire formats are
 - a connection: ``proxy_header(version, accept.client_address, accept.destination)``.
   TCP4/TCP6 for an IP client (an IPv4 and an IPv6 end are both sent as IPv6,
   mapped); a client without an IP (a unix-socket peer) gives v1 ``UNKNOWN``
-  or v2 ``PROXY`` with family ``UNSPEC``: the receiver uses the real endpoints.
+  or v2 ``LOCAL`` (family ``UNSPEC``): the receiver uses the real endpoints.
+  LOCAL rather than ``PROXY`` + ``UNSPEC``, as HAProxy sends too: every v2
+  receiver must take LOCAL, while some refuse a PROXY command without addresses.
 - a health check: ``health_check_header(version)``: v2 ``LOCAL`` ("this
   connection is the proxy's own", so a backend requiring the header does not
   take the probe for a client), v1 ``UNKNOWN`` (v1 has no LOCAL; the spec
@@ -36,7 +38,7 @@ def proxy_header(version: str, client: Address, destination: Address) -> bytes:
     if src is None or dst is None:
         src = dst = None
     if version == "v2":
-        return encode_v2(src, dst)
+        return encode_v2(src, dst) if src is not None else encode_v2_local()
     if version == "v1":
         return encode_v1(src, dst)
     raise ValueError(f"send_proxy must be 'v1' or 'v2', not {version!r}")

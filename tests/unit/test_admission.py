@@ -485,8 +485,10 @@ def test_send_proxy_carries_the_client_address(version: str, client, destination
 
 def test_send_proxy_for_a_unix_client_and_the_health_check() -> None:
     assert proxy_header("v1", "", "/run/x.sock") == b"PROXY UNKNOWN\r\n"
-    unspec = pp.parse(proxy_header("v2", "", "/run/x.sock"))
-    assert (unspec.command, unspec.family, unspec.client) == ("PROXY", "UNSPEC", None)
+    # v2 from a unix client: LOCAL (no addresses; the receiver uses the real ends).
+    unix = pp.parse(proxy_header("v2", "", "/run/x.sock"))
+    assert (unix.command, unix.family, unix.client) == ("LOCAL", "UNSPEC", None)
+    assert proxy_header("v2", "", "/run/x.sock") == health_check_header("v2")
     local = pp.parse(health_check_header("v2"))
     assert (local.command, local.client) == ("LOCAL", None)
     assert pp.parse(health_check_header("v1")).family == "UNKNOWN"
