@@ -256,10 +256,16 @@ def _file_id(path: str) -> Optional[Tuple[int, int]]:
 
 
 def _unlink_quietly(path: str) -> None:
+    """Remove a socket file of ours; one that cannot be (the serving user may not
+    write its directory) is logged: the next start removes it as stale."""
     try:
         os.unlink(path)
-    except OSError:
+    except FileNotFoundError:
         pass
+    except OSError as exc:
+        log.warning("cannot remove the socket file %s: %s (the next start removes it as "
+                    "stale; give the serving user a directory it may write)", path,
+                    exc.strerror)
 
 
 def bind_listener(endpoint: Endpoint, address: Optional[Resolved] = None, *,

@@ -324,3 +324,31 @@ def sha256(data: bytes) -> str:
 def write_config(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def connect_address(address: str, timeout: float = 10.0) -> socket.socket:
+    """A client connected to ``address`` as the ready line or a config writes it:
+    ``127.0.0.1:P``, ``[::1]:P`` or ``unix:/path``."""
+    if address.startswith("unix:"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address[len("unix:"):])
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    host, _, port = address.rpartition(":")
+    return socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+
+
+def ipv6_loopback() -> bool:
+    """Whether ::1 can be bound here (IPv6 tests skip without it)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False

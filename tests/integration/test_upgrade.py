@@ -314,3 +314,66 @@ def test_socket_activation_adopts_the_socket_systemd_passes(backend_factory, tmp
         assert "address already in use" not in proxy.log
     finally:
         assert proxy.stop() == 0
+
+
+@pytest.mark.timeout(90)
+def test_an_upgrade_hands_over_a_unix_listener_and_only_the_last_master_removes_its_file(
+        tmp_path, backend_factory):
+    """The new master adopts the unix socket (same file, same queue); the old one,
+    draining after the hand-over, leaves the file alone; the final stop removes it."""
+    backend = backend_factory("echo")
+    path = tmp_path / "front.sock"
+    pidfile = tmp_path / "proxy.pid"
+    config = tmp_path / "proxy.toml"
+    config.write_text(f"""
+[server]
+workers = 2
+pidfile = "{pidfile}"
+
+[[tcp_proxy]]
+bind = "unix:{path}"
+backends = ["{backend.address}"]
+""")
+
+    def echo(sock: socket.socket, data: bytes) -> None:
+        sock.sendall(data)
+        got = b""
+        while len(got) < len(data):
+            chunk = sock.recv(len(data) - len(got))
+            assert chunk, "closed early"
+            got += chunk
+        assert got == bytes(b ^ 0x5A for b in data)
+
+    def client() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(10)
+        sock.connect(str(path))
+        return sock
+
+    first = ProxyProcess(["start", "--config", str(config)], tmp_path / "proxy.log")
+    new = 0
+    try:
+        first.wait_workers(2)
+        inode = os.lstat(path).st_ino
+        before = client()  # opened before the upgrade, served by the old master's worker
+        echo(before, b"before")
+        os.kill(first.pid, signal.SIGUSR2)
+        new = wait_for(lambda: (_master_in(pidfile) not in (0, first.pid))
+                       and _master_in(pidfile), 30, message="a new master in the pidfile")
+        wait_for(lambda: f"upgrade: new master {new} " in first.log, 30,
+                 message="the upgrade ready")
+        assert re.search(rf"ready pid={new} listeners=unix:{re.escape(str(path))} ", first.log)
+        echo(before, b"still")
+        before.close()
+        wait_for(lambda: not _running(first.pid), 30, message="the old master exits")
+        assert first.process.wait(5) == 0
+        assert os.lstat(path).st_ino == inode, "the old master left the handed-over file"
+        with client() as after:  # the same socket, now the new master's
+            echo(after, b"after")
+        os.kill(new, signal.SIGTERM)
+        wait_for(lambda: not _running(new), 30, message="the new master stops")
+        assert not path.exists(), "the last master's final stop removes the file"
+    finally:
+        for pid in (new, first.pid):
+            if pid and _running(pid):
+                os.kill(pid, signal.SIGKILL)
