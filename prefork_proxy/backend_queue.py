@@ -22,6 +22,14 @@ Who wakes whom:
   shared counts of the listener's capped addresses (``free``, given by the
   balancer: a few aligned reads, no lock); any below its max wakes the head.
 
+The same class is the listener's own queue (``gate.listener_gate``): a client
+that lost a race between workers for the listener's last ``max_connections``
+slot (the accept loop stops accepting at the limit, so only such a race gets
+past it) waits here, as it would have in the kernel's queue, for up to
+``LISTENER_WAIT_S`` (or ``queue_timeout_ms`` when longer), polled only (a
+release of a listener slot does not wake it: within ``POLL_S``), and is then
+refused 503 ``PR`` ``max_connections`` as before.
+
 FIFO is per worker and listener (SO_REUSEPORT already splits clients between
 workers), as HAProxy's queues are per process.  Bounded: ``limit`` waiters
 (``QUEUE_LIMIT``); beyond it a client is refused at once.  Refusals are
@@ -49,6 +57,8 @@ from prefork_proxy.waitqueue import Ticket, WaitQueue
 
 #: How often waiting connections look for slots freed by other workers.
 POLL_S = 0.015
+#: How long a client that lost the race for the listener's last slot waits at least.
+LISTENER_WAIT_S = 10.0
 #: Waiters per worker and listener; more are refused at once (``queue_full``).
 QUEUE_LIMIT = 10_000
 
@@ -63,14 +73,15 @@ class BackendQueue:
                  "none_free")
 
     def __init__(self, label: str, timeout_s: float, free: Callable[[], bool],
-                 limit: int = QUEUE_LIMIT) -> None:
+                 limit: int = QUEUE_LIMIT, timed_out: Optional[Reject] = None) -> None:
         self.label = label
         self.timeout_s = timeout_s
         self._queue: WaitQueue[Waker] = WaitQueue(limit)
         self._free = free  # True when some capped address of the listener has a free slot
         self._polled = 0.0
-        self.timed_out = Reject(OVER_LIMIT, QUEUE_TERM, QUEUE_TIMEOUT,
-                                f"no backend slot within {timeout_s * 1000:.0f} ms")
+        self.timed_out = timed_out or Reject(OVER_LIMIT, QUEUE_TERM, QUEUE_TIMEOUT,
+                                             f"no backend slot within "
+                                             f"{timeout_s * 1000:.0f} ms")
         self.full = Reject(OVER_LIMIT, QUEUE_TERM, QUEUE_FULL, f"{limit} clients wait already")
         self.none_free = Reject(OVER_LIMIT, QUEUE_TERM, BACKENDS_FULL,
                                 "every backend is at its max_connections")
@@ -111,5 +122,4 @@ class BackendQueue:
             self.slot_freed()
 
 
-__all__ = ["BackendQueue", "POLL_S", "QUEUE_LIMIT", "QUEUE_TERM", "QUEUE_TIMEOUT",
-           "BACKENDS_FULL", "QUEUE_FULL"]
+__all__ = ["BackendQueue", "LISTENER_WAIT_S", "POLL_S", "QUEUE_LIMIT"]

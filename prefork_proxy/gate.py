@@ -31,7 +31,16 @@ from __future__ import annotations
 import logging
 from typing import Dict, Iterator, Optional, Tuple
 
-from prefork_proxy.admission import Accept, Admission, Pipeline, compile_pipeline, proxy_header
+from prefork_proxy.admission import (
+    Accept,
+    Admission,
+    Pipeline,
+    Reject,
+    compile_pipeline,
+    proxy_header,
+)
+from prefork_proxy.admission.verdicts import OVER_LIMIT
+from prefork_proxy.backend_queue import LISTENER_WAIT_S, BackendQueue
 from prefork_proxy.balancer import BACKEND_SCOPE_BASE, Balancer
 from prefork_proxy.config import MAX_BACKEND_ADDRESSES, Config, ListenerConfig
 from prefork_proxy.limits import LEDGER_PER_ROW, ConnectionLimits
@@ -171,17 +180,34 @@ def listener_gate(listener: ListenerConfig, balancer: Balancer,
     """Worker boot: the listener's ``Gate``, or None when it sets no admission key."""
     if not has_admission(listener):
         return None
+    queue = None
+    if listener.max_connections and limits is not None:
+        queue = listener_queue(listener, limits, scope)
     pipeline = compile_pipeline(
         accept_proxy=listener.accept_proxy, trusted_proxies=listener.trusted_proxies,
         proxy_timeout_ms=listener.proxy_timeout_ms, allow=listener.allow, deny=listener.deny,
         limits=limits if listener.has_limits else None, scope=scope,
         max_connections=listener.max_connections,
         max_connections_per_source=listener.max_connections_per_source,
-        max_new_connections_per_source=listener.max_new_connections_per_source)
+        max_new_connections_per_source=listener.max_new_connections_per_source,
+        listener_queue=queue)
     if pipeline is None:  # send_proxy alone: the Accept (with its addresses) comes at once
         pipeline = Pipeline([PassStep()])
     return Gate(listener, pipeline, balancer)
 
 
+def listener_queue(listener: ListenerConfig, limits: ConnectionLimits,
+                   scope: int) -> BackendQueue:
+    """Where a client that lost the race for the listener's last slot waits (one per
+    worker and listener): a slot is free when the shared count is below the limit."""
+    counts, limit = limits.scope_count, listener.max_connections
+    timeout_s = max(LISTENER_WAIT_S, listener.queue_timeout_ms / 1000.0)
+    return BackendQueue(
+        listener.label, timeout_s, lambda: counts[scope] < limit,
+        timed_out=Reject(OVER_LIMIT, "PR", "max_connections",
+                         f"no listener slot within {timeout_s * 1000:.0f} ms"))
+
+
 __all__: Tuple[str, ...] = ("Gate", "connection_limits", "has_admission", "listener_gate",
-                            "relay_supports_admission", "sources_for", "with_prefix")
+                            "listener_queue", "relay_supports_admission", "sources_for",
+                            "with_prefix")

@@ -8,7 +8,7 @@ the verdict says.  Modules:
   config; None when the listener has no admission keys) and ``Admission``
   (one per connection; the relay's whole interface is in its docstring).
 - ``steps``: ``ProxyHeaderStep``, ``AccessStep``, ``SourceLimitStep``, ``SniStep``.
-- ``verdicts``: ``NeedMore`` / ``Accept`` / ``Reject`` and the status/term/reason table.
+- ``verdicts``: ``NeedMore`` / ``Accept`` / ``Reject`` / ``Wait`` and the status/term/reason table.
 - ``send_proxy``: the PROXY header for a backend, and the health check's.
 
 Imports the rule owners (``acl``, ``limits``, ``proxy_protocol``,
@@ -18,10 +18,10 @@ Imports the rule owners (``acl``, ``limits``, ``proxy_protocol``,
 from .pipeline import READ_SIZE, Admission, Pipeline, compile_pipeline
 from .send_proxy import health_check_header, proxy_header
 from .steps import AccessStep, ProxyHeaderStep, SniStep, SourceLimitStep
-from .verdicts import REASONS, TERMS, Accept, NeedMore, Reject, Verdict
+from .verdicts import REASONS, TERMS, Accept, NeedMore, Reject, Verdict, Wait
 
 __all__ = [
     "READ_SIZE", "REASONS", "TERMS", "Accept", "AccessStep", "Admission", "NeedMore",
-    "Pipeline", "ProxyHeaderStep", "Reject", "SniStep", "SourceLimitStep", "Verdict",
+    "Pipeline", "ProxyHeaderStep", "Reject", "SniStep", "SourceLimitStep", "Verdict", "Wait",
     "compile_pipeline", "health_check_header", "proxy_header",
 ]

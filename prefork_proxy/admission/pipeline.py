@@ -55,7 +55,7 @@ from prefork_proxy.proxy_protocol import ProxyHeader
 from prefork_proxy.sni_routes import ServerNameTable
 
 from .steps import AccessStep, ProxyHeaderStep, SniStep, SourceLimitStep, Step
-from .verdicts import INTERNAL, Accept, Address, NeedMore, Reject, Verdict
+from .verdicts import INTERNAL, Accept, Address, NeedMore, Reject, Verdict, Wait
 
 log = logging.getLogger("prefork_proxy.admission")
 
@@ -151,6 +151,12 @@ class Admission:
             return self.verdict  # type: ignore[return-value]
         return self._end(truncated=False)
 
+    def retry(self) -> Verdict:
+        """After a ``Wait`` (woken in its queue): the step that waited, once more."""
+        if type(self.verdict) is not Wait:
+            raise RuntimeError(f"Admission.retry after the verdict {self.verdict!r}")
+        return self._advance()
+
     def release(self) -> bool:
         """At close: give back the limit token if still held.  True the one time it does."""
         token, self.token = self.token, -1
@@ -195,6 +201,9 @@ class Admission:
             if type(verdict) is not NeedMore or verdict.deadline != self.deadline:
                 self.verdict = verdict = NeedMore(self.deadline)
             return verdict
+        if type(result) is Wait:  # the same step is entered again by ``retry``
+            self.verdict = result  # type: ignore[assignment]
+            return result  # type: ignore[return-value]
         return self._refuse(result)  # type: ignore[arg-type]
 
     def _end(self, truncated: bool) -> Verdict:
@@ -232,13 +241,16 @@ def compile_pipeline(*, accept_proxy: Optional[str] = None,
                      max_connections: int = 0, max_connections_per_source: int = 0,
                      max_new_connections_per_source: int = 0,
                      routes: Optional[ServerNameTable] = None, has_default_route: bool = True,
-                     sni_timeout_ms: int = 3000) -> Optional[Pipeline]:
+                     sni_timeout_ms: int = 3000,
+                     listener_queue: Optional[object] = None) -> Optional[Pipeline]:
     """A listener's pipeline from its keys (issue 12 and 13 names), or None if it has none.
 
     ``limits`` is the master's ``ConnectionLimits`` and ``scope`` the listener's
     slot in it; it is needed when any of the three limits is set.  ``routes`` is
     the listener's ``ServerNameTable`` (None: no SNI routing); ``has_default_route``
-    whether the listener has backends of its own.  CIDR lists are validated
+    whether the listener has backends of its own.  ``listener_queue``: where a
+    client that lost a race between workers for the listener's last
+    ``max_connections`` slot waits (``Wait``); None: it is refused.  CIDR lists are validated
     by the config loader (``acl.cidr_errors``); a bad one here is a ValueError.
     """
     steps: list = []
@@ -253,7 +265,7 @@ def compile_pipeline(*, accept_proxy: Optional[str] = None,
             raise ValueError("connection limits are set but no ConnectionLimits was given")
         steps.append(SourceLimitStep(limits, scope, max_connections,
                                      max_connections_per_source,
-                                     max_new_connections_per_source))
+                                     max_new_connections_per_source, listener_queue))
     if routes is not None:
         steps.append(SniStep(routes, has_default_route, sni_timeout_ms))
     return Pipeline(steps) if steps else None

@@ -30,13 +30,13 @@ from prefork_proxy.client_hello import ClientHello, ClientHelloError, read_clien
 from prefork_proxy.proxy_protocol import ProxyHeader, ProxyHeaderError, parse
 from prefork_proxy.sni_routes import ServerNameTable
 
-from .verdicts import BAD_REQUEST, FORBIDDEN, OVER_LIMIT, Reject
+from .verdicts import BAD_REQUEST, FORBIDDEN, OVER_LIMIT, Reject, Wait
 
 if TYPE_CHECKING:
     from .pipeline import Admission
 
 #: What ``enter``/``take`` return: done, refused, or "at least this many more bytes".
-StepResult = Union[None, Reject, int]
+StepResult = Union[None, Reject, Wait, int]
 
 #: The longest v2 ``len`` a listener accepts (the parser's own bound is 65,535): a
 #: header is buffered whole, so this bounds a trusted peer's memory per connection.
@@ -143,12 +143,17 @@ class SourceLimitStep:
     """
 
     reads = False
-    __slots__ = ("limits", "scope", "max_connections", "max_per_source", "max_new_per_second")
+    __slots__ = ("limits", "scope", "max_connections", "max_per_source", "max_new_per_second",
+                 "queue")
 
     def __init__(self, limits: limits_module.ConnectionLimits, scope: int,
                  max_connections: int = 0, max_per_source: int = 0,
-                 max_new_per_second: int = 0) -> None:
+                 max_new_per_second: int = 0, queue: Optional[object] = None) -> None:
         self.limits = limits
+        # Where a client that lost the race for the listener's last slot waits
+        # (``Wait``; the accept loop stops accepting at the limit, so only a race
+        # between workers gets here); None: refused.
+        self.queue = queue
         self.scope = scope
         self.max_connections = max_connections
         self.max_per_source = max_per_source
@@ -165,6 +170,8 @@ class SourceLimitStep:
             adm.token = token
             adm.limits = self.limits
             return None
+        if token == limits_module.REFUSED_LISTENER and self.queue is not None:
+            return Wait(self.queue)
         term = "RR" if token in (limits_module.REFUSED_TABLE_FULL,
                                  limits_module.REFUSED_LEDGER_FULL) else "PR"
         return Reject(OVER_LIMIT, term, limits_module.REASONS[token],

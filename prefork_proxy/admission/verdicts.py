@@ -53,7 +53,7 @@ from typing import Optional, Tuple, Union
 
 from prefork_proxy import acl, limits, proxy_protocol
 
-__all__ = ["NeedMore", "Accept", "Reject", "Verdict", "REASONS", "TERMS",
+__all__ = ["NeedMore", "Accept", "Reject", "Wait", "Verdict", "REASONS", "TERMS",
            "BAD_REQUEST", "FORBIDDEN", "INTERNAL", "OVER_LIMIT"]
 
 BAD_REQUEST, FORBIDDEN, INTERNAL, OVER_LIMIT = 400, 403, 500, 503
@@ -185,4 +185,23 @@ class Reject:
                 f"{', ' + repr(self.detail) if self.detail else ''})")
 
 
-Verdict = Union[NeedMore, Accept, Reject]
+class Wait:
+    """No verdict yet: wait (reading nothing) for a slot in ``queue``, then ``retry``.
+
+    Given by the limits step when the listener's ``max_connections`` was
+    reached by a race between workers (the accept loop saw a free slot): the
+    client waits for one as it would have in the kernel's queue.  ``queue`` is
+    opaque here (a ``backend_queue.BackendQueue`` the gate gave the step); the
+    relay joins it, and refuses with ``queue.timed_out`` at its deadline.
+    """
+
+    __slots__ = ("queue",)
+
+    def __init__(self, queue: object) -> None:
+        self.queue = queue
+
+    def __repr__(self) -> str:
+        return f"Wait({self.queue!r})"
+
+
+Verdict = Union[NeedMore, Accept, Reject, Wait]

@@ -35,12 +35,14 @@ _IN = select.EPOLLIN
 
 
 def verdict_kind(verdict: object) -> str:
-    """``"accept"``, ``"reject"`` or ``"more"``, told by the verdict's fields (the
+    """``"accept"``, ``"reject"``, ``"wait"`` or ``"more"``, told by the verdict's fields (the
     relay does not import the admission package: see ``contract.Admission``)."""
     if hasattr(verdict, "forward_prefix"):
         return "accept"
     if hasattr(verdict, "abort"):
         return "reject"
+    if hasattr(verdict, "queue"):
+        return "wait"
     return "more"
 
 
@@ -60,11 +62,24 @@ class Admitter:
         """A client just taken in: watch it for reads, and take the first verdict."""
         admission = conn.admission
         assert admission is not None
+        self._watch(conn)
+        self._act(conn, admission.start(time.monotonic()))
+
+    def retry(self, conn: Connection) -> None:
+        """Woken in the listener's queue after a ``Wait``: the admission once more."""
+        self._watch(conn)
+        self._act(conn, conn.admission.retry())  # type: ignore[union-attr]
+
+    def _watch(self, conn: Connection) -> None:
         conn.handler = self.on_readable
         self._by_fd[conn.client_fd] = conn
         self._epoll.register(conn.client_fd, _IN)
         conn.client_mask = _IN
-        self._act(conn, admission.start(time.monotonic()))
+
+    def _unwatch(self, conn: Connection) -> None:
+        self._epoll.unregister(conn.client_fd)
+        conn.client_mask = 0
+        self._by_fd.pop(conn.client_fd, None)
 
     def _on_readable(self, conn: Connection, fd: int, events: int) -> None:
         try:
@@ -92,6 +107,11 @@ class Admitter:
             self._timers.cancel(conn)
         if kind == "reject":
             self._reject(conn, verdict)
+        elif kind == "wait":
+            # Nothing more is read while it waits: its bytes stay in the kernel.
+            self._unwatch(conn)
+            self._loop._queuer.wait(conn, verdict.queue, None,  # type: ignore[attr-defined]
+                                    self.retry)
         else:
             self._accept(conn, verdict)
 
@@ -107,9 +127,7 @@ class Admitter:
     def _accept(self, conn: Connection, verdict: object) -> None:
         # The client is not watched while its backend connects: the relay
         # phase registers it again (``RelayLoop._start_relay``).
-        self._epoll.unregister(conn.client_fd)
-        conn.client_mask = 0
-        self._by_fd.pop(conn.client_fd, None)
+        self._unwatch(conn)
         conn.prefix = verdict.forward_prefix  # type: ignore[attr-defined]
         choose = conn.choose
         if choose is not None:

@@ -87,7 +87,8 @@ class Connector:
             return
         if target.sockaddr is None:  # a pause (see Target): ask again after it
             if target.queue is not None:  # every backend full: wait for a slot
-                self._loop._queuer.wait(conn, target)
+                self._loop._queuer.wait(conn, target.queue, target.timeout_s,
+                                        self.connect_again)
                 return
             self._timers.arm(conn, time.monotonic() + (target.timeout_s or 0.0),
                              self.on_timer)
@@ -117,6 +118,10 @@ class Connector:
         self._by_fd[conn.backend_fd] = conn
         self._epoll.register(conn.backend_fd, _OUT)
         conn.backend_mask = _OUT
+
+    def connect_again(self, conn: Connection) -> None:
+        """Woken in a backend queue (``queued``): ask the targets again."""
+        self.connect_next(conn, None)
 
     def _forget_backend(self, conn: Connection) -> None:
         """Drop a backend socket that failed to connect (its fd closes after this batch)."""

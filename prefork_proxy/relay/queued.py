@@ -3,13 +3,16 @@
 Owns ``Queuer``: when a connection's target iterator yields a ``Target`` with
 ``queue`` set (every backend is at its ``max_connections``; the balancer's
 ``backend_queue.BackendQueue``), the connection waits in that queue instead of
-connecting: its ticket is pushed (at the head again if it had one: it was
+connecting; likewise when its admission answers a ``Wait`` (it lost a race
+between workers for the listener's last ``max_connections`` slot; then it
+retries its admission once woken): its ticket is pushed (at the head again if it had one: it was
 woken and lost the slot to another worker), its client socket stays in epoll
 with no events (a reset still ends the wait; nothing is read, so the first
 byte goes to the backend it finally gets), and one timer is armed: the queue
 deadline or the next ``poll`` (slots freed by other workers), whichever is
 first.  ``resume`` (any thread: whoever freed a slot) hands the connection back
-to its loop, which asks the iterator again (``Connector.connect_next``).  When
+to its loop, which runs the phase that waited again (``Connector.connect_next``
+or ``Admitter.retry``).  When
 the deadline passes, or the queue is full, or ``timeout_s`` is 0, the client is
 refused with the queue's verdict (503 ``sQ``), told to the loop's outcome hook.
 
@@ -22,10 +25,9 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .connection import Connection
-from .contract import Target
 
 if TYPE_CHECKING:  # the loop owns its Queuer; no import at run time
     from .loop import RelayLoop
@@ -39,13 +41,15 @@ POLL_S = 0.015
 class Waiting:
     """A connection's place in a queue: the queue, its ticket, its deadline."""
 
-    __slots__ = ("queue", "ticket", "deadline", "wake")
+    __slots__ = ("queue", "ticket", "deadline", "wake", "resume")
 
-    def __init__(self, queue: Any, deadline: float, wake: Any) -> None:
+    def __init__(self, queue: Any, deadline: float, wake: Any,
+                 resume: Callable[[Connection], None]) -> None:
         self.queue = queue
         self.ticket: Any = None
         self.deadline = deadline
-        self.wake = wake
+        self.wake = wake  # what the queue calls (any thread): ``RelayLoop.resume(conn)``
+        self.resume = resume  # what the loop runs once woken: the phase that waited
 
 
 class Queuer:
@@ -59,19 +63,27 @@ class Queuer:
         self.on_event = self._on_event
         self.on_timer = self._on_timer
 
-    def wait(self, conn: Connection, target: Target) -> None:
-        """The iterator says: every backend is full; wait in ``target.queue``."""
-        queue = target.queue
+    def wait(self, conn: Connection, queue: Any, timeout_s: Optional[float],
+             resume: Callable[[Connection], None]) -> None:
+        """Wait in ``queue`` for at most ``timeout_s`` (None: the queue's own
+        ``timeout_s`` from the first wait, the same deadline after), then ``resume(conn)``.
+
+        The connect phase passes a queue target's (the balancer counts the
+        time left); the admission phase None (a ``Wait`` verdict).
+        """
         now = time.monotonic()
         waiting: Optional[Waiting] = conn.waiting
-        if target.timeout_s is None or target.timeout_s <= 0:
-            verdict = queue.timed_out if waiting is not None else (
-                queue.none_free if queue.timeout_s <= 0 else queue.timed_out)
+        if timeout_s is None:
+            timeout_s = waiting.deadline - now if waiting is not None else queue.timeout_s
+        if timeout_s <= 0:
+            verdict = queue.timed_out if waiting is not None or queue.timeout_s > 0 \
+                else queue.none_free
             self.refuse(conn, verdict)
             return
         if waiting is None:
-            waiting = conn.waiting = Waiting(queue, now + target.timeout_s,
-                                             functools.partial(self._loop.resume, conn))
+            waiting = conn.waiting = Waiting(queue, now + timeout_s,
+                                             functools.partial(self._loop.resume, conn),
+                                             resume)
             ticket = queue.push(waiting.wake)
             if ticket is None:
                 conn.waiting = None
@@ -79,8 +91,8 @@ class Queuer:
                 return
             waiting.ticket = ticket
         else:  # woken, and the slot went to another worker: first in line again
-            waiting.queue = queue
-            waiting.deadline = now + target.timeout_s
+            waiting.queue, waiting.resume = queue, resume
+            waiting.deadline = now + timeout_s
             queue.push_front(waiting.ticket)
         conn.handler = self.on_event
         self._by_fd[conn.client_fd] = conn
@@ -135,7 +147,7 @@ class Queuer:
             return
         self._leave(conn)
         conn.handler = None
-        self._loop._connector.connect_next(conn, None)
+        waiting.resume(conn)
         if conn.waiting is waiting and conn.handler is not self.on_event:
             conn.waiting = None  # it did not queue again: done with the queue
 

@@ -889,6 +889,9 @@ class CountedAdmission:
     def expire(self):
         return self.admission.expire()
 
+    def retry(self):
+        return self.admission.retry()
+
     def release(self):
         self.releases += 1
         return self.admission.release()
@@ -1109,3 +1112,58 @@ def test_a_connection_without_admission_is_served_while_another_is_admitting(rig
     finally:
         plain_backend.close()
         waiting.close()
+
+
+# ------------------------------------------------------------------ the listener's race queue
+
+from prefork_proxy.backend_queue import BackendQueue  # noqa: E402
+from prefork_proxy.config import Backend, Endpoint, ListenerConfig  # noqa: E402
+from prefork_proxy.gate import listener_queue  # noqa: E402
+from prefork_proxy.limits import ConnectionLimits  # noqa: E402
+
+
+def test_a_client_that_lost_the_race_for_the_last_listener_slot_waits_then_is_served(rig):
+    """Another worker holds the last of max_connections = 1: the client is not refused,
+    nothing is read from it, and it is served byte-exact once the slot frees."""
+    limits = ConnectionLimits(sources=16, scopes=4)
+    other_worker = limits.acquire(0, "", 1)
+    assert other_worker >= 0
+    listener = ListenerConfig(bind=Endpoint("127.0.0.1", 0),
+                              backends=(Backend(Endpoint("127.0.0.1", 1)),), max_connections=1)
+    pipeline = compile_pipeline(limits=limits, scope=0, max_connections=1,
+                                listener_queue=listener_queue(listener, limits, 0))
+    client, admission = rig.open(pipeline)
+    client.sendall(b"first bytes")
+    readable, _, _ = select.select([rig.backends[None]], [], [], 0.3)  # bounded look
+    assert not readable and not rig.outcomes
+    assert type(admission.admission.verdict).__name__ == "Wait"
+    limits.release(other_worker)
+    wait_for(rig.backend_connected, timeout=5, message="admitted once the slot freed")
+    backend, _ = rig.backends[None].accept()
+    with backend, client:
+        backend.settimeout(5)
+        assert recv_exactly(backend, len(b"first bytes")) == b"first bytes"
+        assert limits.connections(0) == 1  # its own slot now
+    wait_for(lambda: admission.releases == 1, timeout=5, message="released at close")
+    assert limits.connections(0) == 0
+
+
+def test_a_race_loser_is_refused_at_its_queue_deadline(rig):
+    limits = ConnectionLimits(sources=16, scopes=4)
+    assert limits.acquire(0, "", 1) >= 0
+    queue = BackendQueue("test", 0.3, lambda: False,
+                         timed_out=listener_queue(ListenerConfig(
+                             bind=Endpoint("127.0.0.1", 0),
+                             backends=(Backend(Endpoint("127.0.0.1", 1)),),
+                             max_connections=1), limits, 0).timed_out)
+    pipeline = compile_pipeline(limits=limits, scope=0, max_connections=1,
+                                listener_queue=queue)
+    started = time.monotonic()
+    client, admission = rig.open(pipeline)
+    wait_for(lambda: rig.outcomes, timeout=5, message="refused")
+    waited = time.monotonic() - started
+    verdict = rig.outcomes[0][2]
+    assert (verdict.status, verdict.term, verdict.reason) == (503, "PR", "max_connections")
+    assert 0.24 <= waited <= 0.6, waited
+    assert not rig.backend_connected()
+    client.close()
