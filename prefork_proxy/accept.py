@@ -83,11 +83,12 @@ class Entry:
     """One listener as the accept path needs it: precomputed once at boot."""
 
     __slots__ = ("listener", "sock", "balancer", "family", "options", "timeout_s", "cell",
-                 "gate", "limit", "counts", "scope")
+                 "gate", "limit", "counts", "scope", "lslot")
 
     def __init__(self, listener: ListenerConfig, sock: socket.socket, balancer: Balancer,
                  options: SocketOptions, cell: int, gate: Optional[Gate] = None,
-                 limits: Optional[ConnectionLimits] = None, scope: int = 0) -> None:
+                 limits: Optional[ConnectionLimits] = None, scope: int = 0,
+                 lslot: int = 0) -> None:
         self.listener, self.sock, self.balancer = listener, sock, balancer
         # The pre-connect phase (``gate``); None: none configured, and the accept
         # path pays one ``is None`` test per client for it.
@@ -100,6 +101,7 @@ class Entry:
         self.limit = listener.max_connections if limits is not None else 0
         self.counts = limits.scope_count if limits is not None else None
         self.scope = scope
+        self.lslot = lslot  # its listener slot: whose counters its connections' bytes go to
 
 
 class AcceptPolicy:
@@ -122,7 +124,7 @@ class AcceptPolicy:
               gate: Optional[Gate] = None,
               limits: Optional[ConnectionLimits] = None) -> Entry:
         return Entry(listener, sock, balancer, options, listener_cells(rows, row, lslot), gate,
-                     limits if gate is not None else None, lslot)
+                     limits if gate is not None else None, lslot, lslot)
 
     # -- the first relay loop's thread (``relay.Acceptor``)
 
@@ -228,7 +230,7 @@ class AcceptPolicy:
             gate = entry.gate
             if gate is None:
                 least.submit(client, entry.balancer.targets(address), entry.timeout_s, peer,
-                             options)
+                             options, listener_slot=entry.lslot)
             else:
                 self._submit_gated(least, client, address, entry, gate, peer)
             force_first = False
@@ -251,7 +253,7 @@ class AcceptPolicy:
             return
         admission = gate.open(address, local)
         loop.submit(client, None, entry.timeout_s, peer, entry.options,  # type: ignore[call-arg]
-                    admission=admission, choose=gate.choose)
+                    admission=admission, choose=gate.choose, listener_slot=entry.lslot)
 
 
 class Outcome:

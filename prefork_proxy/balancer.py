@@ -398,7 +398,7 @@ class Balancer:
         report = functools.partial(self._report, slot, name)
         target = None
         if address is not None:
-            target = Target(address[0], address[1], name, report=report)
+            target = Target(address[0], address[1], name, report=report, slot=slot)
         key = f"{backend.address}|{address[1][0] if address else ''}".encode()
         return Member(slot, backend, name, target, key)
 
@@ -524,12 +524,12 @@ class Balancer:
                     yield Target(target.family, target.sockaddr, target.name,
                                  None if deadline is None else timeout,
                                  functools.partial(self._report, member.slot, member.name,
-                                                   token=token))
+                                                   token=token), slot=member.slot)
                 elif deadline is None:
                     yield target  # no budget: the connection's own timeout applies as it is
                 else:
                     yield Target(target.family, target.sockaddr, target.name, timeout,
-                                 target.report)
+                                 target.report, slot=target.slot)
             if not full or self.queue is None:
                 return
             # Every backend left to try is at its max: wait in this worker's queue

@@ -120,6 +120,7 @@ def with_prefix(target: Target, prefix: bytes) -> Target:
     """A copy of ``target`` that sends ``prefix`` to the backend first."""
     copy = _TARGET(target.family, target.sockaddr, target.name, target.timeout_s,
                    target.report)
+    copy.slot = target.slot
     copy.send_prefix = prefix  # type: ignore[attr-defined]
     return copy
 

@@ -65,10 +65,10 @@ SESSION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 #: duration sum in microseconds, then one non-cumulative cell per bucket.
 LOOP_CLOSED, LOOP_RECEIVED, LOOP_SENT, LOOP_DURATION_US, LOOP_BUCKET0 = 0, 1, 2, 3, 4
 LOOP_CELLS = LOOP_BUCKET0 + len(SESSION_BUCKETS_S)
-#: True once the relay calls ``LoopStats`` (its docstring says how): until then
-#: the loop cells stay 0 and the exporter leaves bytes, sessions and per-listener
-#: active connections out rather than show zeros that look like data.
-RELAY_HOOKS = False
+#: True since the relay calls ``LoopStats`` (its docstring says how): the exporter
+#: shows bytes, sessions and per-listener active connections (it left them out
+#: while nothing wrote them, rather than show zeros that look like data).
+RELAY_HOOKS = True
 
 # The pid of this process, kept current across fork (the row lock is per process).
 _PID = [os.getpid()]
@@ -314,10 +314,13 @@ class LoopStats:
     """One relay loop's counters: its own cells in its worker's row (the relay's hooks).
 
     Built by the worker, one per relay loop, and handed to that loop; only that
-    loop's thread writes its cells (no lock).  The relay adds bytes as they
-    move with ``cells[base + RECEIVED] += n`` / ``cells[base + SENT] += n``
-    (``base`` from ``base(listener_slot)``, computed once per connection) and
-    calls ``on_close`` once per connection.  Folded with the row at reap.
+    loop's thread writes its cells (no lock).  The relay adds client-side bytes
+    with ``cells[base + RECEIVED] += n`` / ``cells[base + SENT] += n``
+    (``base`` from ``base(listener_slot)``, computed once per connection): its
+    connections count into their own attributes per system call, and the
+    loop adds the differences every ``relay.loop.PUBLISH_S`` and at close, so
+    a long stream shows while it runs.  ``on_close`` once per connection, on
+    every path.  Folded with the row at reap.
     """
 
     RECEIVED, SENT, CLOSED = LOOP_RECEIVED, LOOP_SENT, LOOP_CLOSED

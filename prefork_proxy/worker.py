@@ -159,9 +159,11 @@ class Worker:
         for index in range(threads):
             # The first loop also accepts: with one relay thread per worker (the
             # default with one worker per CPU) no client crosses threads at all.
+            # Each loop counts into cells of its own in this worker's row
+            # (one writer each: no lock); the master folds them at reap.
             loop = RelayLoop(self.mode, name=f"relay-{index}",
                              acceptor=acceptor if index == 0 else None, budget=budget,
-                             on_crash=signals.wake)
+                             on_crash=signals.wake, stats=rows.loop_stats(row, index))
             if index == 0 and os.environ.get(TEST_CRASH_ENV):
                 self._arm_test_crash(loop, os.environ[TEST_CRASH_ENV])
             self.loops.append(loop)

@@ -16,8 +16,7 @@ from typing import Dict, Set, Tuple
 from prefork_proxy import status as status_model
 
 #: name -> (type, labels, {label: allowed values}).  The admin endpoint exports all but the
-#: per-listener connections_active, bytes and session histogram (until the relay writes
-#: rows.LoopStats) and the backend connect histogram.
+#: backend connect histogram.
 METRICS: Dict[str, Tuple[str, Set[str], Dict[str, Set[str]]]] = {
     # Per listener.
     "prefork_proxy_connections_total": ("counter", {"listener"}, {}),

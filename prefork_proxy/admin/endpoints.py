@@ -75,8 +75,8 @@ class ModelCollector:
     second behind the rows; it is never ahead of them and never backwards.
 
     Per listener connections_active, received/sent bytes and
-    session_duration_seconds come from ``rows.LoopStats`` and are left out
-    until the relay calls it (``rows.RELAY_HOOKS``);
+    session_duration_seconds come from ``rows.LoopStats``, which the relay
+    loops write (left out of a build whose relay does not: ``rows.RELAY_HOOKS``);
     backend_connect_duration_seconds is not measured yet.
     """
 

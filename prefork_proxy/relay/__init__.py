@@ -24,7 +24,8 @@ Modules (each says what it owns and which thread calls it):
 - ``buffers``: ``PipePool``, ``BufferPool`` and the loop's budget.
 - ``connection``: ``Connection``, the record every phase shares.
 - ``contract``: what crosses the boundary: ``Target`` and its outcomes,
-  ``Acceptor``, ``Admission``/``Chooser``/``OutcomeHook``, ``StreamSocket``,
+  ``Acceptor``, ``Admission``/``Chooser``/``OutcomeHook``, ``LoopStatsHooks``
+  (the loop's counters: bytes as they move, a close per connection), ``StreamSocket``,
   ``SocketOptions``.
 
 How a connection is served:
@@ -85,6 +86,7 @@ from .contract import (
     Acceptor,
     Admission,
     Chooser,
+    LoopStatsHooks,
     OutcomeHook,
     SocketOptions,
     StreamSocket,
@@ -105,7 +107,7 @@ __all__ = [
     "BUFFER_SIZE", "BULK_READ", "CONNECTED", "DEFAULT_BUDGET", "DONE", "FAILED", "IDLE_POLL_S",
     "PIPE_SIZE", "POOL_KEEP", "RELEASED", "ROUNDS_PER_EVENT", "SHORT_READ", "SMALL_SIZE",
     "TIMEOUTS_SLACK", "WANT_READ", "WANT_WRITE", "Acceptor", "Admission", "Admitter",
-    "BufferPool", "Chooser", "Connection", "OutcomeHook",
+    "BufferPool", "Chooser", "Connection", "LoopStatsHooks", "OutcomeHook",
     "Connector", "Direction", "ListenerWatch", "PipePool", "RelayLoop", "SocketOptions",
     "StreamSocket", "Target", "TimerHeap", "apply_options", "choose_mode", "keepalive_options",
 ]

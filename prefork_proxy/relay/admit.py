@@ -88,6 +88,7 @@ class Admitter:
             return
         except OSError:  # a reset while we waited: the client has closed
             data = b""
+        conn.admitted += len(data)  # bytes from the client, the admission's too
         self._act(conn, conn.admission.feed(data))  # type: ignore[union-attr]
 
     def _on_timer(self, conn: Connection) -> None:

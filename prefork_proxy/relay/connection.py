@@ -32,17 +32,36 @@ class Connection:
     it are only needed to fail over, and an idle connection should hold as
     little as possible.  ``waiting`` is set while it waits in a backend queue
     for a slot (``queued.Waiting``).
+
+    Byte counters (exact, as the bytes move; read them on the loop's thread,
+    e.g. an idle sweep comparing them between two looks):
+
+    - ``client_in``: bytes received from the client (``admitted``, read by the
+      pre-connect phase, plus the upstream direction's ``nread``);
+    - ``client_out``: bytes sent to the client (downstream ``nwritten``);
+    - ``backend_out``: bytes sent to the backend (upstream ``nwritten``: a
+      PROXY header or a verdict's prefix included, a consumed PROXY header not);
+    - ``backend_in``: bytes received from the backend (downstream ``nread``).
+
+    They are properties over the two directions, which count with one
+    attribute add per system call (``Direction``); a connection still
+    admitting or connecting has only ``admitted``.  ``published_in``/
+    ``published_out``: how much of ``client_in``/``client_out`` the loop has
+    added to its shared counters so far (``RelayLoop._publish``).  ``started`` is the
+    monotonic time it was taken in by its loop (about its accept);
+    ``listener_slot``/``base`` say whose shared counters its bytes go to.
     """
 
     __slots__ = ("client", "backend", "client_fd", "backend_fd", "targets", "target",
                  "timeout_s", "deadline", "upstream", "downstream", "client_mask",
                  "backend_mask", "peer", "closed", "options", "handler", "admission",
-                 "choose", "prefix", "waiting")
+                 "choose", "prefix", "waiting", "listener_slot", "base", "started",
+                 "admitted", "published_in", "published_out")
 
     def __init__(self, client: StreamSocket, targets: Optional[Iterator[Target]],
                  timeout_s: float, peer: str, options: SocketOptions = (),
                  admission: Optional[Admission] = None,
-                 choose: Optional[Chooser] = None) -> None:
+                 choose: Optional[Chooser] = None, listener_slot: int = 0) -> None:
         self.client = client
         self.options = options  # set on each backend socket before it connects
         self.client_fd = client.fileno()
@@ -64,3 +83,29 @@ class Connection:
         self.choose = choose  # dropped once it has chosen the targets
         self.prefix = b""  # the verdict's forward_prefix: the backend gets it first
         self.waiting: Optional[Any] = None  # its place in a backend queue (``queued``)
+        self.listener_slot = listener_slot
+        self.base = 0  # its listener's first cell in the loop's stats (set by the loop)
+        self.started = 0.0
+        self.admitted = 0  # bytes the pre-connect phase read from the client
+        # How much of client_in/client_out the loop has added to its shared counters.
+        self.published_in = self.published_out = 0
+
+    @property
+    def client_in(self) -> int:
+        up = self.upstream
+        return self.admitted + (up.nread if up is not None else 0)
+
+    @property
+    def client_out(self) -> int:
+        down = self.downstream
+        return down.nwritten if down is not None else 0
+
+    @property
+    def backend_out(self) -> int:
+        up = self.upstream
+        return up.nwritten if up is not None else 0
+
+    @property
+    def backend_in(self) -> int:
+        down = self.downstream
+        return down.nread if down is not None else 0

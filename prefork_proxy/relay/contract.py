@@ -26,7 +26,7 @@ from _socket import socket as StreamSocket
 from typing import Any, Callable, Iterator, List, Optional, Protocol, Tuple
 
 __all__ = ["StreamSocket", "SocketOptions", "Target", "CONNECTED", "FAILED", "RELEASED",
-           "Acceptor", "Admission", "Chooser", "OutcomeHook"]
+           "Acceptor", "Admission", "Chooser", "OutcomeHook", "LoopStatsHooks"]
 
 # ``StreamSocket`` is ``_socket.socket``, the C class that ``socket.socket``
 # extends with Python-level bookkeeping (``makefile`` reference counts, enum
@@ -56,6 +56,9 @@ class Target:
     ``timeout_s`` without a socket, on its connect-deadline heap, and asks the
     iterator again; the balancer bounds how long it keeps answering pauses.
 
+    ``slot``: the backend's slot in the shared tables (``shared.BackendTable``),
+    -1 when unknown; told to ``LoopStatsHooks.on_close``.
+
     ``send_prefix``: bytes this backend gets before anything from the client
     (a PROXY header for a ``send_proxy`` backend, built by the balancer per
     backend, so it stays right across failover); sent once connected, ahead
@@ -70,12 +73,13 @@ class Target:
     because one is made per connection and held for its whole life.
     """
 
-    __slots__ = ("family", "sockaddr", "name", "timeout_s", "report", "send_prefix", "queue")
+    __slots__ = ("family", "sockaddr", "name", "timeout_s", "report", "send_prefix", "queue",
+                 "slot")
 
     def __init__(self, family: int, sockaddr: Optional[tuple], name: str,
                  timeout_s: Optional[float] = None,
-                 report: Optional[Callable[[str, str], None]] = None,
-                 send_prefix: bytes = b"") -> None:
+                 report: Optional[Callable[..., None]] = None,
+                 send_prefix: bytes = b"", slot: int = -1) -> None:
         self.family = family
         self.sockaddr = sockaddr
         self.name = name
@@ -83,6 +87,7 @@ class Target:
         self.report = report
         self.send_prefix = send_prefix
         self.queue: Any = None
+        self.slot = slot
 
     def __repr__(self) -> str:
         return f"Target({self.name!r}, {self.sockaddr!r}, timeout_s={self.timeout_s!r})"
@@ -139,3 +144,25 @@ Chooser = Callable[[Any], Iterator[Target]]
 #: ``on_outcome(peer, admission, verdict)``: a connection refused by its
 #: admission (the verdict is the reject), told before its client is closed.
 OutcomeHook = Callable[[str, Any, Any], None]
+
+
+class LoopStatsHooks(Protocol):
+    """One relay loop's counters, as the loop writes them (``rows.LoopStats`` is one).
+
+    Given to ``RelayLoop(stats=...)`` by the worker, one per loop; only that
+    loop's thread writes them.  ``cells`` is a writable sequence of integers;
+    ``base(listener_slot)`` is where a listener's cells start (once per
+    connection); bytes are added as they move at ``base + RECEIVED`` (from
+    the client) and ``base + SENT`` (to the client); ``on_close`` is called
+    once per connection, on every path, and ``on_reject`` before it for a
+    client refused by its admission (``reason``: the verdict's).
+    """
+
+    cells: Any
+    RECEIVED: int
+    SENT: int
+
+    def base(self, lslot: int) -> int: ...
+
+    def on_close(self, base: int, backend_slot: int, bytes_in: int, bytes_out: int,
+                 duration_s: float) -> None: ...

@@ -72,6 +72,12 @@ class Direction:
     arrive meanwhile it reports the source again.  For request/response
     traffic this saves one system call in four.
 
+    Counting (issue 11): ``nread`` and ``nwritten`` are this direction's bytes
+    read from ``src`` and written to ``dst`` so far (pipes included): one
+    attribute add per system call and nothing else.  The connection's byte
+    counters are made of them (see ``Connection``), and the loop copies the
+    client side's into its shared counters (``RelayLoop._publish``).
+
     Principle (a spent budget slows only the stuck): while the loop's budget
     is spent (see ``BufferPool``), a direction reads at most ``SHORT_READ``
     bytes at a time and fills no pipe; what it writes out at once costs
@@ -80,12 +86,14 @@ class Direction:
     """
 
     __slots__ = ("src", "dst", "src_fd", "dst_fd", "buffers", "pipes", "splice", "state",
-                 "eof", "held", "start", "pending", "pipe", "in_pipe", "bulk", "last")
+                 "eof", "held", "start", "pending", "pipe", "in_pipe", "bulk", "last",
+                 "nread", "nwritten")
 
     def __init__(self, src: StreamSocket, dst: StreamSocket, buffers: BufferPool,
                  pipes: Optional[PipePool] = None,
                  splice: Optional[SpliceFunction] = None) -> None:
         self.src, self.dst = src, dst
+        self.nread = self.nwritten = 0
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
         self.buffers = buffers
         self.pipes = pipes
@@ -126,11 +134,13 @@ class Direction:
                     n = self.src.recv_into(buffer, SHORT_READ)
             except BlockingIOError:
                 return WANT_READ
+            self.nread += n
             if 0 < n < SHORT_READ:
                 try:
                     written = self.dst.send(buffer[:n])
                 except BlockingIOError:
                     written = 0
+                self.nwritten += written
                 if written == n:
                     return WANT_READ
                 self.pending, self.in_pipe = n - written, False
@@ -150,11 +160,13 @@ class Direction:
                     if self.in_pipe:
                         moved = self.splice(self.pipe[0], self.dst_fd, self.pending,
                                             SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+                        self.nwritten += moved
                         self.pending -= moved
                         buffers.left += moved  # a pipe is charged what it holds
                     else:
                         start = self.start
                         written = self.dst.send(self.held[start:start + self.pending])
+                        self.nwritten += written
                         self.start = start + written
                         self.pending -= written
                 except BlockingIOError:
@@ -212,6 +224,7 @@ class Direction:
                 n = self.src.recv_into(held)
             else:
                 n = self.src.recv_into(held, SHORT_READ)
+        self.nread += n
         self.start, self.pending, self.in_pipe = 0, n, False
         if n >= BULK_READ and self.splice is not None:
             self.bulk = True
@@ -232,6 +245,7 @@ class Direction:
             self.held = None
         n = self.splice(self.src_fd, self.pipe[1], self.pipe[2],
                         SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+        self.nread += n
         self.pending, self.in_pipe = n, True
         self.buffers.left -= n
         if 0 < n < SHORT_READ:

@@ -39,6 +39,7 @@ from .contract import (
     Acceptor,
     Admission,
     Chooser,
+    LoopStatsHooks,
     OutcomeHook,
     SocketOptions,
     StreamSocket,
@@ -53,6 +54,10 @@ log = logging.getLogger("prefork_proxy.relay")
 TIMEOUTS_SLACK = 64
 #: The longest a loop sleeps in epoll with nothing due: its heartbeat stays fresh.
 IDLE_POLL_S = 1.0
+#: How often a loop copies its open connections' client-side bytes into its
+#: shared counters (``RelayLoop._publish_all``): what a scrape may lag behind
+#: the bytes of a long stream (the master republishes about once a second too).
+PUBLISH_S = 0.5
 #: How long accepting pauses after an unexpected error from the acceptor.
 ACCEPT_ERROR_PAUSE_S = 0.1
 
@@ -237,7 +242,8 @@ class RelayLoop:
                  acceptor: Optional[Acceptor] = None,
                  budget: int = DEFAULT_BUDGET,
                  on_crash: Optional[Callable[[], None]] = None,
-                 on_outcome: Optional[OutcomeHook] = None) -> None:
+                 on_outcome: Optional[OutcomeHook] = None,
+                 stats: Optional[LoopStatsHooks] = None) -> None:
         if mode not in ("splice", "copy"):
             raise ValueError(f"mode must be 'splice' or 'copy', not {mode!r}")
         self.mode = mode
@@ -252,7 +258,7 @@ class RelayLoop:
         self._pipes = PipePool()
         self._inbox: Deque[Tuple[StreamSocket, Optional[Iterator[Target]], float, str,
                                  SocketOptions, Optional[Admission],
-                                 Optional[Chooser]]] = collections.deque()
+                                 Optional[Chooser], int]] = collections.deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # The loop may end (and close the wake pipe) the moment ``stop`` sets
         # ``_stopping``, before ``stop`` writes its wake-up: the lock makes
@@ -276,6 +282,12 @@ class RelayLoop:
         # the loop after each batch.
         self._resumed: Deque[Connection] = collections.deque()
         self._on_outcome = on_outcome  # hears each connection refused by its admission
+        # This loop's shared counters (``rows.LoopStats``, see ``LoopStatsHooks``;
+        # None: the connections count their own bytes only).
+        self._stats = stats
+        self._publish_due = 0.0
+        if stats is not None:
+            self._cells, self._received, self._sent = stats.cells, stats.RECEIVED, stats.SENT
         self._relay_handler = self._on_event  # bound once, shared by every connection
         # Two counters, each with one writer, so no lock is needed: ``submitted``
         # is written by the submitting thread, ``finished`` by the loop.
@@ -301,7 +313,7 @@ class RelayLoop:
     def submit(self, client: StreamSocket, targets: Optional[Iterator[Target]],
                timeout_s: float, peer: str = "", options: SocketOptions = (),
                admission: Optional[Admission] = None,
-               choose: Optional[Chooser] = None) -> None:
+               choose: Optional[Chooser] = None, listener_slot: int = 0) -> None:
         """Hand a freshly accepted, non-blocking client over; the loop owns it from now on.
 
         ``options`` are set on every backend socket made for it (e.g. TCP
@@ -309,10 +321,12 @@ class RelayLoop:
         ``admission`` (None: none) is the client's pre-connect phase (see
         ``admit``); once it accepts, ``choose(verdict)`` gives the targets to
         try (None: ``targets``).  ``admission.release()`` is called exactly
-        once, when the connection closes, whatever ended it.
+        once, when the connection closes, whatever ended it.  ``listener_slot``
+        says whose counters its bytes and close go to (the loop's ``stats``).
         """
         self.submitted += 1
-        self._inbox.append((client, targets, timeout_s, peer, options, admission, choose))
+        self._inbox.append((client, targets, timeout_s, peer, options, admission, choose,
+                            listener_slot))
         if threading.get_ident() == self._thread_id:
             return  # accepted by this loop itself: it looks at its inbox after each batch
         if not self._wake_pending:
@@ -414,7 +428,10 @@ class RelayLoop:
                     self._guarded(conn, self._queuer.resumed, conn)
                 while to_close:
                     to_close.pop().close()
-                self.last_tick = time.monotonic()
+                self.last_tick = now = time.monotonic()
+                if now >= self._publish_due and self._stats is not None:
+                    self._publish_due = now + PUBLISH_S
+                    self._publish_all()
         except BaseException as exc:
             log.exception("relay loop %s crashed; closing its connections", self.name)
             self.crashed = f"{type(exc).__name__}: {exc}"
@@ -427,8 +444,7 @@ class RelayLoop:
             for conn in list(self._connections):
                 self._close(conn, abort=True)
             while self._inbox:
-                self._inbox.popleft()[0].close()
-                self.finished += 1
+                self._drop_unserved(self._inbox.popleft())
             for sock in to_close:
                 sock.close()
             to_close.clear()
@@ -450,10 +466,47 @@ class RelayLoop:
         """
         count = 0
         while self._inbox:
-            self._inbox.popleft()[0].close()
-            self.finished += 1
+            self._drop_unserved(self._inbox.popleft())
             count += 1
         return count
+
+    def _publish(self, conn: Connection) -> None:
+        """Add what the connection's client sent and was sent since last time to the
+        loop's shared counters (``stats``, not None; its loop's thread only)."""
+        client_in, client_out = conn.client_in, conn.client_out
+        cells, base = self._cells, conn.base
+        if client_in != conn.published_in:
+            cells[base + self._received] += client_in - conn.published_in
+            conn.published_in = client_in
+        if client_out != conn.published_out:
+            cells[base + self._sent] += client_out - conn.published_out
+            conn.published_out = client_out
+
+    def _publish_all(self) -> None:
+        """Every ``PUBLISH_S``: the open connections' new bytes into the shared counters.
+
+        Principle (counting costs the hot path one add per system call): the
+        directions count into their own attributes; the shared cells get the
+        differences here, so a long stream's bytes show in the metrics while
+        it runs, at a cost per open connection per ``PUBLISH_S`` (two compares
+        when idle) instead of a shared-memory add per system call.  A close
+        publishes the rest (``_close``), so totals are exact.
+        """
+        try:
+            for conn in self._connections:
+                self._publish(conn)
+        except Exception:  # bookkeeping must never cost the loop its thread
+            log.exception("publishing the byte counters of %s failed", self.name)
+
+    def _drop_unserved(self, item: Tuple[object, ...]) -> None:
+        """Close a client never taken in (the loop ended first): a close all the same."""
+        item[0].close()  # type: ignore[attr-defined]
+        self.finished += 1
+        if self._stats is not None:
+            try:
+                self._stats.on_close(self._stats.base(item[7]), -1, 0, 0, 0.0)  # type: ignore[arg-type]
+            except Exception:
+                log.exception("counting the close of an unserved client failed")
 
     def _poll_timeout(self) -> float:
         timeout = IDLE_POLL_S
@@ -484,8 +537,13 @@ class RelayLoop:
             self._wake_pending = False
         inbox = self._inbox
         connect_next = self._connector.connect_next
+        stats = self._stats
+        now = time.monotonic()  # one clock per batch: the clients' start, within microseconds
         while inbox:
             conn = Connection(*inbox.popleft())
+            conn.started = now
+            if stats is not None:
+                conn.base = stats.base(conn.listener_slot)
             self._connections.add(conn)
             if conn.admission is None:  # the one test a listener without admission pays
                 self._guarded(conn, connect_next, conn, None)
@@ -611,6 +669,16 @@ class RelayLoop:
         if conn.closed:
             return
         conn.closed = True
+        stats = self._stats
+        if stats is not None:  # before the directions go: their counts are the connection's
+            target = conn.target
+            try:
+                self._publish(conn)
+                stats.on_close(conn.base, target.slot if target is not None else -1,
+                               conn.published_in, conn.published_out,
+                               time.monotonic() - conn.started)
+            except Exception:  # bookkeeping must never cost the loop its thread
+                log.exception("counting the close of %s failed", conn.peer or "?")
         by_fd = self._by_fd
         by_fd.pop(conn.client_fd, None)
         if conn.backend is not None:

@@ -99,7 +99,10 @@ def test_every_exported_series_is_in_issue_11s_list(proxy_factory, backend_facto
     assert not TARGET_ONLY & {label for labels in exported.values() for label in labels}
     # What the proxy exports today: at least these (the rest of the list is being added).
     assert {"prefork_proxy_build_info", "prefork_proxy_config_generation",
-            "prefork_proxy_workers", "process_cpu_seconds_total"} <= set(exported)
+            "prefork_proxy_workers", "process_cpu_seconds_total",
+            "prefork_proxy_connections_active", "prefork_proxy_received_bytes_total",
+            "prefork_proxy_sent_bytes_total",
+            "prefork_proxy_session_duration_seconds"} <= set(exported)
 
 
 def test_promtool_lints_the_exposition(proxy_factory, backend_factory, tmp_path):

@@ -55,7 +55,8 @@ def test_loop_cells_fold_exactly_and_active_drops_with_a_dead_worker(monkeypatch
     assert 'prefork_proxy_received_bytes_total{listener="a"} 201.0' in body
 
 
-def test_without_the_relay_hooks_those_families_stay_out():
+def test_without_the_relay_hooks_those_families_stay_out(monkeypatch):
+    monkeypatch.setattr(rows_module, "RELAY_HOOKS", False)  # a build whose relay wrote none
     rows = WorkerRows(capacity=2, backend_slots=4)
     counts = _listener(rows)
     assert "received_bytes_total" not in counts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from prefork_proxy import rows as rows_module
 from prefork_proxy.rows import CONNECTIONS, FAILOVERS, WorkerRows, listener_cells
 
 
@@ -11,7 +12,9 @@ def _totals(rows: WorkerRows) -> dict:
     return rows.snapshot({"a": 0, "b": 1}, {"x": (3,), "y": (4, 5)})
 
 
-def test_a_reaped_workers_counters_are_folded_and_its_open_connections_dropped():
+def test_a_reaped_workers_counters_are_folded_and_its_open_connections_dropped(monkeypatch):
+    # The row cells only (the relay loops' cells: tests/unit/test_loop_stats.py).
+    monkeypatch.setattr(rows_module, "RELAY_HOOKS", False)
     rows = WorkerRows(capacity=4, backend_slots=8)
     first, second = rows.claim(1.0), rows.claim(1.0)
     assert (first, second) == (0, 1)
