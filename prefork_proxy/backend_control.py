@@ -78,7 +78,8 @@ class RequestError(Exception):
 def backend_list(shared: SharedState) -> List[Dict[str, Any]]:
     """Every configured backend of every listener with its admin state (master)."""
     table = shared.table
-    return [{"listener": listener.label, "backend": str(entry.backend.address),
+    return [{"listener": listener.label, "route": listener.route_name,
+             "backend": str(entry.backend.address),
              "state": "/".join(sorted({ADMIN_STATE_NAMES.get(table.admin_state[slot], "?")
                                        for slot in entry.slots})),  # a name's addresses
              "active": sum(shared.rows.active_count(slot) for slot in entry.slots)}
@@ -97,24 +98,33 @@ def apply(shared: SharedState, request: Dict[str, Any]) -> Dict[str, Any]:
         raise RequestError(f"unknown action {action!r}: expected one of "
                            f"{', '.join(ACTIONS)}")
     listener_name, backend_name = str(request.get("listener")), str(request.get("backend"))
+    route_name = str(request.get("route") or "")  # "": the listener's own pool
     pools = shared.pools()
-    matching = [(listener, entries) for _, listener, entries in pools
-                if listener_name in (listener.label, str(listener.bind))]
-    if not matching:
-        known = ", ".join(listener.label for _, listener, _ in pools)
+    of_listener = [(listener, entries) for _, listener, entries in pools
+                   if listener_name in (listener.label, str(listener.bind))]
+    if not of_listener:
+        known = ", ".join(sorted({listener.label for _, listener, _ in pools}))
         raise RequestError(f"no listener {listener_name!r} (listeners: {known})")
+    matching = [(pool, entries) for pool, entries in of_listener
+                if pool.route_name == route_name]
+    if not matching:
+        known = ", ".join(pool.route_name for pool, _ in of_listener if pool.route_name)
+        raise RequestError(f"listener {of_listener[0][0].label!r} has no route "
+                           f"{route_name!r} (routes: {known or 'none'})")
     listener, entries = matching[0]
     chosen = [entry for entry in entries if str(entry.backend.address) == backend_name]
     if not chosen:
         known = ", ".join(str(entry.backend.address) for entry in entries)
-        raise RequestError(f"listener {listener.label!r} has no backend {backend_name!r} "
-                           f"(backends: {known})")
+        where = f" route {route_name!r}" if route_name else ""
+        raise RequestError(f"listener {listener.label!r}{where} has no backend "
+                           f"{backend_name!r} (backends: {known or 'none'})")
     state = ACTIONS[action]
     for entry in chosen:  # the same address listed twice: both
         for slot in entry.slots:  # a hostname's every address
             shared.table.admin_state[slot] = state  # bumps health_version
-    log.warning("backend %s of listener %s: %s (now %s) by the control socket", backend_name,
-                listener.label, action, ADMIN_STATE_NAMES[state])
+    log.warning("backend %s of listener %s%s: %s (now %s) by the control socket",
+                backend_name, listener.label, f" route {route_name}" if route_name else "",
+                action, ADMIN_STATE_NAMES[state])
     return {"ok": True, "backends": backend_list(shared)}
 
 
@@ -304,6 +314,11 @@ def request(pidfile: str, message: Dict[str, Any],
 def render(rows: List[Dict[str, Any]]) -> str:
     """``backend list`` as text."""
     lines = [f"{'listener':<22} {'backend':<34} {'state':<9} {'active':>6}"]
-    lines += [f"{row['listener']:<22} {row['backend']:<34} {row['state']:<9} {row['active']:>6}"
+    lines += [f"{_pool(row):<22} {row['backend']:<34} {row['state']:<9} {row['active']:>6}"
               for row in rows]
     return "\n".join(lines)
+
+
+def _pool(row: Dict[str, Any]) -> str:
+    """A row's pool as ``backend list`` shows it: the listener, and its route if any."""
+    return row["listener"] + (f" route {row['route']}" if row.get("route") else "")

@@ -69,10 +69,10 @@ import operator
 import random
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from prefork_proxy.backend_queue import BackendQueue
-from prefork_proxy.config import Backend, ListenerConfig
+from prefork_proxy.config import Backend, ListenerConfig, RoutePool
 from prefork_proxy.limits import ConnectionLimits
 from prefork_proxy.relay import CONNECTED, FAILED, RELEASED, Target
 from prefork_proxy.rows import FAILOVERS, LISTENER_SLOTS, WorkerRows, listener_cells
@@ -301,11 +301,17 @@ class _View:
 
 
 class Balancer:
-    """The backend choice of one listener in one worker; its state lives in shared memory."""
+    """The backend choice of one pool in one worker; its state lives in shared memory.
 
-    def __init__(self, listener: ListenerConfig, shared: SharedState, index: int,
-                 row: int = 0, limits: Optional[ConnectionLimits] = None) -> None:
+    The pool is a listener's own (``listener`` a ``ListenerConfig``) or one of its
+    SNI routes' (a ``RoutePool``, which has the same pool keys); ``index`` is the
+    listener's index in the config either way.
+    """
+
+    def __init__(self, listener: Union[ListenerConfig, RoutePool], shared: SharedState,
+                 index: int, row: int = 0, limits: Optional[ConnectionLimits] = None) -> None:
         self.listener = listener
+        route = listener if isinstance(listener, RoutePool) else None
         # Backends' ``max_connections``: the shared slots (None: no backend sets it, and
         # no pick pays anything for it) and this worker's queue of clients waiting.
         self.limits = limits if listener.has_backend_limits else None
@@ -324,8 +330,8 @@ class Balancer:
         self._failovers = listener_cells(shared.rows, row, shared.listener_slot(index)) \
             + FAILOVERS
         self._lock = shared.rows.row_lock()
-        self.counter: RoundRobinCounter = shared.round_robin(listener, index)
-        self.entries: Tuple[PoolEntry, ...] = shared.pool(listener, index)
+        self.counter: RoundRobinCounter = shared.round_robin(listener, index, route)
+        self.entries: Tuple[PoolEntry, ...] = shared.pool(listener, index, route)
         self.timeout_s = listener.connect_timeout_ms / 1000.0
         self.budget_s = (listener.connect_budget_ms / 1000.0
                          if listener.connect_budget_ms is not None else None)

@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("status", "show the master, its generation and its workers; "
                                   "exit 1 if it is stuck or no worker serves"),
                        ("backend", "list backends and their state (`backend list`), or take "
-                                   "one out of rotation or back: `backend LISTENER BACKEND "
-                                   "drain|disable|enable` (through the master's control "
+                                   "one out of rotation or back: `backend LISTENER [ROUTE] "
+                                   "BACKEND drain|disable|enable` (through the master's control "
                                    "socket beside the pidfile)")):
         command = commands.add_parser(name, help=text, description=text)
         where = command.add_mutually_exclusive_group(required=True)
@@ -123,9 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         where.add_argument("--config", "-c", metavar="FILE",
                            help="the config file whose [server] pidfile names it")
         if name == "backend":
-            command.add_argument("words", nargs="+", metavar="list | LISTENER BACKEND ACTION",
-                                 help="`list`, or a listener (name or bind), a backend (as "
-                                      "configured) and drain, disable or enable")
+            command.add_argument("words", nargs="+",
+                                 metavar="list | LISTENER [ROUTE] BACKEND ACTION",
+                                 help="`list`, or a listener (name or bind), the name of one "
+                                      "of its SNI routes (for a route's backend), a backend "
+                                      "(as configured) and drain, disable or enable")
         if name == "upgrade":
             command.add_argument("--timeout", type=float, default=90.0, metavar="SECONDS",
                                  help="how long to wait for the new master to be ready")
@@ -206,11 +208,12 @@ def backend_command(pidfile: str, words: List[str]) -> int:
     """``backend list`` / ``backend LISTENER BACKEND ACTION``: ask the master, print its answer."""
     if words == ["list"]:
         message = {"command": "list"}
-    elif len(words) == 3 and words[2] in backend_control.ACTIONS:
-        message = {"command": "set", "listener": words[0], "backend": words[1],
-                   "action": words[2]}
+    elif len(words) in (3, 4) and words[-1] in backend_control.ACTIONS:
+        # LISTENER [ROUTE] BACKEND ACTION: ROUTE names an SNI route's pool.
+        message = {"command": "set", "listener": words[0], "backend": words[-2],
+                   "route": words[1] if len(words) == 4 else "", "action": words[-1]}
     else:
-        raise ConfigError("backend: expected `list` or LISTENER BACKEND "
+        raise ConfigError("backend: expected `list` or LISTENER [ROUTE] BACKEND "
                           f"{'|'.join(backend_control.ACTIONS)}, got {' '.join(words)!r}")
     reply = backend_control.request(pidfile, message)
     if not reply.get("ok"):
@@ -218,7 +221,8 @@ def backend_command(pidfile: str, words: List[str]) -> int:
               file=sys.stderr)
         return EXIT_CONFIG if reply.get("usage") else EXIT_FAILURE
     if message["command"] == "set":
-        print(f"backend {words[1]} of listener {words[0]}: {words[2]}")
+        route = f" route {message['route']}" if message["route"] else ""
+        print(f"backend {message['backend']} of listener {words[0]}{route}: {words[-1]}")
     print(backend_control.render(reply.get("backends", [])))
     return EXIT_OK
 

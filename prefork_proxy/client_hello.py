@@ -5,8 +5,8 @@ without terminating it (nginx ``ssl_preread``, HAProxy ``req.ssl_sni``, Envoy's
 ``tls_inspector``).  It holds no state, opens nothing and imports only the
 standard library, so any thread of any process may call it; the connection
 that owns the bytes (the SNI step of the pre-connect phase,
-``admission.steps.SniStep``, on a worker's relay thread; not compiled into any
-listener's pipeline until routes are served) calls it again each time more
+``admission.steps.SniStep``, on a worker's relay thread, compiled by ``gate``
+for every listener with ``[[tcp_proxy.routes]]``) calls it again each time more
 bytes arrive, and forwards every byte it read to
 the chosen backend unchanged.
 

@@ -200,6 +200,7 @@ class RouteConfig:
 
     server_names: Tuple[str, ...]
     backends: Tuple[Backend, ...]
+    name: str = ""  # "": its first server name (see ``label``)
     alpn: Optional[Tuple[str, ...]] = None  # None: any (or no) ALPN list
     balance: str = "round_robin"
     retries: Optional[int] = None
@@ -209,6 +210,13 @@ class RouteConfig:
     fail_timeout_ms: int = DEFAULT_FAIL_TIMEOUT_MS
     health_check: Optional[HealthCheck] = None
     send_proxy: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        """How metrics (the ``route`` label), status and ``prefork-proxy backend`` name it:
+        its ``name``, else its first server name (unique in its listener: a name two
+        routes list is refused by ``ServerNameTable`` unless ALPN tells them apart)."""
+        return self.name or self.server_names[0]
 
 
 @dataclass(frozen=True)
@@ -221,7 +229,7 @@ class ListenerConfig:
     """
 
     bind: Endpoint
-    backends: Tuple[Backend, ...]
+    backends: Tuple[Backend, ...] = ()  # empty only with routes: unmatched clients refused
     connect_timeout_ms: int = DEFAULT_CONNECT_TIMEOUT_MS
     name: str = ""
     balance: str = "round_robin"
@@ -275,6 +283,96 @@ class ListenerConfig:
     def label(self) -> str:
         """How logs name this listener: its ``name`` if given, else its bind address."""
         return self.name or str(self.bind)
+
+    #: The listener's own pool has no route name (``RoutePool.route_name`` for a route's).
+    route_name = ""
+
+    def route_pools(self) -> Tuple["RoutePool", ...]:
+        """Its routes as pools (``RoutePool``), in config order (index = route index)."""
+        return tuple(RoutePool(self, route, index) for index, route in enumerate(self.routes))
+
+
+@dataclass(frozen=True)
+class RoutePool:
+    """A route's pool seen like a listener's: what balancers, health checks, status,
+    metrics and ``prefork-proxy backend`` read from a pool, whichever kind it is.
+
+    The pool keys (``backends``, ``balance``, ``retries``, timeouts, ``fall``,
+    ``health_check``) are the route's; ``send_proxy`` is the route's, else the
+    listener's; what belongs to the listener (``label``, ``bind``,
+    ``resolve_interval_ms``, ``tcp_keepalive``) is the listener's.  Built by
+    ``ListenerConfig.route_pools`` (master and workers; immutable).
+    """
+
+    listener: ListenerConfig
+    route: RouteConfig
+    index: int  # in listener.routes: what an SNI verdict's ``route`` names
+
+    @property
+    def label(self) -> str:
+        return self.listener.label
+
+    @property
+    def bind(self) -> Endpoint:
+        return self.listener.bind
+
+    @property
+    def route_name(self) -> str:
+        return self.route.label
+
+    @property
+    def backends(self) -> Tuple[Backend, ...]:
+        return self.route.backends
+
+    @property
+    def balance(self) -> str:
+        return self.route.balance
+
+    @property
+    def retries(self) -> Optional[int]:
+        return self.route.retries
+
+    @property
+    def connect_timeout_ms(self) -> int:
+        return self.route.connect_timeout_ms
+
+    @property
+    def connect_budget_ms(self) -> Optional[int]:
+        return self.route.connect_budget_ms
+
+    @property
+    def fall(self) -> int:
+        return self.route.fall
+
+    @property
+    def fail_timeout_ms(self) -> int:
+        return self.route.fail_timeout_ms
+
+    @property
+    def health_check(self) -> Optional[HealthCheck]:
+        return self.route.health_check
+
+    @property
+    def resolve_interval_ms(self) -> int:
+        return self.listener.resolve_interval_ms
+
+    @property
+    def send_proxy(self) -> Optional[str]:
+        return self.route.send_proxy or self.listener.send_proxy
+
+    def backend_send_proxy(self, backend: Backend) -> Optional[str]:
+        """The PROXY header version ``backend`` gets (its own, the route's, the listener's)."""
+        return backend.send_proxy or self.send_proxy
+
+    @property
+    def has_backend_limits(self) -> bool:
+        """Whether one of the route's backends sets ``max_connections``."""
+        return any(b.max_connections for b in self.route.backends)
+
+    @property
+    def queue_timeout_ms(self) -> int:
+        """How long a client waits for a slot of a full route pool: the listener's key."""
+        return self.listener.queue_timeout_ms
 
 
 @dataclass(frozen=True)
@@ -366,7 +464,8 @@ class Config:
 
     def summary(self) -> str:
         """One line for ``prefork-proxy check`` and the startup log."""
-        parts = [f"{lst.bind} -> {', '.join(str(b.address) for b in lst.backends)}"
+        parts = [f"{lst.bind} -> {', '.join(str(b.address) for b in lst.backends) or '-'}"
+                 + (f" (+{len(lst.routes)} SNI route(s))" if lst.routes else "")
                  for lst in self.listeners]
         return (f"{len(self.listeners)} listener(s), workers={self.server.workers}, "
                 f"threads={self.server.relay_threads}, relay={self.server.relay}: "
@@ -571,7 +670,7 @@ def _timeout_within_interval(health: HealthCheck) -> None:
                       key="timeout_ms")
 
 
-def _budget_covers_timeout(listener: ListenerConfig) -> None:
+def _budget_covers_timeout(listener: "ListenerConfig | RouteConfig") -> None:
     budget, timeout = listener.connect_budget_ms, listener.connect_timeout_ms
     if budget is not None and budget < timeout:
         raise Invalid(f"expected at least connect_timeout_ms ({timeout}), got {budget}: the "
@@ -585,7 +684,7 @@ def _proxy_keys(listener: ListenerConfig) -> None:
 
 
 def _one_primary(listener: ListenerConfig) -> None:
-    if all(b.backup for b in listener.backends):
+    if listener.backends and all(b.backup for b in listener.backends):
         raise Invalid("every backend is a backup: expected at least one primary (a backend "
                       "without backup = true)", key="backends")
 
@@ -674,6 +773,8 @@ ROUTE = Table(RouteConfig, [
         missing="expected a list of server names"),
     Key("backends", BACKEND_LIST, "where its clients go",
         missing='expected a list of "host:port" strings'),
+    Key("name", Text(), "how metrics (the route label), status and `prefork-proxy backend` "
+        "name it; unique in its listener", default_doc="its first server name"),
     Key("alpn", Array(Text(), "alpn", 'a non-empty list of protocols like ["h2"]'),
         "also match on the ALPN list the client offers", default_doc="any"),
     Key("balance", OneOf(BALANCE_MODES), "how a backend is chosen"),
@@ -688,7 +789,7 @@ ROUTE = Table(RouteConfig, [
     Key("health_check", HEALTH_CHECK, "active checks of its backends", default_doc="none"),
     Key("send_proxy", OneOf(SEND_PROXY_VERSIONS), "a PROXY header to its backends",
         default_doc="the listener's send_proxy"),
-], expected="a [[tcp_proxy.routes]] table", checks=[_route_primary])
+], expected="a [[tcp_proxy.routes]] table", checks=[_route_primary, _budget_covers_timeout])
 
 
 class Routes(Array):
@@ -710,23 +811,30 @@ class Routes(Array):
                                  str(exc))
                 raise where.item(count - 1, self.label, False).fail(
                     f"server_names: {message}") from None
+        seen: dict[str, int] = {}
+        for index, route in enumerate(routes):
+            earlier = seen.setdefault(route.label, index)
+            if earlier != index:
+                raise where.item(index, self.label, False).field("name", False).fail(
+                    f"route {earlier + 1} is already named {route.label!r}: a route's name "
+                    "(its first server name unless set) is unique in its listener")
         return routes
 
 
-def _routes_served(listener: ListenerConfig) -> None:
-    # Parsed and checked, but not served yet: route pools need their own shared backend
-    # slots and balancers (issue 13).  Refused rather than ignored, so no client is
-    # silently sent to the listener's own backends.
-    if listener.routes:
-        raise Invalid("SNI routes are not served by this version yet (issue 13): remove the "
-                      "[[tcp_proxy.routes]] tables", key="routes")
+def _backends_or_routes(listener: ListenerConfig) -> None:
+    # A listener's own backends are its default pool: optional only when routes take
+    # its clients (unmatched ones are then refused with 403).
+    if not listener.backends and not listener.routes:
+        raise Invalid('missing: expected a list of "host:port" strings (optional only '
+                      'with [[tcp_proxy.routes]])', key="backends")
 
 
 LISTENER = Table(ListenerConfig, [
     Key("bind", Address(port_zero=True), "the address to listen on",
         missing='expected "host:port" to listen on, e.g. "0.0.0.0:5432"'),
     Key("backends", BACKEND_LIST,
-        "where connections go", missing='expected a list of "host:port" strings'),
+        "where connections go (with routes: clients no route takes)",
+        default_doc="required (optional with routes: unmatched clients are then refused)"),
     Key("connect_timeout_ms", Int(1, 3_600_000, MS), "each connect attempt within this"),
     Key("name", Text(non_empty=False), "how logs name the listener", default_doc="its bind"),
     Key("balance", OneOf(BALANCE_MODES), "how a backend is chosen"),
@@ -770,13 +878,15 @@ LISTENER = Table(ListenerConfig, [
         "unread), then is refused (status 503, term sQ); 0: refused at once"),
     Key("sni_timeout_ms", Int(1, MAX_MS, MS), "with routes: the TLS ClientHello within "
         "this of accept"),
-    Key("routes", Routes(), "SNI routes "
-        "(issue 13; validated, not served yet)", default_doc="none"),
+    Key("routes", Routes(), "SNI routes: a TLS client goes to the first route whose "
+        "server_names (and alpn) match its ClientHello, else to the listener's backends",
+        default_doc="none"),
     Key("mode", FileMode(), 'a "unix:" listener\'s file mode; its owner is the serving '
         "user (server.user/group)", default_doc='"0660"'),
     Key("v6only", Flag(), "an IPv6 listener takes IPv6 clients only (false: IPv4 too, "
         "mapped)"),
-], checks=[_budget_covers_timeout, _one_primary, _proxy_keys, _routes_served, _family_keys])
+], checks=[_backends_or_routes, _budget_covers_timeout, _one_primary, _proxy_keys,
+           _family_keys])
 
 
 def _distinct_binds(listeners: Sequence[ListenerConfig]) -> Optional[Tuple[int, str]]:
@@ -792,7 +902,8 @@ def _distinct_binds(listeners: Sequence[ListenerConfig]) -> Optional[Tuple[int, 
 
 def _address_slots(listeners: Sequence[ListenerConfig]) -> Optional[str]:
     needed = sum(1 if b.address.is_ip_literal() else ADDRESSES_PER_NAME
-                 for listener in listeners for b in listener.backends)
+                 for listener in listeners
+                 for pool in (listener, *listener.routes) for b in pool.backends)
     if needed > MAX_BACKEND_ADDRESSES:
         return (f"too many backends: they need {needed} address slots (an IP address takes 1, "
                 f"a hostname {ADDRESSES_PER_NAME}), at most {MAX_BACKEND_ADDRESSES}")

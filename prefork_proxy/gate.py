@@ -21,15 +21,16 @@ balancer or the relay; the relay knows nothing of admission but its calls
 (from the PROXY header when one was accepted: what ``source_hash`` hashes),
 and, when a backend wants ``send_proxy``, gives each of its targets the header
 to send first (``Target.send_prefix``), built per backend so a failover to a
-backend with another version sends the right one.  Routes (issue 13's
-``[[tcp_proxy.routes]]``) are not wired yet: the pipeline gets no SNI table,
-so ``verdict.route`` is always None (the listener's own pool).
+backend with another version sends the right one.  A listener with SNI routes
+(issue 13's ``[[tcp_proxy.routes]]``) gets an SNI step (its ``ServerNameTable``)
+and one balancer per route: ``verdict.route`` picks the route's pool (None:
+the listener's own backends), each pool with its own ``PoolChoice``.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 from prefork_proxy.admission import (
     Accept,
@@ -45,6 +46,7 @@ from prefork_proxy.balancer import BACKEND_SCOPE_BASE, Balancer
 from prefork_proxy.config import MAX_BACKEND_ADDRESSES, Config, ListenerConfig
 from prefork_proxy.limits import LEDGER_PER_ROW, ConnectionLimits
 from prefork_proxy.relay import RelayLoop, Target
+from prefork_proxy.sni_routes import ServerNameTable
 
 log = logging.getLogger("prefork_proxy.gate")
 
@@ -56,7 +58,8 @@ MAX_SOURCES = 65536
 def has_admission(listener: ListenerConfig) -> bool:
     """Whether ``listener`` sets any key of the pre-connect phase."""
     return bool(listener.accept_proxy or listener.allow or listener.deny or listener.has_limits
-                or listener.send_proxy or any(b.send_proxy for b in listener.backends))
+                or listener.send_proxy or any(b.send_proxy for b in listener.backends)
+                or listener.routes)
 
 
 def relay_supports_admission() -> bool:
@@ -86,6 +89,7 @@ def connection_limits(config: Config) -> Optional[ConnectionLimits]:
     so a reload that adds a backend limit later finds its scopes already there.
     """
     if not any(listener.has_limits or listener.has_backend_limits
+               or any(route.has_backend_limits for route in listener.route_pools())
                for listener in config.listeners):
         return None
     return ConnectionLimits(sources=sources_for(config),
@@ -125,28 +129,27 @@ def with_prefix(target: Target, prefix: bytes) -> Target:
     return copy
 
 
-class Gate:
-    """One listener's pipeline and backend choice, in one worker (see the module docstring)."""
+class PoolChoice:
+    """One pool's backend choice behind a gate: its balancer and its PROXY header versions.
 
-    __slots__ = ("listener", "pipeline", "balancer", "_versions", "_uniform", "_members",
-                 "_by_address")
+    The pool is the listener's own or one of its SNI routes' (``balancer.listener``
+    is then a ``config.RoutePool``, whose ``backend_send_proxy`` falls back on the
+    route's ``send_proxy``, then the listener's).
+    """
 
-    def __init__(self, listener: ListenerConfig, pipeline: Optional[Pipeline],
-                 balancer: Balancer) -> None:
-        self.listener, self.pipeline, self.balancer = listener, pipeline, balancer
-        versions = {listener.backend_send_proxy(b) for b in listener.backends}
+    __slots__ = ("balancer", "_spec", "_versions", "_uniform", "_members", "_by_address")
+
+    def __init__(self, balancer: Balancer) -> None:
+        self.balancer = balancer
+        spec = self._spec = balancer.listener
+        versions = {spec.backend_send_proxy(b) for b in spec.backends}
         self._versions = versions - {None}
         # One version for every backend (or none): no lookup per target.
         self._uniform: Optional[str] = next(iter(versions)) if len(versions) == 1 else ""
         self._members: object = None
         self._by_address: Dict[tuple, Optional[str]] = {}
 
-    def open(self, peer: object, local: object) -> Optional[Admission]:
-        """Accepting relay thread: the admission of one client (None: no pipeline)."""
-        return self.pipeline.open(peer, local) if self.pipeline is not None else None
-
-    def choose(self, verdict: Accept) -> Iterator[Target]:
-        """The client's relay thread, on ``Accept``: the targets to try, in order."""
+    def targets(self, verdict: Accept) -> Iterator[Target]:
         client = verdict.client_address
         targets = self.balancer.targets(client if isinstance(client, tuple) else None)
         if not self._versions:
@@ -170,17 +173,58 @@ class Gate:
         """The send_proxy version of the backend behind ``target`` (by its address)."""
         members = self.balancer.members()
         if members is not self._members:
-            self._by_address = {m.target.sockaddr: self.listener.backend_send_proxy(m.backend)
+            self._by_address = {m.target.sockaddr: self._spec.backend_send_proxy(m.backend)
                                 for m in members if m.target is not None}
             self._members = members
         return self._by_address.get(target.sockaddr)
 
 
+class Gate:
+    """One listener's pipeline and backend choice, in one worker (see the module docstring).
+
+    ``balancer`` is the listener's own pool's; ``routes`` one balancer per SNI
+    route, in config order (an ``Accept``'s ``route`` indexes them).
+    """
+
+    __slots__ = ("listener", "pipeline", "balancer", "_default", "_routes")
+
+    def __init__(self, listener: ListenerConfig, pipeline: Optional[Pipeline],
+                 balancer: Balancer, routes: Sequence[Balancer] = ()) -> None:
+        self.listener, self.pipeline, self.balancer = listener, pipeline, balancer
+        # No backends of its own: the SNI step refuses whom no route takes, so the
+        # default pool is never asked.
+        self._default = PoolChoice(balancer) if listener.backends else None
+        self._routes = tuple(PoolChoice(b) for b in routes)
+
+    def open(self, peer: object, local: object) -> Optional[Admission]:
+        """Accepting relay thread: the admission of one client (None: no pipeline)."""
+        return self.pipeline.open(peer, local) if self.pipeline is not None else None
+
+    def choose(self, verdict: Accept) -> Iterator[Target]:
+        """The client's relay thread, on ``Accept``: the targets of its pool, in order."""
+        route = verdict.route
+        pool = self._default if route is None else self._routes[route]
+        if pool is None:  # not reached: the SNI step refuses these
+            return iter(())
+        return pool.targets(verdict)
+
+
 def listener_gate(listener: ListenerConfig, balancer: Balancer,
-                  limits: Optional[ConnectionLimits], scope: int) -> Optional[Gate]:
-    """Worker boot: the listener's ``Gate``, or None when it sets no admission key."""
+                  limits: Optional[ConnectionLimits], scope: int,
+                  routes: Sequence[Balancer] = ()) -> Optional[Gate]:
+    """Worker boot: the listener's ``Gate``, or None when it sets no admission key.
+
+    ``routes``: a balancer per ``listener.route_pools()`` entry, in order.
+    """
     if not has_admission(listener):
         return None
+    if len(routes) != len(listener.routes):
+        raise ValueError(f"listener {listener.label}: {len(listener.routes)} routes, "
+                         f"{len(routes)} balancers")
+    table = None
+    if listener.routes:  # validated by the config loader: this cannot raise
+        table = ServerNameTable([r.server_names for r in listener.routes],
+                                [r.alpn for r in listener.routes])
     queue = None
     if listener.max_connections and limits is not None:
         queue = listener_queue(listener, limits, scope)
@@ -191,10 +235,11 @@ def listener_gate(listener: ListenerConfig, balancer: Balancer,
         max_connections=listener.max_connections,
         max_connections_per_source=listener.max_connections_per_source,
         max_new_connections_per_source=listener.max_new_connections_per_source,
-        listener_queue=queue)
+        listener_queue=queue, routes=table, has_default_route=bool(listener.backends),
+        sni_timeout_ms=listener.sni_timeout_ms)
     if pipeline is None:  # send_proxy alone: the Accept (with its addresses) comes at once
         pipeline = Pipeline([PassStep()])
-    return Gate(listener, pipeline, balancer)
+    return Gate(listener, pipeline, balancer, routes)
 
 
 def listener_queue(listener: ListenerConfig, limits: ConnectionLimits,

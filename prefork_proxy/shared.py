@@ -44,7 +44,7 @@ from prefork_proxy.listeners import ListenerKey, listener_key
 from prefork_proxy.rows import LISTENER_SLOTS, WorkerRows, rows_for
 
 if TYPE_CHECKING:
-    from prefork_proxy.config import Config, ListenerConfig
+    from prefork_proxy.config import Config, ListenerConfig, RoutePool
 
 log = logging.getLogger("prefork_proxy.shared")
 
@@ -381,6 +381,16 @@ class PoolEntry:
     literal: bool
 
 
+#: Who a pool is across reloads: a listener's own pool is keyed by its ``listener_key``;
+#: a route's by ``(listener_key, "route", route label)`` (see ``SharedState``).
+PoolKey = Tuple[object, ...]
+
+
+def pool_key(key: ListenerKey, route: Optional["RoutePool"]) -> PoolKey:
+    """The pool key of a listener's own pool (``route`` None) or of one of its routes."""
+    return key if route is None else (key, "route", route.route_name)
+
+
 class SharedState:
     """Everything the workers share, created by the master before the first fork.
 
@@ -389,6 +399,14 @@ class SharedState:
     with the same bind address, a backend with the same address in it) is kept,
     so a reload restarts neither the rotation nor the health of a backend.
     Only the master calls ``reconfigure``; workers only read and draw.
+
+    Pools: each listener has its own pool (its ``backends``, possibly empty
+    when it has routes) and one per SNI route (``[[tcp_proxy.routes]]``,
+    ``config.RoutePool``).  A route's pool is a pool like any other: its own
+    slots in the backend table (so its own health, admin state, connection
+    and error counts, even for an address the listener's pool lists too), its
+    own round-robin counter; a route keeps them across a reload while its
+    listener and its name (``RouteConfig.label``) stay.
     """
 
     def __init__(self, config: "Config", rows: Optional[int] = None) -> None:
@@ -397,11 +415,14 @@ class SharedState:
         self.rows = WorkerRows(rows or rows_for(config.server.workers), self.table.slots)
         self.config = config
         self._keys: List[ListenerKey] = []  # listener_key of each listener, in config order
-        self._round_robin: Dict[ListenerKey, RoundRobinCounter] = {}
+        # Every pool of the config, in order: (listener index, spec, pool key); spec is
+        # the ListenerConfig for its own pool, a RoutePool for a route's.
+        self._specs: List[Tuple[int, object, PoolKey]] = []
+        self._round_robin: Dict[PoolKey, RoundRobinCounter] = {}
         self._listener_slots: Dict[ListenerKey, int] = {}
         self._free_listener_slots: Deque[int] = collections.deque(range(LISTENER_SLOTS))
-        self._pools: Dict[ListenerKey, Tuple[PoolEntry, ...]] = {}
-        self._entry_slots: Dict[Tuple[ListenerKey, str, int], Tuple[int, ...]] = {}
+        self._pools: Dict[PoolKey, Tuple[PoolEntry, ...]] = {}
+        self._entry_slots: Dict[Tuple[PoolKey, str, int], Tuple[int, ...]] = {}
         self._next_fresh = 0
         self._retired: Deque[int] = collections.deque()  # freed slots, reused oldest first
         self.reconfigure(config)
@@ -410,34 +431,40 @@ class SharedState:
         self.config = config
         self._keys = [listener_key(listener, index)
                       for index, listener in enumerate(config.listeners)]
-        wanted: Dict[Tuple[ListenerKey, str, int], Tuple[ListenerKey, Backend]] = {}
-        order: Dict[ListenerKey, List[Tuple[ListenerKey, str, int]]] = {}
+        self._specs = []
+        for index, listener in enumerate(config.listeners):
+            self._specs.append((index, listener, pool_key(self._keys[index], None)))
+            for route in listener.route_pools():
+                self._specs.append((index, route, pool_key(self._keys[index], route)))
+        wanted: Dict[Tuple[PoolKey, str, int], Backend] = {}
+        order: Dict[PoolKey, List[Tuple[PoolKey, str, int]]] = {}
         for key in [k for k in self._listener_slots if k not in self._keys]:
             self._free_listener_slots.append(self._listener_slots.pop(key))
-        for index, listener in enumerate(config.listeners):
+        for index in range(len(config.listeners)):
             key = self._keys[index]
-            if key not in self._round_robin:
-                self._round_robin[key] = RoundRobinCounter()
             if key not in self._listener_slots:
                 # Oldest freed first: a slot just given up may still be counted
                 # in the rows of draining workers for a while.
                 lslot = self._listener_slots[key] = self._free_listener_slots.popleft()
                 self.rows.reset_listener(lslot)
+        for _, spec, pkey in self._specs:
+            if pkey not in self._round_robin:
+                self._round_robin[pkey] = RoundRobinCounter()
             seen: Dict[str, int] = collections.Counter()
-            order[key] = []
-            for backend in listener.backends:
+            order[pkey] = []
+            for backend in spec.backends:  # type: ignore[attr-defined]
                 name = str(backend.address)
-                entry_key = (key, name, seen[name])
+                entry_key = (pkey, name, seen[name])
                 seen[name] += 1
-                wanted[entry_key] = (key, backend)
-                order[key].append(entry_key)
+                wanted[entry_key] = backend
+                order[pkey].append(entry_key)
         # Free what is gone first, so a config that fits the capacity always fits.
         for entry_key in [k for k in self._entry_slots if k not in wanted]:
             self._retired.extend(self._entry_slots.pop(entry_key))
-        pools: Dict[ListenerKey, List[PoolEntry]] = collections.defaultdict(list)
-        for key, entry_keys in order.items():
+        pools: Dict[PoolKey, List[PoolEntry]] = {pkey: [] for pkey in order}
+        for pkey, entry_keys in order.items():
             for entry_key in entry_keys:
-                backend = wanted[entry_key][1]
+                backend = wanted[entry_key]
                 literal = backend.address.is_ip_literal()
                 slots = self._entry_slots.get(entry_key)
                 if slots is None or len(slots) != (1 if literal else ADDRESSES_PER_NAME):
@@ -462,7 +489,7 @@ class SharedState:
                                       backend.address, exc)
                         else:
                             self.table.set_address(slots[0], family, sockaddr)
-                pools[key].append(PoolEntry(backend, slots, literal))
+                pools[pkey].append(PoolEntry(backend, slots, literal))
         self._pools = {key: tuple(entries) for key, entries in pools.items()}
         cleared = self.clear_unchecked_verdicts()
         if cleared:
@@ -473,7 +500,7 @@ class SharedState:
         """Master: forget the active-check verdicts of backends no check looks at any more.
 
         A backend marked down by checks would otherwise stay down forever once
-        a reload removed its listener's ``health_check`` table: its slot is
+        a reload removed its pool's ``health_check`` table: its slot is
         kept, and nothing probes it again.  Called by ``reconfigure`` and again
         by the health checker once the old health-check process is gone (it
         could still write a verdict in between).  Returns how many were cleared.
@@ -498,15 +525,17 @@ class SharedState:
         workers serving this config do not read, so restoring the maps
         restores what those workers see.
         """
-        return (self.config, list(self._keys), dict(self._round_robin), dict(self._pools),
-                dict(self._entry_slots), self._next_fresh, collections.deque(self._retired),
-                dict(self._listener_slots), collections.deque(self._free_listener_slots))
+        return (self.config, list(self._keys), list(self._specs), dict(self._round_robin),
+                dict(self._pools), dict(self._entry_slots), self._next_fresh,
+                collections.deque(self._retired), dict(self._listener_slots),
+                collections.deque(self._free_listener_slots))
 
     def restore(self, snapshot: Tuple[object, ...]) -> None:
         """Undo every ``reconfigure`` since ``snapshot`` (master; before new workers serve)."""
-        (self.config, keys, round_robin, pools, entry_slots, self._next_fresh,
+        (self.config, keys, specs, round_robin, pools, entry_slots, self._next_fresh,
          retired, listener_slots, free_listener_slots) = snapshot  # type: ignore[assignment]
         self._keys = list(keys)  # type: ignore[call-overload]
+        self._specs = list(specs)  # type: ignore[call-overload]
         self._listener_slots = dict(listener_slots)  # type: ignore[call-overload]
         self._free_listener_slots = collections.deque(free_listener_slots)  # type: ignore
         self._round_robin = dict(round_robin)  # type: ignore[call-overload]
@@ -520,13 +549,16 @@ class SharedState:
             return self._next_fresh - 1
         return self._retired.popleft()  # config validation guarantees enough are free
 
-    def round_robin(self, listener: "ListenerConfig", index: int) -> RoundRobinCounter:
-        """The counter of the ``index``-th listener of the config the worker serves."""
-        return self._round_robin[self._keys[index]]
+    def round_robin(self, listener: "ListenerConfig", index: int,
+                    route: Optional["RoutePool"] = None) -> RoundRobinCounter:
+        """The counter of the ``index``-th listener of the config the worker serves
+        (of its route ``route``, a ``RoutePool``, when given)."""
+        return self._round_robin[pool_key(self._keys[index], route)]
 
-    def pool(self, listener: "ListenerConfig", index: int) -> Tuple[PoolEntry, ...]:
-        """The backends of the ``index``-th listener, with their slots."""
-        return self._pools[self._keys[index]]
+    def pool(self, listener: "ListenerConfig", index: int,
+             route: Optional["RoutePool"] = None) -> Tuple[PoolEntry, ...]:
+        """The backends of the ``index``-th listener (of its ``route``), with their slots."""
+        return self._pools[pool_key(self._keys[index], route)]
 
     def listener_slot(self, index: int) -> int:
         """The counter slot (in ``rows``) of the ``index``-th listener of the config."""
@@ -535,29 +567,45 @@ class SharedState:
     def counters(self) -> Dict[str, Dict[str, Dict[str, object]]]:
         """Every counter of the current config's listeners and backends (master; the
         read side a metrics collector uses).  Labels: the listener's label, and
-        ``label|backend address`` for a backend (a hostname's addresses together).
-        A backend also has ``connect_errors_total`` ({reason: n}) and ``up`` (0/1).
+        ``label|backend address`` for a backend of its own pool (``label|route|backend
+        address`` for one of a route's; a hostname's addresses together).  A backend
+        also has ``connect_errors_total`` ({reason: n}) and ``up`` (0/1); a route's
+        backend also ``listener``, ``route`` and ``backend`` (its metric labels).
         """
         listener_slots = {listener.label: self.listener_slot(index)
                           for index, listener, _ in self.pools()}
-        backend_slots = {f"{listener.label}|{entry.backend.address}": entry.slots
-                         for _, listener, entries in self.pools() for entry in entries}
+        keyed = [(_backend_key(spec, entry), spec, entry)
+                 for _, spec, entries in self.pools() for entry in entries]
+        backend_slots = {key: entry.slots for key, _, entry in keyed}
         totals: Dict[str, Dict[str, Dict[str, object]]] = \
             self.rows.snapshot(listener_slots, backend_slots)  # type: ignore[assignment]
         now = time.monotonic()
-        for _, listener, entries in self.pools():
-            for entry in entries:
-                errors: Dict[str, int] = collections.Counter()
-                for slot in entry.slots:
-                    errors.update(self.table.error_counts(slot))
-                backend = totals["backends"][f"{listener.label}|{entry.backend.address}"]
-                backend["connect_errors_total"] = dict(errors)
-                # Up: one of its addresses takes new connections (health only:
-                # checks and failures, as the balancers see it).
-                backend["up"] = int(any(self.table.eligible(slot, now) for slot in entry.slots))
+        for key, spec, entry in keyed:
+            errors: Dict[str, int] = collections.Counter()
+            for slot in entry.slots:
+                errors.update(self.table.error_counts(slot))
+            backend = totals["backends"][key]
+            if spec.route_name:  # a route's: its labels spelled out (the key has three parts)
+                backend.update(listener=spec.label, route=spec.route_name,
+                               backend=str(entry.backend.address))
+            backend["connect_errors_total"] = dict(errors)
+            # Up: one of its addresses takes new connections (health only:
+            # checks and failures, as the balancers see it).
+            backend["up"] = int(any(self.table.eligible(slot, now) for slot in entry.slots))
         return totals
 
     def pools(self) -> List[Tuple[int, "ListenerConfig", Tuple[PoolEntry, ...]]]:
-        """Every listener of the current config with its pool (health checks, status)."""
-        return [(index, listener, self.pool(listener, index))
-                for index, listener in enumerate(self.config.listeners)]
+        """Every pool of the current config, in order: each listener's own (its
+        ``ListenerConfig``), then its routes' (``RoutePool``, which reads like one:
+        ``label``, ``route_name``, ``health_check``, ``backend_send_proxy``...),
+        each as (listener index, spec, entries), for health checks, status, metrics."""
+        return [(index, spec, self._pools[pkey])  # type: ignore[misc]
+                for index, spec, pkey in self._specs]
+
+
+def _backend_key(spec: object, entry: PoolEntry) -> str:
+    """A backend's key in ``counters()``: unique per pool and configured address."""
+    route = spec.route_name  # type: ignore[attr-defined]
+    label = spec.label  # type: ignore[attr-defined]
+    return (f"{label}|{route}|{entry.backend.address}" if route
+            else f"{label}|{entry.backend.address}")

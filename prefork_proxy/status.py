@@ -73,7 +73,9 @@ def build(master: Any, now: float) -> Dict[str, Any]:
 
 
 def backend_rows(shared: SharedState) -> List[Dict[str, Any]]:
-    """One row per backend address (a hostname not resolved yet: one row for the name)."""
+    """One row per backend address (a hostname not resolved yet: one row for the name),
+    of every pool: ``route`` is "" for a listener's own, the route's name for an SNI
+    route's."""
     table = shared.table
     now = time.monotonic()
     rows: List[Dict[str, Any]] = []
@@ -82,7 +84,8 @@ def backend_rows(shared: SharedState) -> List[Dict[str, Any]]:
             slots = [s for s in entry.slots if table.family[s]]
             if not slots:
                 first = entry.slots[0]
-                rows.append({"listener": listener.label, "backend": str(entry.backend.address),
+                rows.append({"listener": listener.label, "route": listener.route_name,
+                             "backend": str(entry.backend.address),
                              "state": "unresolved", "down_reason": "", "down_left_s": None,
                              "backup": entry.backend.backup,
                              "active": shared.rows.active_count(first), "fails": table.fails[first],
@@ -98,7 +101,7 @@ def backend_rows(shared: SharedState) -> List[Dict[str, Any]]:
                     left = table.down_until[slot] - now
                 checked = table.last_check[slot]
                 rows.append({
-                    "listener": listener.label,
+                    "listener": listener.label, "route": listener.route_name,
                     "backend": backend_name(entry.backend, address[1] if address else None,
                                             entry.literal),
                     "state": state, "down_reason": reason, "down_left_s": left,
@@ -178,7 +181,8 @@ def backend_lines(rows: List[Dict[str, Any]], wall: Optional[float] = None) -> L
         if row["last_check_at"]:
             result = "ok" if row["last_check_ok"] else "failed"
             checked = f"{max(0.0, wall - row['last_check_at']):.1f} s ago, {result}"
-        lines.append(f"{row['listener']:<22} {row['backend']:<34} {state:<26} "
+        pool = row["listener"] + (f" route {row['route']}" if row.get("route") else "")
+        lines.append(f"{pool:<22} {row['backend']:<34} {state:<26} "
                      f"{row['active']:>6} {row['fails']:>5}  {checked}")
     return lines
 

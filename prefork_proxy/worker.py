@@ -143,8 +143,10 @@ class Worker:
         for index, (lst, sock) in enumerate(self.listeners):
             lslot = self.shared.listener_slot(index)
             balancer = Balancer(lst, self.shared, index, row, self.limits)
+            routes = [Balancer(pool, self.shared, index, row, self.limits)
+                      for pool in lst.route_pools()]
             # Compiled once per listener; None (no admission key): the seed's accept path.
-            gate = listener_gate(lst, balancer, self.limits, lslot)
+            gate = listener_gate(lst, balancer, self.limits, lslot, routes)
             if gate is not None and not relay_supports_admission():
                 raise ProxyError(f"listener {lst.label}: its admission keys need the relay's "
                                  "pre-connect phase, which this build lacks")

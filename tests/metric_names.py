@@ -27,14 +27,16 @@ METRICS: Dict[str, Tuple[str, Set[str], Dict[str, Set[str]]]] = {
     "prefork_proxy_rejected_connections_total": ("counter", {"listener", "reason"}, {}),
     "prefork_proxy_failovers_total": ("counter", {"listener"}, {}),
     "prefork_proxy_session_duration_seconds": ("histogram", {"listener"}, {}),
-    # Per backend.
-    "prefork_proxy_backend_connections_total": ("counter", {"listener", "backend"}, {}),
-    "prefork_proxy_backend_connections_active": ("gauge", {"listener", "backend"}, {}),
+    # Per backend of a pool: ``route`` (issue 13), the SNI route's name, only on the
+    # series of a route's backends (the listener's own keep issue 11's labels).
+    "prefork_proxy_backend_connections_total": ("counter", {"listener", "route", "backend"}, {}),
+    "prefork_proxy_backend_connections_active": ("gauge", {"listener", "route", "backend"}, {}),
     "prefork_proxy_backend_connect_errors_total": (
-        "counter", {"listener", "backend", "reason"},
+        "counter", {"listener", "route", "backend", "reason"},
         {"reason": {"refused", "timeout", "unreachable", "other"}}),
-    "prefork_proxy_backend_up": ("gauge", {"listener", "backend"}, {}),
-    "prefork_proxy_backend_connect_duration_seconds": ("histogram", {"listener", "backend"}, {}),
+    "prefork_proxy_backend_up": ("gauge", {"listener", "route", "backend"}, {}),
+    "prefork_proxy_backend_connect_duration_seconds": (
+        "histogram", {"listener", "route", "backend"}, {}),
     # Process.
     "prefork_proxy_workers": ("gauge", {"state"}, {"state": set(status_model.WORKER_STATES)}),
     "prefork_proxy_worker_restarts_total": (

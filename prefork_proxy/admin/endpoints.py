@@ -30,6 +30,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
+from prometheus_client.samples import Sample
 
 import prefork_proxy
 from prefork_proxy import status as status_model
@@ -177,6 +178,9 @@ def _listener_families(listeners: Dict[str, Dict[str, int]]) -> Iterator[Metric]
 
 
 def _backend_families(backends: Dict[str, Dict[str, Any]]) -> Iterator[Metric]:
+    # ``route`` (issue 13): the SNI route's name (its first server name unless named),
+    # on a route pool's series only; the listener's own backends keep exactly issue
+    # 11's labels (listener, backend), so no existing series changes.
     labels = ["listener", "backend"]
     total = CounterMetricFamily("prefork_proxy_backend_connections",
                                 "Connects attempted to the backend (failed ones too).",
@@ -192,16 +196,27 @@ def _backend_families(backends: Dict[str, Dict[str, Any]]) -> Iterator[Metric]:
                            "down by checks or by failures), else 0.", labels=labels)
     for key, counts in backends.items():
         listener, _, backend = key.rpartition("|")  # an address never holds a "|"
-        total.add_metric([listener, backend], counts.get("connections_total", 0))
-        active.add_metric([listener, backend], counts.get("connections_active", 0))
+        # The model names its labels (``SharedState.counters``); the key is the fallback.
+        values = {"listener": counts.get("listener", listener),
+                  "backend": counts.get("backend", backend)}
+        if counts.get("route"):
+            values["route"] = counts["route"]
+        _add(total, "_total", values, counts.get("connections_total", 0))
+        _add(active, "", values, counts.get("connections_active", 0))
         for reason, count in (counts.get("connect_errors_total") or {}).items():
-            errors.add_metric([listener, backend, reason], count)
+            _add(errors, "_total", {**values, "reason": reason}, count)
         if "up" in counts:
-            up.add_metric([listener, backend], counts["up"])
+            _add(up, "", values, counts["up"])
     yield total
     yield active
     yield errors
     yield up
+
+
+def _add(family: Metric, suffix: str, labels: Dict[str, str], value: float) -> None:
+    """One sample with these labels (``add_metric`` takes the family's fixed label names
+    only; a route pool's series have one label more)."""
+    family.samples.append(Sample(family.name + suffix, labels, value))
 
 
 def build_routes(page: StatusPage, board: WorkerRows, master_pid: int) -> Dict[str, Handler]:

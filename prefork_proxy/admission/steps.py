@@ -187,10 +187,11 @@ class SniStep:
 
     - a route matches: ``Accept(route=i)``;
     - no SNI, or no route matches: the default pool (``route=None``), else 403
-      ``sni_no_server_name`` / ``sni_no_route``;
-    - not TLS, or a malformed hello (``client_hello`` refuses it): the default
-      pool (as nginx ``ssl_preread`` does: the name is empty), else 400
-      ``sni_<reader's reason>``;
+      ``sni_no_server_name`` / ``sni_no_route`` (the ``Reject`` carries the name);
+    - not TLS, or a malformed hello (``client_hello`` refuses it): 400
+      ``sni_<reader's reason>``, default pool or not (issue 13: a plain-text client
+      of an SNI listener is refused; nginx ``ssl_preread`` would pass it on with an
+      empty name, which would hand non-TLS bytes to a TLS backend);
     - the hello not complete at ``sni_timeout_ms`` after accept (400, ``cR``)
       or the client closing first (400, ``CR``), default pool or not.
 
@@ -217,9 +218,7 @@ class SniStep:
         try:
             hello = read_client_hello(adm.buffer)
         except ClientHelloError as exc:
-            if self.has_default:
-                adm.sni_error = exc.reason
-                return None
+            adm.sni_error = exc.reason
             return Reject(BAD_REQUEST, "CR", "sni_" + exc.reason, exc.detail)
         if not isinstance(hello, ClientHello):
             return hello.at_least
@@ -233,7 +232,7 @@ class SniStep:
                 return Reject(FORBIDDEN, "PR", "sni_no_server_name",
                               "a ClientHello without SNI and no default backends")
             return Reject(FORBIDDEN, "PR", "sni_no_route",
-                          f"no route for {name!r} and no default backends")
+                          f"no route for {name!r} and no default backends", server_name=name)
         adm.route = route
         return None
 

@@ -159,17 +159,21 @@ class Reject:
     """Close the client: ``status``, ``term`` and ``reason`` for the log and metrics.
 
     ``abort`` (from ``TERMS``): close with an RST.  Nothing was sent to any
-    backend, and any limit token was already given back.
+    backend, and any limit token was already given back.  ``server_name``: the
+    SNI name (normalized) when the refusal came after one was read (no route for
+    it), for the access log's ``sni=``.
     """
 
-    __slots__ = ("status", "term", "reason", "detail", "abort")
+    __slots__ = ("status", "term", "reason", "detail", "abort", "server_name")
 
-    def __init__(self, status: int, term: str, reason: str, detail: str = "") -> None:
+    def __init__(self, status: int, term: str, reason: str, detail: str = "",
+                 server_name: Optional[str] = None) -> None:
         self.status = status
         self.term = term
         self.reason = reason
         self.detail = detail
         self.abort = TERMS[term][1]
+        self.server_name = server_name
 
     def _key(self) -> tuple:
         return (self.status, self.term, self.reason)

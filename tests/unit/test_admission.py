@@ -202,11 +202,11 @@ def test_untrusted_source_is_a_direct_client_and_its_proxy_looking_bytes_are_unt
     # Trusted: the same bytes are a header.
     trusted = run(only_proxy, [stream], peer=("10.9.9.9", 1))[0]
     assert trusted.client_address == CLIENT
-    # With an SNI step after it, every byte reaches the SNI step (and its default pool).
+    # With an SNI step after it, every byte reaches the SNI step (which refuses non-TLS).
     with_sni = compile_pipeline(accept_proxy="any", trusted_proxies=["10.0.0.0/8"],
                                 routes=ROUTES, has_default_route=True)
     verdict, adm = run(with_sni, [stream])
-    assert verdict == Accept(None, PEER, LOCAL, stream, 0)
+    assert verdict == Reject(400, "CR", "sni_not_tls")
     assert adm.sni_error == "not_tls"
     unix = run(only_proxy, [stream], peer="")[0]  # a unix peer has no IP: untrusted
     assert unix == Accept(None, "", LOCAL, b"", 0)
@@ -398,12 +398,20 @@ def test_must_reject_hellos_without_a_default_pool(stream: bytes, status: int, t
     assert verdict == Reject(status, term, reason) and verdict.abort and reason in REASONS
 
 
-def test_with_a_default_pool_bad_tls_goes_there_but_truncation_does_not() -> None:
+@pytest.mark.parametrize("stream,status,term,reason", MUST_REJECT_SNI[:6])
+def test_with_a_default_pool_bad_tls_is_still_refused_with_400(stream: bytes, status: int,
+                                                               term: str, reason: str) -> None:
+    # Issue 13: only valid ClientHellos (without SNI, or naming no route) go to the
+    # default pool; a plain-text client is refused, not handed to a TLS backend.
     pipeline = compile_pipeline(routes=ROUTES, has_default_route=True)
-    for stream, reason in [(b"PING\r\n", "not_tls"), (b"\x80\x2e\x01\x03\x01", "sslv2")]:
-        verdict, adm = run(pipeline, [stream])
-        assert verdict == Accept(None, PEER, LOCAL, stream, 0) and adm.sni_error == reason
-    assert run(pipeline, [A_TEST[:50]])[0] == Reject(400, "CR", "sni_truncated")
+    verdict, _ = same_for_every_split(pipeline, stream)
+    assert verdict == Reject(status, term, reason) and status == 400
+
+
+def test_a_refusal_for_want_of_a_route_carries_the_server_name() -> None:
+    pipeline = compile_pipeline(routes=ROUTES, has_default_route=False)
+    verdict, _ = run(pipeline, [hello("curl_default")])
+    assert verdict.reason == "sni_no_route" and verdict.server_name == "c.test"
 
 
 # --------------------------------------------------------------------------- deadlines

@@ -92,11 +92,42 @@ alpn = ["h2"]
                                   "'A.test.' can never match: route 1 takes every client"),
     ('"*.*.test"', '"least_conn"', 'p.toml:9: tcp_proxy[1] (bind "127.0.0.1:0"): key '
                                    '"routes[2]": server_names: server name \'*.*.test\''),
-    # Valid routes: refused as not served yet, rather than silently ignored.
-    ('"b.test"', '"least_conn"', 'key "routes": SNI routes are not served by this version'),
+    # Two routes with one name (the second's first server name is the first's name).
+    ('"b.test"', '"least_conn"\nname = "a.test"',
+     'p.toml:13: tcp_proxy[1] (bind "127.0.0.1:0"): key "routes[2].name": route 1 is '
+     "already named 'a.test'"),
+    ('"b.test"', '"least_conn"\nconnect_budget_ms = 10\nconnect_timeout_ms = 20',
+     'p.toml:13: tcp_proxy[1] (bind "127.0.0.1:0"): key "routes[2].connect_budget_ms": '
+     'expected at least connect_timeout_ms (20), got 10'),
 ])
 def test_routes_are_validated_with_the_server_name_table(names, balance, expected):
     text = ROUTES.replace("NAMES", names).replace("BALANCE", balance)
     with pytest.raises(ConfigError) as info:
         config.load_text(text, source="p.toml")
     assert expected in str(info.value)
+
+
+def test_valid_routes_are_loaded_as_pools_of_their_own():
+    loaded = config.load_text(ROUTES.replace("NAMES", '"b.test"').replace("BALANCE",
+                                                                         '"least_conn"'))
+    listener = loaded.listeners[0]
+    first, second = listener.route_pools()
+    assert (first.route_name, second.route_name) == ("a.test", "b.test")
+    assert second.balance == "least_conn" and first.balance == "round_robin"
+    assert [str(b.address) for b in second.backends] == ["127.0.0.1:3"]
+    assert second.label == listener.label and second.bind == listener.bind
+
+
+def test_a_listener_with_routes_may_have_no_backends_of_its_own():
+    text = HEAD + """
+[[tcp_proxy.routes]]
+server_names = ["a.test"]
+backends = ["127.0.0.1:2"]
+send_proxy = "v2"
+"""
+    listener = config.load_text(text).listeners[0]
+    assert listener.backends == ()
+    assert listener.route_pools()[0].send_proxy == "v2"
+    with pytest.raises(ConfigError, match=r'p.toml:1: tcp_proxy\[1\] \(bind "127.0.0.1:0"\): '
+                                          r'key "backends": missing: expected a list'):
+        config.load_text(HEAD, source="p.toml")
