@@ -393,6 +393,14 @@ class ListenerSet:
                 raise BindError(f"cannot bind {listener.bind}: {dual_ports[address[2][1]].bind} "
                                 "with v6only = false takes IPv4 clients on that port too "
                                 "(set v6only = true to have both)")
+        for listener, key in zip(listeners, keys):
+            held = self._sockets.get(key) or self._retired.get(key) or self._inherited.get(key)
+            if held is not None and held.family == socket.AF_INET6 and bool(held.getsockopt(
+                    socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)) != listener.v6only:
+                # The option cannot change on a listening socket, and a second socket
+                # beside it would split the clients: said, not silently ignored.
+                raise BindError(f"cannot change v6only of {listener.bind} on its live socket "
+                                "(nothing queued may be lost): restart the proxy to change it")
         fresh = [(lst, key, address) for lst, key, address in zip(listeners, keys, addresses)
                  if key not in self._sockets and key not in self._retired
                  and key not in self._inherited]
@@ -444,7 +452,21 @@ class ListenerSet:
             if key[0] == socket.AF_UNIX:  # the file the other master bound: ours now too
                 path = str(key[1])
                 self._files[id(self._sockets[key])] = (path, _file_id(path))
+        for listener in listeners:
+            if listener.bind.path:
+                self._apply_mode(listener)
         return [self._sockets[key] for key in keys]
+
+    def _apply_mode(self, listener: ListenerConfig) -> None:
+        """A kept (or adopted) unix socket takes the ``mode`` of the config now served."""
+        path = listener.bind.path
+        try:
+            if stat.S_IMODE(os.stat(path).st_mode) != listener.mode:
+                os.chmod(path, listener.mode)
+                log.info("listener %s: file mode now %04o", listener.bind, listener.mode)
+        except OSError as exc:  # gone, or not ours to change: the old mode stays, said so
+            log.warning("listener %s: cannot set its file mode %04o: %s", listener.bind,
+                        listener.mode, exc.strerror)
 
     def _unlink(self, sock: socket.socket) -> None:
         """Remove a unix socket's file if it is still the one it was bound to."""

@@ -27,7 +27,15 @@ import threading
 from pathlib import Path
 
 import pytest
-from support import connect_address, recv_exactly, transform, wait_for, write_config
+from support import (
+    connect_address,
+    free_port,
+    ipv6_loopback,
+    recv_exactly,
+    transform,
+    wait_for,
+    write_config,
+)
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -300,3 +308,44 @@ backends = ["{whois.address}"]
             assert recv_exactly(sock, 5) == transform(b"after")
     finally:
         server.close()
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="::1 cannot be bound on this host")
+@pytest.mark.timeout(60)
+def test_a_reload_applies_a_new_mode_and_refuses_to_flip_v6only(backend_factory,
+                                                                 proxy_factory, tmp_path):
+    backend = backend_factory("echo")
+    path = tmp_path / "front.sock"
+    port = free_port()
+    config_path = tmp_path / "proxy.toml"
+
+    def write(mode: str, v6only: str) -> None:
+        write_config(config_path, f"""
+[server]
+workers = 1
+
+[[tcp_proxy]]
+bind = "unix:{path}"
+mode = "{mode}"
+backends = ["{backend.address}"]
+
+[[tcp_proxy]]
+bind = "[::]:{port}"
+v6only = {v6only}
+backends = ["{backend.address}"]
+""")
+
+    write("0660", "true")
+    proxy = proxy_factory("start", "--config", str(config_path))
+    inode = os.lstat(path).st_ino
+    write("0600", "true")
+    proxy.signal(signal.SIGHUP)
+    wait_for(lambda: "reloaded: generation 2" in proxy.log, 20, message="reload 2")
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+    assert os.lstat(path).st_ino == inode  # the same socket, its mode changed
+    write("0600", "false")
+    proxy.signal(signal.SIGHUP)
+    wait_for(lambda: "reload failed, still serving generation 2" in proxy.log, 20,
+             message="the v6only flip refused")
+    assert "cannot change v6only of [::]:" in proxy.log
+    _echo_once(f"unix:{path}")
