@@ -72,3 +72,51 @@ def test_limits_are_shared_and_sized_from_the_config():
     assert [type(v).__name__ for v in opened] == ["Accept", "Accept", "Reject"]
     assert opened[0].client_address == ("192.0.2.9", 5)
     assert limits.source_connections(0, "192.0.2.9") == 2
+
+
+ROUTED = '''[[tcp_proxy]]
+bind = "127.0.0.1:0"
+backends = ["127.0.0.1:7001"]
+
+[[tcp_proxy.routes]]
+server_names = ["a.test"]
+backends = ["127.0.0.1:7101", "127.0.0.1:7102"]
+send_proxy = "v1"
+
+[[tcp_proxy.routes]]
+server_names = ["b.test"]
+backends = [{ address = "127.0.0.1:7001", max_connections = 1 }]
+'''
+
+
+def _routed():
+    loaded = config.load_text(ROUTED)
+    listener = loaded.listeners[0]
+    shared = SharedState(loaded)
+    limits = gate.connection_limits(loaded)
+    routes = [Balancer(pool, shared, 0, 0, limits) for pool in listener.route_pools()]
+    g = gate.listener_gate(listener, Balancer(listener, shared, 0, 0, limits), limits, 0,
+                           routes)
+    return shared, limits, routes, g
+
+
+def test_each_route_is_a_pool_of_its_own_with_its_own_slots_and_headers():
+    shared, _, routes, g = _routed()
+    default = [t.sockaddr[1] for t in g.choose(Accept(None, CLIENT, LOCAL, b"", 0))]
+    assert default == [7001]
+    firsts = [next(g.choose(Accept(0, CLIENT, LOCAL, b"", 0, "a.test"))) for _ in range(4)]
+    assert [t.sockaddr[1] for t in firsts] in ([7101, 7102] * 2, [7102, 7101] * 2)
+    assert {t.send_prefix for t in firsts} == {proxy_header("v1", CLIENT, LOCAL)}
+    # 127.0.0.1:7001 is in the default pool and in route 2: two slots, two rotations.
+    slots = {pool.route_name or "default": [e.slots for e in entries]
+             for _, pool, entries in shared.pools()}
+    assert slots["default"] != slots["b.test"]
+    assert shared.round_robin(None, 0) is not shared.round_robin(None, 0, routes[0].listener)
+
+
+def test_a_route_backend_max_connections_gets_the_shared_limits():
+    _, limits, routes, g = _routed()
+    assert limits is not None  # only a route's backend sets max_connections
+    assert routes[1].limits is limits and routes[0].limits is None
+    first = list(g.choose(Accept(1, CLIENT, LOCAL, b"", 0, "b.test")))
+    assert [t.sockaddr[1] for t in first if t.sockaddr] == [7001]
