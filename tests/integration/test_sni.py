@@ -276,6 +276,43 @@ health_check = {{ interval_ms = 100, rise = 1, fall = 1 }}
              message="the route counter going on after the reload")
 
 
+def test_a_route_backend_max_connections_holds_across_workers(
+        backend_factory, proxy_factory, tmp_path):
+    capped, default = backend_factory("tag", "capped"), backend_factory("tag", "default")
+    proxy, _ = _proxy(proxy_factory, tmp_path, f"""
+[[tcp_proxy]]
+bind = "127.0.0.1:0"
+backends = ["{default.address}"]
+
+[[tcp_proxy.routes]]
+server_names = ["a.test"]
+backends = [{{ address = "{capped.address}", max_connections = 1 }}]
+""")
+    port = proxy.port()
+    hello = client_hello("a.test")
+    holder = _connect(port)
+    try:
+        holder.sendall(hello)
+        assert recv_exactly(holder, 7) == b"capped\n"
+        for _ in range(3):  # whichever worker takes them: the one slot is held
+            with _connect(port) as other:
+                other.sendall(hello)
+                assert refused(other)
+        assert served_by(port, client_hello("x.test")) == "default"  # other pools unaffected
+    finally:
+        holder.close()
+    assert wait_for(lambda: _try_served(port, hello), message="the slot free again") == "capped"
+    wait_for(lambda: proxy.log.count("refused: 503 sQ backend_max_connections") == 3,
+             message="the three 503 refusals logged")
+
+
+def _try_served(port: int, hello: bytes) -> Optional[str]:
+    try:
+        return served_by(port, hello)
+    except (AssertionError, OSError):
+        return None
+
+
 # --------------------------------------------------------------------------- sni_timeout
 
 
