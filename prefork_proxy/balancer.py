@@ -75,7 +75,13 @@ from prefork_proxy.backend_queue import BackendQueue
 from prefork_proxy.config import Backend, ListenerConfig, RoutePool
 from prefork_proxy.limits import ConnectionLimits
 from prefork_proxy.relay import CONNECTED, FAILED, RELEASED, Target
-from prefork_proxy.rows import FAILOVERS, LISTENER_SLOTS, WorkerRows, listener_cells
+from prefork_proxy.rows import (
+    FAILOVERS,
+    LISTENER_SLOTS,
+    WorkerRows,
+    listener_cells,
+    observe_connect,
+)
 from prefork_proxy.shared import BackendTable, PoolEntry, RoundRobinCounter, SharedState
 
 log = logging.getLogger("prefork_proxy.balancer")
@@ -327,6 +333,7 @@ class Balancer:
         # This worker's cells: backend slot ``s`` is ``_active[_base + s]``.
         self._active, self._acquired = shared.rows.backend_active, shared.rows.acquired
         self._base = row * shared.rows.backend_slots
+        self._row = row
         self._failovers = listener_cells(shared.rows, row, shared.listener_slot(index)) \
             + FAILOVERS
         self._lock = shared.rows.row_lock()
@@ -572,15 +579,20 @@ class Balancer:
                     waited_s * 1000)
 
     def _report(self, slot: int, name: str, outcome: str, reason: str,
-                token: int = -1) -> None:
+                connect_s: float = -1.0, token: int = -1) -> None:
         """How an attempt went (called by the relay thread through ``Target.report``).
 
         ``token``: the backend slot this attempt holds (its ``max_connections``),
         given back at its end (FAILED or RELEASED come exactly once per attempt),
         which wakes the first client waiting in this worker's queue.
+        ``connect_s`` (with CONNECTED): the connect time, one observation of
+        ``backend_connect_duration_seconds`` in this worker's row.
         """
         table = self.table
         if outcome == CONNECTED:
+            if connect_s >= 0:
+                with self._lock:
+                    observe_connect(self.rows, self._row, slot, connect_s)
             if table.record_success(slot):
                 log.warning("backend %s up: a client connected", name)
             return

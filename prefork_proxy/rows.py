@@ -61,10 +61,50 @@ MAX_LOOPS = 16
 #: Upper bounds of ``prefork_proxy_session_duration_seconds`` (the last one is +Inf).
 SESSION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                      60.0, 300.0, 1800.0, 3600.0, float("inf"))
+#: The ``reason`` label values of ``prefork_proxy_rejected_connections_total``: a
+#: bounded set, one cell each per listener per loop.
+REJECT_LABELS = ("bad_proxy_header", "bad_tls_hello", "client_timeout", "denied",
+                 "no_route", "over_limit", "queue_timeout", "resource_exhausted", "internal",
+                 "other")
+#: The one table from an admission refusal's reason (``admission.verdicts.REASONS``,
+#: and the limits' and queues' as they add some) to its label: exact names first,
+#: then prefixes; anything unknown is "other" (tests/unit/test_reject_labels.py
+#: holds every known reason to a label that is not).
+REJECT_LABEL_OF = {
+    "proxy_timeout": "client_timeout", "sni_timeout": "client_timeout",
+    "sni_no_server_name": "no_route", "sni_no_route": "no_route",
+    "denied": "denied", "not_allowed": "denied", "bad_address": "denied",
+    "max_connections": "over_limit", "max_connections_per_source": "over_limit",
+    "max_new_connections_per_source": "over_limit",
+    "backend_max_connections": "over_limit", "queue_full": "over_limit",
+    "queue_timeout": "queue_timeout",
+    "source_table_full": "resource_exhausted", "worker_ledger_full": "resource_exhausted",
+    "internal_error": "internal",
+}
+REJECT_PREFIXES = (("proxy_", "bad_proxy_header"), ("sni_", "bad_tls_hello"))
+
+
+def reject_label(reason: str) -> str:
+    """The ``reason`` label of a refusal (``REJECT_LABEL_OF``, then ``REJECT_PREFIXES``)."""
+    label = REJECT_LABEL_OF.get(reason)
+    if label is None:
+        label = next((lab for prefix, lab in REJECT_PREFIXES if reason.startswith(prefix)),
+                     "other")
+    return label
+
+
 #: Cells per listener per loop (see ``LoopStats``): closes, client-side bytes, the
-#: duration sum in microseconds, then one non-cumulative cell per bucket.
+#: duration sum in microseconds, one non-cumulative cell per bucket, then one
+#: refusal count per ``REJECT_LABELS``.
 LOOP_CLOSED, LOOP_RECEIVED, LOOP_SENT, LOOP_DURATION_US, LOOP_BUCKET0 = 0, 1, 2, 3, 4
-LOOP_CELLS = LOOP_BUCKET0 + len(SESSION_BUCKETS_S)
+LOOP_REJECTED0 = LOOP_BUCKET0 + len(SESSION_BUCKETS_S)
+LOOP_CELLS = LOOP_REJECTED0 + len(REJECT_LABELS)
+#: Upper bounds of ``prefork_proxy_backend_connect_duration_seconds`` (last: +Inf).
+CONNECT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                     2.5, 5.0, 10.0, float("inf"))
+#: Cells per backend slot per row: the sum in microseconds, then one per bucket.
+CONNECT_SUM_US, CONNECT_BUCKET0 = 0, 1
+CONNECT_CELLS = CONNECT_BUCKET0 + len(CONNECT_BUCKETS_S)
 #: True since the relay calls ``LoopStats`` (its docstring says how): the exporter
 #: shows bytes, sessions and per-listener active connections (it left them out
 #: while nothing wrote them, rather than show zeros that look like data).
@@ -96,7 +136,9 @@ class WorkerRows:
                   ("retired_acquired", "q", backend_slots),
                   ("loops_used", "q", capacity),
                   ("loop", "q", capacity * MAX_LOOPS * LISTENER_SLOTS * LOOP_CELLS),
-                  ("retired_loop", "q", LISTENER_SLOTS * LOOP_CELLS)]
+                  ("retired_loop", "q", LISTENER_SLOTS * LOOP_CELLS),
+                  ("connect", "q", capacity * backend_slots * CONNECT_CELLS),
+                  ("retired_connect", "q", backend_slots * CONNECT_CELLS)]
         # Anonymous and MAP_SHARED: zero-filled, inherited by every child; pages
         # of rows never used are never touched, so they cost no memory.
         self._map = mmap.mmap(-1, sum(8 * count for _, _, count in fields))
@@ -156,6 +198,14 @@ class WorkerRows:
                 retired_acquired[slot] += value
                 acquired[base + slot] = 0
             backend_active[base + slot] = 0
+        cells = slots * CONNECT_CELLS
+        connect, retired_connect = self.connect, self.retired_connect
+        base = row * cells
+        for index in range(cells):
+            value = connect[base + index]
+            if value:
+                retired_connect[index] += value
+                connect[base + index] = 0
         cells = LISTENER_SLOTS * LOOP_CELLS
         loop, retired_loop = self.loop, self.retired_loop
         for index in range(self.loops_used[row]):  # only the loops it had: pages untouched
@@ -184,6 +234,8 @@ class WorkerRows:
     def reset_backend(self, slot: int) -> None:
         """Master: a backend slot is reused for another backend; its totals start at 0."""
         self.retired_acquired[slot] = 0
+        for cell in range(CONNECT_CELLS):
+            self.retired_connect[slot * CONNECT_CELLS + cell] = 0
 
     # -- any process
 
@@ -258,11 +310,19 @@ class WorkerRows:
         step, end = self.backend_slots, used * self.backend_slots
         for label, slots in backend_slots.items():
             total = active = 0
+            connect = [0] * CONNECT_CELLS
+            stride = self.backend_slots * CONNECT_CELLS
             for slot in slots:
                 acquired = sum(self.acquired[slot:end:step])
                 total += self.retired_acquired[slot] + acquired
                 active += sum(self.backend_active[slot:end:step])
-            backends[label] = {"connections_total": total, "connections_active": active}
+                for cell in range(CONNECT_CELLS):
+                    index = slot * CONNECT_CELLS + cell
+                    connect[cell] += self.retired_connect[index] + sum(
+                        self.connect[index:used * stride:stride])
+            backends[label] = {"connections_total": total, "connections_active": active,
+                               "connect_duration": {"buckets": connect[CONNECT_BUCKET0:],
+                                                    "sum_s": connect[CONNECT_SUM_US] / 1e6}}
         return {"listeners": listeners, "backends": backends}
 
     def _loop_totals(self, lslot: int, used: int, counts: Dict[str, int]) -> Dict[str, object]:
@@ -286,8 +346,9 @@ class WorkerRows:
                 "sent_bytes_total": totals[LOOP_SENT],
                 # A gauge: only live workers hold connections.
                 "connections_active": max(0, live_accepted - live_closed),
-                "session_duration": {"buckets": totals[LOOP_BUCKET0:],
-                                     "sum_s": totals[LOOP_DURATION_US] / 1e6}}
+                "session_duration": {"buckets": totals[LOOP_BUCKET0:LOOP_REJECTED0],
+                                     "sum_s": totals[LOOP_DURATION_US] / 1e6},
+                "rejected_total": dict(zip(REJECT_LABELS, totals[LOOP_REJECTED0:]))}
 
     # -- a worker (its own row only)
 
@@ -349,6 +410,25 @@ class LoopStats:
             bucket += 1
         cells[base + LOOP_BUCKET0 + bucket] += 1
 
+    def on_reject(self, base: int, reason: str) -> None:
+        """A client refused by its admission (before its ``on_close``), by ``reject_label``."""
+        self.cells[base + LOOP_REJECTED0 + REJECT_LABELS.index(reject_label(reason))] += 1
+
+
+def observe_connect(rows: WorkerRows, row: int, slot: int, connect_s: float) -> None:
+    """A connect to backend ``slot`` took ``connect_s``: one histogram observation.
+
+    Called by the balancer on a relay thread, under this worker's ``row_lock``
+    (the worker's relay threads share the row's cells), once per connection.
+    """
+    base = (row * rows.backend_slots + slot) * CONNECT_CELLS
+    cells = rows.connect
+    cells[base + CONNECT_SUM_US] += max(0, int(connect_s * 1e6))
+    bucket = 0
+    while connect_s > CONNECT_BUCKETS_S[bucket]:
+        bucket += 1
+    cells[base + CONNECT_BUCKET0 + bucket] += 1
+
 
 def listener_cells(rows: WorkerRows, row: int, lslot: int) -> int:
     """Index of the first counter cell of listener slot ``lslot`` in ``row``."""
@@ -357,4 +437,6 @@ def listener_cells(rows: WorkerRows, row: int, lslot: int) -> int:
 
 __all__: Iterable[str] = ["WorkerRows", "LoopStats", "rows_for", "listener_cells",
                           "LISTENER_SLOTS", "SESSION_BUCKETS_S", "RELAY_HOOKS",
+                          "REJECT_LABELS", "reject_label", "CONNECT_BUCKETS_S",
+                          "observe_connect",
                           "CONNECTIONS", "FAILOVERS"]

@@ -15,8 +15,7 @@ from typing import Dict, Set, Tuple
 
 from prefork_proxy import status as status_model
 
-#: name -> (type, labels, {label: allowed values}).  The admin endpoint exports all but the
-#: backend connect histogram.
+#: name -> (type, labels, {label: allowed values}).  The admin endpoint exports them all.
 METRICS: Dict[str, Tuple[str, Set[str], Dict[str, Set[str]]]] = {
     # Per listener.
     "prefork_proxy_connections_total": ("counter", {"listener"}, {}),

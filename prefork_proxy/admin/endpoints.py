@@ -38,7 +38,7 @@ from prefork_proxy.admin.exposition import metrics_handler
 from prefork_proxy.admin.httphead import Request
 from prefork_proxy.admin.page import StatusPage
 from prefork_proxy.admin.server import Handler, Response
-from prefork_proxy.rows import SESSION_BUCKETS_S, WorkerRows
+from prefork_proxy.rows import CONNECT_BUCKETS_S, SESSION_BUCKETS_S, WorkerRows
 
 #: The master loop turns at least once a second; this long without a turn is not live.
 LIVE_AFTER_S = status_model.STALE_AFTER_S
@@ -78,7 +78,8 @@ class ModelCollector:
     Per listener connections_active, received/sent bytes and
     session_duration_seconds come from ``rows.LoopStats``, which the relay
     loops write (left out of a build whose relay does not: ``rows.RELAY_HOOKS``);
-    backend_connect_duration_seconds is not measured yet.
+    backend_connect_duration_seconds from the worker rows' connect cells
+    (observed by the balancer once per connection).
     """
 
     def __init__(self, page: StatusPage) -> None:
@@ -162,11 +163,8 @@ def _listener_families(listeners: Dict[str, Dict[str, int]]) -> Iterator[Metric]
             received.add_metric([label], counts["received_bytes_total"])
             sent.add_metric([label], counts["sent_bytes_total"])
             histogram = counts["session_duration"]
-            cumulative, buckets = 0, []
-            for bound, count in zip(SESSION_BUCKETS_S, histogram["buckets"]):
-                cumulative += count
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-            sessions.add_metric([label], buckets, histogram["sum_s"])
+            sessions.add_metric([label], _cumulative(SESSION_BUCKETS_S, histogram["buckets"]),
+                                histogram["sum_s"])
     yield connections
     yield failovers
     yield rejected
@@ -175,6 +173,15 @@ def _listener_families(listeners: Dict[str, Dict[str, int]]) -> Iterator[Metric]
         yield received
         yield sent
         yield sessions
+
+
+def _cumulative(bounds: Any, counts: Any) -> list:
+    """Non-cumulative bucket cells -> the exposition's cumulative ``(le, count)`` pairs."""
+    cumulative, buckets = 0, []
+    for bound, count in zip(bounds, counts):
+        cumulative += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+    return buckets
 
 
 def _backend_families(backends: Dict[str, Dict[str, Any]]) -> Iterator[Metric]:
@@ -194,6 +201,9 @@ def _backend_families(backends: Dict[str, Dict[str, Any]]) -> Iterator[Metric]:
     up = GaugeMetricFamily("prefork_proxy_backend_up",
                            "1 while an address of the backend takes new connections (not "
                            "down by checks or by failures), else 0.", labels=labels)
+    connect = HistogramMetricFamily("prefork_proxy_backend_connect_duration_seconds",
+                                    "Connects to the backend that succeeded, by the time "
+                                    "from connect() to connected.", labels=labels)
     for key, counts in backends.items():
         listener, _, backend = key.rpartition("|")  # an address never holds a "|"
         # The model names its labels (``SharedState.counters``); the key is the fallback.
@@ -203,6 +213,11 @@ def _backend_families(backends: Dict[str, Dict[str, Any]]) -> Iterator[Metric]:
             values["route"] = counts["route"]
         _add(total, "_total", values, counts.get("connections_total", 0))
         _add(active, "", values, counts.get("connections_active", 0))
+        if "connect_duration" in counts:
+            histogram = counts["connect_duration"]
+            _add_histogram(connect, values,
+                           _cumulative(CONNECT_BUCKETS_S, histogram["buckets"]),
+                           histogram["sum_s"])
         for reason, count in (counts.get("connect_errors_total") or {}).items():
             _add(errors, "_total", {**values, "reason": reason}, count)
         if "up" in counts:
@@ -211,12 +226,22 @@ def _backend_families(backends: Dict[str, Dict[str, Any]]) -> Iterator[Metric]:
     yield active
     yield errors
     yield up
+    yield connect
 
 
 def _add(family: Metric, suffix: str, labels: Dict[str, str], value: float) -> None:
     """One sample with these labels (``add_metric`` takes the family's fixed label names
     only; a route pool's series have one label more)."""
     family.samples.append(Sample(family.name + suffix, labels, value))
+
+
+def _add_histogram(family: Metric, labels: Dict[str, str], buckets: list,
+                   sum_value: float) -> None:
+    """A histogram's samples with these labels (see ``_add``): cumulative buckets, count, sum."""
+    for bound, count in buckets:
+        family.samples.append(Sample(family.name + "_bucket", {**labels, "le": bound}, count))
+    family.samples.append(Sample(family.name + "_count", labels, buckets[-1][1]))
+    family.samples.append(Sample(family.name + "_sum", labels, sum_value))
 
 
 def build_routes(page: StatusPage, board: WorkerRows, master_pid: int) -> Dict[str, Handler]:

@@ -113,7 +113,8 @@ class Connector:
         if code not in (0, errno.EINPROGRESS):
             self.connect_next(conn, os.strerror(code))
             return
-        self._timers.arm(conn, time.monotonic() + self.attempt_timeout(conn), self.on_timer)
+        now = conn.attempt_at = time.monotonic()  # the connect time is measured from here
+        self._timers.arm(conn, now + self.attempt_timeout(conn), self.on_timer)
         conn.handler = self.on_ready
         self._by_fd[conn.backend_fd] = conn
         self._epoll.register(conn.backend_fd, _OUT)
@@ -148,7 +149,8 @@ class Connector:
                 return
         self._timers.cancel(conn)
         conn.targets = None  # connected: no failover from here on
-        self.report(conn, CONNECTED)
+        conn.connect_s = time.monotonic() - conn.attempt_at
+        self.report(conn, CONNECTED, "", conn.connect_s)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("client %s connected to backend %s", conn.peer or "?", conn.target.name)
         # Bytes the backend gets first: a per-backend header, then what the
@@ -168,13 +170,21 @@ class Connector:
         return conn.timeout_s if target is None or target.timeout_s is None else target.timeout_s
 
     @staticmethod
-    def report(conn: Connection, outcome: str, reason: str = "") -> None:
-        """Tell the target's balancer how its attempt went; the final outcome only once."""
+    def report(conn: Connection, outcome: str, reason: str = "",
+               connect_s: Optional[float] = None) -> None:
+        """Tell the target's balancer how its attempt went; the final outcome only once.
+
+        ``CONNECTED`` comes with the connect time (seconds since ``connect()``
+        was called): ``report(CONNECTED, "", connect_s)``.
+        """
         target = conn.target
         if outcome != CONNECTED:
             conn.target = None
         if target is not None and target.report is not None:
             try:
-                target.report(outcome, reason)
+                if connect_s is None:
+                    target.report(outcome, reason)
+                else:
+                    target.report(outcome, reason, connect_s)
             except Exception:  # bookkeeping must never cost the connection
                 log.exception("reporting %s for backend %s failed", outcome, target.name)

@@ -56,7 +56,7 @@ class Connection:
                  "timeout_s", "deadline", "upstream", "downstream", "client_mask",
                  "backend_mask", "peer", "closed", "options", "handler", "admission",
                  "choose", "prefix", "waiting", "listener_slot", "base", "started",
-                 "admitted", "published_in", "published_out")
+                 "admitted", "published_in", "published_out", "attempt_at", "connect_s")
 
     def __init__(self, client: StreamSocket, targets: Optional[Iterator[Target]],
                  timeout_s: float, peer: str, options: SocketOptions = (),
@@ -89,6 +89,8 @@ class Connection:
         self.admitted = 0  # bytes the pre-connect phase read from the client
         # How much of client_in/client_out the loop has added to its shared counters.
         self.published_in = self.published_out = 0
+        self.attempt_at = 0.0  # monotonic time of the last connect() called
+        self.connect_s = -1.0  # how long the backend took to connect (-1: not connected)
 
     @property
     def client_in(self) -> int:

@@ -47,7 +47,8 @@ class Target:
     ``timeout_s``, when set, bounds this attempt instead of the connection's
     timeout (the balancer spends a budget across attempts).  ``report``, when
     set, hears how the attempt went, on the relay thread (it must not block):
-    ``CONNECTED`` once connected, then exactly one of ``FAILED`` with the reason
+    ``CONNECTED`` once connected (``report(CONNECTED, "", connect_s)``: with
+    the seconds since ``connect()`` was called), then exactly one of ``FAILED`` with the reason
     (the backend could not be reached) or ``RELEASED`` (the connection ended,
     or the attempt was abandoned for a reason of ours, not the backend's).
 
@@ -166,3 +167,5 @@ class LoopStatsHooks(Protocol):
 
     def on_close(self, base: int, backend_slot: int, bytes_in: int, bytes_out: int,
                  duration_s: float) -> None: ...
+
+    def on_reject(self, base: int, reason: str) -> None: ...

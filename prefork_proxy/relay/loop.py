@@ -583,7 +583,13 @@ class RelayLoop:
             self._update_interest(conn)
 
     def _report_outcome(self, conn: Connection, verdict: object) -> None:
-        """Tell the outcome hook that a connection was refused before connecting."""
+        """Count a connection refused before connecting, and tell the outcome hook."""
+        stats = self._stats
+        if stats is not None:
+            try:
+                stats.on_reject(conn.base, getattr(verdict, "reason", ""))
+            except Exception:  # bookkeeping must never cost the loop its thread
+                log.exception("counting the refusal of %s failed", conn.peer or "?")
         if self._on_outcome is not None:
             try:
                 self._on_outcome(conn.peer, conn.admission, verdict)

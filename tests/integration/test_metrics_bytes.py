@@ -90,6 +90,12 @@ backends = ["{echo.address}"]
 name = "long"
 bind = "127.0.0.1:0"
 backends = ["{echo.address}"]
+
+[[tcp_proxy]]
+name = "guarded"
+bind = "127.0.0.1:0"
+backends = ["{echo.address}"]
+deny = ["127.0.0.0/8"]
 """
     write_config(path, text)
     proxy = proxy_factory("start", "--config", str(path))
@@ -167,5 +173,31 @@ backends = ["{echo.address}"]
     assert value(final, "prefork_proxy_session_duration_seconds_bucket", listener="front",
                  le="+Inf") == served
     assert value(final, "prefork_proxy_session_duration_seconds_sum", listener="front") > 0
+    # One connect-time observation per connection that reached the backend.
+    backend = {"listener": "front", "backend": echo.address}
+    assert value(final, "prefork_proxy_backend_connect_duration_seconds_count",
+                 **backend) == served
+    assert value(final, "prefork_proxy_backend_connect_duration_seconds_bucket", le="+Inf",
+                 **backend) == served
+    assert 0 < value(final, "prefork_proxy_backend_connect_duration_seconds_sum",
+                     **backend) < served  # loopback: well under a second each
+
+    # Refused by deny: counted by reason, once each, and their sessions too.
+    for _ in range(15):
+        try:  # the refusal's RST may even reach connect() on loopback
+            with socket.create_connection(("127.0.0.1", proxy.port(2)), timeout=10) as sock:
+                sock.settimeout(10)
+                assert sock.recv(1) == b""
+        except ConnectionResetError:
+            pass
+    wait_for(lambda: value(counter_samples(port), "prefork_proxy_rejected_connections_total",
+                           listener="guarded", reason="denied") == 15, 10,
+             message="15 refusals counted with reason=denied")
+    after = scrape(port)
+    assert value(after, "prefork_proxy_rejected_connections_total", listener="front",
+                 reason="denied") == 0
+    assert value(after, "prefork_proxy_session_duration_seconds_count",
+                 listener="guarded") == 15
+    assert value(after, "prefork_proxy_connections_active", listener="guarded") == 0
     print(f"front: {served} clients, {sent} bytes sent, {received} received; "
           f"{len(readings)} readings")

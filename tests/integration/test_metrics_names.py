@@ -102,7 +102,8 @@ def test_every_exported_series_is_in_issue_11s_list(proxy_factory, backend_facto
             "prefork_proxy_workers", "process_cpu_seconds_total",
             "prefork_proxy_connections_active", "prefork_proxy_received_bytes_total",
             "prefork_proxy_sent_bytes_total",
-            "prefork_proxy_session_duration_seconds"} <= set(exported)
+            "prefork_proxy_session_duration_seconds",
+            "prefork_proxy_backend_connect_duration_seconds"} <= set(exported)
 
 
 def test_promtool_lints_the_exposition(proxy_factory, backend_factory, tmp_path):

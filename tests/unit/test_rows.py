@@ -4,12 +4,42 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from prefork_proxy import rows as rows_module
-from prefork_proxy.rows import CONNECTIONS, FAILOVERS, WorkerRows, listener_cells
+from prefork_proxy.rows import (
+    CONNECTIONS,
+    FAILOVERS,
+    WorkerRows,
+    listener_cells,
+    observe_connect,
+)
 
 
 def _totals(rows: WorkerRows) -> dict:
-    return rows.snapshot({"a": 0, "b": 1}, {"x": (3,), "y": (4, 5)})
+    """The row counters (the connect histogram: test_connect_duration_is_folded)."""
+    totals = rows.snapshot({"a": 0, "b": 1}, {"x": (3,), "y": (4, 5)})
+    for backend in totals["backends"].values():
+        backend.pop("connect_duration")
+    return totals
+
+
+def test_connect_duration_is_observed_per_backend_and_folded():
+    rows = WorkerRows(capacity=4, backend_slots=8)
+    first, second = rows.claim(0.0), rows.claim(0.0)
+    rows.pid[first], rows.pid[second] = 100, 101
+    for row, seconds in ((first, 0.0004), (first, 0.003), (second, 20.0)):
+        observe_connect(rows, row, 4, seconds)
+    observe_connect(rows, second, 3, 0.001)  # another backend
+    before = rows.snapshot({}, {"y": (4, 5)})["backends"]["y"]["connect_duration"]
+    assert sum(before["buckets"]) == 3 and before["buckets"][0] == 1
+    assert before["buckets"][-1] == 1  # +Inf
+    assert before["sum_s"] == pytest.approx(20.0034)
+    rows.fold(first)
+    assert rows.snapshot({}, {"y": (4, 5)})["backends"]["y"]["connect_duration"] == before
+    rows.reset_backend(4)  # the slot reused for another backend: its retired part goes
+    after = rows.snapshot({}, {"y": (4, 5)})["backends"]["y"]["connect_duration"]
+    assert sum(after["buckets"]) == 1
 
 
 def test_a_reaped_workers_counters_are_folded_and_its_open_connections_dropped(monkeypatch):
