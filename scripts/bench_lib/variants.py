@@ -10,10 +10,11 @@ or ``NAME=@FILE.toml`` (a TOML fragment). KEY is dotted: ``server.X`` and
 one listener under test. VALUE is read as a TOML value when it parses as one
 (``v2`` does not, so it is the string "v2"; ``["127.0.0.0/8"]``, ``50``,
 ``true`` and inline tables do), else it is taken as a string. Commas inside
-brackets, braces or quotes do not split. Before the merge, the whole words
-``PORT`` (a free loopback port of this instance: one per instance, the same
-for every use), ``BACKEND`` (``127.0.0.1:P`` of the listener's backend) and
-``RUNDIR`` (the instance's own directory) are replaced in every string.
+brackets, braces or quotes do not split; ``!unset`` removes the key. Before
+the merge, the whole words ``PORT`` (a free loopback port of this instance:
+one per instance, the same for every use), ``BACKEND`` (``127.0.0.1:P`` of
+the listener's backend) and ``RUNDIR`` (the instance's own directory) are
+replaced in every string.
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ except ModuleNotFoundError:  # Python < 3.11 (the scripts need 3.11; ruff's targ
 
 SECTION_ALIASES = {"server": "server", "admin": "admin", "tcp_proxy": "tcp_proxy",
                    "listener": "tcp_proxy"}
+#: A VALUE that removes the key from the generated config (e.g. a listener's own
+#: ``backends``, so that only its SNI routes can serve).
+UNSET = "!unset"
 TOKENS = re.compile(r"\b(PORT|BACKEND|RUNDIR)\b")
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
 BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -143,7 +147,9 @@ def merged(base: dict[str, Any], variant: Variant, tokens: dict[str, str]) -> di
 
 def _deep_update(target: dict[str, Any], update: dict[str, Any]) -> None:
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(target.get(key), dict):
+        if value == UNSET:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
             _deep_update(target[key], value)
         else:
             target[key] = value

@@ -167,6 +167,12 @@ def test_variant_specs_merge_into_a_config_prefork_proxy_reads(tmp_path):
     assert listener.accept_proxy == "v2" and listener.max_connections_per_source == 99
     assert str(loaded.admin.bind).endswith("7003")
     assert V.chain_options(doc["tcp_proxy"][0]) == ("v2", True)
+    routed = V.merged(V.base_document(7001, 7002, 2), V.parse_variant(
+        'sni=tcp_proxy.backends=!unset,tcp_proxy.routes=[{server_names=["bench.test"], '
+        'backends=["BACKEND"]}]'), {"BACKEND": "127.0.0.1:7002"})
+    assert "backends" not in routed["tcp_proxy"][0]
+    assert routed["tcp_proxy"][0]["routes"] == [{"server_names": ["bench.test"],
+                                                 "backends": ["127.0.0.1:7002"]}]
     assert V.chain_options({"accept_proxy": "v1", "backends": [{"send_proxy": "v1"}]}) == (
         "v1", True)
     assert V.chain_options(V.base_document(1, 2, 2)["tcp_proxy"][0]) == (None, False)
