@@ -349,3 +349,51 @@ backends = ["{backend.address}"]
              message="the v6only flip refused")
     assert "cannot change v6only of [::]:" in proxy.log
     _echo_once(f"unix:{path}")
+
+
+def _tls_client_hello(server_name: str) -> bytes:
+    """The first flight of Python's TLS client for ``server_name`` (no server needed)."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+@pytest.mark.timeout(60)
+def test_sni_routes_on_a_unix_listener_reach_unix_and_tcp_backends(backend_factory,
+                                                                    proxy_factory, tmp_path):
+    db = backend_factory("tag", "db", "--unix", str(tmp_path / "db.sock"))
+    api = backend_factory("tag", "api")
+    fallback = backend_factory("tag", "fallback", "--unix", str(tmp_path / "fallback.sock"))
+    config = write_config(tmp_path / "proxy.toml", f"""
+[server]
+workers = 2
+
+[[tcp_proxy]]
+bind = "unix:{tmp_path / 'front.sock'}"
+backends = ["{fallback.address}"]
+
+[[tcp_proxy.routes]]
+server_names = ["db.internal"]
+backends = ["{db.address}"]
+
+[[tcp_proxy.routes]]
+server_names = ["*.api.test"]
+backends = ["{api.address}"]
+""")
+    proxy = proxy_factory("start", "--config", str(config))
+    for name, tag in (("db.internal", b"db\n"), ("a.api.test", b"api\n"),
+                      ("other.test", b"fallback\n")):
+        hello = _tls_client_hello(name)
+        with connect_address(proxy.listeners[0]) as sock:
+            sock.sendall(hello + b"rest")
+            assert recv_exactly(sock, len(tag)) == tag
+            assert recv_exactly(sock, len(hello) + 4) == transform(hello + b"rest")
