@@ -332,6 +332,11 @@ class BackendTable:
                 and not self.admin_state[slot]
                 and self.down_until[slot] <= now)
 
+    def healthy(self, slot: int, now: float) -> bool:
+        """``eligible`` but for the operator's state: what ``backend_up`` reports."""
+        return (self.family[slot] != 0 and not self.active_down[slot]
+                and self.down_until[slot] <= now)
+
     def record_failure(self, slot: int, fall: int, fail_timeout_s: float,
                        now: float, reason: str = "") -> Tuple[int, bool]:
         """A client's connect failed.  Returns (consecutive failures, newly marked down).
@@ -569,7 +574,8 @@ class SharedState:
         read side a metrics collector uses).  Labels: the listener's label, and
         ``label|backend address`` for a backend of its own pool (``label|route|backend
         address`` for one of a route's; a hostname's addresses together).  A backend
-        also has ``connect_errors_total`` ({reason: n}) and ``up`` (0/1); a route's
+        also has ``connect_errors_total`` ({reason: n}), ``up`` (0/1) and
+        ``admin_state`` (a name of ``ADMIN_STATES``); a route's
         backend also ``listener``, ``route`` and ``backend`` (its metric labels).
         """
         listener_slots = {listener.label: self.listener_slot(index)
@@ -591,7 +597,13 @@ class SharedState:
             backend["connect_errors_total"] = dict(errors)
             # Up: one of its addresses takes new connections (health only:
             # checks and failures, as the balancers see it).
-            backend["up"] = int(any(self.table.eligible(slot, now) for slot in entry.slots))
+            # (Not ``eligible``, which also says no for a drained backend: up is
+            # health, and a drained healthy backend must not look down.)
+            backend["up"] = int(any(self.table.healthy(slot, now) for slot in entry.slots))
+            # The operator's state (``prefork-proxy backend``), which ``up`` leaves out:
+            # the most restrictive of its addresses' (a command sets them all).
+            backend["admin_state"] = ADMIN_STATE_NAMES.get(
+                max(self.table.admin_state[slot] for slot in entry.slots), "ready")
         return totals
 
     def pools(self) -> List[Tuple[int, "ListenerConfig", Tuple[PoolEntry, ...]]]:

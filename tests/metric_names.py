@@ -34,6 +34,10 @@ METRICS: Dict[str, Tuple[str, Set[str], Dict[str, Set[str]]]] = {
         "counter", {"listener", "route", "backend", "reason"},
         {"reason": {"refused", "timeout", "unreachable", "other"}}),
     "prefork_proxy_backend_up": ("gauge", {"listener", "route", "backend"}, {}),
+    # Not in issue 11's list: backend_up leaves the operator's state out, this shows it.
+    "prefork_proxy_backend_admin_state": (
+        "gauge", {"listener", "route", "backend", "state"},
+        {"state": {"ready", "drain", "disabled"}}),
     "prefork_proxy_backend_connect_duration_seconds": (
         "histogram", {"listener", "route", "backend"}, {}),
     # Process.

@@ -39,6 +39,7 @@ from prefork_proxy.admin.httphead import Request
 from prefork_proxy.admin.page import StatusPage
 from prefork_proxy.admin.server import Handler, Response
 from prefork_proxy.rows import CONNECT_BUCKETS_S, SESSION_BUCKETS_S, WorkerRows
+from prefork_proxy.shared import ADMIN_STATES
 
 #: The master loop turns at least once a second; this long without a turn is not live.
 LIVE_AFTER_S = status_model.STALE_AFTER_S
@@ -201,6 +202,10 @@ def _backend_families(backends: Dict[str, Dict[str, Any]]) -> Iterator[Metric]:
     up = GaugeMetricFamily("prefork_proxy_backend_up",
                            "1 while an address of the backend takes new connections (not "
                            "down by checks or by failures), else 0.", labels=labels)
+    admin = GaugeMetricFamily("prefork_proxy_backend_admin_state",
+                              "The operator's state of the backend (prefork-proxy backend "
+                              "... drain|disable|enable), one-hot: 1 for the state it is in.",
+                              labels=labels + ["state"])
     connect = HistogramMetricFamily("prefork_proxy_backend_connect_duration_seconds",
                                     "Connects to the backend that succeeded, by the time "
                                     "from connect() to connected.", labels=labels)
@@ -213,6 +218,10 @@ def _backend_families(backends: Dict[str, Dict[str, Any]]) -> Iterator[Metric]:
             values["route"] = counts["route"]
         _add(total, "_total", values, counts.get("connections_total", 0))
         _add(active, "", values, counts.get("connections_active", 0))
+        if "admin_state" in counts:
+            for state in ADMIN_STATES:
+                _add(admin, "", {**values, "state": state},
+                     int(counts["admin_state"] == state))
         if "connect_duration" in counts:
             histogram = counts["connect_duration"]
             _add_histogram(connect, values,
@@ -226,6 +235,7 @@ def _backend_families(backends: Dict[str, Dict[str, Any]]) -> Iterator[Metric]:
     yield active
     yield errors
     yield up
+    yield admin
     yield connect
 
 
