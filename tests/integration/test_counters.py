@@ -99,10 +99,15 @@ backends = ["{refused}"]
 
     key = f"front|{backend.address}"
     assert first["backends"][key]["connections_total"] == CLIENTS_PER_ROUND
-    assert final["backends"][key] == {"connections_total": served, "connections_active": 0,
-                                      "connect_errors_total": {"refused": 0, "timeout": 0,
-                                                               "unreachable": 0, "other": 0},
-                                      "up": 1}
+    counted = final["backends"][key]
+    assert {name: counted[name] for name in ("connections_total", "connections_active",
+                                             "connect_errors_total", "up")} == {
+        "connections_total": served, "connections_active": 0,
+        "connect_errors_total": {"refused": 0, "timeout": 0, "unreachable": 0, "other": 0},
+        "up": 1}
+    # One connect-duration observation per connection, the SIGKILLed worker's included.
+    assert sum(counted["connect_duration"]["buckets"]) == served
+    assert counted["admin_state"] == "ready"
     assert final["listeners"]["front"]["failovers_total"] == 0
 
     # Refused connects: each client is one attempt and one error; nothing stays open.
