@@ -83,7 +83,7 @@ class Entry:
     """One listener as the accept path needs it: precomputed once at boot."""
 
     __slots__ = ("listener", "sock", "balancer", "family", "options", "timeout_s", "cell",
-                 "gate", "limit", "counts", "scope", "lslot")
+                 "gate", "limit", "counts", "scope", "lslot", "local")
 
     def __init__(self, listener: ListenerConfig, sock: socket.socket, balancer: Balancer,
                  options: SocketOptions, cell: int, gate: Optional[Gate] = None,
@@ -102,6 +102,27 @@ class Entry:
         self.counts = limits.scope_count if limits is not None else None
         self.scope = scope
         self.lslot = lslot  # its listener slot: whose counters its connections' bytes go to
+        # Every client of a listener bound to one TCP address has that address as
+        # its local one: the gated path then skips a ``getsockname`` per client.
+        self.local = fixed_local(sock) if gate is not None else None
+
+
+def fixed_local(sock: socket.socket) -> object:
+    """The local address every client accepted on ``sock`` has, or None if it varies.
+
+    A TCP listener bound to one address (not the wildcard) hands out clients whose
+    ``getsockname()`` equals its own; a wildcard listener's clients each have the
+    address they connected to, so those still cost a ``getsockname`` each.
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        local = sock.getsockname()
+    except OSError:
+        return None
+    if local[0] in ("0.0.0.0", "::"):
+        return None
+    return local
 
 
 class AcceptPolicy:
@@ -243,14 +264,17 @@ class AcceptPolicy:
                       gate: Gate, peer: str) -> None:
         """A client of a listener with a pre-connect phase: its loop runs the pipeline.
 
-        Costs a ``getsockname`` (the destination a PROXY header sends) and one
-        ``Admission``; no backend is chosen before the pipeline's ``Accept``.
+        Costs one ``Admission``, and a ``getsockname`` (the destination a PROXY
+        header sends) on a wildcard listener only; no backend is chosen before the
+        pipeline's ``Accept``.
         """
-        try:
-            local = client.getsockname()
-        except OSError:  # gone already
-            client.close()
-            return
+        local = entry.local
+        if local is None:
+            try:
+                local = client.getsockname()
+            except OSError:  # gone already
+                client.close()
+                return
         admission = gate.open(address, local)
         loop.submit(client, None, entry.timeout_s, peer, entry.options,  # type: ignore[call-arg]
                     admission=admission, choose=gate.choose, listener_slot=entry.lslot)
