@@ -401,6 +401,8 @@ class ServerConfig:
     buffer_budget_mb: int = DEFAULT_BUFFER_BUDGET_MB
     pidfile: Optional[str] = None
     log_file: Optional[str] = None
+    access_log: Optional[str] = None  # a path, or "-" for stderr; None: off
+    access_log_format: str = "logfmt"
     user: Optional[str] = None
     group: Optional[str] = None
     watch_config: bool = False
@@ -714,6 +716,9 @@ SERVER = Table(ServerConfig, [
     Key("pidfile", Text(), "for reload / stop / status", default_doc="none"),
     Key("log_file", Text(), "log here instead of stderr; SIGUSR1 reopens it",
         default_doc="stderr"),
+    Key("access_log", Text(), 'one line per finished connection, to this file ("-": '
+        "stderr); SIGUSR1 reopens it", default_doc="off"),
+    Key("access_log_format", OneOf(("logfmt", "json")), "the access log's line format"),
     Key("user", Text(), "bind as root, then serve as this user", default_doc="unchanged"),
     Key("group", Text(), "and this group", default_doc="the user's group"),
     Key("watch_config", Flag(), "poll the config file's content (every 1 s) and reload as "

@@ -49,6 +49,7 @@ from typing import Iterable, List, Optional, Sequence, Set, Tuple
 
 from prefork_proxy import faults, hygiene, logsetup
 from prefork_proxy.accept import AcceptPolicy
+from prefork_proxy.accesslog import FLUSH_S, AccessLog
 from prefork_proxy.balancer import Balancer
 from prefork_proxy.config import Config, ListenerConfig
 from prefork_proxy.errors import ProxyError
@@ -102,6 +103,7 @@ class Worker:
         self.drain_deadline: Optional[float] = None
         self.exit_code = 0  # set when the worker stops for a fault of its own
         self.signals: Optional[SignalQueue] = None
+        self.access_log: Optional[AccessLog] = None  # [server] access_log; opened at boot
 
     # -- the child, after fork
 
@@ -140,8 +142,10 @@ class Worker:
                                               signal.SIGUSR1))
         rows, row = self.board, self.row
         entries = []
+        labels = {}
         for index, (lst, sock) in enumerate(self.listeners):
             lslot = self.shared.listener_slot(index)
+            labels[lslot] = lst.label
             balancer = Balancer(lst, self.shared, index, row, self.limits)
             routes = [Balancer(pool, self.shared, index, row, self.limits)
                       for pool in lst.route_pools()]
@@ -153,6 +157,13 @@ class Worker:
             entries.append(AcceptPolicy.entry(rows, row, lslot, lst, sock, balancer,
                                               self._socket_options(lst), gate,
                                               self.limits))
+        server = self.config.server
+        if server.access_log is not None:
+            # The relay loops append records to its queue; this thread writes them.
+            self.access_log = AccessLog(server.access_log, server.access_log_format, self.slot,
+                                        labels, lambda: sum(loop.access_appended
+                                                            for loop in self.loops))
+        access = self.access_log.queue if self.access_log is not None else None
         acceptor = self.acceptor = AcceptPolicy(self.slot, rows, row, entries, self.loops)
         threads = self.config.server.relay_threads
         # The worker's buffer budget is split evenly: each loop owns its share,
@@ -165,7 +176,8 @@ class Worker:
             # (one writer each: no lock); the master folds them at reap.
             loop = RelayLoop(self.mode, name=f"relay-{index}",
                              acceptor=acceptor if index == 0 else None, budget=budget,
-                             on_crash=signals.wake, stats=rows.loop_stats(row, index))
+                             on_crash=signals.wake, stats=rows.loop_stats(row, index),
+                             access=access)
             if index == 0 and os.environ.get(TEST_CRASH_ENV):
                 self._arm_test_crash(loop, os.environ[TEST_CRASH_ENV])
             self.loops.append(loop)
@@ -246,9 +258,14 @@ class Worker:
         selector = selectors.DefaultSelector()
         selector.register(signals.read_fd, selectors.EVENT_READ, None)
         next_beat = 0.0
+        access = self.access_log
+        # With an access log, wake often enough to write its queue every FLUSH_S.
+        tick = HEARTBEAT_S if access is None else min(HEARTBEAT_S, FLUSH_S)
 
         while not self.stopping:
-            for _ in selector.select(HEARTBEAT_S):
+            if access is not None:
+                access.flush()
+            for _ in selector.select(tick):
                 signals.drain_wakeups()
             while signals.pending:
                 signum = signals.pending.popleft()
@@ -309,6 +326,8 @@ class Worker:
     def _handle_signal(self, signum: int) -> None:
         if signum == signal.SIGUSR1:
             logsetup.reopen_log_files()  # logs, and never raises, when a file cannot be
+            if self.access_log is not None:
+                self.access_log.reopen()  # what is queued goes to the old file first
         elif signum == signal.SIGTERM:
             if os.getppid() != self.master_pid:  # PR_SET_PDEATHSIG: the master died
                 self._master_gone()
@@ -365,8 +384,14 @@ class Worker:
     def _finish(self) -> None:
         """Wait for the relay loops to drain (they close what is left at the deadline)."""
         deadline = time.monotonic() + self._drain_left() + 5.0
+        access = self.access_log
+        wait_s = HEARTBEAT_S if access is None else min(HEARTBEAT_S, FLUSH_S)
         for loop in self.loops:
-            while not loop.join(HEARTBEAT_S) and time.monotonic() < deadline:
+            while not loop.join(wait_s) and time.monotonic() < deadline:
                 self._beat(time.monotonic())  # still alive while draining
+                if access is not None:
+                    access.flush()
         self._beat(time.monotonic())
+        if access is not None:
+            access.close()  # the loops have ended: every record is queued; none is lost
         log.info("worker %d: stopped", self.slot)

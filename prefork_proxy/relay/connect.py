@@ -69,9 +69,14 @@ class Connector:
         self.on_timer = self._on_timer
 
     def connect_next(self, conn: Connection, reason: Optional[str],
-                     backend_failed: bool = True) -> None:
-        """Start connecting to the next target, or give up and close the client."""
+                     backend_failed: bool = True, term: str = "SC") -> None:
+        """Start connecting to the next target, or give up and close the client.
+
+        ``term`` says how the attempt that failed ended, for the access log
+        (``SC`` refused or an error, ``sC`` timed out).
+        """
         if conn.target is not None:
+            conn.fail_term = term
             log.warning("backend %s unreachable for client %s: %s", conn.target.name,
                         conn.peer or "?", reason)
             self.report(conn, FAILED if backend_failed else RELEASED, reason or "")
@@ -94,6 +99,8 @@ class Connector:
                              self.on_timer)
             return
         conn.target = target
+        conn.attempts += 1
+        conn.tried = target.name if conn.tried is None else f"{conn.tried},{target.name}"
         try:
             # Non-blocking from birth where the flag exists: one system call fewer.
             backend = StreamSocket(target.family, _STREAM_NONBLOCK)
@@ -162,7 +169,7 @@ class Connector:
         reason = None
         if conn.target is not None:
             reason = f"connect timed out after {self.attempt_timeout(conn) * 1000:.0f} ms"
-        self.connect_next(conn, reason)
+        self.connect_next(conn, reason, term="sC")
 
     @staticmethod
     def attempt_timeout(conn: Connection) -> float:

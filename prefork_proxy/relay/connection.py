@@ -50,13 +50,16 @@ class Connection:
     added to its shared counters so far (``RelayLoop._publish``).  ``started`` is the
     monotonic time it was taken in by its loop (about its accept);
     ``listener_slot``/``base`` say whose shared counters its bytes go to.
+    ``attempts``/``tried``/``fail_term``/``refusal`` are what the access log's
+    record (``RelayLoop._record``) says about the connect phase and a refusal.
     """
 
     __slots__ = ("client", "backend", "client_fd", "backend_fd", "targets", "target",
                  "timeout_s", "deadline", "upstream", "downstream", "client_mask",
                  "backend_mask", "peer", "closed", "options", "handler", "admission",
                  "choose", "prefix", "waiting", "listener_slot", "base", "started",
-                 "admitted", "published_in", "published_out", "attempt_at", "connect_s")
+                 "admitted", "published_in", "published_out", "attempt_at", "connect_s",
+                 "attempts", "tried", "fail_term", "refusal")
 
     def __init__(self, client: StreamSocket, targets: Optional[Iterator[Target]],
                  timeout_s: float, peer: str, options: SocketOptions = (),
@@ -91,6 +94,11 @@ class Connection:
         self.published_in = self.published_out = 0
         self.attempt_at = 0.0  # monotonic time of the last connect() called
         self.connect_s = -1.0  # how long the backend took to connect (-1: not connected)
+        # For the access log (set by the connect phase and ``_report_outcome``):
+        self.attempts = 0  # connect attempts made
+        self.tried: Optional[str] = None  # the backends tried, in order, "a,b"
+        self.fail_term = "SC"  # how the last attempt failed: SC refused, sC timed out
+        self.refusal: Optional[Any] = None  # the admission's (or queue's) Reject, if refused
 
     @property
     def client_in(self) -> int:

@@ -67,6 +67,9 @@ _LINGER_ABORT = struct.pack("ii", 1, 0)
 #: Errors that are simply how TCP connections end; anything else is logged.
 _ORDINARY_ENDINGS = frozenset((errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT))
 
+#: One access-log record (``accesslog.RECORD_FIELDS`` says what each item is).
+AccessRecord = Tuple[object, ...]
+
 #: ``callback(conn)``: what runs when a connection's armed deadline passes.
 TimerCallback = Callable[[Connection], None]
 
@@ -243,7 +246,8 @@ class RelayLoop:
                  budget: int = DEFAULT_BUDGET,
                  on_crash: Optional[Callable[[], None]] = None,
                  on_outcome: Optional[OutcomeHook] = None,
-                 stats: Optional[LoopStatsHooks] = None) -> None:
+                 stats: Optional[LoopStatsHooks] = None,
+                 access: Optional[Deque[AccessRecord]] = None) -> None:
         if mode not in ("splice", "copy"):
             raise ValueError(f"mode must be 'splice' or 'copy', not {mode!r}")
         self.mode = mode
@@ -288,6 +292,11 @@ class RelayLoop:
         self._publish_due = 0.0
         if stats is not None:
             self._cells, self._received, self._sent = stats.cells, stats.RECEIVED, stats.SENT
+        # The access log's queue (``accesslog``; None: off): one record per
+        # connection appended at its close, drained by the worker's main thread.
+        # ``access_appended`` (one writer: this loop) lets the reader count drops.
+        self._access = access
+        self.access_appended = 0
         self._relay_handler = self._on_event  # bound once, shared by every connection
         # Two counters, each with one writer, so no lock is needed: ``submitted``
         # is written by the submitting thread, ``finished`` by the loop.
@@ -414,7 +423,7 @@ class RelayLoop:
                     except Exception:
                         log.exception("relay error on the connection from %s; closing it",
                                       conn.peer or "?")
-                        self._close(conn, abort=True)
+                        self._close(conn, abort=True, term="ID")
                 while to_close:
                     to_close.pop().close()
                 if woken or self._inbox:
@@ -442,7 +451,7 @@ class RelayLoop:
             # Whatever is still open here is cut (the drain deadline passed, a
             # fast stop, or this loop crashed): both ends hear a reset.
             for conn in list(self._connections):
-                self._close(conn, abort=True)
+                self._close(conn, abort=True, term="KD")
             while self._inbox:
                 self._drop_unserved(self._inbox.popleft())
             for sock in to_close:
@@ -502,6 +511,10 @@ class RelayLoop:
         """Close a client never taken in (the loop ended first): a close all the same."""
         item[0].close()  # type: ignore[attr-defined]
         self.finished += 1
+        if self._access is not None:
+            self._access.append((time.monotonic(), item[7], item[3], None, None, 0, 503, "KD",
+                                 "unserved", -1.0, 0.0, 0, 0, 0, 0, None))
+            self.access_appended += 1
         if self._stats is not None:
             try:
                 self._stats.on_close(self._stats.base(item[7]), -1, 0, 0, 0.0)  # type: ignore[arg-type]
@@ -584,6 +597,7 @@ class RelayLoop:
 
     def _report_outcome(self, conn: Connection, verdict: object) -> None:
         """Count a connection refused before connecting, and tell the outcome hook."""
+        conn.refusal = verdict  # its status/term/reason, for the access log
         stats = self._stats
         if stats is not None:
             try:
@@ -602,7 +616,7 @@ class RelayLoop:
             step(*args)
         except Exception:
             log.exception("relay error on the connection from %s; closing it", conn.peer or "?")
-            self._close(conn, abort=True)
+            self._close(conn, abort=True, term="ID")
 
     def _on_event(self, conn: Connection, fd: int, events: int) -> None:
         if fd == conn.client_fd:
@@ -620,7 +634,8 @@ class RelayLoop:
         except OSError as exc:
             if exc.errno not in _ORDINARY_ENDINGS:
                 log.info("connection from %s closed on error: %s", conn.peer or "?", exc)
-            self._close(conn, abort=True)
+            # Who ended it, for the access log: the side whose socket reported it.
+            self._close(conn, abort=True, term="CD" if fd == conn.client_fd else "SD")
             return
         if reading.state == DONE:
             if writing.state == DONE:
@@ -658,7 +673,8 @@ class RelayLoop:
         else:
             self._epoll.modify(fd, wanted)
 
-    def _close(self, conn: Connection, abort: bool = False) -> None:
+    def _close(self, conn: Connection, abort: bool = False,
+               term: Optional[str] = None) -> None:
         """End a connection: forget its sockets now, close them after the current batch.
 
         Closing a socket also takes it out of epoll, so no ``unregister`` is needed.
@@ -671,10 +687,19 @@ class RelayLoop:
         dump, ``nc > file``) gets ECONNRESET instead of a truncated "complete"
         stream, as it would without a proxy in between (HAProxy does the
         same).  A clean ending costs nothing extra: the option is set only here.
+
+        ``term`` (the access log's): how it ended, when the caller knows (``CD``,
+        ``SD``, ``KD``, ``ID``, ``CQ``); None: a clean end, or as the connect
+        phase or a refusal recorded it.
         """
         if conn.closed:
             return
         conn.closed = True
+        if self._access is not None:  # before the directions go: their counts are the record's
+            try:
+                self._record(conn, term)
+            except Exception:  # bookkeeping must never cost the loop its thread
+                log.exception("recording the access log line of %s failed", conn.peer or "?")
         stats = self._stats
         if stats is not None:  # before the directions go: their counts are the connection's
             target = conn.target
@@ -715,3 +740,33 @@ class RelayLoop:
             except Exception:  # bookkeeping must never cost the loop its thread
                 log.exception("releasing the admission of %s failed", conn.peer or "?")
         self.finished += 1
+
+    def _record(self, conn: Connection, term: Optional[str]) -> None:
+        """Append the connection's access-log record (``accesslog.RECORD_FIELDS``).
+
+        A tuple of what the connection already holds: no formatting and no I/O
+        here (the worker's main thread does both); deque appends are atomic.
+        """
+        refusal = conn.refusal
+        reason = ""
+        if refusal is not None:  # refused by its admission or a backend queue
+            status, term, reason = refusal.status, refusal.term, refusal.reason
+        elif conn.connect_s >= 0:  # it was relayed: 200, however it ended
+            status, term = 200, term or "--"
+        elif term is None:  # no backend reachable
+            status, term = 502, conn.fail_term
+            reason = "no_backend" if not conn.attempts else \
+                "connect_timeout" if term == "sC" else "connect_refused"
+        else:  # cut before it connected (drain deadline, its client left, an error)
+            status = 400 if term[0] == "C" else 503
+        admission = conn.admission
+        target = conn.target
+        self._access.append((  # type: ignore[union-attr]
+            conn.started, conn.listener_slot,
+            getattr(admission, "client_address", conn.peer),
+            target.name if target is not None and conn.connect_s >= 0 else None,
+            conn.tried, conn.attempts, status, term, reason, conn.connect_s,
+            time.monotonic() - conn.started, conn.client_in, conn.client_out,
+            conn.backend_in, conn.backend_out,
+            getattr(admission, "server_name", None)))
+        self.access_appended += 1

@@ -119,7 +119,7 @@ class Queuer:
         if waiting is not None and not waiting.queue.cancel(waiting.ticket):
             waiting.queue.slot_freed()  # it was woken already: the wake-up passes on
         conn.waiting = None
-        self._loop._close(conn, abort=True)
+        self._loop._close(conn, abort=True, term="CQ")
 
     def _on_timer(self, conn: Connection) -> None:
         waiting = conn.waiting
