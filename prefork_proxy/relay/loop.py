@@ -634,8 +634,8 @@ class RelayLoop:
         except OSError as exc:
             if exc.errno not in _ORDINARY_ENDINGS:
                 log.info("connection from %s closed on error: %s", conn.peer or "?", exc)
-            # Who ended it, for the access log: the side whose socket reported it.
-            self._close(conn, abort=True, term="CD" if fd == conn.client_fd else "SD")
+            self._close(conn, abort=True,
+                        term=None if self._access is None else self._who_aborted(conn, fd))
             return
         if reading.state == DONE:
             if writing.state == DONE:
@@ -740,6 +740,24 @@ class RelayLoop:
             except Exception:  # bookkeeping must never cost the loop its thread
                 log.exception("releasing the admission of %s failed", conn.peer or "?")
         self.finished += 1
+
+    @staticmethod
+    def _who_aborted(conn: Connection, fd: int) -> str:
+        """``CD`` or ``SD``: which side reset a relayed connection (for the access log).
+
+        The error may come from either socket of the event's pump (a client
+        event also writes to the backend), so ask the kernel, on this error
+        path only: a socket that got an RST or an error reports POLLERR/POLLHUP
+        (the event's own first, then the other's); else the event's side.
+        """
+        other = conn.backend_fd if fd == conn.client_fd else conn.client_fd
+        poller = select.poll()
+        for candidate in (fd, other):
+            poller.register(candidate, select.POLLIN)
+        hung = {ready for ready, revents in poller.poll(0)
+                if revents & (select.POLLERR | select.POLLHUP)}
+        culprit = fd if fd in hung or other not in hung else other
+        return "CD" if culprit == conn.client_fd else "SD"
 
     def _record(self, conn: Connection, term: Optional[str]) -> None:
         """Append the connection's access-log record (``accesslog.RECORD_FIELDS``).

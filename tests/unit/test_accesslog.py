@@ -39,3 +39,27 @@ def test_not_connected_and_addresses():
     assert address_text(("::1", 80, 0, 0)) == "[::1]:80"
     assert address_text(b"/run/x.sock") == "/run/x.sock" and address_text("") == "-"
     assert iso_utc(0.9999) == "1970-01-01T00:00:00.999Z"
+
+
+def test_writer_drops_oldest_when_full_counts_them_and_reopens(tmp_path, monkeypatch):
+    """Bounded queue (oldest dropped, counted); a reopen flushes to the old file first."""
+    from prefork_proxy import accesslog
+    monkeypatch.setattr(accesslog, "MAX_QUEUED", 5)
+    path = tmp_path / "access.log"
+    appended = [0]
+    writer = accesslog.AccessLog(str(path), "json", 0, {0: "front"}, lambda: appended[0])
+    for n in range(8):  # as the relay does: append, count
+        writer.queue.append(RECORD[:9] + (n,) + RECORD[10:])
+        appended[0] += 1
+    assert writer.flush() == 5 and writer.dropped == 3
+    kept = [json.loads(line)["connect_ms"] for line in path.read_text().splitlines()]
+    assert kept == [3000, 4000, 5000, 6000, 7000]  # the oldest three went
+    writer.queue.append(RECORD)
+    appended[0] += 1
+    path.rename(tmp_path / "access.log.1")
+    writer.reopen()  # the queued record goes to the renamed file
+    writer.queue.append(RECORD)
+    appended[0] += 1
+    writer.close()
+    assert len((tmp_path / "access.log.1").read_text().splitlines()) == 6
+    assert len(path.read_text().splitlines()) == 1 and writer.dropped == 3
