@@ -203,3 +203,60 @@ backends = ["{resetter.address}"]
             assert record["reason"] == "connect_refused"
         if status == 403:
             assert record["reason"] == "denied" and record["listener"] == "guarded"
+
+
+@pytest.mark.timeout(60)
+def test_access_log_sni_and_proxy_header_client(backend_factory, proxy_factory, tmp_path):
+    """``sni=`` from the ClientHello (routed and refused), ``client=`` from a PROXY header."""
+    from test_sni import client_hello
+
+    echo = backend_factory("echo")
+    access = tmp_path / "access.log"
+    path = write_config(tmp_path / "proxy.toml", f"""
+[server]
+workers = 1
+access_log = "{access}"
+
+[[tcp_proxy]]
+name = "tls"
+bind = "127.0.0.1:0"
+sni_timeout_ms = 5000
+
+[[tcp_proxy.routes]]
+server_names = ["a.test"]
+backends = ["{echo.address}"]
+
+[[tcp_proxy]]
+name = "pp"
+bind = "127.0.0.1:0"
+accept_proxy = "v1"
+backends = ["{echo.address}"]
+""")
+    proxy = proxy_factory("start", "--config", str(path))
+    proxy.wait_workers(1)
+    hello = client_hello("a.test")
+    with socket.create_connection(("127.0.0.1", proxy.port(0)), timeout=10) as sock:
+        sock.sendall(hello)
+        assert recv_exactly(sock, len(hello)) == transform(hello)
+    with socket.create_connection(("127.0.0.1", proxy.port(0)), timeout=10) as sock:
+        sock.sendall(client_hello("b.test"))
+        try:
+            assert sock.recv(10) == b""
+        except ConnectionResetError:
+            pass
+    header, data = b"PROXY TCP4 203.0.113.5 127.0.0.1 4444 80\r\n", b"after the header"
+    with socket.create_connection(("127.0.0.1", proxy.port(1)), timeout=10) as sock:
+        sock.sendall(header + data)
+        assert recv_exactly(sock, len(data)) == transform(data)
+    wait_for(lambda: len(read_lines(access)) == 3, 10, message="three access log lines")
+    records = [parse_logfmt(line) for line in read_lines(access)]  # in order of ending
+    (routed,) = [r for r in records if r["listener"] == "tls" and r["status"] == 200]
+    (refused,) = [r for r in records if r["listener"] == "tls" and r["status"] != 200]
+    (behind,) = [r for r in records if r["listener"] == "pp"]
+    assert (routed["sni"], routed["status"], routed["term"]) == ("a.test", 200, "--")
+    assert routed["client_in"] == routed["backend_out"] == len(hello)
+    assert (refused["sni"], refused["status"], refused["term"], refused["reason"]) == \
+        ("b.test", 403, "PR", "sni_no_route")
+    assert behind["client"] == "203.0.113.5:4444" and behind["listener"] == "pp"
+    assert behind["client_in"] == len(header) + len(data)
+    assert behind["backend_out"] == behind["client_out"] == len(data)
