@@ -83,7 +83,7 @@ class Entry:
     """One listener as the accept path needs it: precomputed once at boot."""
 
     __slots__ = ("listener", "sock", "balancer", "family", "options", "timeout_s", "cell",
-                 "gate", "limit", "counts", "scope", "lslot", "local")
+                 "gate", "limit", "counts", "scope", "lslot", "local", "idle_s")
 
     def __init__(self, listener: ListenerConfig, sock: socket.socket, balancer: Balancer,
                  options: SocketOptions, cell: int, gate: Optional[Gate] = None,
@@ -102,6 +102,7 @@ class Entry:
         self.counts = limits.scope_count if limits is not None else None
         self.scope = scope
         self.lslot = lslot  # its listener slot: whose counters its connections' bytes go to
+        self.idle_s = listener.idle_timeout_ms / 1000.0  # 0.0: no idle timeout
         # Every client of a listener bound to one TCP address has that address as
         # its local one: the gated path then skips a ``getsockname`` per client.
         self.local = fixed_local(sock) if gate is not None else None
@@ -251,7 +252,7 @@ class AcceptPolicy:
             gate = entry.gate
             if gate is None:
                 least.submit(client, entry.balancer.targets(address), entry.timeout_s, peer,
-                             options, listener_slot=entry.lslot)
+                             options, listener_slot=entry.lslot, idle_s=entry.idle_s)
             else:
                 self._submit_gated(least, client, address, entry, gate, peer)
             force_first = False
@@ -277,7 +278,8 @@ class AcceptPolicy:
                 return
         admission = gate.open(address, local)
         loop.submit(client, None, entry.timeout_s, peer, entry.options,  # type: ignore[call-arg]
-                    admission=admission, choose=gate.choose, listener_slot=entry.lslot)
+                    admission=admission, choose=gate.choose, listener_slot=entry.lslot,
+                    idle_s=entry.idle_s)
 
 
 class Outcome:

@@ -256,6 +256,8 @@ class ListenerConfig:
     max_new_connections_per_source: int = 0
     #: With backends' ``max_connections``: how long a client waits for a slot (0: 503 at once).
     queue_timeout_ms: int = 0
+    #: No byte either way this long closes both sides (0: off; relay/idle.py).
+    idle_timeout_ms: int = 0
     sni_timeout_ms: int = DEFAULT_SNI_TIMEOUT_MS
     routes: Tuple[RouteConfig, ...] = ()  # SNI routes, matched before the listener's backends
     #: A ``unix:`` listener's file mode (its owner: the serving user, see listeners.py).
@@ -881,6 +883,8 @@ LISTENER = Table(ListenerConfig, [
     Key("queue_timeout_ms", Int(0, MAX_MS, MS), "when every backend is at its "
         "max_connections: a client waits this long for a slot (FIFO per worker, its bytes "
         "unread), then is refused (status 503, term sQ); 0: refused at once"),
+    Key("idle_timeout_ms", Int(0, MAX_MS, MS), "no byte either way for this long closes "
+        "both sides (a FIN; term cD when waiting for the client, sD for the server); 0: off"),
     Key("sni_timeout_ms", Int(1, MAX_MS, MS), "with routes: the TLS ClientHello within "
         "this of accept"),
     Key("routes", Routes(), "SNI routes: a TLS client goes to the first route whose "

@@ -36,6 +36,20 @@ status  term    abort  when
                        connect phase (``backend_queue``), not the pipeline
 ======  ======  =====  ======================================================
 
+Two terms end a relayed connection, not a refusal (no ``Reject`` carries
+them; the relay's idle sweep, ``relay/idle.py``, sets them): the data phase
+(``D``) saw no byte either way for ``idle_timeout_ms``, closed with a FIN
+both ways; the status is the one of any relayed connection (200):
+
+======  ======  =====  ======================================================
+200     ``cD``  FIN    client-side idle timeout: the proxy waited for the
+                       client (the server answered last, bytes for the client
+                       sit unread, or nothing was ever sent)
+200     ``sD``  FIN    server-side idle timeout: the proxy waited for the
+                       server (the client spoke last and got no answer, or
+                       bytes for the server sit unread)
+======  ======  =====  ======================================================
+
 ``abort`` says how the relay closes: with ``SO_LINGER {1, 0}`` (an RST, so a
 refused client does not wait and the proxy keeps no TIME_WAIT), or with a
 plain close (a FIN) for a timeout, where the client was slow, not wrong.  A
@@ -66,6 +80,8 @@ TERMS = {
     "RR": ("a proxy resource ran out in the request phase", True),
     "IR": ("internal error in the request phase", True),
     "sQ": ("no backend slot free: refused in the queue phase", True),
+    "cD": ("client-side idle timeout in the data phase (idle_timeout_ms)", False),
+    "sD": ("server-side idle timeout in the data phase (idle_timeout_ms)", False),
 }
 
 #: Reasons of a PROXY header refusal: the parser's own, prefixed.

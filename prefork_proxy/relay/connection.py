@@ -59,12 +59,14 @@ class Connection:
                  "backend_mask", "peer", "closed", "options", "handler", "admission",
                  "choose", "prefix", "waiting", "listener_slot", "base", "started",
                  "admitted", "published_in", "published_out", "attempt_at", "connect_s",
-                 "attempts", "tried", "fail_term", "refusal")
+                 "attempts", "tried", "fail_term", "refusal",
+                 "idle_s", "idle_up", "idle_down", "idle_since", "idle_term")
 
     def __init__(self, client: StreamSocket, targets: Optional[Iterator[Target]],
                  timeout_s: float, peer: str, options: SocketOptions = (),
                  admission: Optional[Admission] = None,
-                 choose: Optional[Chooser] = None, listener_slot: int = 0) -> None:
+                 choose: Optional[Chooser] = None, listener_slot: int = 0,
+                 idle_s: float = 0.0) -> None:
         self.client = client
         self.options = options  # set on each backend socket before it connects
         self.client_fd = client.fileno()
@@ -99,6 +101,12 @@ class Connection:
         self.tried: Optional[str] = None  # the backends tried, in order, "a,b"
         self.fail_term = "SC"  # how the last attempt failed: SC refused, sC timed out
         self.refusal: Optional[Any] = None  # the admission's (or queue's) Reject, if refused
+        # The idle timeout (``idle.IdleSweep``; 0.0: off): the counts its sweep saw last,
+        # when they last moved, and the term if it closes now (cD or sD).
+        self.idle_s = idle_s
+        self.idle_up = self.idle_down = -1
+        self.idle_since = 0.0
+        self.idle_term = ""
 
     @property
     def client_in(self) -> int:

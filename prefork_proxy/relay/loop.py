@@ -46,6 +46,7 @@ from .contract import (
     Target,
 )
 from .direction import DONE, WANT_READ, WANT_WRITE, Direction
+from .idle import IdleSweep
 from .queued import Queuer
 
 log = logging.getLogger("prefork_proxy.relay")
@@ -262,7 +263,7 @@ class RelayLoop:
         self._pipes = PipePool()
         self._inbox: Deque[Tuple[StreamSocket, Optional[Iterator[Target]], float, str,
                                  SocketOptions, Optional[Admission],
-                                 Optional[Chooser], int]] = collections.deque()
+                                 Optional[Chooser], int, float]] = collections.deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # The loop may end (and close the wake pipe) the moment ``stop`` sets
         # ``_stopping``, before ``stop`` writes its wake-up: the lock makes
@@ -272,6 +273,8 @@ class RelayLoop:
         self._wake_pending = False
         self._epoll.register(self._wake_r, _IN)
         self._timers = TimerHeap()
+        # Idle timeouts: one sweep per idle value (``idle.IdleSweep``), none without.
+        self._idle_sweeps: Dict[float, IdleSweep] = {}
         self._connections: Set[Connection] = set()
         self._to_close: List[StreamSocket] = []  # closed after the current batch
         self._stopping = False
@@ -322,7 +325,8 @@ class RelayLoop:
     def submit(self, client: StreamSocket, targets: Optional[Iterator[Target]],
                timeout_s: float, peer: str = "", options: SocketOptions = (),
                admission: Optional[Admission] = None,
-               choose: Optional[Chooser] = None, listener_slot: int = 0) -> None:
+               choose: Optional[Chooser] = None, listener_slot: int = 0,
+               idle_s: float = 0.0) -> None:
         """Hand a freshly accepted, non-blocking client over; the loop owns it from now on.
 
         ``options`` are set on every backend socket made for it (e.g. TCP
@@ -332,10 +336,11 @@ class RelayLoop:
         try (None: ``targets``).  ``admission.release()`` is called exactly
         once, when the connection closes, whatever ended it.  ``listener_slot``
         says whose counters its bytes and close go to (the loop's ``stats``).
+        ``idle_s`` (0.0: off): no byte either way this long while relaying closes it.
         """
         self.submitted += 1
         self._inbox.append((client, targets, timeout_s, peer, options, admission, choose,
-                            listener_slot))
+                            listener_slot, idle_s))
         if threading.get_ident() == self._thread_id:
             return  # accepted by this loop itself: it looks at its inbox after each batch
         if not self._wake_pending:
@@ -594,6 +599,32 @@ class RelayLoop:
         self._on_event(conn, conn.client_fd, _IN)
         if not conn.closed:
             self._update_interest(conn)
+            if conn.idle_s:
+                self._watch_idle(conn)
+
+    def _watch_idle(self, conn: Connection) -> None:
+        """Put a relayed connection under its idle value's sweep (armed with its first)."""
+        sweep = self._idle_sweeps.get(conn.idle_s)
+        if sweep is None:
+            sweep = self._idle_sweeps[conn.idle_s] = IdleSweep(conn.idle_s)
+        now = time.monotonic()
+        if not sweep.members:
+            self._timers.arm(sweep, now + sweep.interval, self._sweep_idle)  # type: ignore[arg-type]
+        sweep.add(conn, now)
+
+    def _sweep_idle(self, sweep: IdleSweep) -> None:
+        """The sweep's timer: close the idle ones (a FIN both ways), re-arm while any remain."""
+        now = time.monotonic()
+        try:
+            for conn, term in sweep.sweep(now):
+                log.debug("connection from %s idle for %.3f s: closed (%s)",
+                          conn.peer or "?", sweep.idle_s, term)
+                conn.idle_term = term
+                self._close(conn)
+        except Exception:  # one bad sweep must not stop the next, nor close the loop
+            log.exception("idle sweep of %s failed", self.name)
+        if sweep.members:
+            self._timers.arm(sweep, now + sweep.interval, self._sweep_idle)  # type: ignore[arg-type]
 
     def _report_outcome(self, conn: Connection, verdict: object) -> None:
         """Count a connection refused before connecting, and tell the outcome hook."""
@@ -715,6 +746,10 @@ class RelayLoop:
         if conn.backend is not None:
             by_fd.pop(conn.backend_fd, None)
         self._connections.discard(conn)
+        if conn.idle_s:
+            sweep = self._idle_sweeps.get(conn.idle_s)
+            if sweep is not None:
+                sweep.members.discard(conn)
         if conn.deadline:
             self._timers.cancel(conn)
         for direction in (conn.upstream, conn.downstream):

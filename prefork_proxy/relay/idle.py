@@ -1,0 +1,85 @@
+"""The idle timeout (``idle_timeout_ms``): one coarse sweep per loop per idle value.
+
+Owned by one ``RelayLoop`` (its thread only).  Principle (no timestamp per
+event): the relay's directions already count their bytes (``Direction.nread``/
+``nwritten``); a sweep every ``interval_for(idle_s)`` compares each relayed
+connection's two direction totals with the values it saw last time.  A
+connection whose counts have not changed since the sweep that last saw them
+move, for at least ``idle_s``, is idle: the loop closes it (a FIN both ways).
+It is never closed early (the last byte came before that sweep), and at most
+two intervals late: with ``interval = min(1 s, idle/10)``, within +20%.
+
+Cost: nothing per event; per open connection of such a listener, per sweep,
+about six attribute reads and two compares.  A listener without the key has
+no sweep and no timer at all.
+
+Term (HAProxy's): ``sD`` when the proxy waits for the server: bytes for the
+backend are held unsent (it does not read), or the client was the last to
+move bytes (sent a request, no answer).  ``cD`` otherwise: bytes for the client
+held unsent, the server answered last, or nothing moved at all (waiting for the
+client to speak).  Both moving within one interval counts as the server last.
+"""
+
+from __future__ import annotations
+
+from typing import List, Set, Tuple
+
+from .connection import Connection
+
+#: The longest time between two sweeps (a long idle value needs no finer look).
+MAX_INTERVAL_S = 1.0
+
+
+def interval_for(idle_s: float) -> float:
+    return min(MAX_INTERVAL_S, idle_s / 10.0)
+
+
+class IdleSweep:
+    """The connections of one idle value in one loop, and the sweep's own timer.
+
+    ``deadline``/``closed`` let it sit on the loop's ``TimerHeap`` like a
+    connection (one entry, armed while it has connections).
+    """
+
+    __slots__ = ("idle_s", "interval", "members", "deadline", "closed", "peer")
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = idle_s
+        self.interval = interval_for(idle_s)
+        self.members: Set[Connection] = set()
+        self.deadline = 0.0
+        self.closed = False
+        self.peer = "idle sweep"  # what a log line of the loop names it by
+
+    def add(self, conn: Connection, now: float) -> None:
+        up, down = conn.upstream, conn.downstream
+        conn.idle_up = up.nread + up.nwritten if up is not None else 0
+        conn.idle_down = down.nread + down.nwritten if down is not None else 0
+        conn.idle_since = now
+        # What moved while it connected (a first request, a PROXY header) counts as moving last.
+        conn.idle_term = "sD" if conn.idle_up and not conn.idle_down else "cD"
+        self.members.add(conn)
+
+    def sweep(self, now: float) -> List[Tuple[Connection, str]]:
+        """The members idle for ``idle_s`` as of ``now``, with their term (pure logic)."""
+        due: List[Tuple[Connection, str]] = []
+        limit = now - self.idle_s + 1e-6  # float noise must not cost a whole interval
+        for conn in self.members:
+            up, down = conn.upstream, conn.downstream
+            if up is None or down is None:
+                continue
+            u = up.nread + up.nwritten
+            d = down.nread + down.nwritten
+            moved_up, moved_down = u != conn.idle_up, d != conn.idle_down
+            if moved_up or moved_down:
+                conn.idle_up, conn.idle_down, conn.idle_since = u, d, now
+                conn.idle_term = "sD" if moved_up else "cD"
+            elif conn.idle_since <= limit:
+                if up.pending:
+                    term = "sD"
+                elif down.pending:
+                    term = "cD"
+                else:
+                    term = conn.idle_term
+                due.append((conn, term))
+        return due
