@@ -620,7 +620,7 @@ class RelayLoop:
                 log.debug("connection from %s idle for %.3f s: closed (%s)",
                           conn.peer or "?", sweep.idle_s, term)
                 conn.idle_term = term
-                self._close(conn)
+                self._close(conn, term=term)  # the access log's status 200, term cD/sD
         except Exception:  # one bad sweep must not stop the next, nor close the loop
             log.exception("idle sweep of %s failed", self.name)
         if sweep.members:

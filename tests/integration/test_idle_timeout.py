@@ -59,7 +59,8 @@ def keeping_backend():
 def _proxy(proxy_factory, tmp_path, port: int, idle_ms: int):
     extra = f"idle_timeout_ms = {idle_ms}\n" if idle_ms else ""
     config = write_config(tmp_path / "p.toml", (
-        "[server]\nworkers = 1\nthreads = 1\n\n[[tcp_proxy]]\n"
+        f"[server]\nworkers = 1\nthreads = 1\naccess_log = \"{tmp_path / 'access.log'}\"\n"
+        "\n[[tcp_proxy]]\n"
         f"bind = \"127.0.0.1:0\"\nbackends = [\"127.0.0.1:{port}\"]\n{extra}"))
     return proxy_factory("start", "--config", str(config))
 
@@ -86,6 +87,10 @@ def test_an_idle_connection_is_closed_both_sides_within_20_percent(
     assert 0.8 * IDLE_MS / 1000 <= elapsed <= 1.2 * IDLE_MS / 1000, elapsed
     wait_for(lambda: keeping_backend.closed_at, timeout=5)  # the backend saw the close too
     assert keeping_backend.closed_at[0] - last_byte <= 1.2 * IDLE_MS / 1000 + 0.2
+    # The access log says why: relayed (200), the client side idle (the server answered last).
+    access = tmp_path / "access.log"
+    line = wait_for(lambda: access.exists() and access.read_text().strip(), timeout=10)
+    assert "status=200" in line and "term=cD" in line, line
     client.close()
 
 
