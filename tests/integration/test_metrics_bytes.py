@@ -7,16 +7,19 @@ and a reload during the second: received/sent bytes per listener equal what
 the clients sent and received, exactly, and no counter goes backwards.  A
 long stream's bytes show while it runs, before it closes.  /metrics is
 published by the master about once a second: every check waits on its
-condition, bounded.
+condition, bounded.  The access log (json) is on: exactly one line per
+connection, with the client's own byte counts.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import threading
-from typing import List, Tuple
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 from support import transform, wait_for, write_config
@@ -27,6 +30,14 @@ CLIENTS_PER_ROUND = 1000
 THREADS = 4
 #: Client message sizes, in turn: small bursts (copied) to bulk (> 64 KiB: spliced).
 SIZES = (1, 7, 100, 512, 1500, 4096, 10_000, 33_000, 70_000, 150_000)
+
+
+def _front_records(path: Path) -> List[Dict[str, object]]:
+    """The access log's json records of listener ``front`` (whole lines only)."""
+    if not path.exists():
+        return []
+    lines = path.read_text().split("\n")[:-1]  # the last piece may be a line being written
+    return [r for r in map(json.loads, lines) if r["listener"] == "front"]
 
 
 def _one(port: int, size: int, index: int) -> Tuple[int, int]:
@@ -48,14 +59,18 @@ def _one(port: int, size: int, index: int) -> Tuple[int, int]:
     return size, len(got)
 
 
-def _round(port: int, count: int, progress: List[int]) -> Tuple[int, int, int]:
-    """``count`` clients over ``THREADS`` threads: (clients served, bytes sent, received)."""
+def _round(port: int, count: int, progress: List[int],
+           pairs: Optional[List[Tuple[int, int]]] = None) -> Tuple[int, int, int]:
+    """``count`` clients over ``THREADS`` threads: (clients served, bytes sent, received);
+    each client's (sent, received) is appended to ``pairs`` (for the access log check)."""
     results: List[Tuple[int, int, int]] = []
 
     def run(worker: int) -> None:
         served = sent = received = 0
         for index in range(worker, count, THREADS):
             out, back = _one(port, SIZES[index % len(SIZES)], index)
+            if pairs is not None:
+                pairs.append((out, back))
             served, sent, received = served + 1, sent + out, received + back
             progress.append(1)
         results.append((served, sent, received))
@@ -77,6 +92,8 @@ def test_bytes_and_sessions_exact_live_and_monotonic(backend_factory, proxy_fact
     text = f"""
 [server]
 workers = 2
+access_log = "{tmp_path / 'access.log'}"
+access_log_format = "json"
 
 [admin]
 bind = "127.0.0.1:0"
@@ -129,12 +146,17 @@ deny = ["127.0.0.0/8"]
 
     readings = [counter_samples(port)]
     progress: List[int] = []
+    pairs: List[Tuple[int, int]] = []
     with Scraper(port, interval=0.1) as scraper:
-        served, sent, received = _round(front, CLIENTS_PER_ROUND, progress)
+        served, sent, received = _round(front, CLIENTS_PER_ROUND, progress, pairs)
     readings += scraper.readings
     wait_for(lambda: counts("front") == (sent, received, served), 10,
              message=f"front: received {sent}, sent {received}, {served} sessions")
     readings.append(counter_samples(port))
+    # The access log is written in batches by each worker's main thread: wait for round 1's
+    # lines before the SIGKILL (a killed worker cannot write what it has not written yet).
+    wait_for(lambda: len(_front_records(tmp_path / "access.log")) == served, 10,
+             message=f"{served} front lines in the access log")
 
     # SIGKILL a worker between scrapes: its row (loop cells too) is folded at reap.
     victim = proxy.worker_pids()[0]
@@ -153,7 +175,7 @@ deny = ["127.0.0.0/8"]
             wait_for(lambda: len(progress) >= CLIENTS_PER_ROUND // 3, 60),
             proxy.signal(signal.SIGHUP)))
         reloader.start()
-        more = _round(front, CLIENTS_PER_ROUND, progress)
+        more = _round(front, CLIENTS_PER_ROUND, progress, pairs)
         reloader.join(60)
     readings += scraper.readings
     served, sent, received = served + more[0], sent + more[1], received + more[2]
@@ -164,6 +186,15 @@ deny = ["127.0.0.0/8"]
     readings.append(counter_samples(port))
     assert served == 2 * CLIENTS_PER_ROUND
     assert len(readings) >= 10, len(readings)
+    # Exactly one access-log line per connection, its client-side bytes the client's own.
+    records = wait_for(lambda: (lambda r: r if len(r) == served else None)(
+        _front_records(tmp_path / "access.log")), 10,
+        message=f"{served} front lines in the access log")
+    assert len({r["conn"] for r in records}) == served  # one line each, none doubled
+    assert sorted((r["client_in"], r["client_out"]) for r in records) == sorted(pairs)
+    assert all(r["status"] == 200 and r["term"] == "--" for r in records)
+    assert all(r["backend_out"] == r["client_in"] and r["backend_in"] == r["client_out"]
+               for r in records)
     assert_never_backwards(readings)
 
     final = scrape(port)
