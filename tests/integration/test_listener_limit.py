@@ -47,17 +47,20 @@ class CountingEcho:
 
     def _echo(self, conn: socket.socket) -> None:
         try:
-            with conn:
-                while True:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    conn.sendall(data)
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                conn.sendall(data)
         except OSError:
             pass
         finally:
+            # Count the connection gone before closing it: the proxy frees the slot
+            # when it sees this close, and may connect the next client at once; a
+            # decrement after close() could trail that accept and record one too many.
             with self.lock:
                 self.active -= 1
+            conn.close()
 
     def stop(self) -> None:
         self.stopping = True
