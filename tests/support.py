@@ -293,8 +293,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 def process_title(pid: int) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    """The title ``pid`` runs under, or "" once it has exited.
+
+    Callers list pids and then read titles: a worker that exits in between (a
+    retiring generation does exactly that) has no title, not an error.
+    """
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
 
 
 def recv_exactly(sock: socket.socket, size: int) -> bytes:
