@@ -108,6 +108,19 @@ def _refused(port: int, payload: bytes) -> bool:
         return _served(client, payload) is None
 
 
+def _admitted(port: int, payload: bytes) -> Optional[socket.socket]:
+    """A client the proxy serves (its echo came back), or None if it was refused."""
+    try:
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        client.sendall(payload)
+    except (ConnectionResetError, ConnectionRefusedError, BrokenPipeError):
+        return None
+    if _served(client, payload) == payload:
+        return client
+    client.close()
+    return None
+
+
 def _config(tmp_path: Path, echoes: List[CountingEcho], caps: List[int], workers: int,
             extra: str = "") -> Path:
     backends = ", ".join(f'{{ address = "127.0.0.1:{e.port}", max_connections = {cap} }}'
@@ -139,9 +152,11 @@ def test_a_backend_at_its_max_is_skipped_exactly_across_workers(echoes, proxy_fa
              message="the refusal logged")
     held.pop(0).close()
     wait_for(lambda: sum(e.active for e in echoes) == 6, timeout=5, message="a slot freed")
-    again = socket.create_connection(("127.0.0.1", proxy.port()), timeout=10)
-    again.sendall(b"again\n")
-    assert _served(again, b"again\n") == b"again\n"
+    # The echo saw the close before the proxy did: until the proxy has released
+    # the slot a new client is still refused, so try until one is served.
+    again = wait_for(lambda: _admitted(proxy.port(), b"again\n"), timeout=5,
+                     interval=0.05, message="the freed slot to admit a client")
+    assert _refused(proxy.port(), b"ninth\n"), "exactly one more after one close"
     assert [e.peak for e in echoes] == [3, 4]
     for client in held + [again]:
         client.close()
