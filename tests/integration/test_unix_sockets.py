@@ -214,6 +214,8 @@ health_check = {{ interval_ms = 100, timeout_ms = 100, fall = 1, rise = 1 }}
         with open(status_path) as file:
             return json.load(file)["counters"]["backends"]
 
+    # The master writes the status file (by rename) on its first status tick.
+    wait_for(lambda: os.path.exists(status_path), 10, message="the status file")
     wait_for(lambda: counters()[f"front|{missing}"]["connect_errors_total"]["refused"] == 3,
              10, message="3 connects to the missing path counted as refused")
     assert counters()[f"front|{live.address}"]["connections_total"] == 6
