@@ -118,8 +118,8 @@ class XProxy(ProxyProcess):
         assert popen.pid == pid
         return popen
 
-    def stop(self, timeout: float = 15.0) -> int:
-        returncode = super().stop(timeout)
+    def stop(self, timeout: float = 15.0, fast_after: Optional[float] = None) -> int:
+        returncode = super().stop(timeout, fast_after)
         if self.info.pidpath.check():  # reaped: its pid may be reused by anyone now
             self.info.pidpath.remove()
         # xprocess keeps each start's log handle open for the whole session (and
@@ -133,6 +133,9 @@ class XProxy(ProxyProcess):
         self._resource.release()
         return returncode
 
+
+# "gw0-" etc. under pytest-xdist (scripts/test runs the suite in 2 processes), else "".
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "") and os.environ["PYTEST_XDIST_WORKER"] + "-"
 
 _PROXIES = pytest.StashKey[List[ProxyProcess]]()
 
@@ -164,12 +167,13 @@ def proxy_factory(request, tmp_path, xprocess) -> Iterator[Callable[..., ProxyPr
         else:
             # One name per place in the test, reused by the next test: xprocess keeps
             # one control dir (and one open log) per name for the whole session.
-            proxy = XProxy(xprocess, f"prefork-proxy-{index}", args, **kwargs)
+            # Under pytest-xdist each worker process has its own names (and dirs).
+            proxy = XProxy(xprocess, f"prefork-proxy-{_XDIST_WORKER}{index}", args, **kwargs)
         started.append(proxy)
         return proxy
 
     yield start
     for index, proxy in enumerate(started):
-        proxy.stop()
+        proxy.stop(fast_after=2.0)  # a drain the test did not wait for is not its subject
         if isinstance(proxy, XProxy):  # collect the log: the next test reuses the name
             shutil.copyfile(proxy.log_path, tmp_path / f"proxy-{index}.log")

@@ -228,12 +228,25 @@ class ProxyProcess:
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
 
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM (the drain), then after ``timeout`` SIGKILL the workers and the master."""
+    def stop(self, timeout: float = 15.0, fast_after: Optional[float] = None) -> int:
+        """SIGTERM (the drain), then after ``timeout`` SIGKILL the workers and the master.
+
+        ``fast_after``: if the drain has not ended after this many seconds, send
+        SIGQUIT (the fast stop) and wait for the rest of ``timeout``.  Fixture
+        teardown uses it: a test that left a client open would otherwise wait
+        out the whole drain.
+        """
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout)
+                if fast_after is not None and fast_after < timeout:
+                    try:
+                        self.process.wait(fast_after)
+                    except subprocess.TimeoutExpired:
+                        self.process.send_signal(signal.SIGQUIT)
+                        self.process.wait(timeout - fast_after)
+                else:
+                    self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 for pid in self.worker_pids():
                     os.kill(pid, signal.SIGKILL)
