@@ -54,6 +54,7 @@ def test_the_proxy_fixture_reports_logs_fails_fast_and_stops_its_proxies(pyteste
     pytester.makeconftest((TESTS / "conftest.py").read_text())
     pytester.makepyfile(test_inner=INNER)
     monkeypatch.setenv("PYTHONPATH", str(TESTS))  # support.py, as pytest's pythonpath does
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # the inner session is not one
     started = time.monotonic()
     result = pytester.runpytest_subprocess(timeout=90)
     elapsed = time.monotonic() - started
