@@ -73,7 +73,8 @@ class IdleSweep:
             moved_up, moved_down = u != conn.idle_up, d != conn.idle_down
             if moved_up or moved_down:
                 conn.idle_up, conn.idle_down, conn.idle_since = u, d, now
-                conn.idle_term = "sD" if moved_up else "cD"
+                # Both moved since the last look: a request and its answer, the server last.
+                conn.idle_term = "cD" if moved_down else "sD"
             elif conn.idle_since <= limit:
                 if up.pending:
                     term = "sD"

@@ -73,3 +73,15 @@ def test_held_bytes_name_the_side_that_does_not_read():
     assert sweep.sweep(1.2) == [(conn, "cD")]
     conn.downstream.pending, conn.upstream.pending = 0, 5
     assert sweep.sweep(1.3) == [(conn, "sD")]
+
+
+def test_a_request_and_its_answer_within_one_interval_is_cd():
+    """Both counters moved between two sweeps: the server spoke last (the docstring's rule;
+    CI saw an echoed request closed as sD when the old code let the client's side win)."""
+    sweep = IdleSweep(1.0)
+    conn = _conn()
+    sweep.add(conn, 0.0)
+    conn.upstream.nread = conn.upstream.nwritten = 5
+    conn.downstream.nread = conn.downstream.nwritten = 5
+    assert sweep.sweep(0.1) == []
+    assert sweep.sweep(1.1) == [(conn, "cD")]
