@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -373,3 +374,52 @@ def ipv6_loopback() -> bool:
         return True
     except OSError:
         return False
+
+
+class CountingEcho:
+    """An echo server on loopback (a thread per connection) recording its current and peak
+    connections and how many it accepted: a backend that shows whether a cap held.
+
+    Used by test_backend_queue and test_listener_limit; threads are daemons.
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.port = self.sock.getsockname()[1]
+        self.lock = threading.Lock()
+        self.active = self.peak = self.accepted = 0
+        self.stopping = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stopping:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.accepted += 1
+                self.active += 1
+                self.peak = max(self.peak, self.active)
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                conn.sendall(data)
+        except OSError:
+            pass
+        finally:
+            # Count the connection gone before closing it: the proxy frees the slot
+            # when it sees this close, and may connect the next client at once; a
+            # decrement after close() could trail that accept and record one too many.
+            with self.lock:
+                self.active -= 1
+            conn.close()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.sock.close()

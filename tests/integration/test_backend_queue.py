@@ -11,56 +11,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Iterator, List, Optional
 
 import pytest
-from support import wait_for, write_config
-
-
-class CountingEcho:
-    """An echo server (a thread per connection) recording its current and peak connections."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self.port = self.sock.getsockname()[1]
-        self.lock = threading.Lock()
-        self.active = self.peak = self.accepted = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.accepted += 1
-                self.active += 1
-                self.peak = max(self.peak, self.active)
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    def _echo(self, conn: socket.socket) -> None:
-        try:
-            while True:
-                data = conn.recv(65536)
-                if not data:
-                    break
-                conn.sendall(data)
-        except OSError:
-            pass
-        finally:
-            # Count the connection gone before closing it: the proxy frees the slot
-            # when it sees this close, and may connect the next client at once; a
-            # decrement after close() could trail that accept and record one too many.
-            with self.lock:
-                self.active -= 1
-            conn.close()
-
-    def stop(self) -> None:
-        self.sock.close()
+from support import CountingEcho, wait_for, write_config
 
 
 @pytest.fixture
