@@ -135,7 +135,8 @@ class XProxy(ProxyProcess):
 
 
 # "gw0-" etc. under pytest-xdist (scripts/test runs the suite in 2 processes), else "".
-_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "") and os.environ["PYTEST_XDIST_WORKER"] + "-"
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+_XDIST_WORKER += "-" if _XDIST_WORKER else ""
 
 _PROXIES = pytest.StashKey[List[ProxyProcess]]()
 

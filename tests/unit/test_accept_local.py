@@ -14,7 +14,7 @@ from prefork_proxy.accept import fixed_local
 
 def _accepted_local(listener: socket.socket, host: str) -> object:
     port = listener.getsockname()[1]
-    with socket.create_connection((host, port), timeout=5) as client:
+    with socket.create_connection((host, port), timeout=5):  # held open while we look
         accepted, _ = listener.accept()
         with accepted:
             return accepted.getsockname()
