@@ -388,14 +388,13 @@ class CountingEcho:
         self.port = self.sock.getsockname()[1]
         self.lock = threading.Lock()
         self.active = self.peak = self.accepted = 0
-        self.stopping = False
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
-        while not self.stopping:
+        while True:
             try:
                 conn, _ = self.sock.accept()
-            except OSError:
+            except OSError:  # stop() closed the listening socket
                 return
             with self.lock:
                 self.accepted += 1
@@ -421,5 +420,4 @@ class CountingEcho:
             conn.close()
 
     def stop(self) -> None:
-        self.stopping = True
         self.sock.close()

@@ -73,7 +73,8 @@ class IdleSweep:
             moved_up, moved_down = u != conn.idle_up, d != conn.idle_down
             if moved_up or moved_down:
                 conn.idle_up, conn.idle_down, conn.idle_since = u, d, now
-                # Both moved since the last look: a request and its answer, the server last.
+                # The server's side moved (alone, or with the client's: a request and
+                # its answer since the last look): it spoke last.
                 conn.idle_term = "cD" if moved_down else "sD"
             elif conn.idle_since <= limit:
                 if up.pending:

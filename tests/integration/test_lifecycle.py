@@ -77,16 +77,9 @@ def _echo_proxy(backend_factory, proxy_factory, workers: int) -> ProxyProcess:
     return proxy
 
 
-def _title(pid: int) -> str:
-    """A process's title, "" once it is gone (a retired worker exits at any moment)."""
-    try:
-        return process_title(pid)
-    except OSError:
-        return ""
-
-
 def _worker_pids(proxy: ProxyProcess, generation: int) -> list:
-    return [pid for pid in proxy.worker_pids() if _title(pid).endswith(f"gen {generation}")]
+    return [pid for pid in proxy.worker_pids()
+            if process_title(pid).endswith(f"gen {generation}")]
 
 
 # --------------------------------------------------------------------------- reload
@@ -470,6 +463,6 @@ def test_rapid_reloads_retire_every_old_generation_at_once(backend_factory, prox
         proxy.signal(signal.SIGHUP)
         line = f"generation {generation} serves"
         wait_for(lambda line=line: line in proxy.log, message=line)
-    wait_for(lambda: all(_title(pid).endswith("gen 7") for pid in proxy.worker_pids())
+    wait_for(lambda: all(process_title(pid).endswith("gen 7") for pid in proxy.worker_pids())
              and len(proxy.worker_pids()) == 3, 10, message="only generation 7 left")
     assert "still draining at its deadline" not in proxy.log

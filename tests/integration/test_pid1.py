@@ -86,18 +86,10 @@ def inner_pid(pid: int) -> int:
     raise AssertionError(f"no NSpid: line in /proc/{pid}/status")
 
 
-def title_of(pid: int) -> str:
-    """The command line of ``pid``, "" once it is gone (it may exit while we look)."""
-    try:
-        return process_title(pid)
-    except OSError:
-        return ""
-
-
 def find_process(namespace: str, title: str) -> int:
     """The host pid of the one process in ``namespace`` whose command line is ``title``."""
     def found() -> Optional[int]:
-        pids = [pid for pid in namespace_processes(namespace) if title_of(pid) == title]
+        pids = [pid for pid in namespace_processes(namespace) if process_title(pid) == title]
         assert len(pids) <= 1, pids
         return pids[0] if pids else None
 
@@ -139,7 +131,7 @@ class Pid1Proxy:
         """Host pids of the master's ``count`` workers, once each has booted."""
         def booted() -> Optional[List[int]]:
             pids = [pid for pid in children_of(self.master)
-                    if title_of(pid).startswith("prefork-proxy: worker")]
+                    if process_title(pid).startswith("prefork-proxy: worker")]
             if len(pids) == count and self.proxy.log.count(" booted: pid=") >= count:
                 return pids
             return None

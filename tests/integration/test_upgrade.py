@@ -71,14 +71,6 @@ class Program:
         return env
 
 
-def _title(pid: int) -> str:
-    """A process's title; "" once it has exited (it may, between listing and reading)."""
-    try:
-        return process_title(pid)
-    except OSError:
-        return ""
-
-
 def _running(pid: int) -> bool:
     return control._running(pid)
 
@@ -191,7 +183,7 @@ def test_three_upgrades_under_load_lose_nothing_and_a_broken_one_changes_nothing
             # The admin socket moved over too: same port, the new master's model, once
             # the old master's admin process (stopped at the hand-over) is gone.
             wait_for(lambda old=old: not [pid for pid in children_of(old)
-                                          if _title(pid) == "prefork-proxy: admin"],
+                                          if process_title(pid) == "prefork-proxy: admin"],
                      10, message="the old admin process gone")
             model = _admin_status(admin_port)
             assert model["pid"] == new and model["version"] == version
