@@ -120,6 +120,8 @@ class NeedMore:
     is awaited next; it may then lie in the past: expire at once).
     """
 
+    #: What the relay reads to tell verdicts apart (``relay.admit.verdict_kind``).
+    kind = "more"
     __slots__ = ("deadline",)
 
     def __init__(self, deadline: Optional[float]) -> None:
@@ -144,6 +146,8 @@ class Accept:
     ``server_name`` is the SNI name (normalized) when an SNI step read one.
     """
 
+    #: What the relay reads to tell verdicts apart (``relay.admit.verdict_kind``).
+    kind = "accept"
     __slots__ = ("route", "client_address", "destination", "forward_prefix", "consumed",
                  "server_name")
 
@@ -180,6 +184,8 @@ class Reject:
     it), for the access log's ``sni=``.
     """
 
+    #: What the relay reads to tell verdicts apart (``relay.admit.verdict_kind``).
+    kind = "reject"
     __slots__ = ("status", "term", "reason", "detail", "abort", "server_name")
 
     def __init__(self, status: int, term: str, reason: str, detail: str = "",
@@ -215,6 +221,8 @@ class Wait:
     relay joins it, and refuses with ``queue.timed_out`` at its deadline.
     """
 
+    #: What the relay reads to tell verdicts apart (``relay.admit.verdict_kind``).
+    kind = "wait"
     __slots__ = ("queue",)
 
     def __init__(self, queue: object) -> None:

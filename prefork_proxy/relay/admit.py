@@ -2,9 +2,11 @@
 
 Owns ``Admitter``: for a connection submitted with an ``admission`` object
 (``contract.Admission``; the worker opens one per client from its listener's
-pipeline), it watches the client for reads, feeds what arrives to
-``admission.feed``, arms the verdict's deadline on the loop's ``TimerHeap``
-(``admission.expire`` when it passes), and acts on the verdict: a reject
+pipeline), it reads what the client has already sent (one
+speculative ``recv`` at accept), watches the client for reads only while the
+verdict still wants bytes, feeds what arrives to ``admission.feed``, arms
+the verdict's deadline on the loop's ``TimerHeap`` (``admission.expire``
+when it passes), and acts on the verdict: a reject
 closes the client (an RST when the verdict says ``abort``) and is told to the
 loop's outcome hook; an accept asks the connection's ``choose(verdict)`` for
 the targets to try and hands the connection to the connect phase, with the
@@ -35,8 +37,11 @@ _IN = select.EPOLLIN
 
 
 def verdict_kind(verdict: object) -> str:
-    """``"accept"``, ``"reject"``, ``"wait"`` or ``"more"``, told by the verdict's fields (the
-    relay does not import the admission package: see ``contract.Admission``)."""
+    """``"accept"``, ``"reject"``, ``"wait"`` or ``"more"``: the verdict's ``kind``, else told
+    by its fields (the relay does not import the admission package: see ``contract.Admission``)."""
+    kind = getattr(verdict, "kind", None)
+    if kind is not None:
+        return kind  # type: ignore[no-any-return]
     if hasattr(verdict, "forward_prefix"):
         return "accept"
     if hasattr(verdict, "abort"):
@@ -59,11 +64,33 @@ class Admitter:
         self.on_timer = self._on_timer
 
     def start(self, conn: Connection) -> None:
-        """A client just taken in: watch it for reads, and take the first verdict."""
+        """A client just taken in: its first verdict, reading what has arrived already.
+
+        Principle (no epoll round for bytes already here): a client that must
+        speak first (a PROXY header, a ClientHello) has usually sent its bytes
+        by the time it is accepted (the peer writes as soon as its connect
+        completes, and we accept after the handshake), so one ``recv`` before
+        watching the client saves registering it, an ``epoll_wait`` round and
+        unregistering it again; when nothing is there it costs one ``recv``
+        that says EAGAIN.  A pipeline that reads nothing (access rules, limits)
+        decides at ``start`` and never puts the client into epoll at all.
+        """
         admission = conn.admission
         assert admission is not None
-        self._watch(conn)
-        self._act(conn, admission.start(time.monotonic()))
+        verdict = admission.start(time.monotonic())
+        if verdict_kind(verdict) == "more":
+            try:
+                data = conn.client.recv(READ_SIZE)
+            except BlockingIOError:
+                data = None
+            except OSError:  # reset already: the client has closed
+                data = b""
+            if data is not None:
+                conn.admitted += len(data)
+                verdict = admission.feed(data)
+            if verdict_kind(verdict) == "more":
+                self._watch(conn)
+        self._act(conn, verdict)
 
     def retry(self, conn: Connection) -> None:
         """Woken in the listener's queue after a ``Wait``: the admission once more."""
@@ -77,8 +104,9 @@ class Admitter:
         conn.client_mask = _IN
 
     def _unwatch(self, conn: Connection) -> None:
-        self._epoll.unregister(conn.client_fd)
-        conn.client_mask = 0
+        if conn.client_mask:  # only a client whose verdict waited for bytes was watched
+            self._epoll.unregister(conn.client_fd)
+            conn.client_mask = 0
         self._by_fd.pop(conn.client_fd, None)
 
     def _on_readable(self, conn: Connection, fd: int, events: int) -> None:

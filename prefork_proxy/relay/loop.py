@@ -586,17 +586,31 @@ class RelayLoop:
         conn.handler = self._relay_handler
         self._by_fd[conn.client_fd] = conn
         if prefix:
-            conn.upstream.hold(prefix)
             conn.prefix = b""
-            # Write it now (the backend just connected, so its send buffer is
-            # empty); the same pump then reads on from the client.
-            self._on_event(conn, conn.backend_fd, _OUT)
-            if conn.closed:
+            # Write it now: the backend just connected, so its send buffer is
+            # empty and a prefix (a PROXY header, a ClientHello) goes out
+            # whole; a remainder is held, as a burst's would be, and written
+            # when the backend is writable.
+            try:
+                sent = backend.send(prefix)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                if exc.errno not in _ORDINARY_ENDINGS:
+                    log.info("connection from %s closed on error: %s", conn.peer or "?", exc)
+                self._close(conn, abort=True, term="SD" if self._access is not None else None)
                 return
-        # Speculative read: a client that speaks first (HTTP, Redis, PostgreSQL)
-        # has usually sent its first bytes while we connected.  Moving them now
-        # saves a trip through epoll; if nothing is there, it costs one recv.
-        self._on_event(conn, conn.client_fd, _IN)
+            conn.upstream.nwritten += sent
+            if sent < len(prefix):
+                conn.upstream.hold(prefix[sent:])
+        if not conn.admitted:
+            # Speculative read: a client that speaks first (HTTP, Redis,
+            # PostgreSQL) has usually sent its first bytes while we connected.
+            # Moving them now saves a trip through epoll; if nothing is there,
+            # it costs one recv.  A client whose admission read it has just
+            # been drained (its bytes are in the prefix): reading again would
+            # only hear EAGAIN, and epoll reports whatever came since.
+            self._on_event(conn, conn.client_fd, _IN)
         if not conn.closed:
             self._update_interest(conn)
             if conn.idle_s:

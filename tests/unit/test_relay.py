@@ -897,26 +897,68 @@ class CountedAdmission:
         return self.admission.release()
 
 
+class RecordingEpoll:
+    """A real ``select.epoll`` that also records each register/modify/unregister as
+    ``(call, fd, mask)``: what the relay asked of epoll, for tests of how often."""
+
+    def __init__(self, epoll) -> None:
+        self._epoll = epoll
+        self.calls = []
+
+    def register(self, fd, mask=select.EPOLLIN | select.EPOLLPRI | select.EPOLLOUT):
+        self.calls.append(("register", fd, mask))
+        self._epoll.register(fd, mask)
+
+    def modify(self, fd, mask):
+        self.calls.append(("modify", fd, mask))
+        self._epoll.modify(fd, mask)
+
+    def unregister(self, fd):
+        self.calls.append(("unregister", fd, 0))
+        self._epoll.unregister(fd)
+
+    def __getattr__(self, name):
+        return getattr(self._epoll, name)
+
+    def of(self, fd):
+        return [(call, mask) for call, seen, mask in self.calls if seen == fd]
+
+
 class AdmittingRig:
     """A started RelayLoop with an outcome hook, a front listener and two backends
-    (route 1 for a.test, the listener's own for the rest)."""
+    (route 1 for a.test, the listener's own for the rest); ``epoll`` records what
+    the loop's phases asked of its epoll."""
 
     def __init__(self, mode: str, function) -> None:
         self.outcomes = []
         self.loop = RelayLoop(mode, splice=function,
                               on_outcome=lambda peer, adm, verdict: self.outcomes.append(
                                   (peer, adm, verdict)))
+        # Before the thread starts: every phase holds the loop's epoll object.
+        self.epoll = RecordingEpoll(self.loop._epoll)
+        for owner in (self.loop, self.loop._admitter, self.loop._connector):
+            owner._epoll = self.epoll
         self.loop.start()
         self.front = socket.create_server(("127.0.0.1", 0))
         self.backends = {None: socket.create_server(("127.0.0.1", 0)),
                          1: socket.create_server(("127.0.0.1", 0))}
         self.chosen = []
 
-    def open(self, pipeline, send_proxy: bool = False, targets=None):
-        """A client through ``pipeline``: (client socket, CountedAdmission)."""
+    def open(self, pipeline, send_proxy: bool = False, targets=None, early: bytes = b""):
+        """A client through ``pipeline``: (client socket, CountedAdmission).
+
+        ``early``: bytes the client sends before the loop takes it in (they have
+        arrived when it does; sent from a thread, so they may exceed a socket buffer).
+        """
         client = socket.create_connection(self.front.getsockname(), timeout=10)
         accepted, address = self.front.accept()
         accepted.setblocking(False)
+        self.accepted_fd = accepted.fileno()
+        self.sender = None
+        if early:
+            self.sender = threading.Thread(target=client.sendall, args=(early,), daemon=True)
+            self.sender.start()
+            assert select.select([accepted], [], [], 10)[0], "the early bytes did not arrive"
         admission = CountedAdmission(pipeline.open(accepted.getpeername(),
                                                    accepted.getsockname()))
 
@@ -1007,6 +1049,63 @@ def test_an_admitted_client_reaches_its_route_with_exactly_the_payload(rig, send
     wait_for(lambda: rig.loop.active == 0, 5, message="the connection to end")
     assert admission.releases == 1
     assert rig.outcomes == []
+    client.close()
+
+
+def test_bytes_already_there_are_admitted_without_watching_the_client(rig):
+    """A client whose PROXY header and hello arrived before the loop took it in is
+    admitted by the one read at start: the client is put into epoll once, for the
+    relay (not once to admit it, then again to relay), and the backend gets exactly
+    the bytes after the header."""
+    header = proxy_protocol.encode_v2(PROXIED_CLIENT, PROXIED_DST)
+    payload = A_TEST_HELLO + b"payload in the same burst"
+    client, admission = rig.open(_full_pipeline(), early=header + payload)
+    backend, _ = rig.backends[1].accept()
+    backend.settimeout(10)
+    assert recv_exactly(backend, len(payload)) == payload
+    backend.sendall(b"answer")
+    assert recv_exactly(client, 6) == b"answer"
+    assert rig.epoll.of(rig.accepted_fd) == [("register", select.EPOLLIN)]
+    client.close()
+    backend.close()
+    wait_for(lambda: rig.loop.active == 0, 5, message="the connection to end")
+    assert admission.releases == 1
+
+
+def test_a_pipeline_that_reads_nothing_never_watches_the_client_before_it_relays(rig):
+    """Access rules alone decide at accept: the client's first epoll registration is
+    the relay's, and its bytes flow as without a pipeline."""
+    client, admission = rig.open(compile_pipeline(allow=["127.0.0.0/8"]))
+    backend, _ = rig.backends[None].accept()
+    backend.settimeout(10)
+    client.sendall(b"hello")
+    assert recv_exactly(backend, 5) == b"hello"
+    assert rig.epoll.of(rig.accepted_fd) == [("register", select.EPOLLIN)]
+    client.close()
+    backend.close()
+    wait_for(lambda: rig.loop.active == 0, 5, message="the connection to end")
+
+
+@pytest.mark.parametrize("send_proxy", [False, True], ids=["plain", "send_proxy"])
+def test_a_burst_larger_than_an_admission_read_reaches_the_backend_whole(rig, send_proxy):
+    """Header + 300 KB sent at once: the admission reads one piece (``READ_SIZE``),
+    the relay does not read the client again before watching it, and epoll
+    reports the rest: the backend gets our header (if it wants one) and every byte."""
+    header = proxy_protocol.encode_v2(PROXIED_CLIENT, PROXIED_DST)
+    payload = bytes(range(256)) * 1200
+    pipeline = compile_pipeline(accept_proxy="v2")
+    client, admission = rig.open(pipeline, send_proxy=send_proxy, early=header + payload)
+    backend, _ = rig.backends[None].accept()
+    backend.settimeout(10)
+    ours = proxy_header("v2", PROXIED_CLIENT, PROXIED_DST) if send_proxy else b""
+    rig.sender.join(10)  # all sent (the relay has read all but what the kernel holds)
+    assert not rig.sender.is_alive()
+    client.shutdown(socket.SHUT_WR)
+    assert recv_until_eof(backend) == ours + payload
+    backend.close()
+    assert recv_until_eof(client) == b""
+    wait_for(lambda: rig.loop.active == 0, 5, message="the connection to end")
+    assert admission.releases == 1
     client.close()
 
 
