@@ -26,10 +26,12 @@ window ride along for free, and all three are exact (check and increment
 happen under the same lock: ±0 across workers).  The alternatives fall short:
 per-worker rows summed on read are exact *counts* but not exact *admission*
 (two workers can both read 4,999 of 5,000 and both increment), and a libatomic
-compare-and-swap covers one word, not a table insert.  The lock is
-``RecordLock``, ``shared.ProcessLock``'s principle with less Python around it
-(a kernel record lock: a holder killed with SIGKILL cannot keep it), taken
-once per acquire and once per release and held for a few microseconds:
+compare-and-swap covers one word, not a table insert.  The lock is a
+``robust_mutex.RobustMutex`` (a robust, process-shared pthread mutex: no
+system call unless another process holds it, and a holder killed with
+SIGKILL cannot keep it), or, where libc has none, ``RecordLock`` (a kernel
+record lock: two system calls per use, same guarantee).  It is taken once
+per acquire and once per release and held for a few microseconds:
 ``scripts/bench_admission.py`` measures the cost per connection.
 
 Exactly once, and SIGKILL.  Every worker owns a *row* (claimed on its first
@@ -68,6 +70,8 @@ import time
 import weakref
 from typing import Callable, Dict, List, Optional
 
+from prefork_proxy import robust_mutex
+from prefork_proxy.robust_mutex import RobustMutex
 from prefork_proxy.shared import _PID, WORKER_ROWS, _pid_alive
 
 log = logging.getLogger("prefork_proxy.limits")
@@ -152,6 +156,17 @@ def _reset_record_locks() -> None:
 os.register_at_fork(after_in_child=_reset_record_locks)
 
 
+def new_lock() -> "RobustMutex | RecordLock":
+    """The limits' cross-process lock: a ``RobustMutex`` where libc has one, else a
+    ``RecordLock``."""
+    if robust_mutex.available():
+        try:
+            return robust_mutex.RobustMutex()
+        except OSError as exc:
+            log.warning("no robust mutex (%s): the connection limits use a record lock", exc)
+    return RecordLock()
+
+
 def source_key(scope: int, ip: str) -> bytes:
     """The table key of a client address (``str``, as the socket gives it) in a scope."""
     if ":" not in ip:
@@ -192,7 +207,13 @@ class ConnectionLimits:
             setattr(self, name, memoryview(self._map)[offset:offset + size].cast(kind))
             offset += (size + 7) // 8 * 8
         # meta: [0] entries in the table, [1] reclaim cursor, [2] rows used (high-water)
-        self.lock = RecordLock()
+        self.lock = new_lock()
+        # The lock as the per-connection path calls it: ``_enter()`` returns a
+        # true value only when a robust mutex's holder died (see ``took_over``).
+        if isinstance(self.lock, RobustMutex):
+            self._enter, self._exit = self.lock.calls()
+        else:
+            self._enter, self._exit = self.lock.acquire, self.lock.release
         self._row_pid = -1
         self._row = -1
         self._free: List[int] = []   # this process's released ledger indices (under the lock)
@@ -232,8 +253,10 @@ class ConnectionLimits:
         row = self._row if self._row_pid == _PID[0] else self._claim_row()
         if row < 0:
             return REFUSED_LEDGER_FULL
-        lock = self.lock
-        lock.acquire()
+        digest = hash(key) if per_source else 0  # outside the lock: held as briefly as can be
+        code = self._enter()
+        if code:  # a robust mutex whose holder died: ours now (see ``RobustMutex``)
+            self.lock.took_over(code)  # type: ignore[union-attr]
         self.row_dirty[row] = 1
         try:
             if max_connections and self.scope_count[scope] >= max_connections:
@@ -243,7 +266,7 @@ class ConnectionLimits:
                 return REFUSED_LEDGER_FULL
             slot = -1
             if per_source:
-                slot = self._admit_source(key, max_per_source, max_new_per_second)
+                slot = self._admit_source(key, digest, max_per_source, max_new_per_second)
                 if slot < 0:
                     return slot
             # Commit: counts, then the ledger record (a kill in between is what
@@ -264,7 +287,7 @@ class ConnectionLimits:
             return (generation << _INDEX_BITS) | index
         finally:
             self.row_dirty[row] = 0
-            lock.release()
+            self._exit()
 
     def release(self, token: int) -> bool:
         """End the connection of ``token``: True the first time, False (nothing done) after.
@@ -277,19 +300,21 @@ class ConnectionLimits:
         if index >= self._fresh:
             return False
         record = row * self.ledger_size + index
-        lock = self.lock
-        lock.acquire()
+        second = int(self._clock())
+        code = self._enter()
+        if code:
+            self.lock.took_over(code)  # type: ignore[union-attr]
         try:
             if not self.ledger_state[record] or self.ledger_gen[record] != generation:
                 return False
             self.row_dirty[row] = 1
-            self._undo(record, int(self._clock()), self._keys[index])
+            self._undo(record, second, self._keys[index])
             self._keys[index] = None
             self._free.append(index)
             return True
         finally:
             self.row_dirty[row] = 0
-            lock.release()
+            self._exit()
 
     # -- the master
 
@@ -356,9 +381,10 @@ class ConnectionLimits:
         self._keys.append(None)
         return index
 
-    def _admit_source(self, key: bytes, max_per_source: int, max_new_per_second: int) -> int:
-        """The slot of ``key``'s entry if the source may open one more, else a refusal."""
-        digest = hash(key)
+    def _admit_source(self, key: bytes, digest: int, max_per_source: int,
+                      max_new_per_second: int) -> int:
+        """The slot of ``key`` (``digest``: its hash) if the source may open one more,
+        else a refusal."""
         slot = self._find(key, digest)
         if slot < 0:
             if self.meta[0] >= self.capacity:
