@@ -208,8 +208,9 @@ class ConnectionLimits:
             offset += (size + 7) // 8 * 8
         # meta: [0] entries in the table, [1] reclaim cursor, [2] rows used (high-water)
         self.lock = new_lock()
-        # The lock as the per-connection path calls it: ``_enter()`` returns a
-        # true value only when a robust mutex's holder died (see ``took_over``).
+        # The lock as the per-connection path calls it: ``_enter()`` returns a true
+        # value only when a robust mutex was not taken at once, because another
+        # holds it or its holder died (then ``finish_acquire`` takes it).
         if isinstance(self.lock, RobustMutex):
             self._enter, self._exit = self.lock.calls()
         else:
@@ -255,8 +256,8 @@ class ConnectionLimits:
             return REFUSED_LEDGER_FULL
         digest = hash(key) if per_source else 0  # outside the lock: held as briefly as can be
         code = self._enter()
-        if code:  # a robust mutex whose holder died: ours now (see ``RobustMutex``)
-            self.lock.took_over(code)  # type: ignore[union-attr]
+        if code:  # a robust mutex held by another, or whose holder died (see ``RobustMutex``)
+            self.lock.finish_acquire(code)  # type: ignore[union-attr]
         self.row_dirty[row] = 1
         try:
             if max_connections and self.scope_count[scope] >= max_connections:
@@ -303,7 +304,7 @@ class ConnectionLimits:
         second = int(self._clock())
         code = self._enter()
         if code:
-            self.lock.took_over(code)  # type: ignore[union-attr]
+            self.lock.finish_acquire(code)  # type: ignore[union-attr]
         try:
             if not self.ledger_state[record] or self.ledger_gen[record] != generation:
                 return False

@@ -1,8 +1,10 @@
 """The limits' cross-process lock (prefork_proxy.robust_mutex) across real forked processes."""
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -15,8 +17,12 @@ pytestmark = pytest.mark.skipif(not robust_mutex.available(),
                                 reason="this libc has no robust process-shared mutexes")
 
 
-def _child_holding(mutex: RobustMutex) -> int:
-    """Fork a child that takes ``mutex`` and sleeps holding it; its pid, once it holds it."""
+def _child_holding(mutex: RobustMutex, release_on: int = -1) -> int:
+    """Fork a child that takes ``mutex`` and holds it; its pid, once it holds it.
+
+    With ``release_on`` (a pipe's read end) the child releases the lock when a byte
+    arrives there; without, it holds it until it is killed.
+    """
     ready_read, ready_write = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -24,7 +30,11 @@ def _child_holding(mutex: RobustMutex) -> int:
             os.close(ready_read)
             mutex.acquire()
             os.write(ready_write, b"x")
-            time.sleep(60)
+            if release_on >= 0:
+                os.read(release_on, 1)
+                mutex.release()
+            else:
+                time.sleep(60)
         finally:
             os._exit(0)
     os.close(ready_write)
@@ -62,7 +72,50 @@ def test_a_live_holder_excludes_another_process_until_it_releases():
         os.waitpid(pid, 0)
     code = lock()
     assert code != 0  # EOWNERDEAD: ours now
-    mutex.took_over(code)
+    mutex.finish_acquire(code)
+    assert unlock() == 0
+
+
+def test_a_busy_lock_is_waited_for_with_the_interpreter_lock_released():
+    """The trylock keeps the GIL; when it says EBUSY the wait must not keep it, or no
+    other thread of the process could run (and a holder in this process could never
+    release).  Here the main thread runs while a second thread waits, and it is the
+    main thread that tells the holding child to let go."""
+    mutex = RobustMutex()
+    release_read, release_write = os.pipe()
+    pid = _child_holding(mutex, release_on=release_read)
+    held = threading.Event()
+
+    def take_it() -> None:
+        mutex.acquire()
+        held.set()
+        mutex.release()
+
+    waiter = threading.Thread(target=take_it, daemon=True)
+    try:
+        waiter.start()
+        # The waiter is blocked in the lock: this thread still runs Python code.
+        assert not held.wait(0.2)
+        os.write(release_write, b"x")
+        assert held.wait(10), "the waiter never got the lock after the holder released it"
+    finally:
+        os.write(release_write, b"x")
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        waiter.join(10)
+        os.close(release_read)
+        os.close(release_write)
+    assert mutex.owner_deaths == 0
+
+
+def test_the_uncontended_calls_keep_the_interpreter_lock():
+    """The per-connection lock and unlock are PyDLL functions (no GIL hand-off per call)."""
+    mutex = RobustMutex()
+    lock, unlock = mutex.calls()
+    for call in (lock, unlock):
+        assert call.func._flags_ & ctypes._FUNCFLAG_PYTHONAPI  # type: ignore[attr-defined]
+    assert lock() == 0
+    assert lock() != 0  # not reentrant: EBUSY (or EDEADLK), never a silent second hold
     assert unlock() == 0
 
 
