@@ -448,3 +448,29 @@ def test_property_v1_line_is_accepted_exactly_up_to_107_bytes(junk, tail) -> Non
         assert isinstance(final, ProxyHeader) and final.length == len(line)
     else:
         assert final == "v1_too_long"
+
+
+def _endpoints() -> st.SearchStrategy:
+    ports = st.one_of(st.integers(-2, 70000), st.just(True), st.floats(0, 10), st.text(max_size=2))
+    ips = st.one_of(st.ip_addresses().map(str), st.sampled_from(["1.2.3.4%x", "1.2.3", "", " ::1"]),
+                    st.text(max_size=6), st.integers(0, 9))
+    return st.one_of(st.tuples(ips, ports), st.tuples(ips),
+                     st.tuples(ips, ports, st.just(0), st.just(0)), st.just(()), st.none(),
+                     st.sampled_from(["/tmp/s", b"\x00name"]),
+                     st.lists(ips, min_size=2, max_size=2))
+
+
+def _outcome(encode, src, dst) -> object:
+    try:
+        return encode(src, dst)
+    except Exception as exc:  # the type is what both paths must share
+        return type(exc)
+
+
+@PROPERTY
+@given(_endpoints(), _endpoints())
+def test_property_encode_v2_fast_path_is_the_general_encoding(src, dst) -> None:
+    """``encode_v2``'s one-pack IPv4 path gives exactly the general encoder's bytes,
+    or the general encoder's error, for every kind of endpoint."""
+    expected = _outcome(lambda s, d: pp._encode_v2_general(s, d, ()), src, dst)
+    assert _outcome(pp.encode_v2, src, dst) == expected
