@@ -1052,6 +1052,14 @@ def test_an_admitted_client_reaches_its_route_with_exactly_the_payload(rig, send
     client.close()
 
 
+def _watched_once_for_the_relay_then_closed(rig, client, backend) -> None:
+    """The accepted client went into epoll once, for the relay; both ends close, it ends."""
+    assert rig.epoll.of(rig.accepted_fd) == [("register", select.EPOLLIN)]
+    client.close()
+    backend.close()
+    wait_for(lambda: rig.loop.active == 0, 5, message="the connection to end")
+
+
 def test_bytes_already_there_are_admitted_without_watching_the_client(rig):
     """A client whose PROXY header and hello arrived before the loop took it in is
     admitted by the one read at start: the client is put into epoll once, for the
@@ -1065,10 +1073,7 @@ def test_bytes_already_there_are_admitted_without_watching_the_client(rig):
     assert recv_exactly(backend, len(payload)) == payload
     backend.sendall(b"answer")
     assert recv_exactly(client, 6) == b"answer"
-    assert rig.epoll.of(rig.accepted_fd) == [("register", select.EPOLLIN)]
-    client.close()
-    backend.close()
-    wait_for(lambda: rig.loop.active == 0, 5, message="the connection to end")
+    _watched_once_for_the_relay_then_closed(rig, client, backend)
     assert admission.releases == 1
 
 
@@ -1080,10 +1085,7 @@ def test_a_pipeline_that_reads_nothing_never_watches_the_client_before_it_relays
     backend.settimeout(10)
     client.sendall(b"hello")
     assert recv_exactly(backend, 5) == b"hello"
-    assert rig.epoll.of(rig.accepted_fd) == [("register", select.EPOLLIN)]
-    client.close()
-    backend.close()
-    wait_for(lambda: rig.loop.active == 0, 5, message="the connection to end")
+    _watched_once_for_the_relay_then_closed(rig, client, backend)
 
 
 @pytest.mark.parametrize("send_proxy", [False, True], ids=["plain", "send_proxy"])
