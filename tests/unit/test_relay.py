@@ -605,11 +605,20 @@ def test_an_error_of_our_own_resets_both_sides(relay, monkeypatch, caplog):
 # --------------------------------------------------------------------------- the buffer budget
 
 
+def _send_until_closed(sock: socket.socket, payload: bytes) -> None:
+    """A stalled pair's backend: send it all, or stop when the test closes the socket."""
+    try:
+        sock.sendall(payload)
+    except OSError:  # closed under us at teardown, its client never read the rest
+        pass
+
+
 class _StalledLoop:
     """A RelayLoop with a small budget and ``count`` clients that stop reading.
 
-    Each client has a small receive buffer (the kernel holds little, so the
-    relay must), and its backend sends ``payload`` bytes from a thread.
+    Each client has a small receive buffer, and the relay's socket towards it a
+    small fixed send buffer (the kernel holds little, so the relay must); its
+    backend sends ``payload`` bytes from a thread.
     ``open_pair`` opens one more (client, backend) pair through the same loop.
     """
 
@@ -634,6 +643,14 @@ class _StalledLoop:
         client.settimeout(20)
         client.connect(self.front.getsockname())
         accepted, _ = self.front.accept()
+        if rcvbuf:
+            # The relay's side towards the client too: a fixed SO_SNDBUF turns the
+            # kernel's send-buffer autotuning off.  Left to it, the buffer follows
+            # the TCP metrics the kernel caches per destination, and after a bulk
+            # benchmark on loopback (a cached RTT of 4.6 ms, reordering 16) it grew
+            # to 4 MiB per socket and held the whole payload: the relay had nothing
+            # to hold, and "the budget was never spent".
+            accepted.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, rcvbuf)
         accepted.setblocking(False)
         self.loop.submit(accepted, iter([self.target]), 5.0)
         backend, _ = self.backend_listener.accept()
@@ -646,7 +663,8 @@ class _StalledLoop:
         for payload in self.payloads:
             client, backend = self.open_pair(rcvbuf=64 * 1024)
             self.stalled.append((client, backend))
-            threading.Thread(target=backend.sendall, args=(payload,), daemon=True).start()
+            threading.Thread(target=_send_until_closed, args=(backend, payload),
+                             daemon=True).start()
         samples = []
 
         def settled() -> bool:
