@@ -32,6 +32,8 @@ _ERROR = select.EPOLLERR | select.EPOLLHUP
 _SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
 _STREAM_NONBLOCK = int(socket.SOCK_STREAM) | _SOCK_NONBLOCK  # plain ints: no enum arithmetic
 _TCP_FAMILIES = frozenset((int(socket.AF_INET), int(socket.AF_INET6)))
+#: ``Connection.connect_s`` of a connected connection when no access log reads it.
+CONNECTED_UNTIMED = 0.0
 
 
 def keepalive_options(idle_s: Optional[int] = None, interval_s: Optional[int] = None,
@@ -156,8 +158,14 @@ class Connector:
                 return
         self._timers.cancel(conn)
         conn.targets = None  # connected: no failover from here on
-        conn.connect_s = time.monotonic() - conn.attempt_at
-        self.report(conn, CONNECTED, "", conn.connect_s)
+        connect_s = time.monotonic() - conn.attempt_at
+        self.report(conn, CONNECTED, "", connect_s)
+        # What an idle connection keeps holds no float it does not need (24 bytes
+        # each): the attempt's start is done with, and the connect time is kept
+        # only for the access log, its one reader (else the shared constant:
+        # "connected, not timed").
+        conn.attempt_at = 0.0
+        conn.connect_s = connect_s if self._loop._access is not None else CONNECTED_UNTIMED
         if log.isEnabledFor(logging.DEBUG):
             log.debug("client %s connected to backend %s", conn.peer or "?", conn.target.name)
         # Bytes the backend gets first: a per-backend header, then what the

@@ -59,8 +59,7 @@ class Connection:
                  "backend_mask", "peer", "closed", "options", "handler", "admission",
                  "choose", "prefix", "waiting", "listener_slot", "base", "started",
                  "admitted", "published_in", "published_out", "attempt_at", "connect_s",
-                 "attempts", "tried", "fail_term", "refusal",
-                 "idle_s", "idle_up", "idle_down", "idle_since", "idle_term")
+                 "attempts", "tried", "fail_term", "refusal", "idle_s")
 
     def __init__(self, client: StreamSocket, targets: Optional[Iterator[Target]],
                  timeout_s: float, peer: str, options: SocketOptions = (),
@@ -94,19 +93,18 @@ class Connection:
         self.admitted = 0  # bytes the pre-connect phase read from the client
         # How much of client_in/client_out the loop has added to its shared counters.
         self.published_in = self.published_out = 0
-        self.attempt_at = 0.0  # monotonic time of the last connect() called
-        self.connect_s = -1.0  # how long the backend took to connect (-1: not connected)
+        self.attempt_at = 0.0  # monotonic time of the last connect() called (0.0 once connected)
+        # How long the backend took to connect (-1: not connected); 0.0 once
+        # connected when the loop has no access log, the only reader of the time.
+        self.connect_s = -1.0
         # For the access log (set by the connect phase and ``_report_outcome``):
         self.attempts = 0  # connect attempts made
         self.tried: Optional[str] = None  # the backends tried, in order, "a,b"
         self.fail_term = "SC"  # how the last attempt failed: SC refused, sC timed out
         self.refusal: Optional[Any] = None  # the admission's (or queue's) Reject, if refused
-        # The idle timeout (``idle.IdleSweep``; 0.0: off): the counts its sweep saw last,
-        # when they last moved, and the term if it closes now (cD or sD).
+        # The idle timeout (0.0: off); what its sweep saw last is the sweep's
+        # (``idle.IdleSweep.members``), not carried by every connection.
         self.idle_s = idle_s
-        self.idle_up = self.idle_down = -1
-        self.idle_since = 0.0
-        self.idle_term = ""
 
     @property
     def client_in(self) -> int:

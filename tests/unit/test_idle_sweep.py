@@ -13,8 +13,7 @@ class _Conn(SimpleNamespace):
 def _conn():
     up = SimpleNamespace(nread=0, nwritten=0, pending=0)
     down = SimpleNamespace(nread=0, nwritten=0, pending=0)
-    return _Conn(upstream=up, downstream=down, idle_up=-1, idle_down=-1,
-                           idle_since=0.0, idle_term="")
+    return _Conn(upstream=up, downstream=down)
 
 
 def test_interval_is_a_tenth_of_the_idle_value_at_most_a_second():
