@@ -23,6 +23,7 @@ Every wait is bounded and waits for a condition, never for a fixed time.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 import signal
@@ -45,14 +46,54 @@ def transform(data: bytes) -> bytes:
     return data.translate(XOR_TABLE)
 
 
+#: The lowest port ``free_port`` hands out; its pool ends below the kernel's ephemeral range.
+PORT_POOL_START = 10000
+
+
+def _port_block() -> range:
+    """This process's own ports for ``free_port``: below the kernel's ephemeral range
+    (so no ``bind(0)`` and no outgoing connect is ever given one), one disjoint block
+    per pytest-xdist worker (so two test processes never pick the same)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    size = (ephemeral_low - PORT_POOL_START) // max(count, 1)
+    if size < 100:  # an unusual ephemeral range: no room below it
+        return range(0)
+    start = PORT_POOL_START + (index % count) * size
+    return range(start, start + size)
+
+
+_PORT_BLOCK = _port_block()
+_next_port = itertools.count()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A loopback port with nothing bound once this returns (connects to it are refused).
 
-    Another process may take it before the caller binds it: when the port must
-    stay refused for a while, hold it with ``closed_port`` instead.
+    Ports come from this process's own block (``_port_block``), in turn, each
+    checked by binding it: a port the kernel picked with ``bind(0)`` could be
+    picked again for another xdist worker's listener or connect before the
+    caller binds it (CI saw "address already in use" that way).  Another program
+    may still take it: when the port must stay refused for a while, hold it with
+    ``closed_port`` instead.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as probe:
+    block = _PORT_BLOCK
+    for _ in range(min(len(block), 2000)):
+        port = block[next(_next_port) % len(block)]
+        with socket.socket(family) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:  # in use (or in TIME_WAIT): the next one
+                continue
+            return port
+    with socket.socket(family) as probe:  # no block (or none free): the kernel's choice
         probe.bind((host, 0))
         return probe.getsockname()[1]
 

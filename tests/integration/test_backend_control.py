@@ -22,7 +22,7 @@ import time
 from typing import List, Tuple
 
 import pytest
-from support import process_title, recv_exactly, transform, wait_for, write_config
+from support import free_port, process_title, recv_exactly, transform, wait_for, write_config
 
 #: Connections that start later than this after the command's answer must obey it.
 EFFECT_S = 0.1
@@ -105,11 +105,6 @@ def _booted(proxy, count: int = 2) -> List[int]:
                     and _workers(proxy), message=f"{count} booted workers")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def _connect_to(port: int, tag: str) -> socket.socket:
     """A connection that landed on ``tag`` (round robin: a few tries at most)."""
@@ -135,7 +130,7 @@ def _act(pidfile, backend, action) -> float:
 
 def test_drain_disable_enable_under_load(backend_factory, proxy_factory, tmp_path):
     a, b = backend_factory("tag", "A"), backend_factory("tag", "B")
-    port, pidfile = _free_port(), tmp_path / "proxy.pid"
+    port, pidfile = free_port(), tmp_path / "proxy.pid"
     config = _config(tmp_path / "proxy.toml", pidfile, a.address, b.address, port)
     proxy = proxy_factory("start", "--config", str(config))
     _booted(proxy)
@@ -216,7 +211,7 @@ def test_drain_disable_enable_under_load(backend_factory, proxy_factory, tmp_pat
 
 def test_unknown_listener_or_backend_exits_2(backend_factory, proxy_factory, tmp_path):
     a, b = backend_factory("tag", "A"), backend_factory("tag", "B")
-    port, pidfile = _free_port(), tmp_path / "proxy.pid"
+    port, pidfile = free_port(), tmp_path / "proxy.pid"
     config = _config(tmp_path / "proxy.toml", pidfile, a.address, b.address, port)
     proxy = proxy_factory("start", "--config", str(config))
     _booted(proxy)
@@ -236,7 +231,7 @@ def test_unknown_listener_or_backend_exits_2(backend_factory, proxy_factory, tmp
 def test_a_drain_ends_with_a_comeback_a_disable_does_not(backend_factory, proxy_factory,
                                                         tmp_path):
     a, b = backend_factory("tag", "A"), backend_factory("tag", "B")
-    port, pidfile = _free_port(), tmp_path / "proxy.pid"
+    port, pidfile = free_port(), tmp_path / "proxy.pid"
     config = _config(tmp_path / "proxy.toml", pidfile, a.address, b.address, port)
     proxy = proxy_factory("start", "--config", str(config))
     _booted(proxy)
@@ -278,7 +273,7 @@ def test_the_control_socket_belongs_to_the_serving_user(backend_factory, proxy_f
 
     nobody = pwd.getpwnam("nobody")
     a, b = backend_factory("tag", "A"), backend_factory("tag", "B")
-    port = _free_port()
+    port = free_port()
     top = tempfile.mkdtemp(prefix="pp-ctl-")  # reachable by nobody (pytest's dirs are 0700)
     try:
         os.chmod(top, 0o755)

@@ -15,7 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from support import wait_for
+from support import free_port, wait_for
 
 
 def _toml(backend: str, port: int, *, watch: bool = True) -> str:
@@ -29,11 +29,6 @@ def _toml(backend: str, port: int, *, watch: bool = True) -> str:
         backends = ["{backend}"]
     """)
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _tag(port: int) -> str:
@@ -57,7 +52,7 @@ def _serves(port: int, tag: str) -> bool:
 def test_rewrite_reloads_and_an_invalid_rewrite_is_logged_once(backend_factory, proxy_factory,
                                                                tmp_path):
     a, b = backend_factory("tag", "A"), backend_factory("tag", "B")
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "proxy.toml"
     config.write_text(_toml(a.address, port))
     proxy = proxy_factory("start", "--config", str(config))
@@ -94,7 +89,7 @@ def _swap_configmap(mount: Path, name: str, text: str, version: int) -> None:
 
 def test_configmap_symlink_swap_reloads(backend_factory, proxy_factory, tmp_path):
     a, b = backend_factory("tag", "A"), backend_factory("tag", "B")
-    port = _free_port()
+    port = free_port()
     mount = tmp_path / "config"
     mount.mkdir()
     _swap_configmap(mount, "proxy.toml", _toml(a.address, port), 1)
@@ -111,7 +106,7 @@ def test_configmap_symlink_swap_reloads(backend_factory, proxy_factory, tmp_path
 def test_without_watch_config_a_rewrite_changes_nothing(backend_factory, proxy_factory,
                                                         tmp_path):
     a, b = backend_factory("tag", "A"), backend_factory("tag", "B")
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "proxy.toml"
     config.write_text(_toml(a.address, port, watch=False))
     proxy = proxy_factory("start", "--config", str(config))
