@@ -1071,7 +1071,12 @@ def test_an_admitted_client_reaches_its_route_with_exactly_the_payload(rig, send
 
 
 def _watched_once_for_the_relay_then_closed(rig, client, backend) -> None:
-    """The accepted client went into epoll once, for the relay; both ends close, it ends."""
+    """The accepted client went into epoll once, for the relay; both ends close, it ends.
+
+    Waited for: the loop registers the client just after it wrote the first bytes
+    to the backend, so the backend may read them before the registration (CI saw
+    an empty list once)."""
+    wait_for(lambda: rig.epoll.of(rig.accepted_fd), 5, message="the relay to watch the client")
     assert rig.epoll.of(rig.accepted_fd) == [("register", select.EPOLLIN)]
     client.close()
     backend.close()
