@@ -34,7 +34,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, List, Optional, TypeVar
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
 HERE = Path(__file__).resolve().parent
 XOR_TABLE = bytes(b ^ 0x5A for b in range(256))
@@ -104,6 +104,19 @@ def closed_port(host: str = "127.0.0.1") -> Iterator[int]:
     with socket.socket() as placeholder:
         placeholder.bind((host, 0))
         yield placeholder.getsockname()[1]
+
+
+def close_loop_rig(loop: Any, pairs: Iterable[Tuple[socket.socket, socket.socket]],
+                   *listeners: socket.socket) -> None:
+    """Tear down a unit test's relay loop: both ends of every (client, backend) pair,
+    then the loop (stopped, and joined within 5 s), then its listeners."""
+    for client, backend in pairs:
+        client.close()
+        backend.close()
+    loop.stop()
+    assert loop.join(5), "the relay loop did not stop"
+    for listener in listeners:
+        listener.close()
 
 
 def accepts(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from support import Blackhole, closed_port, recv_exactly, recv_until_eof, wait_for
+from support import Blackhole, close_loop_rig, closed_port, recv_exactly, recv_until_eof, wait_for
 
 from prefork_proxy import splice as splice_module
 from prefork_proxy.relay import TIMEOUTS_SLACK, RelayLoop, Target, choose_mode
@@ -677,13 +677,7 @@ class _StalledLoop:
         return self.budget - self.loop._buffers.left
 
     def close(self) -> None:
-        for client, backend in self.pairs:
-            client.close()
-            backend.close()
-        self.loop.stop()
-        assert self.loop.join(5)
-        self.backend_listener.close()
-        self.front.close()
+        close_loop_rig(self.loop, self.pairs, self.backend_listener, self.front)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import socket
 import tracemalloc
 
 import pytest
-from support import wait_for
+from support import close_loop_rig, wait_for
 
 from prefork_proxy.relay import RelayLoop, Target
 from prefork_proxy.relay.connect import CONNECTED_UNTIMED
@@ -55,13 +55,7 @@ class _IdleRig:
         self.pairs.append((client, backend))
 
     def close(self) -> None:
-        for client, backend in self.pairs:
-            client.close()
-            backend.close()
-        self.loop.stop()
-        assert self.loop.join(5)
-        self.front.close()
-        self.backend_listener.close()
+        close_loop_rig(self.loop, self.pairs, self.front, self.backend_listener)
         for fd in self.spare:
             os.close(fd)
 
