@@ -257,6 +257,9 @@ def parse(data: Union[bytes, bytearray, memoryview], version: str = "any",
     ``version`` is "v1", "v2" or "any"; anything else is a ``ValueError`` of the
     caller (not a ``ProxyHeaderError``).
     """
+    if data and data[0] == 0x0D and (version == "v2" or version == "any") \
+            and type(data) is not memoryview:
+        return _parse_v2(data, max_v2_length)  # a v2 header where one may come: the usual case
     if version not in ("any", "v1", "v2"):
         raise ValueError(f"version must be 'v1', 'v2' or 'any', not {version!r}")
     if isinstance(data, memoryview):
@@ -356,7 +359,39 @@ def _v1_port(field: bytes) -> int:
     return port
 
 
+#: The first 14 bytes of a v2 PROXY header of a TCP-over-IPv4/IPv6 connection: the
+#: signature, version 2 + PROXY, the family/protocol byte (the fast path's test).
+_V2_PROXY_TCP4 = V2_SIGNATURE + b"\x21\x11"
+_V2_PROXY_TCP6 = V2_SIGNATURE + b"\x21\x21"
+_AF_INET, _AF_INET6, _inet_ntop = socket.AF_INET, socket.AF_INET6, socket.inet_ntop
+
+
 def _parse_v2(data: Union[bytes, bytearray], max_v2_length: int) -> Union[NeedMore, ProxyHeader]:
+    """A v2 header: TCP4/TCP6 PROXY headers that are whole take the fast path (what a
+    load balancer sends every connection), anything else ``_parse_v2_general``; both
+    give the same answer for the same bytes (a property test holds them to it)."""
+    have = len(data)
+    if have >= 28:
+        if data.startswith(_V2_PROXY_TCP4):
+            length = 16 + ((data[14] << 8) | data[15])
+            if 28 <= length <= have and length - 16 <= max_v2_length:
+                s, d, sport, dport = _IPV4_BLOCK.unpack_from(data, 16)
+                return ProxyHeader(2, "PROXY", "TCP4", "STREAM", (_inet_ntop(_AF_INET, s), sport),
+                                   (_inet_ntop(_AF_INET, d), dport),
+                                   _tlvs(data, 28, length) if length > 28 else (), length)
+        elif have >= 52 and data.startswith(_V2_PROXY_TCP6):
+            length = 16 + ((data[14] << 8) | data[15])
+            if 52 <= length <= have and length - 16 <= max_v2_length:
+                s, d, sport, dport = _IPV6_BLOCK.unpack_from(data, 16)
+                return ProxyHeader(2, "PROXY", "TCP6", "STREAM",
+                                   (_inet_ntop(_AF_INET6, s), sport),
+                                   (_inet_ntop(_AF_INET6, d), dport),
+                                   _tlvs(data, 52, length) if length > 52 else (), length)
+    return _parse_v2_general(data, max_v2_length)
+
+
+def _parse_v2_general(data: Union[bytes, bytearray],
+                      max_v2_length: int) -> Union[NeedMore, ProxyHeader]:
     have = len(data)
     head = bytes(data[:12])
     if not V2_SIGNATURE.startswith(head):

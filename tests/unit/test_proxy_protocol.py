@@ -474,3 +474,42 @@ def test_property_encode_v2_fast_path_is_the_general_encoding(src, dst) -> None:
     or the general encoder's error, for every kind of endpoint."""
     expected = _outcome(lambda s, d: pp._encode_v2_general(s, d, ()), src, dst)
     assert _outcome(pp.encode_v2, src, dst) == expected
+
+
+def _parse_outcome(parse_v2, data: bytes, max_len: int) -> object:
+    try:
+        return parse_v2(data, max_len)
+    except pp.ProxyHeaderError as exc:
+        return exc.reason
+
+
+@st.composite
+def _v2_inet_headers(draw) -> bytes:
+    """Mostly valid TCP4/TCP6 PROXY headers (TLVs, odd ``len``), then cut or mutated."""
+    six = draw(st.booleans())
+    addresses = st.ip_addresses(v=6 if six else 4).map(str)
+    src = (draw(addresses), draw(st.integers(0, 65535)))
+    dst = (draw(addresses), draw(st.integers(0, 65535)))
+    tlvs = draw(st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=20)), max_size=3))
+    data = bytearray(pp.encode_v2(src, dst, tlvs))
+    if draw(st.booleans()):  # a len that disagrees with what follows, often by a byte or two
+        block = len(data) - 16
+        size = draw(st.one_of(st.integers(block - 3, block + 3), st.integers(0, 300)))
+        data[14:16] = size.to_bytes(2, "big")
+    for _ in range(draw(st.integers(0, 2))):
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    data += draw(st.binary(max_size=8))
+    if draw(st.booleans()):  # whole (the fast path's case) or cut anywhere
+        return bytes(data)
+    return bytes(data[:draw(st.integers(0, len(data)))])
+
+
+@PROPERTY
+@given(_v2_inet_headers(), st.sampled_from([pp.V2_MAX_LEN_FIELD, 4096, 30, 12]))
+def test_property_parse_v2_fast_path_is_the_general_parse(data, max_len) -> None:
+    """The TCP4/TCP6 fast path gives exactly the general parser's header, NeedMore or
+    refusal reason, on valid, cut and mutated headers, under every ``len`` bound."""
+    expected = _parse_outcome(pp._parse_v2_general, data, max_len)
+    assert _parse_outcome(pp._parse_v2, data, max_len) == expected
+    # The relay parses its bytearray buffer: the same answer.
+    assert _parse_outcome(pp._parse_v2, bytearray(data), max_len) == expected
