@@ -167,13 +167,20 @@ def new_lock() -> "RobustMutex | RecordLock":
     return RecordLock()
 
 
+#: Client addresses whose packed form a ``ConnectionLimits`` remembers before it starts over.
+PACKED_MEMO_SIZE = 4096
+
+
+def packed_address(ip: str) -> bytes:
+    """A client address (``str``, as the socket gives it) as the 16 bytes of a key's tail."""
+    if ":" not in ip:
+        return _V4_PREFIX + socket.inet_pton(socket.AF_INET, ip)
+    return socket.inet_pton(socket.AF_INET6, ip.split("%", 1)[0])
+
+
 def source_key(scope: int, ip: str) -> bytes:
     """The table key of a client address (``str``, as the socket gives it) in a scope."""
-    if ":" not in ip:
-        packed = _V4_PREFIX + socket.inet_pton(socket.AF_INET, ip)
-    else:
-        packed = socket.inet_pton(socket.AF_INET6, ip.split("%", 1)[0])
-    return scope.to_bytes(2, "big") + packed
+    return scope.to_bytes(2, "big") + packed_address(ip)
 
 
 class ConnectionLimits:
@@ -223,6 +230,10 @@ class ConnectionLimits:
         # it back from shared memory (the ledger's copy is for the sweep).
         self._keys: List[Optional[bytes]] = []
         self._scope_keys = [scope.to_bytes(2, "big") for scope in range(scopes)]
+        # ``packed_address`` per address string, for this process (a source that
+        # reconnects is parsed once); bounded, emptied when full.  Single-key dict
+        # operations are atomic under the interpreter lock: threads share it.
+        self._packed: Dict[str, bytes] = {}
 
     # -- reads without the lock
 
@@ -250,71 +261,102 @@ class ConnectionLimits:
         ``ip`` is the client address as a ``str`` (OSError if it is not one).
         """
         per_source = max_per_source or max_new_per_second
-        key = source_key(scope, ip) if per_source else self._scope_keys[scope]
+        if per_source:
+            packed = self._packed.get(ip)
+            if packed is None:
+                packed = self._pack(ip)
+            key = self._scope_keys[scope] + packed
+            digest = hash(key)  # outside the lock: held as briefly as can be
+        else:
+            key, digest = self._scope_keys[scope], 0
         row = self._row if self._row_pid == _PID[0] else self._claim_row()
         if row < 0:
             return REFUSED_LEDGER_FULL
-        digest = hash(key) if per_source else 0  # outside the lock: held as briefly as can be
         code = self._enter()
         if code:  # a robust mutex held by another, or whose holder died (see ``RobustMutex``)
             self.lock.finish_acquire(code)  # type: ignore[union-attr]
-        self.row_dirty[row] = 1
+        dirty = self.row_dirty
+        dirty[row] = 1
         try:
-            if max_connections and self.scope_count[scope] >= max_connections:
+            scope_count = self.scope_count
+            if max_connections and scope_count[scope] >= max_connections:
                 return REFUSED_LISTENER
             free = self._free
             if not free and self._fresh >= self.ledger_size:
                 return REFUSED_LEDGER_FULL
-            slot = -1
             if per_source:
                 slot = self._admit_source(key, digest, max_per_source, max_new_per_second)
                 if slot < 0:
                     return slot
             # Commit: counts, then the ledger record (a kill in between is what
             # ``dirty`` is for: the sweep then recounts from the ledgers).
-            self.scope_count[scope] += 1
+            scope_count[scope] += 1
             index = free.pop() if free else self._take_fresh(row)
             record = row * self.ledger_size + index
-            if slot >= 0:
+            start = record * _KEY
+            if per_source:
                 self.count[slot] += 1
-                self.ledger_key[record * _KEY:(record + 1) * _KEY] = key
+                self.ledger_key[start:start + _KEY] = key
                 self.ledger_state[record] = _WITH_SOURCE
             else:
-                self.ledger_key[record * _KEY:record * _KEY + 2] = key
+                self.ledger_key[start:start + 2] = key
                 self.ledger_state[record] = _SCOPE_ONLY
             self._keys[index] = key
-            generation = (self.ledger_gen[record] + 1) & 0xFFFFFFFF
-            self.ledger_gen[record] = generation
+            generations = self.ledger_gen
+            generation = (generations[record] + 1) & 0xFFFFFFFF
+            generations[record] = generation
             return (generation << _INDEX_BITS) | index
         finally:
-            self.row_dirty[row] = 0
+            dirty[row] = 0
             self._exit()
+
+    def _pack(self, ip: str) -> bytes:
+        """``packed_address(ip)``, remembered (a bounded memo, emptied when full)."""
+        packed = packed_address(ip)
+        if len(self._packed) >= PACKED_MEMO_SIZE:
+            self._packed.clear()
+        self._packed[ip] = packed
+        return packed
 
     def release(self, token: int) -> bool:
         """End the connection of ``token``: True the first time, False (nothing done) after.
 
-        Only the process that acquired a token may release it.
+        Only the process that acquired a token may release it.  (``_undo``, inlined:
+        this runs once per connection.)
         """
         if token < 0 or self._row_pid != _PID[0]:
             return False
-        row, index, generation = self._row, token & _INDEX_MASK, token >> _INDEX_BITS
+        index = token & _INDEX_MASK
         if index >= self._fresh:
             return False
+        row = self._row
         record = row * self.ledger_size + index
-        second = int(self._clock())
         code = self._enter()
         if code:
             self.lock.finish_acquire(code)  # type: ignore[union-attr]
+        dirty = self.row_dirty
         try:
-            if not self.ledger_state[record] or self.ledger_gen[record] != generation:
+            states = self.ledger_state
+            state = states[record]
+            if not state or self.ledger_gen[record] != token >> _INDEX_BITS:
                 return False
-            self.row_dirty[row] = 1
-            self._undo(record, second, self._keys[index])
-            self._keys[index] = None
+            dirty[row] = 1
+            keys = self._keys
+            key = keys[index]
+            keys[index] = None
+            self.scope_count[(key[0] << 8) | key[1]] -= 1  # type: ignore[index]
+            if state == _WITH_SOURCE:
+                slot = self._find(key, hash(key))  # type: ignore[arg-type]
+                if slot >= 0:
+                    count = self.count[slot] - 1
+                    self.count[slot] = count
+                    if not count and self.window[slot] < int(self._clock()):
+                        self._delete(slot)
+            states[record] = _FREE
             self._free.append(index)
             return True
         finally:
-            self.row_dirty[row] = 0
+            dirty[row] = 0
             self._exit()
 
     # -- the master
@@ -463,18 +505,25 @@ class ConnectionLimits:
             slot = (slot + 1) & self._mask
         self.meta[1] = slot
 
-    def _undo(self, record: int, second: int, key: Optional[bytes] = None) -> None:
-        """Take back what a ledger record counts, and free the record."""
+    def _undo(self, record: int, second: Optional[int], key: Optional[bytes] = None) -> None:
+        """Take back what a ledger record counts, and free the record.
+
+        ``second``: the clock's whole second (None: read it only if a source's
+        count reaches 0, the one case that needs it: the common release pays no clock).
+        """
         if key is None:  # the sweep, for another process's record
             key = bytes(self.ledger_key[record * _KEY:(record + 1) * _KEY])
-        scope = int.from_bytes(key[:2], "big")
-        self.scope_count[scope] -= 1
+        self.scope_count[(key[0] << 8) | key[1]] -= 1
         if self.ledger_state[record] == _WITH_SOURCE:
             slot = self._find(key, hash(key))
             if slot >= 0:
-                self.count[slot] -= 1
-                if self._stale(slot, second):
-                    self._delete(slot)
+                count = self.count[slot] - 1
+                self.count[slot] = count
+                if not count:
+                    if second is None:
+                        second = int(self._clock())
+                    if self.window[slot] < second:
+                        self._delete(slot)
         self.ledger_state[record] = _FREE
 
     def _free_row(self, row: int) -> None:
