@@ -35,7 +35,7 @@ from __future__ import annotations
 import bisect
 import ipaddress
 import socket
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 _MAPPED = 0xFFFF << 32  # ::ffff:0.0.0.0, where IPv4 lives in the 128-bit space
 
@@ -134,18 +134,42 @@ class RangeSet:
 class Acl:
     """A listener's compiled ``allow``/``deny``: ``deny`` first; if ``allow`` is set, only it.
 
-    Immutable once built; shared by every relay thread of a worker without a lock.
+    The rules are immutable once built; shared by every relay thread of a worker
+    without a lock.  ``check`` remembers its answer per address string (a
+    client reconnecting, a PROXY-sending balancer's few addresses: one dict
+    lookup instead of the parse and the bisects); the memo is bounded
+    (``MEMO_SIZE``, emptied when full) and each of its single-key operations is
+    atomic under the interpreter lock, so threads share it as they share the rules.
     """
 
-    __slots__ = ("allow", "deny")
+    __slots__ = ("allow", "deny", "_memo")
+
+    #: Addresses whose answer ``check`` remembers before it starts over.
+    MEMO_SIZE = 4096
 
     def __init__(self, allow: Optional[Sequence[str]], deny: Optional[Sequence[str]],
                  strict: bool = True) -> None:
         # None (key absent) and [] (empty list) both mean "no such rule list".
         self.allow = RangeSet(parse_cidr(r, strict) for r in allow) if allow else None
         self.deny = RangeSet(parse_cidr(r, strict) for r in deny) if deny else None
+        self._memo: Dict[str, Optional[str]] = {}
 
     def check(self, ip: str) -> Optional[str]:
+        """None if ``ip`` may connect, else why not (see ``decide``); remembered per address."""
+        memo = self._memo
+        try:
+            return memo[ip]
+        except KeyError:
+            pass
+        except TypeError:  # not hashable: not an address either
+            return BAD_ADDRESS
+        answer = self.decide(ip)
+        if len(memo) >= self.MEMO_SIZE:
+            memo.clear()
+        memo[ip] = answer
+        return answer
+
+    def decide(self, ip: str) -> Optional[str]:
         """None if ``ip`` may connect, else why not (``DENIED``, ``NOT_ALLOWED``, ``BAD_ADDRESS``).
 
         An address that does not parse is refused: the socket always gives a
