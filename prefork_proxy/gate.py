@@ -144,7 +144,7 @@ class PoolChoice:
         spec = self._spec = balancer.listener
         versions = {spec.backend_send_proxy(b) for b in spec.backends}
         self._versions = versions - {None}
-        # One version for every backend (or none): no lookup per target.
+        # One version for every backend (None: no header for any; "": they differ).
         self._uniform: Optional[str] = next(iter(versions)) if len(versions) == 1 else ""
         self._members: object = None
         self._by_address: Dict[tuple, Optional[str]] = {}
@@ -153,6 +153,12 @@ class PoolChoice:
         client = verdict.client_address
         targets = self.balancer.targets(client if isinstance(client, tuple) else None)
         if not self._versions:
+            return targets
+        if self._uniform:
+            # Every backend wants the same header: one for the connection (the
+            # relay sends ``send_first`` to whichever backend connects), no
+            # Target copied per attempt.
+            verdict.send_first = proxy_header(self._uniform, client, verdict.destination)
             return targets
         return self._prefixed(targets, client, verdict.destination)
 

@@ -13,7 +13,8 @@ The relay's side, all of it (mechanical by design; nothing here touches a socket
 reads a clock other than at ``start``, or blocks)::
 
     adm = pipeline.open(peer, local)        # getpeername(), getsockname() values
-    verdict = adm.start()                   # or adm.start(now)
+    verdict = adm.start(now, first)         # first: one recv's bytes if adm.reads
+                                            # (None: nothing there yet; b"": EOF)
     while verdict is a NeedMore:
         arm the timer at verdict.deadline if it differs from the one armed (None: none)
         on readable: data = client.recv(READ_SIZE); verdict = adm.feed(data)   # b"": EOF
@@ -84,7 +85,7 @@ class Pipeline:
 
     def open(self, peer: Address, local: Address) -> "Admission":
         """The admission of one accepted connection; call ``start`` on it next."""
-        return Admission(self.steps, peer, local)
+        return Admission(self.steps, peer, local, self.reads)
 
 
 class Admission:
@@ -93,16 +94,21 @@ class Admission:
     Readable by the relay and the access log at any time: ``client_address``
     and ``destination`` (what the PROXY header said, else the socket's),
     ``proxy_header``, ``server_name``, ``route``, ``received`` (every byte fed),
-    ``consumed``, ``verdict`` (the latest answer) and ``deadline``.
+    ``consumed``, ``verdict`` (the latest answer) and ``deadline``.  ``reads``:
+    some step may wait for bytes, so the relay reads once before ``start``
+    and hands it what came (the common case, a PROXY header or ClientHello
+    whole in the first segment, then decides in one call).
     """
 
     __slots__ = ("_steps", "_index", "peer", "local", "client_address", "destination",
                  "buffer", "_want", "_parsed", "consumed", "received", "accepted_at",
                  "deadline", "verdict", "route", "server_name", "sni_error", "proxy_header",
-                 "token", "limits")
+                 "token", "limits", "reads")
 
-    def __init__(self, steps: tuple, peer: Address, local: Address) -> None:
+    def __init__(self, steps: tuple, peer: Address, local: Address,
+                 reads: bool = True) -> None:
         self._steps = steps
+        self.reads = reads
         self._index = 0
         self.peer = peer
         self.local = local
@@ -125,12 +131,22 @@ class Admission:
 
     # -- the relay's calls
 
-    def start(self, now: Optional[float] = None) -> Verdict:
-        """Run the steps that need no bytes; the first verdict.  ``now``: ``time.monotonic()``."""
+    def start(self, now: Optional[float] = None, first: Optional[bytes] = None) -> Verdict:
+        """The first verdict.  ``now``: ``time.monotonic()``; ``first``: bytes the relay
+        read at accept (None: it read nothing; ``b""``: the client closed).
+
+        The same verdict as ``start(now)`` followed by ``feed(first)``, in one call.
+        """
         if self.verdict is not None:
             raise RuntimeError("Admission.start called twice")
         self.accepted_at = time.monotonic() if now is None else now
-        return self._advance()
+        if first:
+            self.received = len(first)
+            self.buffer += first
+        verdict = self._advance()
+        if first is not None and not first and type(verdict) is NeedMore:
+            return self._end(truncated=True)
+        return verdict
 
     def feed(self, data: bytes) -> Verdict:
         """Bytes just read from the client (``b""``: it closed); the new verdict."""
@@ -173,20 +189,34 @@ class Admission:
     def _advance(self) -> Verdict:
         """Enter the next steps until one waits, refuses, or none is left."""
         steps = self._steps
-        while self._index < len(steps):
-            result = self._call(steps[self._index].enter)
-            if result is None:
-                self._index += 1
-                continue
-            return self._answer(result)
-        prefix = bytes(self.buffer)
-        self.buffer = bytearray()
-        self.verdict = Accept(self.route, self.client_address, self.destination, prefix,
-                              self.consumed, self.server_name)
-        return self.verdict
+        index = self._index
+        try:
+            while index < len(steps):
+                result = steps[index].enter(self)
+                if result is not None:
+                    self._index = index
+                    return self._answer(result)
+                index += 1
+        except Exception as exc:
+            self._index = index
+            return self._refuse(self._internal(steps[index].enter, exc))
+        self._index = index
+        buffer = self.buffer
+        if buffer:
+            prefix = bytes(buffer)
+            self.buffer = bytearray()
+        else:
+            prefix = b""
+        self.verdict = verdict = Accept(self.route, self.client_address, self.destination,
+                                        prefix, self.consumed, self.server_name)
+        return verdict
 
     def _take(self) -> Verdict:
-        result = self._call(self._steps[self._index].take)
+        step = self._steps[self._index]
+        try:
+            result = step.take(self)
+        except Exception as exc:
+            return self._refuse(self._internal(step.take, exc))
         if result is None:
             self._index += 1
             return self._advance()
@@ -227,9 +257,14 @@ class Admission:
         try:
             return method(self)
         except Exception as exc:
-            log.exception("admission step %s failed for client %r",
-                          getattr(method, "__qualname__", method), self.client_address)
-            return Reject(INTERNAL, "IR", "internal_error", f"{type(exc).__name__}: {exc}")
+            return self._internal(method, exc)
+
+    def _internal(self, method: Callable[["Admission"], object], exc: Exception) -> Reject:
+        """The refusal for an unexpected error in a step (logged with its traceback)."""
+        log.error("admission step %s failed for client %r",
+                  getattr(method, "__qualname__", method), self.client_address,
+                  exc_info=exc)
+        return Reject(INTERNAL, "IR", "internal_error", f"{type(exc).__name__}: {exc}")
 
 
 def compile_pipeline(*, accept_proxy: Optional[str] = None,

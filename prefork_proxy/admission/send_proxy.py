@@ -27,15 +27,11 @@ VERSIONS = ("v1", "v2")
 _HEALTH_V1 = b"PROXY UNKNOWN\r\n"
 
 
-def _ip_end(address: Address) -> object:
-    """An ``(ip, port)`` end as it is; anything else (a unix path) as unknown."""
-    return address[:2] if isinstance(address, tuple) else None
-
-
 def proxy_header(version: str, client: Address, destination: Address) -> bytes:
     """The header to send first to a backend with ``send_proxy = version``."""
-    src, dst = _ip_end(client), _ip_end(destination)
-    if src is None or dst is None:
+    if isinstance(client, tuple) and isinstance(destination, tuple):
+        src, dst = client[:2], destination[:2]
+    else:  # a unix end (a path): unknown, so neither is sent
         src = dst = None
     if version == "v2":
         return encode_v2(src, dst) if src is not None else encode_v2_local()

@@ -144,12 +144,18 @@ class Accept:
     ``consumed`` is how many bytes were read and *not* forwarded (the PROXY
     header).  Bytes read from the client = ``consumed + len(forward_prefix)``.
     ``server_name`` is the SNI name (normalized) when an SNI step read one.
+
+    ``send_first`` is not the pipeline's: the chooser (``gate.PoolChoice``) sets
+    it when every backend of the chosen pool wants the same PROXY header (the
+    header does not depend on which backend connects), and the relay sends
+    it to whichever backend connects, ahead of ``forward_prefix``.  A pool
+    whose backends differ gives each ``Target`` its own ``send_prefix`` instead.
     """
 
     #: What the relay reads to tell verdicts apart (``relay.admit.verdict_kind``).
     kind = "accept"
     __slots__ = ("route", "client_address", "destination", "forward_prefix", "consumed",
-                 "server_name")
+                 "server_name", "send_first")
 
     def __init__(self, route: Optional[int], client_address: Address, destination: Address,
                  forward_prefix: bytes, consumed: int,
@@ -160,6 +166,7 @@ class Accept:
         self.forward_prefix = forward_prefix
         self.consumed = consumed
         self.server_name = server_name
+        self.send_first = b""
 
     def _key(self) -> tuple:
         return (self.route, self.client_address, self.destination, self.forward_prefix,

@@ -10,7 +10,8 @@ when it passes), and acts on the verdict: a reject
 closes the client (an RST when the verdict says ``abort``) and is told to the
 loop's outcome hook; an accept asks the connection's ``choose(verdict)`` for
 the targets to try and hands the connection to the connect phase, with the
-verdict's ``forward_prefix`` to send first.  No backend is connected before an
+verdict's ``forward_prefix`` to send first (after the chooser's ``send_first``,
+a pool-wide PROXY header, when it set one).  No backend is connected before an
 accept.  Only the loop's own thread calls it; a connection without an
 admission object never meets it.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 import select
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from .connection import Connection
 
@@ -72,30 +73,35 @@ class Admitter:
         completes, and we accept after the handshake), so one ``recv`` before
         watching the client saves registering it, an ``epoll_wait`` round and
         unregistering it again; when nothing is there it costs one ``recv``
-        that says EAGAIN.  A pipeline that reads nothing (access rules, limits)
-        decides at ``start`` and never puts the client into epoll at all.
+        that says EAGAIN.  The bytes go to ``start`` itself (``reads``), so the
+        common case decides in one call.  A pipeline that reads nothing (access
+        rules, limits) is not read from, decides at ``start`` and never puts
+        the client into epoll at all.
         """
         admission = conn.admission
         assert admission is not None
-        verdict = admission.start(time.monotonic())
-        if verdict_kind(verdict) == "more":
+        if admission.reads:
             try:
-                data = conn.client.recv(READ_SIZE)
+                data: Optional[bytes] = conn.client.recv(READ_SIZE)
             except BlockingIOError:
                 data = None
             except OSError:  # reset already: the client has closed
                 data = b""
-            if data is not None:
+            if data:
                 conn.admitted += len(data)
-                verdict = admission.feed(data)
-            if verdict_kind(verdict) == "more":
-                self._watch(conn)
-        self._act(conn, verdict)
+            verdict = admission.start(time.monotonic(), data)
+        else:
+            verdict = admission.start(time.monotonic())
+        kind = verdict_kind(verdict)
+        if kind == "more":
+            self._watch(conn)
+        self._act(conn, verdict, kind)
 
     def retry(self, conn: Connection) -> None:
         """Woken in the listener's queue after a ``Wait``: the admission once more."""
         self._watch(conn)
-        self._act(conn, conn.admission.retry())  # type: ignore[union-attr]
+        verdict = conn.admission.retry()  # type: ignore[union-attr]
+        self._act(conn, verdict, verdict_kind(verdict))
 
     def _watch(self, conn: Connection) -> None:
         conn.handler = self.on_readable
@@ -117,13 +123,14 @@ class Admitter:
         except OSError:  # a reset while we waited: the client has closed
             data = b""
         conn.admitted += len(data)  # bytes from the client, the admission's too
-        self._act(conn, conn.admission.feed(data))  # type: ignore[union-attr]
+        verdict = conn.admission.feed(data)  # type: ignore[union-attr]
+        self._act(conn, verdict, verdict_kind(verdict))
 
     def _on_timer(self, conn: Connection) -> None:
-        self._act(conn, conn.admission.expire())  # type: ignore[union-attr]
+        verdict = conn.admission.expire()  # type: ignore[union-attr]
+        self._act(conn, verdict, verdict_kind(verdict))
 
-    def _act(self, conn: Connection, verdict: object) -> None:
-        kind = verdict_kind(verdict)
+    def _act(self, conn: Connection, verdict: object, kind: str) -> None:
         if kind == "more":
             deadline = verdict.deadline  # type: ignore[attr-defined]
             if deadline is None:
@@ -156,8 +163,8 @@ class Admitter:
     def _accept(self, conn: Connection, verdict: object) -> None:
         # The client is not watched while its backend connects: the relay
         # phase registers it again (``RelayLoop._start_relay``).
-        self._unwatch(conn)
-        conn.prefix = verdict.forward_prefix  # type: ignore[attr-defined]
+        if conn.client_mask:  # it waited for bytes (the usual client decided at once)
+            self._unwatch(conn)
         choose = conn.choose
         if choose is not None:
             conn.choose = None
@@ -167,4 +174,9 @@ class Admitter:
                 log.warning("no backend for client %s: %s", conn.peer or "?", exc)
                 self._loop._close(conn)
                 return
+        # After ``choose``: it may give bytes for whichever backend connects
+        # (``send_first``: a pool-wide PROXY header), ahead of the client's own.
+        first = getattr(verdict, "send_first", b"")
+        prefix = verdict.forward_prefix  # type: ignore[attr-defined]
+        conn.prefix = first + prefix if first else prefix
         self._loop._connector.connect_next(conn, None)

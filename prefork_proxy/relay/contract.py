@@ -125,8 +125,14 @@ class Admission(Protocol):
     more", with ``deadline`` (monotonic seconds, or None).
     """
 
-    def start(self, now: Optional[float] = None) -> Any:
-        """The first verdict, at accept."""
+    #: Whether a step may wait for client bytes: the relay then reads once at
+    #: accept and passes what came to ``start`` (else it never reads before
+    #: the verdict).
+    reads: bool
+
+    def start(self, now: Optional[float] = None, first: Optional[bytes] = None) -> Any:
+        """The first verdict, at accept; ``first``: bytes read at accept (None: none were
+        there; ``b""``: the client closed), passed only when ``reads``."""
 
     def feed(self, data: bytes) -> Any:
         """Bytes read from the client (``b""``: it closed); the new verdict."""

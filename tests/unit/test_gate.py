@@ -31,22 +31,27 @@ def test_a_listener_without_admission_keys_gets_no_gate_and_no_limits():
     assert not gate.has_admission(loaded.listeners[0])
 
 
-def test_send_proxy_gives_every_target_the_header_of_the_client_address():
+def test_send_proxy_on_every_backend_puts_one_header_of_the_client_address_on_the_verdict():
     _, g, _ = _setup('send_proxy = "v2"\n')
     assert g is not None
     adm = g.open(("127.0.0.1", 5555), LOCAL)  # send_proxy alone: Accept at once
     assert isinstance(adm.start(), Accept)
-    targets = list(g.choose(_accept()))
+    verdict = _accept()
+    targets = list(g.choose(verdict))
     assert [t.sockaddr[1] for t in targets] in ([7001, 7002], [7002, 7001])
-    assert {t.send_prefix for t in targets} == {proxy_header("v2", CLIENT, LOCAL)}
+    # One header for the connection, whichever backend connects; no Target copied.
+    assert verdict.send_first == proxy_header("v2", CLIENT, LOCAL)
+    assert {getattr(t, "send_prefix", b"") for t in targets} == {b""}
 
 
 def test_a_backend_key_overrides_the_listener_and_failover_keeps_each_its_own():
     _, g, _ = _setup('balance = "round_robin"\n',
                      '["127.0.0.1:7001", { address = "127.0.0.1:7002", send_proxy = "v1" }]')
-    by_port = {t.sockaddr[1]: t for t in g.choose(_accept())}
+    verdict = _accept()
+    by_port = {t.sockaddr[1]: t for t in g.choose(verdict)}
     assert by_port[7002].send_prefix == proxy_header("v1", CLIENT, LOCAL)
     assert getattr(by_port[7001], "send_prefix", b"") == b""
+    assert verdict.send_first == b""  # backends that differ: each target its own
 
 
 def test_source_hash_hashes_the_client_address_of_the_verdict_not_the_peer():
@@ -104,9 +109,10 @@ def test_each_route_is_a_pool_of_its_own_with_its_own_slots_and_headers():
     shared, _, routes, g = _routed()
     default = [t.sockaddr[1] for t in g.choose(Accept(None, CLIENT, LOCAL, b"", 0))]
     assert default == [7001]
-    firsts = [next(g.choose(Accept(0, CLIENT, LOCAL, b"", 0, "a.test"))) for _ in range(4)]
+    verdicts = [Accept(0, CLIENT, LOCAL, b"", 0, "a.test") for _ in range(4)]
+    firsts = [next(g.choose(verdict)) for verdict in verdicts]
     assert [t.sockaddr[1] for t in firsts] in ([7101, 7102] * 2, [7102, 7101] * 2)
-    assert {t.send_prefix for t in firsts} == {proxy_header("v1", CLIENT, LOCAL)}
+    assert {v.send_first for v in verdicts} == {proxy_header("v1", CLIENT, LOCAL)}
     # 127.0.0.1:7001 is in the default pool and in route 2: two slots, two rotations.
     slots = {pool.route_name or "default": [e.slots for e in entries]
              for _, pool, entries in shared.pools()}

@@ -890,10 +890,11 @@ class CountedAdmission:
 
     def __init__(self, admission) -> None:
         self.admission = admission
+        self.reads = admission.reads
         self.releases = 0
 
-    def start(self, now=None):
-        return self.admission.start(now)
+    def start(self, now=None, first=None):
+        return self.admission.start(now, first)
 
     def feed(self, data):
         return self.admission.feed(data)
@@ -956,8 +957,12 @@ class AdmittingRig:
                          1: socket.create_server(("127.0.0.1", 0))}
         self.chosen = []
 
-    def open(self, pipeline, send_proxy: bool = False, targets=None, early: bytes = b""):
+    def open(self, pipeline, send_proxy=False, targets=None, early: bytes = b""):
         """A client through ``pipeline``: (client socket, CountedAdmission).
+
+        ``send_proxy``: True gives the target its own header (``send_prefix``, as a
+        pool whose backends differ does); ``"pool"`` puts one on the verdict
+        (``send_first``, as ``gate.PoolChoice`` does when every backend wants it).
 
         ``early``: bytes the client sends before the loop takes it in (they have
         arrived when it does; sent from a thread, so they may exceed a socket buffer).
@@ -976,10 +981,12 @@ class AdmittingRig:
 
         def choose(verdict):
             self.chosen.append(verdict)
-            if targets is not None:
-                return iter(targets)
             prefix = (proxy_header("v2", verdict.client_address, verdict.destination)
                       if send_proxy else b"")
+            if send_proxy == "pool":
+                verdict.send_first, prefix = prefix, b""
+            if targets is not None:
+                return iter(targets)
             listener = self.backends[verdict.route]
             return iter([Target(socket.AF_INET, listener.getsockname(), f"route-{verdict.route}",
                                 send_prefix=prefix)])
@@ -1032,7 +1039,8 @@ def _send_split(client, admission, data: bytes, cuts) -> None:
         last = cut
 
 
-@pytest.mark.parametrize("send_proxy", [False, True], ids=["plain", "send_proxy"])
+@pytest.mark.parametrize("send_proxy", [False, True, "pool"],
+                         ids=["plain", "send_proxy", "pool_header"])
 def test_an_admitted_client_reaches_its_route_with_exactly_the_payload(rig, send_proxy):
     """PROXY v2 header + ClientHello + payload, split over several sends: the backend
     of the hello's route gets exactly the hello and the payload (after our own header
@@ -1189,6 +1197,31 @@ def test_a_client_that_closes_while_admitting_is_released_once(rig):
     assert [o[2].reason for o in rig.outcomes] == ["proxy_truncated"]
     assert admission.releases == 1
     client.close()
+
+
+def test_a_pool_header_goes_to_the_backend_that_connects_after_a_failover(rig):
+    """``send_first`` (one PROXY header for the pool) is sent, once, ahead of the client's
+    bytes, to the backend that answers, not to the one that refused."""
+    header = proxy_protocol.encode_v2(PROXIED_CLIENT, PROXIED_DST)
+    payload = b"*1\r\n$4\r\nPING\r\n"
+    ours = proxy_header("v2", PROXIED_CLIENT, PROXIED_DST)
+    with closed_port() as port:
+        good = rig.backends[None]
+        client, admission = rig.open(
+            compile_pipeline(accept_proxy="v2"), send_proxy="pool", early=header + payload,
+            targets=[Target(socket.AF_INET, ("127.0.0.1", port), "refuses"),
+                     Target(socket.AF_INET, good.getsockname(), "answers")])
+        backend, _ = good.accept()
+        backend.settimeout(10)
+        assert recv_exactly(backend, len(ours) + len(payload)) == ours + payload
+    backend.sendall(b"+PONG\r\n")
+    client.settimeout(10)
+    assert recv_exactly(client, 7) == b"+PONG\r\n"
+    client.close()
+    assert recv_until_eof(backend) == b""
+    backend.close()
+    wait_for(lambda: rig.loop.active == 0, 5, message="the connection to end")
+    assert admission.releases == 1
 
 
 def test_an_accepted_client_whose_backends_all_fail_is_released_once(rig):
