@@ -210,3 +210,17 @@ def test_lookups_agree_with_ipaddress(case):
 def test_address_keys_are_the_mapped_integer(address):
     expected = int(address) if address.version == 6 else (0xFFFF << 32) | int(address)
     assert address_key(str(address)) == expected
+
+
+def test_check_remembers_answers_in_a_bounded_memo() -> None:
+    """The per-address memo gives the rules' own answer and never outgrows MEMO_SIZE."""
+    acl = compile_acl(["10.0.0.0/8"], ["10.0.0.66/32"])
+    assert acl is not None
+    for n in range(acl.MEMO_SIZE + 100):
+        ip = f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
+        assert acl.check(ip) == acl.decide(ip)
+        assert len(acl._memo) <= acl.MEMO_SIZE
+    assert acl.check("10.0.0.66") == acl.check("10.0.0.66") == DENIED
+    assert acl.check("192.0.2.1") == acl.check("192.0.2.1") == NOT_ALLOWED
+    assert acl.check("not an address") == BAD_ADDRESS
+    assert acl.check(["unhashable"]) == BAD_ADDRESS  # type: ignore[arg-type]

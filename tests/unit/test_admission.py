@@ -78,17 +78,23 @@ def limits() -> CountingLimits:
 
 
 def run(pipeline: Pipeline, chunks: Iterable[bytes], end: Optional[str] = "eof",
-        peer=PEER, local=LOCAL):
+        peer=PEER, local=LOCAL, at_start: bool = False):
     """Feed ``chunks`` until a verdict; then ``end`` ("eof", "expire" or None).
 
-    Returns the verdict and the admission; ``adm.rest`` (a test attribute kept
+    ``at_start``: the first chunk goes to ``start`` itself, as the relay hands
+    it the bytes of its read at accept (``Admission.reads``).  Returns the
+    verdict and the admission; ``adm.rest`` (a test attribute kept
     in ``REST``) is what was never fed: bytes the relay would relay itself.
     """
     adm = pipeline.open(peer, local)
-    verdict = adm.start(NOW)
     chunks = list(chunks)
     fed = 0
-    for chunk in chunks:
+    if at_start and chunks:
+        verdict = adm.start(NOW, chunks[0])
+        fed = 1
+    else:
+        verdict = adm.start(NOW)
+    for chunk in chunks[fed:]:
         if not isinstance(verdict, NeedMore):
             break
         verdict = adm.feed(chunk)
@@ -124,13 +130,33 @@ def same_for_every_split(pipeline: Pipeline, stream: bytes, end: str = "eof"):
     whole, adm = run(pipeline, [stream], end)
     expected = backend_sees(whole, adm)
     for chunks in splits(stream):
-        verdict, other = run(pipeline, chunks, end)
-        rest = len(REST.get(id(other), b""))
-        assert backend_sees(verdict, other) == expected, (chunks, verdict, whole)
-        if isinstance(whole, Accept):
-            assert other.received + rest == len(stream)
-            assert other.received == verdict.consumed + len(verdict.forward_prefix)
+        for at_start in (False, True):  # fed after start, or the first piece given to start
+            verdict, other = run(pipeline, chunks, end, at_start=at_start)
+            rest = len(REST.get(id(other), b""))
+            assert backend_sees(verdict, other) == expected, (chunks, at_start, verdict, whole)
+            if isinstance(whole, Accept):
+                assert other.received + rest == len(stream)
+                assert other.received == verdict.consumed + len(verdict.forward_prefix)
     return whole, adm
+
+
+@pytest.mark.parametrize("first", [None, b""], ids=["nothing_read", "eof_at_accept"])
+def test_start_with_what_the_accept_read_is_start_then_feed(first) -> None:
+    """``start(now, None)`` (the read found nothing) waits as ``start(now)`` does;
+    ``start(now, b"")`` (the client closed before a byte) is ``feed(b"")``'s refusal."""
+    pipeline = compile_pipeline(accept_proxy="v2")
+    adm = pipeline.open(PEER, LOCAL)
+    verdict = adm.start(NOW, first)
+    reference = pipeline.open(PEER, LOCAL)
+    expected = reference.start(NOW)
+    if first is not None:
+        expected = reference.feed(first)
+    assert type(verdict) is type(expected)
+    if isinstance(expected, Reject):
+        assert (verdict.reason, verdict.term) == (expected.reason, expected.term) == \
+            ("proxy_truncated", "CR")
+    else:
+        assert verdict.deadline == expected.deadline == NOW + 3.0
 
 
 # --------------------------------------------------------------------------- compile

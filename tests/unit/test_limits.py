@@ -421,3 +421,24 @@ def test_per_source_and_rate_limits_match_a_model_as_the_clock_moves(seed):
                 assert limits.source_connections(0, each) == \
                     (model[each][0] if each in model else 0), (step, each)
     assert limits.connections(0) == len(held)
+
+
+def test_the_packed_address_memo_is_bounded_and_keeps_no_bad_address():
+    """The per-address memo of packed keys never outgrows PACKED_MEMO_SIZE, gives the
+    same counts as the unmemoised key, and a refused address leaves nothing behind."""
+    from prefork_proxy.limits import PACKED_MEMO_SIZE
+    limits = ConnectionLimits(sources=PACKED_MEMO_SIZE + 200, rows=2,
+                              ledger=PACKED_MEMO_SIZE + 200)
+    tokens = []
+    for n in range(PACKED_MEMO_SIZE + 100):
+        ip = f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
+        tokens.append(limits.acquire(1, ip, max_per_source=1))
+        assert len(limits._packed) <= PACKED_MEMO_SIZE
+    assert all(token >= 0 for token in tokens)
+    assert limits.acquire(1, "10.0.0.5", max_per_source=1) == REFUSED_SOURCE
+    assert limits.source_connections(1, "10.0.0.5") == 1
+    with pytest.raises(OSError):
+        limits.acquire(1, "10.0.0", max_per_source=1)
+    assert "10.0.0" not in limits._packed
+    assert all(limits.release(token) for token in tokens)
+    assert limits.connections(1) == 0 and limits.source_connections(1, "10.0.0.5") == 0
