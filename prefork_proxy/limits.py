@@ -321,8 +321,7 @@ class ConnectionLimits:
     def release(self, token: int) -> bool:
         """End the connection of ``token``: True the first time, False (nothing done) after.
 
-        Only the process that acquired a token may release it.  (``_undo``, inlined:
-        this runs once per connection.)
+        Only the process that acquired a token may release it.
         """
         if token < 0 or self._row_pid != _PID[0]:
             return False
@@ -336,23 +335,12 @@ class ConnectionLimits:
             self.lock.finish_acquire(code)  # type: ignore[union-attr]
         dirty = self.row_dirty
         try:
-            states = self.ledger_state
-            state = states[record]
-            if not state or self.ledger_gen[record] != token >> _INDEX_BITS:
+            if not self.ledger_state[record] or self.ledger_gen[record] != token >> _INDEX_BITS:
                 return False
             dirty[row] = 1
             keys = self._keys
-            key = keys[index]
+            self._undo(record, None, keys[index])
             keys[index] = None
-            self.scope_count[(key[0] << 8) | key[1]] -= 1  # type: ignore[index]
-            if state == _WITH_SOURCE:
-                slot = self._find(key, hash(key))  # type: ignore[arg-type]
-                if slot >= 0:
-                    count = self.count[slot] - 1
-                    self.count[slot] = count
-                    if not count and self.window[slot] < int(self._clock()):
-                        self._delete(slot)
-            states[record] = _FREE
             self._free.append(index)
             return True
         finally:

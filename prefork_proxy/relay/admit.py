@@ -92,16 +92,14 @@ class Admitter:
             verdict = admission.start(time.monotonic(), data)
         else:
             verdict = admission.start(time.monotonic())
-        kind = verdict_kind(verdict)
-        if kind == "more":
+        if verdict_kind(verdict) == "more":
             self._watch(conn)
-        self._act(conn, verdict, kind)
+        self._act(conn, verdict)
 
     def retry(self, conn: Connection) -> None:
         """Woken in the listener's queue after a ``Wait``: the admission once more."""
         self._watch(conn)
-        verdict = conn.admission.retry()  # type: ignore[union-attr]
-        self._act(conn, verdict, verdict_kind(verdict))
+        self._act(conn, conn.admission.retry())  # type: ignore[union-attr]
 
     def _watch(self, conn: Connection) -> None:
         conn.handler = self.on_readable
@@ -113,7 +111,7 @@ class Admitter:
         if conn.client_mask:  # only a client whose verdict waited for bytes was watched
             self._epoll.unregister(conn.client_fd)
             conn.client_mask = 0
-        self._by_fd.pop(conn.client_fd, None)
+            self._by_fd.pop(conn.client_fd, None)
 
     def _on_readable(self, conn: Connection, fd: int, events: int) -> None:
         try:
@@ -123,14 +121,13 @@ class Admitter:
         except OSError:  # a reset while we waited: the client has closed
             data = b""
         conn.admitted += len(data)  # bytes from the client, the admission's too
-        verdict = conn.admission.feed(data)  # type: ignore[union-attr]
-        self._act(conn, verdict, verdict_kind(verdict))
+        self._act(conn, conn.admission.feed(data))  # type: ignore[union-attr]
 
     def _on_timer(self, conn: Connection) -> None:
-        verdict = conn.admission.expire()  # type: ignore[union-attr]
-        self._act(conn, verdict, verdict_kind(verdict))
+        self._act(conn, conn.admission.expire())  # type: ignore[union-attr]
 
-    def _act(self, conn: Connection, verdict: object, kind: str) -> None:
+    def _act(self, conn: Connection, verdict: object) -> None:
+        kind = verdict_kind(verdict)
         if kind == "more":
             deadline = verdict.deadline  # type: ignore[attr-defined]
             if deadline is None:
@@ -163,8 +160,7 @@ class Admitter:
     def _accept(self, conn: Connection, verdict: object) -> None:
         # The client is not watched while its backend connects: the relay
         # phase registers it again (``RelayLoop._start_relay``).
-        if conn.client_mask:  # it waited for bytes (the usual client decided at once)
-            self._unwatch(conn)
+        self._unwatch(conn)
         choose = conn.choose
         if choose is not None:
             conn.choose = None
