@@ -167,8 +167,9 @@ def new_lock() -> "RobustMutex | RecordLock":
     return RecordLock()
 
 
-#: Client addresses whose packed form a ``ConnectionLimits`` remembers before it starts over.
-PACKED_MEMO_SIZE = 4096
+#: Client addresses per scope whose table key a ``ConnectionLimits`` remembers before
+#: it starts that scope's memo over.
+KEY_MEMO_SIZE = 4096
 
 
 def packed_address(ip: str) -> bytes:
@@ -230,10 +231,13 @@ class ConnectionLimits:
         # it back from shared memory (the ledger's copy is for the sweep).
         self._keys: List[Optional[bytes]] = []
         self._scope_keys = [scope.to_bytes(2, "big") for scope in range(scopes)]
-        # ``packed_address`` per address string, for this process (a source that
-        # reconnects is parsed once); bounded, emptied when full.  Single-key dict
-        # operations are atomic under the interpreter lock: threads share it.
-        self._packed: Dict[str, bytes] = {}
+        # ``source_key`` per scope and address string, for this process: a source
+        # that reconnects is packed once, and its key (the same bytes object each
+        # time) keeps its hash, so the per-connection ``hash`` costs no SipHash.
+        # Bounded per scope, emptied when full; made on a scope's first use.
+        # Single-key dict operations are atomic under the interpreter lock:
+        # threads share them.
+        self._key_memos: List[Optional[Dict[str, bytes]]] = [None] * scopes
 
     # -- reads without the lock
 
@@ -262,10 +266,10 @@ class ConnectionLimits:
         """
         per_source = max_per_source or max_new_per_second
         if per_source:
-            packed = self._packed.get(ip)
-            if packed is None:
-                packed = self._pack(ip)
-            key = self._scope_keys[scope] + packed
+            memo = self._key_memos[scope]
+            key = memo.get(ip) if memo is not None else None  # type: ignore[assignment]
+            if key is None:
+                key = self._remember_key(scope, ip)
             digest = hash(key)  # outside the lock: held as briefly as can be
         else:
             key, digest = self._scope_keys[scope], 0
@@ -310,13 +314,15 @@ class ConnectionLimits:
             dirty[row] = 0
             self._exit()
 
-    def _pack(self, ip: str) -> bytes:
-        """``packed_address(ip)``, remembered (a bounded memo, emptied when full)."""
-        packed = packed_address(ip)
-        if len(self._packed) >= PACKED_MEMO_SIZE:
-            self._packed.clear()
-        self._packed[ip] = packed
-        return packed
+    def _remember_key(self, scope: int, ip: str) -> bytes:
+        """``source_key(scope, ip)``, remembered (a bounded memo per scope, emptied when
+        full).  OSError (nothing remembered) if ``ip`` is not an address."""
+        key = self._scope_keys[scope] + packed_address(ip)
+        memo = self._key_memos[scope]
+        if memo is None or len(memo) >= KEY_MEMO_SIZE:
+            memo = self._key_memos[scope] = {}
+        memo[ip] = key
+        return key
 
     def release(self, token: int) -> bool:
         """End the connection of ``token``: True the first time, False (nothing done) after.

@@ -204,7 +204,7 @@ class Admission:
         buffer = self.buffer
         if buffer:
             prefix = bytes(buffer)
-            self.buffer = bytearray()
+            buffer.clear()  # the admission lives on until close: keep no copy of the bytes
         else:
             prefix = b""
         self.verdict = verdict = Accept(self.route, self.client_address, self.destination,

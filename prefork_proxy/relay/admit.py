@@ -92,13 +92,10 @@ class Admitter:
             verdict = admission.start(time.monotonic(), data)
         else:
             verdict = admission.start(time.monotonic())
-        if verdict_kind(verdict) == "more":
-            self._watch(conn)
         self._act(conn, verdict)
 
     def retry(self, conn: Connection) -> None:
         """Woken in the listener's queue after a ``Wait``: the admission once more."""
-        self._watch(conn)
         self._act(conn, conn.admission.retry())  # type: ignore[union-attr]
 
     def _watch(self, conn: Connection) -> None:
@@ -127,8 +124,13 @@ class Admitter:
         self._act(conn, conn.admission.expire())  # type: ignore[union-attr]
 
     def _act(self, conn: Connection, verdict: object) -> None:
+        """Do what the verdict says.  A client is watched (in epoll, for reads) only
+        while its verdict wants more bytes: from the first ``more`` on, until the
+        verdict changes."""
         kind = verdict_kind(verdict)
         if kind == "more":
+            if not conn.client_mask:
+                self._watch(conn)
             deadline = verdict.deadline  # type: ignore[attr-defined]
             if deadline is None:
                 if conn.deadline:

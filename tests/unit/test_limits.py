@@ -423,22 +423,28 @@ def test_per_source_and_rate_limits_match_a_model_as_the_clock_moves(seed):
     assert limits.connections(0) == len(held)
 
 
-def test_the_packed_address_memo_is_bounded_and_keeps_no_bad_address():
-    """The per-address memo of packed keys never outgrows PACKED_MEMO_SIZE, gives the
-    same counts as the unmemoised key, and a refused address leaves nothing behind."""
-    from prefork_proxy.limits import PACKED_MEMO_SIZE
-    limits = ConnectionLimits(sources=PACKED_MEMO_SIZE + 200, rows=2,
-                              ledger=PACKED_MEMO_SIZE + 200)
+def test_the_key_memo_is_bounded_per_scope_and_keeps_no_bad_address():
+    """The per-scope memo of source keys never outgrows KEY_MEMO_SIZE, gives the same
+    counts as the unmemoised key (the same address in another scope is another
+    source), and a refused address leaves nothing behind."""
+    from prefork_proxy.limits import KEY_MEMO_SIZE, source_key
+    limits = ConnectionLimits(sources=KEY_MEMO_SIZE + 200, rows=2,
+                              ledger=KEY_MEMO_SIZE + 200)
     tokens = []
-    for n in range(PACKED_MEMO_SIZE + 100):
+    for n in range(KEY_MEMO_SIZE + 100):
         ip = f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
         tokens.append(limits.acquire(1, ip, max_per_source=1))
-        assert len(limits._packed) <= PACKED_MEMO_SIZE
+        assert len(limits._key_memos[1]) <= KEY_MEMO_SIZE
     assert all(token >= 0 for token in tokens)
+    assert limits._key_memos[0] is None  # a scope never used has no memo
     assert limits.acquire(1, "10.0.0.5", max_per_source=1) == REFUSED_SOURCE
     assert limits.source_connections(1, "10.0.0.5") == 1
+    assert limits._key_memos[1]["10.0.0.5"] == source_key(1, "10.0.0.5")
+    other = limits.acquire(2, "10.0.0.5", max_per_source=1)  # scope 2: its own count
+    assert other >= 0 and limits._key_memos[2]["10.0.0.5"] == source_key(2, "10.0.0.5")
+    assert limits.release(other)
     with pytest.raises(OSError):
         limits.acquire(1, "10.0.0", max_per_source=1)
-    assert "10.0.0" not in limits._packed
+    assert "10.0.0" not in limits._key_memos[1]
     assert all(limits.release(token) for token in tokens)
     assert limits.connections(1) == 0 and limits.source_connections(1, "10.0.0.5") == 0
