@@ -670,19 +670,31 @@ class RelayLoop:
         else:
             reading, writing = conn.downstream, conn.upstream
         read_state, write_state = reading.state, writing.state
-        try:
-            # As ``selectors`` does: an error or hang-up counts as both readable
-            # and writable, so whichever direction waits on this socket hears it.
-            if events & ~_OUT and read_state == WANT_READ:
-                reading.state = reading.pump()
-            if events & ~_IN and write_state == WANT_WRITE:
-                writing.state = writing.pump()
-        except OSError as exc:
-            if exc.errno not in _ORDINARY_ENDINGS:
-                log.info("connection from %s closed on error: %s", conn.peer or "?", exc)
-            self._close(conn, abort=True,
-                        term=None if self._access is None else self._who_aborted(conn, fd))
-            return
+        if events == _IN and read_state == WANT_READ:
+            # The event of request/response traffic (a burst to read, written
+            # straight out): only the reading direction moves, and when it wants
+            # to read again nothing else changed (the other direction was not
+            # touched, and an end of either was handled when it happened), so
+            # there is nothing to update.
+            try:
+                state = reading.pump()
+            except OSError as exc:
+                self._on_error(conn, fd, exc)
+                return
+            if state == WANT_READ:
+                return
+            reading.state = state
+        else:
+            try:
+                # As ``selectors`` does: an error or hang-up counts as both readable
+                # and writable, so whichever direction waits on this socket hears it.
+                if events & ~_OUT and read_state == WANT_READ:
+                    reading.state = reading.pump()
+                if events & ~_IN and write_state == WANT_WRITE:
+                    writing.state = writing.pump()
+            except OSError as exc:
+                self._on_error(conn, fd, exc)
+                return
         if reading.state == DONE:
             if writing.state == DONE:
                 self._close(conn)
@@ -694,6 +706,13 @@ class RelayLoop:
             # Most events (request/response traffic) leave both states as they
             # were; then the registered interests are already right.
             self._update_interest(conn)
+
+    def _on_error(self, conn: Connection, fd: int, exc: OSError) -> None:
+        """A direction's socket failed: an abort both ways (who aborted, for the log)."""
+        if exc.errno not in _ORDINARY_ENDINGS:
+            log.info("connection from %s closed on error: %s", conn.peer or "?", exc)
+        self._close(conn, abort=True,
+                    term=None if self._access is None else self._who_aborted(conn, fd))
 
     def _update_interest(self, conn: Connection) -> None:
         up, down = conn.upstream, conn.downstream
