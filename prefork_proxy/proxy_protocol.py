@@ -365,6 +365,39 @@ _V2_PROXY_TCP4 = V2_SIGNATURE + b"\x21\x11"
 _V2_PROXY_TCP6 = V2_SIGNATURE + b"\x21\x21"
 _AF_INET, _AF_INET6, _inet_ntop = socket.AF_INET, socket.AF_INET6, socket.inet_ntop
 
+#: Addresses each memo below remembers before it starts over (per process).
+ADDRESS_MEMO_SIZE = 4096
+# The fast paths' address conversions, remembered: ``inet_ntop`` makes a new
+# string each call (about 0.5 us, twice per header, where a dict lookup costs
+# 0.03), and the same few addresses come back on every connection (the
+# listener's own, a source that reconnects).  Bounded, emptied when full; only
+# successful conversions are kept.  Single-key dict operations are atomic under
+# the interpreter lock, so the relay threads of a worker share them.
+_TEXT_OF: "dict[bytes, str]" = {}      # 4 or 16 packed bytes -> the address as text
+_PACKED_V4: "dict[str, bytes]" = {}    # an IPv4 address as text -> its 4 bytes
+
+
+def _address_text(packed: bytes) -> str:
+    """``inet_ntop`` of 4 (IPv4) or 16 (IPv6) packed bytes, remembered."""
+    text = _TEXT_OF.get(packed)
+    if text is None:
+        text = _inet_ntop(_AF_INET if len(packed) == 4 else _AF_INET6, packed)
+        if len(_TEXT_OF) >= ADDRESS_MEMO_SIZE:
+            _TEXT_OF.clear()
+        _TEXT_OF[packed] = text
+    return text
+
+
+def _ipv4_packed(ip: str) -> bytes:
+    """``inet_pton(AF_INET, ip)``, remembered (OSError, nothing kept, if not IPv4)."""
+    packed = _PACKED_V4.get(ip)
+    if packed is None:
+        packed = socket.inet_pton(_AF_INET, ip)
+        if len(_PACKED_V4) >= ADDRESS_MEMO_SIZE:
+            _PACKED_V4.clear()
+        _PACKED_V4[ip] = packed
+    return packed
+
 
 def _parse_v2(data: Union[bytes, bytearray], max_v2_length: int) -> Union[NeedMore, ProxyHeader]:
     """A v2 header: TCP4/TCP6 PROXY headers that are whole take the fast path (what a
@@ -376,16 +409,18 @@ def _parse_v2(data: Union[bytes, bytearray], max_v2_length: int) -> Union[NeedMo
             length = 16 + ((data[14] << 8) | data[15])
             if 28 <= length <= have and length - 16 <= max_v2_length:
                 s, d, sport, dport = _IPV4_BLOCK.unpack_from(data, 16)
-                return ProxyHeader(2, "PROXY", "TCP4", "STREAM", (_inet_ntop(_AF_INET, s), sport),
-                                   (_inet_ntop(_AF_INET, d), dport),
+                # ``memo.get(x) or convert(x)``: a remembered text is never empty.
+                return ProxyHeader(2, "PROXY", "TCP4", "STREAM",
+                                   (_TEXT_OF.get(s) or _address_text(s), sport),
+                                   (_TEXT_OF.get(d) or _address_text(d), dport),
                                    _tlvs(data, 28, length) if length > 28 else (), length)
         elif have >= 52 and data.startswith(_V2_PROXY_TCP6):
             length = 16 + ((data[14] << 8) | data[15])
             if 52 <= length <= have and length - 16 <= max_v2_length:
                 s, d, sport, dport = _IPV6_BLOCK.unpack_from(data, 16)
                 return ProxyHeader(2, "PROXY", "TCP6", "STREAM",
-                                   (_inet_ntop(_AF_INET6, s), sport),
-                                   (_inet_ntop(_AF_INET6, d), dport),
+                                   (_TEXT_OF.get(s) or _address_text(s), sport),
+                                   (_TEXT_OF.get(d) or _address_text(d), dport),
                                    _tlvs(data, 52, length) if length > 52 else (), length)
     return _parse_v2_general(data, max_v2_length)
 
@@ -478,9 +513,10 @@ def encode_v2(src: Endpoint, dst: Endpoint, tlvs: Tlvs = ()) -> bytes:
         # 0.5 us).  Anything else raises in here and takes the general path, which
         # gives the same bytes (property-tested) or its own error.
         try:
+            source, destination = src[0], dst[0]
             return _V2_TCP4_START + _IPV4_BLOCK.pack(
-                socket.inet_pton(socket.AF_INET, src[0]), socket.inet_pton(socket.AF_INET, dst[0]),
-                src[1], dst[1])
+                _PACKED_V4.get(source) or _ipv4_packed(source),
+                _PACKED_V4.get(destination) or _ipv4_packed(destination), src[1], dst[1])
         except (OSError, TypeError, IndexError, struct.error):
             pass
     return _encode_v2_general(src, dst, tlvs)

@@ -513,3 +513,31 @@ def test_property_parse_v2_fast_path_is_the_general_parse(data, max_len) -> None
     assert _parse_outcome(pp._parse_v2, data, max_len) == expected
     # The relay parses its bytearray buffer: the same answer.
     assert _parse_outcome(pp._parse_v2, bytearray(data), max_len) == expected
+
+
+def test_the_address_memos_are_bounded_exact_and_keep_no_bad_address() -> None:
+    """The fast paths' remembered conversions give what inet_ntop/inet_pton give, never
+    hold more than ADDRESS_MEMO_SIZE entries, and remember no failed conversion."""
+    import socket
+
+    pp._TEXT_OF.clear()
+    pp._PACKED_V4.clear()
+    for n in range(pp.ADDRESS_MEMO_SIZE + 50):
+        raw = struct.pack("!I", 0x0A000000 + n)
+        text = socket.inet_ntop(socket.AF_INET, raw)
+        assert pp._address_text(raw) == text
+        assert pp._ipv4_packed(text) == raw
+        assert len(pp._TEXT_OF) <= pp.ADDRESS_MEMO_SIZE
+        assert len(pp._PACKED_V4) <= pp.ADDRESS_MEMO_SIZE
+    six = socket.inet_pton(socket.AF_INET6, "2001:db8::7")
+    assert pp._address_text(six) == "2001:db8::7"
+    for bad in ("10.0.0", "::1", "fe80::1%eth0", "10.0.0.256"):
+        with pytest.raises(OSError):
+            pp._ipv4_packed(bad)
+        assert bad not in pp._PACKED_V4
+    # Through the public calls: a remembered address parses and encodes the same.
+    header = pp.encode_v2(("10.0.0.5", 40000), ("10.0.0.6", 6379))
+    assert header == pp._encode_v2_general(("10.0.0.5", 40000), ("10.0.0.6", 6379), ())
+    again = pp.parse(header + b"stream", "v2")
+    assert isinstance(again, pp.ProxyHeader)
+    assert again.source == ("10.0.0.5", 40000) and again.destination == ("10.0.0.6", 6379)
