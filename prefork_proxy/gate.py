@@ -166,7 +166,7 @@ class PoolChoice:
                   destination: object) -> Iterator[Target]:
         headers: Dict[str, bytes] = {}
         for target in targets:
-            version = self._uniform if self._uniform != "" else self._version_of(target)
+            version = self._version_of(target)  # only pools whose backends differ come here
             if target.sockaddr is None or not version:
                 yield target  # a pause, or a backend that wants no header
                 continue

@@ -172,16 +172,13 @@ def new_lock() -> "RobustMutex | RecordLock":
 KEY_MEMO_SIZE = 4096
 
 
-def packed_address(ip: str) -> bytes:
-    """A client address (``str``, as the socket gives it) as the 16 bytes of a key's tail."""
-    if ":" not in ip:
-        return _V4_PREFIX + socket.inet_pton(socket.AF_INET, ip)
-    return socket.inet_pton(socket.AF_INET6, ip.split("%", 1)[0])
-
-
 def source_key(scope: int, ip: str) -> bytes:
     """The table key of a client address (``str``, as the socket gives it) in a scope."""
-    return scope.to_bytes(2, "big") + packed_address(ip)
+    if ":" not in ip:
+        packed = _V4_PREFIX + socket.inet_pton(socket.AF_INET, ip)
+    else:
+        packed = socket.inet_pton(socket.AF_INET6, ip.split("%", 1)[0])
+    return scope.to_bytes(2, "big") + packed
 
 
 class ConnectionLimits:
@@ -317,7 +314,7 @@ class ConnectionLimits:
     def _remember_key(self, scope: int, ip: str) -> bytes:
         """``source_key(scope, ip)``, remembered (a bounded memo per scope, emptied when
         full).  OSError (nothing remembered) if ``ip`` is not an address."""
-        key = self._scope_keys[scope] + packed_address(ip)
+        key = source_key(scope, ip)
         memo = self._key_memos[scope]
         if memo is None or len(memo) >= KEY_MEMO_SIZE:
             memo = self._key_memos[scope] = {}
@@ -516,7 +513,7 @@ class ConnectionLimits:
                 if not count:
                     if second is None:
                         second = int(self._clock())
-                    if self.window[slot] < second:
+                    if self._stale(slot, second):
                         self._delete(slot)
         self.ledger_state[record] = _FREE
 

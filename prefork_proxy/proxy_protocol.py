@@ -406,22 +406,19 @@ def _parse_v2(data: Union[bytes, bytearray], max_v2_length: int) -> Union[NeedMo
     have = len(data)
     if have >= 28:
         if data.startswith(_V2_PROXY_TCP4):
-            length = 16 + ((data[14] << 8) | data[15])
-            if 28 <= length <= have and length - 16 <= max_v2_length:
-                s, d, sport, dport = _IPV4_BLOCK.unpack_from(data, 16)
-                # ``memo.get(x) or convert(x)``: a remembered text is never empty.
-                return ProxyHeader(2, "PROXY", "TCP4", "STREAM",
-                                   (_TEXT_OF.get(s) or _address_text(s), sport),
-                                   (_TEXT_OF.get(d) or _address_text(d), dport),
-                                   _tlvs(data, 28, length) if length > 28 else (), length)
-        elif have >= 52 and data.startswith(_V2_PROXY_TCP6):
-            length = 16 + ((data[14] << 8) | data[15])
-            if 52 <= length <= have and length - 16 <= max_v2_length:
-                s, d, sport, dport = _IPV6_BLOCK.unpack_from(data, 16)
-                return ProxyHeader(2, "PROXY", "TCP6", "STREAM",
-                                   (_TEXT_OF.get(s) or _address_text(s), sport),
-                                   (_TEXT_OF.get(d) or _address_text(d), dport),
-                                   _tlvs(data, 52, length) if length > 52 else (), length)
+            family, block, end = "TCP4", _IPV4_BLOCK, 28
+        elif data.startswith(_V2_PROXY_TCP6):
+            family, block, end = "TCP6", _IPV6_BLOCK, 52
+        else:
+            return _parse_v2_general(data, max_v2_length)
+        length = 16 + ((data[14] << 8) | data[15])
+        if end <= length <= have and length - 16 <= max_v2_length:
+            s, d, sport, dport = block.unpack_from(data, 16)
+            # ``memo.get(x) or convert(x)``: a remembered text is never empty.
+            return ProxyHeader(2, "PROXY", family, "STREAM",
+                               (_TEXT_OF.get(s) or _address_text(s), sport),
+                               (_TEXT_OF.get(d) or _address_text(d), dport),
+                               _tlvs(data, end, length) if length > end else (), length)
     return _parse_v2_general(data, max_v2_length)
 
 
