@@ -192,19 +192,23 @@ class Gate:
     route, in config order (an ``Accept``'s ``route`` indexes them).
     """
 
-    __slots__ = ("listener", "pipeline", "balancer", "_default", "_routes")
+    __slots__ = ("listener", "pipeline", "balancer", "_default", "_routes", "open")
 
     def __init__(self, listener: ListenerConfig, pipeline: Optional[Pipeline],
                  balancer: Balancer, routes: Sequence[Balancer] = ()) -> None:
         self.listener, self.pipeline, self.balancer = listener, pipeline, balancer
+        #: Accepting relay thread: ``open(peer, local)``, the admission of one client
+        #: (None: no pipeline); the pipeline's own ``open`` when there is one (no
+        #: call in between, once per client).
+        self.open = pipeline.open if pipeline is not None else self._no_admission
         # No backends of its own: the SNI step refuses whom no route takes, so the
         # default pool is never asked.
         self._default = PoolChoice(balancer) if listener.backends else None
         self._routes = tuple(PoolChoice(b) for b in routes)
 
-    def open(self, peer: object, local: object) -> Optional[Admission]:
-        """Accepting relay thread: the admission of one client (None: no pipeline)."""
-        return self.pipeline.open(peer, local) if self.pipeline is not None else None
+    @staticmethod
+    def _no_admission(peer: object, local: object) -> Optional[Admission]:
+        return None
 
     def choose(self, verdict: Accept) -> Iterator[Target]:
         """The client's relay thread, on ``Accept``: the targets of its pool, in order."""

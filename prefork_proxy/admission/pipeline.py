@@ -68,7 +68,7 @@ READ_SIZE = 16384 + 5
 class Pipeline:
     """The compiled steps of one listener (in order); ``open`` one ``Admission`` per client."""
 
-    __slots__ = ("steps", "reads")
+    __slots__ = ("steps", "reads", "_enters")
 
     def __init__(self, steps: Sequence[Step]) -> None:
         steps = tuple(steps)
@@ -82,10 +82,12 @@ class Pipeline:
         self.steps = steps
         #: True when some step may wait for bytes (else ``start`` always decides).
         self.reads = any(step.reads for step in steps)
+        # Each step's ``enter``, bound once for every connection.
+        self._enters = tuple(step.enter for step in steps)
 
     def open(self, peer: Address, local: Address) -> "Admission":
         """The admission of one accepted connection; call ``start`` on it next."""
-        return Admission(self.steps, peer, local, self.reads)
+        return Admission(self.steps, peer, local, self.reads, self._enters)
 
 
 class Admission:
@@ -100,34 +102,35 @@ class Admission:
     whole in the first segment, then decides in one call).
     """
 
-    __slots__ = ("_steps", "_index", "peer", "local", "client_address", "destination",
-                 "buffer", "_want", "_parsed", "consumed", "received", "accepted_at",
-                 "deadline", "verdict", "route", "server_name", "sni_error", "proxy_header",
-                 "token", "limits", "reads")
+    # No ``__slots__``: the fields most connections never set keep these class
+    # defaults (an instance stores only what it sets), so ``__init__`` writes
+    # seven fields, not twenty-one, once per connection.
+    _index = 0
+    _want = 0    # parse again once the buffer holds this many bytes
+    _parsed = 0  # buffer length at the last parse
+    consumed = 0
+    received = 0
+    accepted_at = 0.0
+    deadline: Optional[float] = None
+    verdict: Optional[Verdict] = None
+    route: Optional[int] = None
+    server_name: Optional[str] = None
+    sni_error: Optional[str] = None  # why a client went to the default pool
+    proxy_header: Optional[ProxyHeader] = None
+    token = -1
+    limits: Optional[ConnectionLimits] = None
 
     def __init__(self, steps: tuple, peer: Address, local: Address,
-                 reads: bool = True) -> None:
+                 reads: bool = True, enters: Optional[tuple] = None) -> None:
         self._steps = steps
+        self._enters = enters if enters is not None else tuple(step.enter for step in steps)
         self.reads = reads
-        self._index = 0
         self.peer = peer
         self.local = local
-        self.client_address: Address = peer[:2] if isinstance(peer, tuple) else peer
-        self.destination: Address = local[:2] if isinstance(local, tuple) else local
+        # (ip, port) of a TCP end: an IPv6 one comes as (ip, port, flowinfo, scope_id).
+        self.client_address: Address = peer[:2] if type(peer) is tuple else peer
+        self.destination: Address = local[:2] if type(local) is tuple else local
         self.buffer = bytearray()
-        self._want = 0    # parse again once the buffer holds this many bytes
-        self._parsed = 0  # buffer length at the last parse
-        self.consumed = 0
-        self.received = 0
-        self.accepted_at = 0.0
-        self.deadline: Optional[float] = None
-        self.verdict: Optional[Verdict] = None
-        self.route: Optional[int] = None
-        self.server_name: Optional[str] = None
-        self.sni_error: Optional[str] = None  # why a client went to the default pool
-        self.proxy_header: Optional[ProxyHeader] = None
-        self.token = -1
-        self.limits: Optional[ConnectionLimits] = None
 
     # -- the relay's calls
 
@@ -188,18 +191,18 @@ class Admission:
 
     def _advance(self) -> Verdict:
         """Enter the next steps until one waits, refuses, or none is left."""
-        steps = self._steps
+        enters = self._enters
         index = self._index
         try:
-            while index < len(steps):
-                result = steps[index].enter(self)
+            for enter in enters[index:] if index else enters:
+                result = enter(self)
                 if result is not None:
                     self._index = index
                     return self._answer(result)
                 index += 1
         except Exception as exc:
             self._index = index
-            return self._refuse(self._internal(steps[index].enter, exc))
+            return self._refuse(self._internal(enters[index], exc))
         self._index = index
         buffer = self.buffer
         if buffer:

@@ -126,7 +126,8 @@ class AccessStep:
         self.acl = acl
 
     def enter(self, adm: "Admission") -> StepResult:
-        reason = self.acl.check(client_ip(adm.client_address) or "")
+        client = adm.client_address
+        reason = self.acl.check(client[0] if type(client) is tuple else "")
         if reason is None:
             return None
         return Reject(FORBIDDEN, "PR", reason, f"client {adm.client_address!r}")
@@ -160,7 +161,8 @@ class SourceLimitStep:
         self.max_new_per_second = max_new_per_second
 
     def enter(self, adm: "Admission") -> StepResult:
-        ip = client_ip(adm.client_address)
+        client = adm.client_address
+        ip = client[0] if type(client) is tuple else None  # client_ip(), inline: per client
         if ip is None:
             token = self.limits.acquire(self.scope, "", self.max_connections)
         else:
