@@ -192,7 +192,7 @@ class Gate:
     route, in config order (an ``Accept``'s ``route`` indexes them).
     """
 
-    __slots__ = ("listener", "pipeline", "balancer", "_default", "_routes", "open")
+    __slots__ = ("listener", "pipeline", "balancer", "_default", "_routes", "open", "choose")
 
     def __init__(self, listener: ListenerConfig, pipeline: Optional[Pipeline],
                  balancer: Balancer, routes: Sequence[Balancer] = ()) -> None:
@@ -205,13 +205,18 @@ class Gate:
         # default pool is never asked.
         self._default = PoolChoice(balancer) if listener.backends else None
         self._routes = tuple(PoolChoice(b) for b in routes)
+        #: The client's relay thread, on ``Accept``: ``choose(verdict)``, the targets of
+        #: its pool in order.  Without SNI routes every verdict goes to the default
+        #: pool: its own ``targets``, with no call in between (once per client).
+        self.choose = self._choose if self._routes or self._default is None else \
+            self._default.targets
 
     @staticmethod
     def _no_admission(peer: object, local: object) -> Optional[Admission]:
         return None
 
-    def choose(self, verdict: Accept) -> Iterator[Target]:
-        """The client's relay thread, on ``Accept``: the targets of its pool, in order."""
+    def _choose(self, verdict: Accept) -> Iterator[Target]:
+        """``choose`` of a listener with SNI routes: the pool of ``verdict.route``."""
         route = verdict.route
         pool = self._default if route is None else self._routes[route]
         if pool is None:  # not reached: the SNI step refuses these

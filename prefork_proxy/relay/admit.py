@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import select
-import time
 from typing import TYPE_CHECKING, Optional
 
 from .connection import Connection
@@ -89,10 +88,14 @@ class Admitter:
                 data = b""
             if data:
                 conn.admitted += len(data)
-            verdict = admission.start(time.monotonic(), data)
+            verdict = admission.start(conn.started, data)
         else:
-            verdict = admission.start(time.monotonic())
-        self._act(conn, verdict)
+            verdict = admission.start(conn.started)
+        if getattr(verdict, "kind", None) == "accept":
+            # The usual first verdict: nothing watched or armed yet, so nothing to undo.
+            self._accept(conn, verdict)
+        else:
+            self._act(conn, verdict)
 
     def retry(self, conn: Connection) -> None:
         """Woken in the listener's queue after a ``Wait``: the admission once more."""
