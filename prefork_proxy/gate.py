@@ -194,13 +194,12 @@ class Gate:
 
     __slots__ = ("listener", "pipeline", "balancer", "_default", "_routes", "open", "choose")
 
-    def __init__(self, listener: ListenerConfig, pipeline: Optional[Pipeline],
+    def __init__(self, listener: ListenerConfig, pipeline: Pipeline,
                  balancer: Balancer, routes: Sequence[Balancer] = ()) -> None:
         self.listener, self.pipeline, self.balancer = listener, pipeline, balancer
-        #: Accepting relay thread: ``open(peer, local)``, the admission of one client
-        #: (None: no pipeline); the pipeline's own ``open`` when there is one (no
-        #: call in between, once per client).
-        self.open = pipeline.open if pipeline is not None else self._no_admission
+        #: Accepting relay thread: ``open(peer, local)``, the admission of one client:
+        #: the pipeline's own ``open`` (no call in between, once per client).
+        self.open = pipeline.open
         # No backends of its own: the SNI step refuses whom no route takes, so the
         # default pool is never asked.
         self._default = PoolChoice(balancer) if listener.backends else None
@@ -210,10 +209,6 @@ class Gate:
         #: pool: its own ``targets``, with no call in between (once per client).
         self.choose = self._choose if self._routes or self._default is None else \
             self._default.targets
-
-    @staticmethod
-    def _no_admission(peer: object, local: object) -> Optional[Admission]:
-        return None
 
     def _choose(self, verdict: Accept) -> Iterator[Target]:
         """``choose`` of a listener with SNI routes: the pool of ``verdict.route``."""

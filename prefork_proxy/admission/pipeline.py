@@ -104,7 +104,7 @@ class Admission:
 
     # No ``__slots__``: the fields most connections never set keep these class
     # defaults (an instance stores only what it sets), so ``__init__`` writes
-    # seven fields, not twenty-one, once per connection.
+    # eight fields, not twenty-two, once per connection.
     _index = 0
     _want = 0    # parse again once the buffer holds this many bytes
     _parsed = 0  # buffer length at the last parse
@@ -127,9 +127,8 @@ class Admission:
         self.reads = reads
         self.peer = peer
         self.local = local
-        # (ip, port) of a TCP end: an IPv6 one comes as (ip, port, flowinfo, scope_id).
-        self.client_address: Address = peer[:2] if type(peer) is tuple else peer
-        self.destination: Address = local[:2] if type(local) is tuple else local
+        self.client_address: Address = peer[:2] if isinstance(peer, tuple) else peer
+        self.destination: Address = local[:2] if isinstance(local, tuple) else local
         self.buffer = bytearray()
 
     # -- the relay's calls

@@ -127,7 +127,7 @@ class AccessStep:
 
     def enter(self, adm: "Admission") -> StepResult:
         client = adm.client_address
-        reason = self.acl.check(client[0] if type(client) is tuple else "")
+        reason = self.acl.check(client[0] if isinstance(client, tuple) else "")
         if reason is None:
             return None
         return Reject(FORBIDDEN, "PR", reason, f"client {adm.client_address!r}")
@@ -162,7 +162,7 @@ class SourceLimitStep:
 
     def enter(self, adm: "Admission") -> StepResult:
         client = adm.client_address
-        ip = client[0] if type(client) is tuple else None  # client_ip(), inline: per client
+        ip = client[0] if isinstance(client, tuple) else None  # ``client_ip``, inlined
         if ip is None:
             token = self.limits.acquire(self.scope, "", self.max_connections)
         else:

@@ -91,11 +91,7 @@ class Admitter:
             verdict = admission.start(conn.started, data)
         else:
             verdict = admission.start(conn.started)
-        if getattr(verdict, "kind", None) == "accept":
-            # The usual first verdict: nothing watched or armed yet, so nothing to undo.
-            self._accept(conn, verdict)
-        else:
-            self._act(conn, verdict)
+        self._act(conn, verdict)
 
     def retry(self, conn: Connection) -> None:
         """Woken in the listener's queue after a ``Wait``: the admission once more."""
@@ -131,6 +127,11 @@ class Admitter:
         while its verdict wants more bytes: from the first ``more`` on, until the
         verdict changes."""
         kind = verdict_kind(verdict)
+        if kind == "accept":  # the usual verdict, looked at first
+            if conn.deadline:
+                self._timers.cancel(conn)
+            self._accept(conn, verdict)
+            return
         if kind == "more":
             if not conn.client_mask:
                 self._watch(conn)
@@ -143,15 +144,13 @@ class Admitter:
             return
         if conn.deadline:
             self._timers.cancel(conn)
-        if kind == "reject":
-            self._reject(conn, verdict)
-        elif kind == "wait":
+        if kind == "wait":
             # Nothing more is read while it waits: its bytes stay in the kernel.
             self._unwatch(conn)
             self._loop._queuer.wait(conn, verdict.queue, None,  # type: ignore[attr-defined]
                                     self.retry)
         else:
-            self._accept(conn, verdict)
+            self._reject(conn, verdict)
 
     def _reject(self, conn: Connection, verdict: object) -> None:
         if log.isEnabledFor(logging.INFO):
