@@ -665,6 +665,10 @@ class _StalledLoop:
             self.stalled.append((client, backend))
             threading.Thread(target=_send_until_closed, args=(backend, payload),
                              daemon=True).start()
+        # Spent first, then settled: on a loaded machine the senders may take a
+        # while to start, and a loop that holds nothing yet is "settled" too.
+        wait_for(lambda: self.loop._buffers.left <= 0, 20, interval=0.02,
+                 message="the stalled readers to spend the budget")
         samples = []
 
         def settled() -> bool:
