@@ -89,7 +89,13 @@ def install(args: argparse.Namespace) -> int:
                                  capture_output=True, check=True, timeout=60).stdout
         subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True, timeout=60)
     log(f"{args.name}: {source} -> {src}")
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = args.python or sys.executable
+    version = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0], "
+                              "sys.executable)"], capture_output=True, text=True, check=True,
+                             timeout=30).stdout.strip()
+    source += f"; Python {version}"
+    log(f"{args.name}: venv from Python {version}")
+    subprocess.run([python, "-m", "venv", str(venv)], check=True, timeout=120)
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(src)], check=True,
                    timeout=PIP_TIMEOUT)
     (venv / "ab-source.txt").write_text(source + "\n")
@@ -368,6 +374,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     what.add_argument("--src", type=Path, help="a directory (a checkout), copied without .git")
     ins.add_argument("--repo", type=Path, default=REPO_ROOT,
                      help="the git repo of --rev (default: this checkout)")
+    ins.add_argument("--python", help="the interpreter that makes ROOT/NAME-venv (default: the "
+                     "one running this script). Builds differ: see scripts/interpreter_speed.py")
     r = sub.add_parser("run", parents=[common], help="the interleaved rounds")
     r.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     r.add_argument("-n", type=int, dest="n", help="requests of BOTH runs (a smoke test); "

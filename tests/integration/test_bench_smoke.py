@@ -247,3 +247,16 @@ def test_variants_run_redis_workloads_with_cpu_per_request(tmp_path):
         for workload in ("keepalive", "newconn"):
             assert {(name, workload, m) for m in ("rps", "worker_cpu_us", "tree_cpu_us")} <= got, \
                 result["notes"]
+
+
+@pytest.mark.timeout(60)
+def test_interpreter_speed_prints_one_figure_for_bootstrap():
+    """scripts/bootstrap ranks interpreters by this script's output: one positive
+    integer (microseconds) and exit 0 on an interpreter that can make the venv."""
+    done = subprocess.run([sys.executable, str(SCRIPTS / "interpreter_speed.py")],
+                          capture_output=True, text=True, timeout=50)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) > 0
+    # bootstrap calls it the same way for each candidate, and reads stdout only
+    text = (SCRIPTS / "bootstrap").read_text()
+    assert "interpreter_speed.py" in text and 'PYTHON:-' in text
