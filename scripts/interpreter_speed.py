@@ -6,13 +6,14 @@ nothing, when this interpreter cannot make the venv at all (older than the
 project's 3.9, or without ``venv``/``ensurepip``: Debian ships those as the
 separate ``python3-venv`` package).
 
-Why measure instead of reading build flags: the relay's cost per connection is
-interpreted Python, and builds of the same version differ by up to 2x in it.
-Debian's and the official Docker image's interpreters are built with
-profile-guided and link-time optimization and link libpython statically; a
-version manager's build (pyenv compiles without ``--enable-optimizations``
-unless told, and with ``--enable-shared``) ran this loop 1.4-2x slower on the
-development VM.  No one build flag tells those apart across distributions; the
+Why measure instead of reading build flags: about half of a worker's CPU per
+connection is interpreted Python, and builds of the same version differ by up
+to 2x in that kind of work.  Debian's and the official Docker image's
+interpreters are built with profile-guided and link-time optimization and
+link libpython statically; a version manager's build (pyenv compiles without
+``--enable-optimizations`` unless told, and with ``--enable-shared``) ran this
+loop 1.4-2x slower on the development VM, and prefork-proxy's workers spent
+about 12% more user CPU per new connection on it (README, Performance).  No one build flag tells those apart across distributions; the
 loop does.  The figure is the best of several short runs (about 0.1 s in all),
 so a busy machine slows every candidate alike rather than picking at random.
 """
