@@ -49,12 +49,24 @@ def relay(request):
     front_listener = socket.create_server(("127.0.0.1", 0))
     target = Target(socket.AF_INET, backend_listener.getsockname(), "test-backend")
 
-    def open_pair():
-        client = socket.create_connection(front_listener.getsockname(), timeout=10)
+    def open_pair(buffers: int = 0):
+        """``buffers``: pin SO_SNDBUF and SO_RCVBUF of every socket the test owns (the
+        client, the relay's accepted socket, the backend's) at that size, so the path
+        holds little that the kernel's autotuning could grow (only the relay's own
+        socket towards the backend stays free)."""
+        client = socket.socket()
+        if buffers:
+            _pin_buffers(client, buffers)
+        client.settimeout(10)
+        client.connect(front_listener.getsockname())
         accepted, address = front_listener.accept()
+        if buffers:
+            _pin_buffers(accepted, buffers)
         accepted.setblocking(False)
         loop.submit(accepted, iter([target]), 5.0, f"{address[0]}:{address[1]}")
         backend, _ = backend_listener.accept()
+        if buffers:
+            _pin_buffers(backend, buffers)
         backend.settimeout(10)
         return client, backend
 
@@ -516,10 +528,32 @@ def _fill(sock: socket.socket, payload: bytes) -> int:
     return sent
 
 
+def _pin_buffers(sock: socket.socket, size: int) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
+def _tcp_buffer_max(name: str) -> int:
+    """The kernel's ceiling for an autotuned TCP buffer (``tcp_rmem``/``tcp_wmem``)."""
+    try:
+        with open(f"/proc/sys/net/ipv4/{name}") as sysctl:
+            return int(sysctl.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        return 32 << 20
+
+
+def _more_than_the_path_holds() -> int:
+    """A payload the reset tests' path cannot absorb whole (then ``_fill`` stalls
+    with bytes in flight): the test's sockets are pinned small, and the relay's own
+    socket towards the backend may autotune up to the kernel's ceiling.  Without
+    the pinning, a loaded machine once took all of 32 MiB into its buffers."""
+    return max(_tcp_buffer_max("tcp_rmem"), _tcp_buffer_max("tcp_wmem")) + (16 << 20)
+
+
 def test_backend_reset_reaches_the_client_as_a_reset_with_bytes_in_flight(relay):
     loop, open_pair = relay
-    client, backend = open_pair()
-    payload = os.urandom(32 << 20)
+    client, backend = open_pair(buffers=256 * 1024)
+    payload = os.urandom(_more_than_the_path_holds())
     sent = _fill(backend, payload)  # the client reads nothing yet: bytes wait in the relay
     assert 0 < sent < len(payload)
     backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
@@ -534,8 +568,8 @@ def test_backend_reset_reaches_the_client_as_a_reset_with_bytes_in_flight(relay)
 
 def test_client_reset_reaches_the_backend_as_a_reset_with_bytes_in_flight(relay):
     loop, open_pair = relay
-    client, backend = open_pair()
-    payload = os.urandom(32 << 20)
+    client, backend = open_pair(buffers=256 * 1024)
+    payload = os.urandom(_more_than_the_path_holds())
     sent = _fill(client, payload)  # the backend reads nothing yet
     assert 0 < sent < len(payload)
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
