@@ -375,7 +375,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ins.add_argument("--repo", type=Path, default=REPO_ROOT,
                      help="the git repo of --rev (default: this checkout)")
     ins.add_argument("--python", help="the interpreter that makes ROOT/NAME-venv (default: the "
-                     "one running this script). Builds differ: see scripts/interpreter_speed.py")
+                     "one running this script). Builds differ: README, Performance")
     r = sub.add_parser("run", parents=[common], help="the interleaved rounds")
     r.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     r.add_argument("-n", type=int, dest="n", help="requests of BOTH runs (a smoke test); "
