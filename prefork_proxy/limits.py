@@ -68,7 +68,7 @@ import tempfile
 import threading
 import time
 import weakref
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 from prefork_proxy import robust_mutex
 from prefork_proxy.robust_mutex import RobustMutex
@@ -231,10 +231,10 @@ class ConnectionLimits:
         self._row = -1
         self._free: List[int] = []   # this process's released ledger indices (under the lock)
         self._fresh = 0              # this process's next never-used ledger index
-        # What each of this process's ledger records holds, ``(scope, key)``, so a
-        # release need not read it back from shared memory (the ledger's copy is
-        # for the sweep).
-        self._held: List[Optional[Tuple[int, bytes]]] = []
+        # The key of each of this process's ledger records (its first two bytes name
+        # the scope), so a release need not read it back from shared memory (the
+        # ledger's copy is for the sweep).
+        self._keys: List[Optional[bytes]] = []
         self._scope_keys = [scope.to_bytes(2, "big") for scope in range(scopes)]
         # ``source_key`` per scope and address string, for this process: a source
         # that reconnects is packed once, and its key (the same bytes object each
@@ -310,7 +310,7 @@ class ConnectionLimits:
             else:
                 self.ledger_key[start:start + 2] = key
                 self.ledger_state[record] = _SCOPE_ONLY
-            self._held[index] = (scope, key)
+            self._keys[index] = key
             generations = self.ledger_gen
             generation = (generations[record] + 1) & 0xFFFFFFFF
             generations[record] = generation
@@ -351,12 +351,9 @@ class ConnectionLimits:
             if not state or self.ledger_gen[record] != token >> _INDEX_BITS:
                 return False
             dirty[row] = 1
-            held = self._held
-            scope, key = held[index]  # type: ignore[misc]
-            held[index] = None
-            self.scope_count[scope] -= 1
-            if state == _WITH_SOURCE:
-                self._drop_source(key, None)
+            keys = self._keys
+            self._take_back(keys[index], state, None)  # type: ignore[arg-type]
+            keys[index] = None
             states[record] = _FREE
             self._free.append(index)
             return True
@@ -400,7 +397,7 @@ class ConnectionLimits:
         with self.lock:  # also orders this process's threads racing to claim
             if self._row_pid != pid:
                 self._row = self._claim(pid)
-                self._free, self._fresh, self._held = [], 0, []
+                self._free, self._fresh, self._keys = [], 0, []
                 self._row_pid = pid
         if self._row < 0:
             log.error("no free row for process %d's connection limits (%d rows): its "
@@ -426,7 +423,7 @@ class ConnectionLimits:
         index = self._fresh
         self._fresh += 1
         self.row_high[row] = self._fresh
-        self._held.append(None)
+        self._keys.append(None)
         return index
 
     def _admit_source(self, key: bytes, digest: int, max_per_source: int,
@@ -515,21 +512,23 @@ class ConnectionLimits:
     def _undo(self, record: int, second: int) -> None:
         """Take back what another process's ledger record counts (the sweep), and free it.
 
-        ``second``: the clock's whole second.  (A process's own release does the
-        same from what it remembers of the record, without reading it back.)
+        ``second``: the clock's whole second.  (A process's own release takes back
+        the key it remembers, without reading the record back.)
         """
         key = bytes(self.ledger_key[record * _KEY:(record + 1) * _KEY])
-        self.scope_count[(key[0] << 8) | key[1]] -= 1
-        if self.ledger_state[record] == _WITH_SOURCE:
-            self._drop_source(key, second)
+        self._take_back(key, self.ledger_state[record], second)
         self.ledger_state[record] = _FREE
 
-    def _drop_source(self, key: bytes, second: Optional[int]) -> None:
-        """One connection of the source ``key`` fewer; its entry goes once stale.
+    def _take_back(self, key: bytes, state: int, second: Optional[int]) -> None:
+        """What one ledger record (``key``, ``state``) counts, taken back: its scope's
+        count, and its source's if the record counted one.
 
-        ``second``: the clock's whole second (None: read it only if the count
-        reaches 0, the one case that needs it: the common release pays no clock).
+        ``second``: the clock's whole second (None: read it only if the source's
+        count reaches 0, the one case that needs it: the common release pays no clock).
         """
+        self.scope_count[(key[0] << 8) | key[1]] -= 1
+        if state != _WITH_SOURCE:
+            return
         slot = self._find(key, hash(key))
         if slot < 0:
             return

@@ -120,10 +120,10 @@ class Admission:
     token = -1
     limits: Optional[ConnectionLimits] = None
 
-    def __init__(self, steps: tuple, peer: Address, local: Address,
-                 reads: bool = True, enters: Optional[tuple] = None) -> None:
+    def __init__(self, steps: tuple, peer: Address, local: Address, reads: bool,
+                 enters: tuple) -> None:
         self._steps = steps
-        self._enters = enters if enters is not None else tuple(step.enter for step in steps)
+        self._enters = enters  # the steps' bound ``enter``s (``Pipeline`` binds them once)
         self.reads = reads
         self.peer = peer
         self.local = local

@@ -126,8 +126,7 @@ class AccessStep:
         self.acl = acl
 
     def enter(self, adm: "Admission") -> StepResult:
-        client = adm.client_address
-        reason = self.acl.check(client[0] if isinstance(client, tuple) else "")
+        reason = self.acl.check(client_ip(adm.client_address) or "")
         if reason is None:
             return None
         return Reject(FORBIDDEN, "PR", reason, f"client {adm.client_address!r}")
@@ -161,8 +160,7 @@ class SourceLimitStep:
         self.max_new_per_second = max_new_per_second
 
     def enter(self, adm: "Admission") -> StepResult:
-        client = adm.client_address
-        ip = client[0] if isinstance(client, tuple) else None  # ``client_ip``, inlined
+        ip = client_ip(adm.client_address)
         if ip is None:
             token = self.limits.acquire(self.scope, "", self.max_connections)
         else:

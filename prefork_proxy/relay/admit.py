@@ -127,11 +127,6 @@ class Admitter:
         while its verdict wants more bytes: from the first ``more`` on, until the
         verdict changes."""
         kind = verdict_kind(verdict)
-        if kind == "accept":  # the usual verdict, looked at first
-            if conn.deadline:
-                self._timers.cancel(conn)
-            self._accept(conn, verdict)
-            return
         if kind == "more":
             if not conn.client_mask:
                 self._watch(conn)
@@ -144,7 +139,9 @@ class Admitter:
             return
         if conn.deadline:
             self._timers.cancel(conn)
-        if kind == "wait":
+        if kind == "accept":
+            self._accept(conn, verdict)
+        elif kind == "wait":
             # Nothing more is read while it waits: its bytes stay in the kernel.
             self._unwatch(conn)
             self._loop._queuer.wait(conn, verdict.queue, None,  # type: ignore[attr-defined]
