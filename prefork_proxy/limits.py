@@ -294,9 +294,23 @@ class ConnectionLimits:
             if not free and self._fresh >= self.ledger_size:
                 return REFUSED_LEDGER_FULL
             if per_source:
-                slot = self._admit_source(key, digest, max_per_source, max_new_per_second)
-                if slot < 0:
-                    return slot
+                # ``_find``, inlined: this runs once per admitted connection.
+                used, hashes, table, at, mask = self._probe
+                slot = digest & mask
+                while used[slot]:  # at most half full: an empty slot ends every probe
+                    if hashes[slot] == digest:
+                        start = at + slot * _KEY
+                        if table[start:start + _KEY] == key:
+                            break
+                    slot = (slot + 1) & mask
+                else:
+                    slot = self._admit_new(key, digest, slot)
+                    if slot < 0:
+                        return slot
+                if max_per_source and self.count[slot] >= max_per_source:
+                    return REFUSED_SOURCE
+                if max_new_per_second and not self._within_rate(slot, max_new_per_second):
+                    return REFUSED_RATE
             # Commit: counts, then the ledger record (a kill in between is what
             # ``dirty`` is for: the sweep then recounts from the ledgers).
             scope_count[scope] += 1
@@ -352,8 +366,24 @@ class ConnectionLimits:
                 return False
             dirty[row] = 1
             keys = self._keys
-            self._take_back(keys[index], state, None)  # type: ignore[arg-type]
+            key: bytes = keys[index]  # type: ignore[assignment]
             keys[index] = None
+            # ``_take_back``, inlined for the common case (once per connection).
+            self.scope_count[(key[0] << 8) | key[1]] -= 1
+            if state == _WITH_SOURCE:
+                digest = hash(key)
+                used, hashes, table, at, mask = self._probe
+                slot = digest & mask
+                while used[slot]:
+                    if hashes[slot] == digest:
+                        start = at + slot * _KEY
+                        if table[start:start + _KEY] == key:
+                            count = self.count[slot] - 1
+                            self.count[slot] = count
+                            if not count and self._stale(slot, int(self._clock())):
+                                self._delete(slot)
+                            break
+                    slot = (slot + 1) & mask
             states[record] = _FREE
             self._free.append(index)
             return True
@@ -426,29 +456,27 @@ class ConnectionLimits:
         self._keys.append(None)
         return index
 
-    def _admit_source(self, key: bytes, digest: int, max_per_source: int,
-                      max_new_per_second: int) -> int:
-        """The slot of ``key`` (``digest``: its hash) if the source may open one more,
-        else a refusal."""
-        slot = self._find(key, digest)
-        if slot < 0:
+    def _admit_new(self, key: bytes, digest: int, empty: int) -> int:
+        """A source the table does not hold (``empty``: the free slot ``_find`` ended
+        on): its new entry's slot, or ``REFUSED_TABLE_FULL``."""
+        if self.meta[0] >= self.capacity:
+            self._reclaim(int(self._clock()))
+            slot = self._find(key, digest)  # reclaiming may have moved the free slot
             if self.meta[0] >= self.capacity:
-                self._reclaim(int(self._clock()))
-                slot = self._find(key, digest)
-                if self.meta[0] >= self.capacity:
-                    return REFUSED_TABLE_FULL
-            slot = self._insert(-1 - slot, key, digest)
-        if max_per_source and self.count[slot] >= max_per_source:
-            return REFUSED_SOURCE
-        if max_new_per_second:
-            second = int(self._clock())
-            if self.window[slot] != second:
-                self.window[slot] = second
-                self.window_count[slot] = 0
-            if self.window_count[slot] >= max_new_per_second:
-                return REFUSED_RATE
-            self.window_count[slot] += 1
-        return slot
+                return REFUSED_TABLE_FULL
+            empty = -1 - slot
+        return self._insert(empty, key, digest)
+
+    def _within_rate(self, slot: int, max_new_per_second: int) -> bool:
+        """Count one new connection in the source's window of this second, if it fits."""
+        second = int(self._clock())
+        if self.window[slot] != second:
+            self.window[slot] = second
+            self.window_count[slot] = 0
+        if self.window_count[slot] >= max_new_per_second:
+            return False
+        self.window_count[slot] += 1
+        return True
 
     def _find(self, key: bytes, digest: int) -> int:
         """The slot holding ``key``, or ``-1 - slot`` of the empty slot where it would go."""
@@ -512,20 +540,17 @@ class ConnectionLimits:
     def _undo(self, record: int, second: int) -> None:
         """Take back what another process's ledger record counts (the sweep), and free it.
 
-        ``second``: the clock's whole second.  (A process's own release takes back
-        the key it remembers, without reading the record back.)
+        ``second``: the clock's whole second.  (A process's own ``release`` takes
+        back the key it remembers, without reading the record back.)
         """
         key = bytes(self.ledger_key[record * _KEY:(record + 1) * _KEY])
         self._take_back(key, self.ledger_state[record], second)
         self.ledger_state[record] = _FREE
 
-    def _take_back(self, key: bytes, state: int, second: Optional[int]) -> None:
+    def _take_back(self, key: bytes, state: int, second: int) -> None:
         """What one ledger record (``key``, ``state``) counts, taken back: its scope's
-        count, and its source's if the record counted one.
-
-        ``second``: the clock's whole second (None: read it only if the source's
-        count reaches 0, the one case that needs it: the common release pays no clock).
-        """
+        count, and its source's if the record counted one.  ``second``: the clock's
+        whole second.  (``release`` does the same inline, for its own records.)"""
         self.scope_count[(key[0] << 8) | key[1]] -= 1
         if state != _WITH_SOURCE:
             return
@@ -534,11 +559,8 @@ class ConnectionLimits:
             return
         count = self.count[slot] - 1
         self.count[slot] = count
-        if not count:
-            if second is None:
-                second = int(self._clock())
-            if self._stale(slot, second):
-                self._delete(slot)
+        if not count and self._stale(slot, second):
+            self._delete(slot)
 
     def _free_row(self, row: int) -> None:
         base, high = row * self.ledger_size, self.row_high[row]

@@ -326,21 +326,23 @@ def test_bad_addresses_raise_value_error_without_touching_counts():
 def test_threads_of_one_worker_share_its_row_exactly():
     import threading
     limits = ConnectionLimits(sources=64, rows=4)
-    admit_source = limits._admit_source
+    within_rate = limits._within_rate
 
-    def slow_admit_source(*args):
-        slot = admit_source(*args)
+    def slow_within_rate(*args):
+        fits = within_rate(*args)
         time.sleep(0.0001)  # between check and count: let the other threads run
-        return slot
+        return fits
 
-    limits._admit_source = slow_admit_source
+    # The rate check runs after the per-source check and before the counts move.
+    limits._within_rate = slow_within_rate
     admitted = []
     barrier = threading.Barrier(4)
 
     def work() -> None:
         barrier.wait(timeout=10)
         admitted.append(sum(limits.acquire(2, "192.0.2.3", max_connections=500,
-                                           max_per_source=50) >= 0 for _ in range(100)))
+                                           max_per_source=50, max_new_per_second=10**9) >= 0
+                            for _ in range(100)))
 
     threads = [threading.Thread(target=work) for _ in range(4)]
     for thread in threads:
