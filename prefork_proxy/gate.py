@@ -38,6 +38,7 @@ from prefork_proxy.admission import (
     Pipeline,
     Reject,
     compile_pipeline,
+    header_encoder,
     proxy_header,
 )
 from prefork_proxy.admission.verdicts import OVER_LIMIT
@@ -137,7 +138,8 @@ class PoolChoice:
     route's ``send_proxy``, then the listener's).
     """
 
-    __slots__ = ("balancer", "_spec", "_versions", "_uniform", "_members", "_by_address")
+    __slots__ = ("balancer", "_spec", "_versions", "_uniform", "_header", "_members",
+                 "_by_address")
 
     def __init__(self, balancer: Balancer) -> None:
         self.balancer = balancer
@@ -146,6 +148,8 @@ class PoolChoice:
         self._versions = versions - {None}
         # One version for every backend (None: no header for any; "": they differ).
         self._uniform: Optional[str] = next(iter(versions)) if len(versions) == 1 else ""
+        # The uniform header's encoder, its version decided here rather than per client.
+        self._header = header_encoder(self._uniform) if self._uniform else None
         self._members: object = None
         self._by_address: Dict[tuple, Optional[str]] = {}
 
@@ -158,7 +162,7 @@ class PoolChoice:
             # Every backend wants the same header: one for the connection (the
             # relay sends ``send_first`` to whichever backend connects), no
             # Target copied per attempt.
-            verdict.send_first = proxy_header(self._uniform, client, verdict.destination)
+            verdict.send_first = self._header(client, verdict.destination)  # type: ignore[misc]
             return targets
         return self._prefixed(targets, client, verdict.destination)
 

@@ -19,6 +19,8 @@ the health-check process once per probe.  Wire formats are
 
 from __future__ import annotations
 
+from typing import Callable
+
 from prefork_proxy.proxy_protocol import encode_v1, encode_v2, encode_v2_local
 
 from .verdicts import Address
@@ -37,6 +39,21 @@ def proxy_header(version: str, client: Address, destination: Address) -> bytes:
         return encode_v2(src, dst) if src is not None else encode_v2_local()
     if version == "v1":
         return encode_v1(src, dst)
+    raise ValueError(f"send_proxy must be 'v1' or 'v2', not {version!r}")
+
+
+def header_encoder(version: str) -> Callable[[Address, Address], bytes]:
+    """``proxy_header`` with ``version`` decided once: for a pool whose backends all
+    want the same header, called once per connection (``gate.PoolChoice``)."""
+    if version == "v2":
+        def encode(client: Address, destination: Address) -> bytes:
+            # ``encode_v2`` reads only an address's first two items: no slice needed.
+            if type(client) is tuple and type(destination) is tuple:
+                return encode_v2(client, destination)  # type: ignore[arg-type]
+            return encode_v2_local()
+        return encode
+    if version == "v1":
+        return lambda client, destination: proxy_header("v1", client, destination)
     raise ValueError(f"send_proxy must be 'v1' or 'v2', not {version!r}")
 
 

@@ -29,6 +29,7 @@ from prefork_proxy.admission import (
     SniStep,
     SourceLimitStep,
     compile_pipeline,
+    header_encoder,
     health_check_header,
     proxy_header,
 )
@@ -515,6 +516,25 @@ def test_send_proxy_carries_the_client_address(version: str, client, destination
     parsed = pp.parse(header + b"payload", version)
     assert parsed.length == len(header) and parsed.client[1] == client[1]
     assert parsed.client[0].endswith(client[0].split("%")[0])
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("client,destination", [
+    (CLIENT, ORIGINAL_DST),
+    (("192.0.2.9", 1, 0, 0), ("192.0.2.1", 25)),         # longer tuples: two items count
+    (("2001:db8::5", 7, 0, 0), ("2001:db8::1", 443, 0, 0)),
+    (("2001:db8::5", 7, 0, 0), ("192.0.2.1", 443)),
+    ("", "/run/x.sock"), (None, ORIGINAL_DST), (CLIENT, None),
+])
+def test_the_bound_encoder_gives_the_bytes_of_proxy_header(version: str, client,
+                                                            destination) -> None:
+    assert header_encoder(version)(client, destination) == \
+        proxy_header(version, client, destination)
+
+
+def test_a_bound_encoder_of_an_unknown_version_is_refused_at_once() -> None:
+    with pytest.raises(ValueError):
+        header_encoder("v3")
 
 
 def test_send_proxy_for_a_unix_client_and_the_health_check() -> None:
