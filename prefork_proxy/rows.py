@@ -45,6 +45,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+from bisect import bisect_left as _first_bound  # the histogram bucket of a value
 from typing import Dict, Iterable, List, Optional, Sequence
 
 #: Listener slots (distinct listeners over the master's life, reused oldest first).
@@ -405,10 +406,9 @@ class LoopStats:
         cells = self.cells
         cells[base + LOOP_CLOSED] += 1
         cells[base + LOOP_DURATION_US] += max(0, int(duration_s * 1e6))
-        bucket = 0
-        while duration_s > SESSION_BUCKETS_S[bucket]:
-            bucket += 1
-        cells[base + LOOP_BUCKET0 + bucket] += 1
+        # The first bucket whose bound is >= the duration (the last is +Inf): one C
+        # call, whatever the duration, where a loop took a turn per smaller bucket.
+        cells[base + LOOP_BUCKET0 + _first_bound(SESSION_BUCKETS_S, duration_s)] += 1
 
     def on_reject(self, base: int, reason: str) -> None:
         """A client refused by its admission (before its ``on_close``), by ``reject_label``."""
@@ -424,10 +424,7 @@ def observe_connect(rows: WorkerRows, row: int, slot: int, connect_s: float) -> 
     base = (row * rows.backend_slots + slot) * CONNECT_CELLS
     cells = rows.connect
     cells[base + CONNECT_SUM_US] += max(0, int(connect_s * 1e6))
-    bucket = 0
-    while connect_s > CONNECT_BUCKETS_S[bucket]:
-        bucket += 1
-    cells[base + CONNECT_BUCKET0 + bucket] += 1
+    cells[base + CONNECT_BUCKET0 + _first_bound(CONNECT_BUCKETS_S, connect_s)] += 1
 
 
 def listener_cells(rows: WorkerRows, row: int, lslot: int) -> int:

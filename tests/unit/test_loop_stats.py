@@ -64,3 +64,34 @@ def test_without_the_relay_hooks_those_families_stay_out(monkeypatch):
     assert "prefork_proxy_received_bytes" not in names
     assert "prefork_proxy_connections_active" not in names
     assert "prefork_proxy_rejected_connections" in names  # present, no samples yet
+
+
+def test_a_duration_lands_in_the_first_bucket_whose_bound_holds_it(monkeypatch):
+    """Prometheus's ``le``: a value equal to a bound is in that bucket; above the last
+    finite bound, +Inf; a negative one (never, from a monotonic clock) in the first."""
+    monkeypatch.setattr(rows_module, "RELAY_HOOKS", True)
+    bounds = rows_module.SESSION_BUCKETS_S
+    cases = [(0.0, 0), (-1.0, 0), (bounds[0], 0), (bounds[0] * 1.0001, 1),
+             (10.0, bounds.index(10.0)), (bounds[-2] + 1, len(bounds) - 1)]
+    for duration, expected in cases:
+        rows = WorkerRows(capacity=2, backend_slots=4)
+        row = rows.claim(1.0)
+        rows.pid[row] = 123  # a worker's row: the snapshot reads only claimed ones
+        stats = rows.loop_stats(row, 0)
+        stats.on_close(stats.base(0), -1, 0, 0, duration)
+        buckets = rows.snapshot({"a": 0}, {})["listeners"]["a"]["session_duration"]["buckets"]
+        assert buckets.index(1) == expected and sum(buckets) == 1, duration
+
+
+def test_a_connect_time_lands_in_the_first_bucket_whose_bound_holds_it():
+    bounds = rows_module.CONNECT_BUCKETS_S
+    rows = WorkerRows(capacity=2, backend_slots=4)
+    row = rows.claim(1.0)
+    cells = rows_module.CONNECT_CELLS
+    for connect_s, expected in [(0.0001, 0), (bounds[0], 0), (bounds[1], 1),
+                                (bounds[1] + 1e-9, 2), (1e9, len(bounds) - 1)]:
+        before = list(rows.connect[row * rows.backend_slots * cells:][:cells])
+        rows_module.observe_connect(rows, row, 0, connect_s)
+        after = list(rows.connect[row * rows.backend_slots * cells:][:cells])
+        moved = [i for i in range(rows_module.CONNECT_BUCKET0, cells) if after[i] != before[i]]
+        assert moved == [rows_module.CONNECT_BUCKET0 + expected], connect_s
