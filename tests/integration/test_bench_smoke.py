@@ -263,3 +263,41 @@ def test_bootstrap_prefers_the_system_python_when_it_can_make_a_venv():
         capture_output=True, timeout=30).returncode == 0
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ("/usr/bin/python3" if can else "python3")
+
+
+@pytest.mark.timeout(60)
+def test_the_opcode_tracer_counts_a_real_workers_relay_per_connection(backend_factory,
+                                                                        proxy_factory, tmp_path):
+    """scripts/relay_opcodes.py's tracer (bench_lib/opcode_trace), loaded through
+    PYTHONPATH into a real worker: it counts the relay thread's instructions and its
+    closes (one per connection) and writes them where the variable says."""
+    import os
+    import socket
+
+    backend = backend_factory("echo")
+    prefix = tmp_path / "ops"
+    tracer = SCRIPTS / "bench_lib" / "opcode_trace"
+    env = dict(os.environ, PREFORK_OPCODE_TRACE=str(prefix),
+               PYTHONPATH=os.pathsep.join([str(tracer), os.environ.get("PYTHONPATH", "")]))
+    proxy = proxy_factory("start", "--bind", "127.0.0.1:0", "--backend", backend.address,
+                          "--workers", "1", "--threads", "1", env=env)
+    for index in range(120):
+        with socket.create_connection(("127.0.0.1", proxy.port()), timeout=10) as sock:
+            sock.sendall(b"ping %d\n" % index)
+            # The echo backend XORs every byte with 0x5A (tests/backends.py).
+            expected = bytes(byte ^ 0x5A for byte in b"ping %d\n" % index)
+            reply = b""
+            while len(reply) < len(expected):
+                chunk = sock.recv(64)
+                assert chunk, "closed before the echo"
+                reply += chunk
+            assert reply == expected
+
+    def dump() -> dict:
+        files = list(tmp_path.glob("ops-*-relay-0.json"))
+        return json.loads(files[0].read_text()) if files else {"closes": 0}
+
+    counts = wait_for(lambda: dump() if dump()["closes"] >= 100 else None,
+                      message="the tracer's dump after 100 closes")
+    assert counts["opcodes"] > 100 * 500  # hundreds of instructions per connection at least
+    assert counts["by_function"]["RelayLoop._close (loop.py)"] > 0
