@@ -19,7 +19,7 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 from bench_lib import growth, procfs, procs, report, workloads  # noqa: E402
-from support import accepts, free_port, wait_for  # noqa: E402
+from support import accepts, free_port, recv_exactly, transform, wait_for  # noqa: E402
 
 
 @pytest.mark.timeout(60)
@@ -283,15 +283,9 @@ def test_the_opcode_tracer_counts_a_real_workers_relay_per_connection(backend_fa
                           "--workers", "1", "--threads", "1", env=env)
     for index in range(120):
         with socket.create_connection(("127.0.0.1", proxy.port()), timeout=10) as sock:
-            sock.sendall(b"ping %d\n" % index)
-            # The echo backend XORs every byte with 0x5A (tests/backends.py).
-            expected = bytes(byte ^ 0x5A for byte in b"ping %d\n" % index)
-            reply = b""
-            while len(reply) < len(expected):
-                chunk = sock.recv(64)
-                assert chunk, "closed before the echo"
-                reply += chunk
-            assert reply == expected
+            request = b"ping %d\n" % index
+            sock.sendall(request)
+            assert recv_exactly(sock, len(request)) == transform(request)  # the echo's XOR
 
     def dump() -> dict:
         files = list(tmp_path.glob("ops-*-relay-0.json"))

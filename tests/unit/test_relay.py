@@ -850,16 +850,19 @@ def test_a_spent_budget_does_not_stall_healthy_connections_in_the_same_loop(move
     and write it straight out, and one that writes it all holds nothing."""
     setup = stalled(mover)
     kept_client, kept_backend = setup.open_pair()
-    assert len(_round_trips(kept_client, kept_backend, 5)) == 5
+    # The same exchange before the stall sets the bar: "at once" is 10 ms, or five
+    # times what this machine takes right now when it is loaded (a stall is seconds).
+    before = sorted(_round_trips(kept_client, kept_backend, 21))[10]
+    bound = max(0.010, 5 * before)
     setup.stall()
     assert setup.loop._buffers.left <= 0, "the budget was never spent"
     took = _round_trips(kept_client, kept_backend, 100)
     took.sort()
-    assert took[50] < 0.010, f"median round trip {took[50] * 1000:.1f} ms while the budget " \
-        "is spent"
+    assert took[50] < bound, f"median round trip {took[50] * 1000:.1f} ms while the budget " \
+        f"is spent ({before * 1000:.1f} ms before)"
     new_client, new_backend = setup.open_pair()
     took = _round_trips(new_client, new_backend, 20)
-    assert sorted(took)[10] < 0.010, took
+    assert sorted(took)[10] < bound, (before, took)
     # A bulk stream on a healthy connection still flows (copied, no new pipe).
     bulk = os.urandom(2 << 20)
     sender = threading.Thread(target=new_backend.sendall, args=(bulk,))
