@@ -366,24 +366,8 @@ class ConnectionLimits:
                 return False
             dirty[row] = 1
             keys = self._keys
-            key: bytes = keys[index]  # type: ignore[assignment]
+            self._take_back(keys[index], state, None)  # type: ignore[arg-type]
             keys[index] = None
-            # ``_take_back``, inlined for the common case (once per connection).
-            self.scope_count[(key[0] << 8) | key[1]] -= 1
-            if state == _WITH_SOURCE:
-                digest = hash(key)
-                used, hashes, table, at, mask = self._probe
-                slot = digest & mask
-                while used[slot]:
-                    if hashes[slot] == digest:
-                        start = at + slot * _KEY
-                        if table[start:start + _KEY] == key:
-                            count = self.count[slot] - 1
-                            self.count[slot] = count
-                            if not count and self._stale(slot, int(self._clock())):
-                                self._delete(slot)
-                            break
-                    slot = (slot + 1) & mask
             states[record] = _FREE
             self._free.append(index)
             return True
@@ -457,7 +441,7 @@ class ConnectionLimits:
         return index
 
     def _admit_new(self, key: bytes, digest: int, empty: int) -> int:
-        """A source the table does not hold (``empty``: the free slot ``_find`` ended
+        """A source the table does not hold (``empty``: the empty slot its probe ended
         on): its new entry's slot, or ``REFUSED_TABLE_FULL``."""
         if self.meta[0] >= self.capacity:
             self._reclaim(int(self._clock()))
@@ -540,27 +524,40 @@ class ConnectionLimits:
     def _undo(self, record: int, second: int) -> None:
         """Take back what another process's ledger record counts (the sweep), and free it.
 
-        ``second``: the clock's whole second.  (A process's own ``release`` takes
-        back the key it remembers, without reading the record back.)
+        ``second``: the clock's whole second.  (A process's own release takes back
+        the key it remembers, without reading the record back.)
         """
         key = bytes(self.ledger_key[record * _KEY:(record + 1) * _KEY])
         self._take_back(key, self.ledger_state[record], second)
         self.ledger_state[record] = _FREE
 
-    def _take_back(self, key: bytes, state: int, second: int) -> None:
+    def _take_back(self, key: bytes, state: int, second: Optional[int]) -> None:
         """What one ledger record (``key``, ``state``) counts, taken back: its scope's
-        count, and its source's if the record counted one.  ``second``: the clock's
-        whole second.  (``release`` does the same inline, for its own records.)"""
+        count, and its source's if the record counted one.
+
+        ``second``: the clock's whole second (None: read it only if the source's
+        count reaches 0, the one case that needs it: the common release pays no clock).
+        Runs once per connection (``release``): the probe of ``_find`` is inlined.
+        """
         self.scope_count[(key[0] << 8) | key[1]] -= 1
         if state != _WITH_SOURCE:
             return
-        slot = self._find(key, hash(key))
-        if slot < 0:
-            return
-        count = self.count[slot] - 1
-        self.count[slot] = count
-        if not count and self._stale(slot, second):
-            self._delete(slot)
+        digest = hash(key)
+        used, hashes, table, at, mask = self._probe
+        slot = digest & mask
+        while used[slot]:
+            if hashes[slot] == digest:
+                start = at + slot * _KEY
+                if table[start:start + _KEY] == key:
+                    count = self.count[slot] - 1
+                    self.count[slot] = count
+                    if not count:
+                        if second is None:
+                            second = int(self._clock())
+                        if self._stale(slot, second):
+                            self._delete(slot)
+                    return
+            slot = (slot + 1) & mask
 
     def _free_row(self, row: int) -> None:
         base, high = row * self.ledger_size, self.row_high[row]

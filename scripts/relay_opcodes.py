@@ -7,8 +7,9 @@
 
 A count, not a timing: on this project's noisy 2-core machines one timed A/B
 needs minutes to tell 3% apart, while the instruction count of the
-per-connection path is the same from run to run (within a fraction of a
-percent), so a small change to the hot path can be weighed in seconds.  It
+per-connection path moves by about 1% from run to run (how many events one
+epoll round carries varies), so a change to the hot path of a few dozen
+instructions can be weighed in seconds.  It
 does not replace a timed run (``ab_bench.py``): it counts neither system
 calls nor the C work behind an instruction (a ``ctypes`` call, a ``recv``).
 
