@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Bytecode instructions per new connection in a worker's relay thread, by function.
+"""Bytecode instructions per new connection (or request) in a worker's relay thread, by function.
 
-    .venv/bin/python scripts/relay_opcodes.py [--exe PATH] [--connections 2000] \\
+    .venv/bin/python scripts/relay_opcodes.py [--exe PATH] [--workload newconn|keepalive] \\
         --variant plain= \\
         --variant 'admission=tcp_proxy.accept_proxy=v2,tcp_proxy.send_proxy=v2,...'
 
@@ -18,9 +18,12 @@ reference) it starts redis-server, HAProxy in front of and behind
 prefork-proxy (``send-proxy-v2``/``accept-proxy`` where the variant needs a
 PROXY header, as ``ab_bench.py variants --chain`` does), prefork-proxy with one
 worker and one relay thread, traced by ``bench_lib/opcode_trace``; then
-``redis-benchmark -k 0`` (a new connection per request) until the relay has
-closed ``--connections`` connections.  It prints instructions per connection for
-each variant and the functions that differ most from the reference.
+``redis-benchmark -k 0`` (a new connection per request, 10 clients) until the
+relay has closed ``--connections`` connections, or with ``--workload
+keepalive`` ``--requests`` kept-alive requests (``-k 1``, 50 clients; their
+50 connects and closes are counted in too).  It prints instructions per
+connection (or request) for each variant and the functions that differ most
+from the reference (with one variant: its largest functions).
 Needs haproxy, redis-server and redis-benchmark (``scripts/bench`` installs them).
 """
 
@@ -58,17 +61,36 @@ RUN_TIMEOUT_S = 300
 
 
 def _counts(prefix: str) -> dict:
-    """The relay thread's dump (one worker, one relay thread: one file)."""
-    files = glob.glob(f"{prefix}-*-relay-0.json")
-    if not files:
-        return {"closes": 0, "opcodes": 0, "by_function": {}}
-    with open(files[0]) as source:
-        return json.load(source)
+    """The relay thread's latest copy (one worker, one relay thread: one file)."""
+    for path in glob.glob(f"{prefix}-*-relay-0.json"):
+        try:
+            with open(path) as source:
+                return json.load(source)
+        except (OSError, ValueError):  # replaced as we read it: the next one will do
+            pass
+    return {"at": 0.0, "closes": 0, "opcodes": 0, "by_function": {}}
+
+
+def _copy_after(prefix: str, moment: float) -> dict:
+    """The first copy the tracer took after ``moment`` (``time.monotonic()``)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        counts = _counts(prefix)
+        if counts["at"] > moment:
+            return counts
+        time.sleep(0.05)
+    raise SystemExit(f"no count from the traced worker after 30 s ({prefix}-*.json)")
+
+
+def _redis_benchmark(port: int, keepalive: bool, requests: int, clients: int) -> list[str]:
+    return ["redis-benchmark", "-p", str(port), "-c", str(clients), "-k",
+            "1" if keepalive else "0", "-t", "ping_mbulk", "-n", str(requests), "-q"]
 
 
 def trace_variant(reg: procs.Registry, exe: list[str], variant: Variant, redis_port: int,
-                  connections: int, log) -> dict:
-    """One variant's counts once its relay has closed ``connections`` connections."""
+                  workload: str, count: int, log) -> dict:
+    """One variant's counts: per new connection once the relay has closed ``count``
+    (``workload`` newconn), or per request of ``count`` kept-alive requests."""
     workdir = reg.workdir / variant.name
     workdir.mkdir(parents=True, exist_ok=True)
     front_port, prefork_port, back_port = reg.free_port(), reg.free_port(), reg.free_port()
@@ -94,33 +116,40 @@ def trace_variant(reg: procs.Registry, exe: list[str], variant: Variant, redis_p
     started.append(proxy)
     try:
         procs.wait_ready(proxy, front_port, procs.probe_redis, timeout=60)
-        # Counted from here: boot and the readiness probes are not per-connection work.
-        time.sleep(0.5)
-        before = _counts(prefix)
-        bench = subprocess.Popen(["redis-benchmark", "-p", str(front_port), "-c", "10", "-k",
-                                  "0", "-t", "ping_mbulk", "-n", str(10 * connections + 1000),
-                                  "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Counted from here: boot and the readiness probes are not the workload's.
+        before = _copy_after(prefix, time.monotonic())
+        keepalive = workload == "keepalive"
+        argv = _redis_benchmark(front_port, keepalive, count if keepalive else 10 * count + 1000,
+                                50 if keepalive else 10)
+        bench = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + RUN_TIMEOUT_S
         try:
             while time.monotonic() < deadline and bench.poll() is None:
-                if _counts(prefix)["closes"] - before["closes"] >= connections:
+                if not keepalive and _counts(prefix)["closes"] - before["closes"] >= count:
                     break
-                time.sleep(0.5)
+                time.sleep(0.25)
+            finished = bench.poll() == 0
         finally:
             bench.kill()
             bench.wait()
-        after = _counts(prefix)
+        after = _copy_after(prefix, time.monotonic())
     finally:
         for proc in reversed(started):
             reg.stop(proc)
-    closes = after["closes"] - before["closes"]
-    if closes <= 0:
-        raise SystemExit(f"{variant.name}: the relay closed no connection "
-                         f"(see {reg.workdir / 'logs'})")
-    per = {name: (count - before["by_function"].get(name, 0)) / closes
-           for name, count in after["by_function"].items()}
-    log(f"{variant.name}: {closes} connections traced")
-    return {"closes": closes, "per_connection": (after["opcodes"] - before["opcodes"]) / closes,
+    if keepalive:
+        if not finished:
+            raise SystemExit(f"{variant.name}: redis-benchmark did not finish {count} "
+                             f"requests within {RUN_TIMEOUT_S} s")
+        units = count
+    else:
+        units = after["closes"] - before["closes"]
+        if units <= 0:
+            raise SystemExit(f"{variant.name}: the relay closed no connection "
+                             f"(see {reg.workdir / 'logs'})")
+    per = {name: (value - before["by_function"].get(name, 0)) / units
+           for name, value in after["by_function"].items()}
+    log(f"{variant.name}: {units} {'requests' if keepalive else 'connections'} traced")
+    return {"units": units, "per_unit": (after["opcodes"] - before["opcodes"]) / units,
             "by_function": per}
 
 
@@ -130,8 +159,14 @@ def main() -> int:
                         help="prefork-proxy to trace (default: the one beside this Python)")
     parser.add_argument("--variant", action="append", required=True,
                         help="NAME=section.key=value,... (the first is the reference)")
+    parser.add_argument("--workload", choices=["newconn", "keepalive"], default="newconn",
+                        help="newconn: per new connection (redis-benchmark -k 0, 10 "
+                        "clients); keepalive: per request (-k 1, 50 clients, their 50 "
+                        "connects and closes included)")
     parser.add_argument("--connections", type=int, default=2000,
-                        help="connections counted per variant (default 2000)")
+                        help="newconn: connections counted per variant (default 2000)")
+    parser.add_argument("--requests", type=int, default=20000,
+                        help="keepalive: requests per variant (default 20000)")
     parser.add_argument("--top", type=int, default=25, help="functions shown (default 25)")
     parser.add_argument("--json", type=Path, help="write every count here too")
     args = parser.parse_args()
@@ -150,27 +185,29 @@ def main() -> int:
         try:
             redis_port = start_redis(reg, False, "")
             for variant in variants:
-                results[variant.name] = trace_variant(reg, exe, variant, redis_port,
-                                                      args.connections, log)
+                results[variant.name] = trace_variant(
+                    reg, exe, variant, redis_port, args.workload,
+                    args.requests if args.workload == "keepalive" else args.connections, log)
         finally:
             reg.stop_all()
     reference = variants[0].name
     base = results[reference]
-    print("| variant | instructions per connection | ratio |")
+    unit = "request" if args.workload == "keepalive" else "connection"
+    print(f"| variant | instructions per {unit} | ratio |")
     print("|---|---|---|")
     for name, result in results.items():
-        print(f"| {name} | {result['per_connection']:,.0f} | "
-              f"{result['per_connection'] / base['per_connection']:.3f} |")
+        print(f"| {name} | {result['per_unit']:,.0f} | "
+              f"{result['per_unit'] / base['per_unit']:.3f} |")
     for name, result in list(results.items())[1:]:
         names = set(base["by_function"]) | set(result["by_function"])
         delta = {n: result["by_function"].get(n, 0.0) - base["by_function"].get(n, 0.0)
                  for n in names}
-        print(f"\n{name} - {reference}, per connection, largest differences first:")
+        print(f"\n{name} - {reference}, per {unit}, largest differences first:")
         for function in sorted(delta, key=lambda n: -abs(delta[n]))[:args.top]:
             print(f"  {delta[function]:+8.1f}  ({base['by_function'].get(function, 0.0):7.1f}"
                   f" -> {result['by_function'].get(function, 0.0):7.1f})  {function}")
     if len(results) == 1:
-        print(f"\n{reference}, per connection:")
+        print(f"\n{reference}, per {unit}:")
         ranked = sorted(base["by_function"].items(), key=lambda kv: -kv[1])
         for function, count in ranked[:args.top]:
             print(f"  {count:8.1f}  {function}")

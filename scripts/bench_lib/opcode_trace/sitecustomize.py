@@ -6,9 +6,11 @@ Loaded by Python at start-up (``site`` imports ``sitecustomize``) when
 nothing.  Every thread whose name starts with ``relay-`` runs under a
 ``sys.settrace`` hook with ``f_trace_opcodes``: one count per instruction,
 by function (``co_qualname`` and file), and one per call of the relay's
-``_close`` (once per connection).  The counts are written to
-``<prefix>-<pid>-<thread>.json`` after every ``DUMP_EVERY`` closes: the
-worker ends with ``os._exit``, so nothing can be written at exit.
+``_close`` (once per connection).  A thread of its own writes them to
+``<prefix>-<pid>-<thread>.json`` every ``DUMP_INTERVAL_S``, with the
+``time.monotonic()`` of the copy (a system-wide clock: the reader waits for a
+copy taken after its load ended): the worker ends with ``os._exit``, so
+nothing can be written at exit.
 
 Test-and-benchmark tooling only: the relay runs some 50 times slower
 under it, so every time-dependent loop (histogram buckets, timers) is
@@ -22,8 +24,9 @@ import json
 import os
 import sys
 import threading
+import time
 
-DUMP_EVERY = 100
+DUMP_INTERVAL_S = 0.25
 
 
 def _install(prefix: str) -> None:
@@ -37,11 +40,19 @@ def _install(prefix: str) -> None:
         closes = [0]
         path = f"{prefix}-{os.getpid()}-{self.name}.json"
 
-        def dump() -> None:
-            with open(path + ".tmp", "w") as out:
-                json.dump({"closes": closes[0], "opcodes": sum(counts.values()),
-                           "by_function": counts}, out)
-            os.replace(path + ".tmp", path)
+        def dump_forever() -> None:
+            while True:
+                time.sleep(DUMP_INTERVAL_S)
+                at = time.monotonic()
+                # One C-level copy under the interpreter lock: a consistent snapshot.
+                snapshot, closed = dict(counts), closes[0]
+                with open(path + ".tmp", "w") as out:
+                    json.dump({"at": at, "closes": closed, "opcodes": sum(snapshot.values()),
+                               "by_function": snapshot}, out)
+                os.replace(path + ".tmp", path)
+
+        # Not a relay- thread: it is not traced itself.
+        threading.Thread(target=dump_forever, name="opcode-dump", daemon=True).start()
 
         def on_opcode(frame, event, arg):  # type: ignore[no-untyped-def]
             if event == "opcode":
@@ -59,8 +70,6 @@ def _install(prefix: str) -> None:
             if code.co_name == "_close" and code.co_filename.endswith(
                     os.path.join("relay", "loop.py")):
                 closes[0] += 1
-                if closes[0] % DUMP_EVERY == 0:
-                    dump()
             return on_opcode
 
         sys.settrace(on_call)
