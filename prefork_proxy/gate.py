@@ -82,6 +82,24 @@ def sources_for(config: Config) -> int:
     return max(1, min(MAX_SOURCES, total))
 
 
+def source_shares(config: Config, capacity: int) -> Dict[int, int]:
+    """Listener index -> the live sources it may hold in a table of ``capacity`` entries.
+
+    Only listeners with a per-source limit and no ``max_connections`` get one:
+    ``max_connections`` already bounds a listener's live sources (each holds a
+    connection), while one without it could take the whole table, and then a
+    new source of every other listener would be refused.  Each such listener
+    gets an equal part of the table, one per listener with a per-source limit
+    (``capacity // n``, at least 1).
+    """
+    limited = [index for index, listener in enumerate(config.listeners)
+               if listener.max_connections_per_source
+               or listener.max_new_connections_per_source]
+    share = max(1, capacity // max(1, len(limited)))
+    return {index: share for index in limited
+            if not config.listeners[index].max_connections}
+
+
 def connection_limits(config: Config) -> Optional[ConnectionLimits]:
     """Master, before fork: the shared limits for ``config``, or None if nothing is limited.
 
@@ -269,5 +287,6 @@ def listener_queue(listener: ListenerConfig, limits: ConnectionLimits,
 
 
 __all__: Tuple[str, ...] = ("Gate", "connection_limits", "has_admission", "listener_gate",
-                            "listener_queue", "relay_supports_admission", "sources_for",
+                            "listener_queue", "relay_supports_admission", "source_shares",
+                            "sources_for",
                             "with_prefix")

@@ -51,7 +51,12 @@ slots, so probes stay short); when it is full, a *new* source is refused
 (``source_table_full``) while known sources go on, and an entry frees itself
 when its last connection ends and its rate window has passed (lazily, by a
 bounded scan when a new source finds the table full).  Each worker's ledger
-holds ``ledger`` connections; beyond, ``worker_ledger_full``.  The table's
+holds ``ledger`` connections; beyond, ``worker_ledger_full``.  A scope may
+also have a *share* (``set_quotas``, from the master: ``gate.source_shares``):
+at most that many *live* sources (with an open connection) at once, so one
+listener flooded with new addresses cannot take the whole table from the
+others; a source already live always gets in, up to its own limits.  The
+table's
 hash is Python's ``hash(bytes)``: SipHash keyed by the interpreter's random
 secret, which every process forked from the master shares, so clients cannot
 pick addresses that collide.
@@ -198,6 +203,7 @@ class ConnectionLimits:
         fields = [("used", "B", slots), ("hashes", "q", slots), ("count", "i", slots),
                   ("window", "q", slots), ("window_count", "i", slots),
                   ("keys", "B", slots * _KEY), ("meta", "q", 3), ("scope_count", "q", scopes),
+                  ("scope_live", "q", scopes), ("scope_quota", "q", scopes),
                   ("row_owner", "i", rows), ("row_dirty", "i", rows), ("row_high", "i", rows),
                   ("ledger_state", "B", rows * ledger), ("ledger_gen", "I", rows * ledger),
                   ("ledger_key", "B", rows * ledger * _KEY)]
@@ -254,6 +260,24 @@ class ConnectionLimits:
         """For the accept loop: True while a listener with this limit is full."""
         return bool(max_connections) and self.scope_count[scope] >= max_connections
 
+    def live_sources(self, scope: int) -> int:
+        """Sources with at least one open connection in a scope, all workers together."""
+        return self.scope_live[scope]
+
+    def set_quotas(self, quotas: Dict[int, int], scopes: range) -> None:
+        """Master (at start and every reload): each scope of ``scopes`` may hold at most
+        ``quotas[scope]`` live sources (absent or 0: no share of its own, only the
+        table's capacity bounds it).
+
+        The share of the table one listener may take, so that a flood of new
+        addresses on it cannot refuse every new source of the others (the
+        refusal is the table-full one, ``source_table_full``).  A source that
+        still has an open connection always gets in (up to its own limits).
+        """
+        with self.lock:
+            for scope in scopes:
+                self.scope_quota[scope] = quotas.get(scope, 0)
+
     def source_connections(self, scope: int, ip: str) -> int:
         """Open connections of one source in a scope (0 if the table has no entry)."""
         key = source_key(scope, ip)
@@ -301,14 +325,21 @@ class ConnectionLimits:
                     if hashes[slot] == digest:
                         start = at + slot * _KEY
                         if table[start:start + _KEY] == key:
+                            count = self.count[slot]
                             break
                     slot = (slot + 1) & mask
                 else:
-                    slot = self._admit_new(key, digest, slot)
-                    if slot < 0:
-                        return slot
-                if max_per_source and self.count[slot] >= max_per_source:
+                    count, slot = 0, -1 - slot  # not in the table: where it would go
+                if max_per_source and count >= max_per_source:
                     return REFUSED_SOURCE
+                if not count:  # a source with no open connection here: it becomes live
+                    quota = self.scope_quota[scope]
+                    if quota and self.scope_live[scope] >= quota:
+                        return REFUSED_TABLE_FULL  # the scope's share of the table is taken
+                    if slot < 0:
+                        slot = self._admit_new(key, digest, -1 - slot)
+                        if slot < 0:
+                            return slot
                 if max_new_per_second and not self._within_rate(slot, max_new_per_second):
                     return REFUSED_RATE
             # Commit: counts, then the ledger record (a kill in between is what
@@ -318,7 +349,9 @@ class ConnectionLimits:
             record = row * self.ledger_size + index
             start = record * _KEY
             if per_source:
-                self.count[slot] += 1
+                if not count:
+                    self.scope_live[scope] += 1
+                self.count[slot] = count + 1
                 self.ledger_key[start:start + _KEY] = key
                 self.ledger_state[record] = _WITH_SOURCE
             else:
@@ -539,7 +572,8 @@ class ConnectionLimits:
         count reaches 0, the one case that needs it: the common release pays no clock).
         Runs once per connection (``release``): the probe of ``_find`` is inlined.
         """
-        self.scope_count[(key[0] << 8) | key[1]] -= 1
+        scope = (key[0] << 8) | key[1]
+        self.scope_count[scope] -= 1
         if state != _WITH_SOURCE:
             return
         digest = hash(key)
@@ -552,6 +586,7 @@ class ConnectionLimits:
                     count = self.count[slot] - 1
                     self.count[slot] = count
                     if not count:
+                        self.scope_live[scope] -= 1
                         if second is None:
                             second = int(self._clock())
                         if self._stale(slot, second):
@@ -584,7 +619,7 @@ class ConnectionLimits:
         self.used[:] = bytes(self.slots)
         self.meta[0] = 0
         for scope in range(self.scopes):
-            self.scope_count[scope] = 0
+            self.scope_count[scope] = self.scope_live[scope] = 0
         for key, (window, window_count) in kept.items():
             slot = self._insert(-1 - self._find(key, hash(key)), key, hash(key))
             self.window[slot], self.window_count[slot] = window, window_count
@@ -604,4 +639,6 @@ class ConnectionLimits:
                         if self.meta[0] >= self.slots - 1:
                             continue  # cannot happen with sane sizes; never loop forever
                         slot = self._insert(-1 - slot, key, hash(key))
+                    if not self.count[slot]:
+                        self.scope_live[int.from_bytes(key[:2], "big")] += 1
                     self.count[slot] += 1

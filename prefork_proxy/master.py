@@ -87,14 +87,14 @@ from prefork_proxy.admin.process import AdminEndpoint
 from prefork_proxy.config import Config
 from prefork_proxy.config_watch import ConfigWatch
 from prefork_proxy.errors import EXIT_FAILURE, EXIT_OK, ProxyError
-from prefork_proxy.gate import connection_limits, sources_for
+from prefork_proxy.gate import connection_limits, source_shares, sources_for
 from prefork_proxy.health import HealthChecker
 from prefork_proxy.limits import ConnectionLimits
 from prefork_proxy.listeners import ListenerSet, bound_address
 from prefork_proxy.privileges import drop_privileges, prepare_runtime_dir, serving_ids
 from prefork_proxy.proctitle import set_title
 from prefork_proxy.relay import choose_mode
-from prefork_proxy.rows import WorkerRows
+from prefork_proxy.rows import LISTENER_SLOTS, WorkerRows
 from prefork_proxy.shared import SharedState
 from prefork_proxy.signals import IGNORED_SIGNALS, SignalQueue, signal_name
 from prefork_proxy.upgrade import Upgrades, current_version
@@ -292,6 +292,7 @@ class Master:
             self.shared = SharedState(self.config)
             # Before the first fork, so every worker inherits the same mapping.
             self.limits = connection_limits(self.config)
+            self._share_sources()
             self.health = HealthChecker(self.shared)
             self.board = self.shared.rows
             self.board.shared_listeners = self.upgrades.other_master_accepts()
@@ -608,6 +609,7 @@ class Master:
             log.warning("reload: the connection limits table holds %d sources; this config "
                         "may need %d: new sources beyond it are refused until a restart",
                         self.limits.capacity, sources_for(config))
+        self._share_sources(config)
         faults.trip("master.reload")  # as if reconfigure failed half-way
         self.config, self.sockets, self.mode = config, sockets, mode
         self.desired = config.server.workers
@@ -677,12 +679,23 @@ class Master:
             self.desired, self.generation = pending.desired, pending.generation
             self.history = pending.history
             self.shared.restore(pending.shared)
+            self._share_sources()
             set_title(f"prefork-proxy: master gen {self.generation}")
         self._retire_unused_listeners()  # what only the failed config had
         log.error("reload failed, still serving generation %d with the old config: %s",
                   self.generation, reason)
         self._record_reload(False, reason, failed, "failed")
         self._notify("ready")
+
+    def _share_sources(self, config: Optional[Config] = None) -> None:
+        """Each listener's share of the per-source table (``gate.source_shares``), by its
+        slot, for ``config`` (default: the one served); the other listener slots none."""
+        if self.limits is None or self.shared is None:
+            return
+        config = config or self.config
+        shares = {self.shared.listener_slot(index): share for index, share
+                  in source_shares(config, self.limits.capacity).items()}
+        self.limits.set_quotas(shares, range(LISTENER_SLOTS))
 
     def _retire_unused_listeners(self) -> None:
         """Listeners the current config does not have: no new handshakes, closed later."""

@@ -173,8 +173,10 @@ def test_a_worker_killed_inside_an_update_is_recounted_from_the_live_ledgers():
     assert limits.connections(0) == 5 and limits.source_connections(0, "192.0.2.1") == 5
     assert limits.sweep() == 1
     assert limits.connections(0) == 3 and limits.source_connections(0, "192.0.2.1") == 3
+    assert limits.live_sources(0) == 1  # recounted too
     assert all(limits.release(t) for t in kept)
     assert limits.connections(0) == 0 and limits.source_connections(0, "192.0.2.1") == 0
+    assert limits.live_sources(0) == 0
 
 
 def test_the_listener_limit_is_exact_across_four_racing_processes():
@@ -450,3 +452,40 @@ def test_the_key_memo_is_bounded_per_scope_and_keeps_no_bad_address():
     assert "10.0.0" not in limits._key_memos[1]
     assert all(limits.release(token) for token in tokens)
     assert limits.connections(1) == 0 and limits.source_connections(1, "10.0.0.5") == 0
+
+
+def test_a_scope_share_bounds_its_live_sources_and_leaves_the_table_to_the_others():
+    limits = ConnectionLimits(sources=16, rows=4)
+    limits.set_quotas({0: 3}, range(4))
+    first = [limits.acquire(0, f"192.0.2.{n}", max_per_source=5) for n in (1, 2, 3)]
+    assert all(t >= 0 for t in first) and limits.live_sources(0) == 3
+    assert limits.acquire(0, "192.0.2.4", max_per_source=5) == REFUSED_TABLE_FULL
+    again = limits.acquire(0, "192.0.2.1", max_per_source=5)  # a live source goes on
+    assert again >= 0 and limits.live_sources(0) == 3
+    # The other scopes have the rest of the table: ten new sources of scope 1.
+    others = [limits.acquire(1, f"198.51.100.{n}", max_per_source=5) for n in range(10)]
+    assert all(t >= 0 for t in others) and limits.live_sources(1) == 10
+    # 192.0.2.1 ends both its connections: no longer live, so a new source fits.
+    assert limits.release(first[0]) and limits.live_sources(0) == 3
+    assert limits.release(again) and limits.live_sources(0) == 2
+    assert limits.acquire(0, "192.0.2.4", max_per_source=5) >= 0
+    assert limits.acquire(0, "192.0.2.5", max_per_source=5) == REFUSED_TABLE_FULL
+    limits.set_quotas({}, range(4))  # a reload that takes the share away
+    assert limits.acquire(0, "192.0.2.5", max_per_source=5) >= 0
+    assert limits.live_sources(0) == 4
+
+
+def test_a_share_holds_exactly_across_racing_processes_and_frees_with_them():
+    limits = ConnectionLimits(sources=128, rows=8)
+    limits.set_quotas({2: 20}, range(4))
+    # Three processes with ten sources each race for a share of 20 live sources.
+    results, _, finish = _race(3, lambda: ",".join(
+        str(limits.acquire(2, f"10.{os.getpid() >> 8 & 255}.{os.getpid() & 255}.{n}",
+                           max_per_source=2))
+        for n in range(10)))
+    try:
+        assert sum(_admitted(r) for r in results) == limits.live_sources(2) == 20
+    finally:
+        finish()
+    assert limits.sweep() == 3 and limits.live_sources(2) == 0
+    assert limits.acquire(2, "10.1.1.1", max_per_source=2) >= 0
