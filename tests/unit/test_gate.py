@@ -128,29 +128,18 @@ def test_a_route_backend_max_connections_gets_the_shared_limits():
     assert [t.sockaddr[1] for t in first if t.sockaddr] == [7001]
 
 
+def _listeners(*keys: str) -> config.Config:
+    """A config of one listener per ``keys`` (its extra TOML lines), each on its own port."""
+    return config.load_text("".join(
+        f'[[tcp_proxy]]\nbind = "127.0.0.1:{port}"\nbackends = ["127.0.0.1:7001"]\n{extra}\n'
+        for port, extra in enumerate(keys)))
+
+
 def test_listeners_without_max_connections_get_an_equal_share_of_the_source_table():
-    loaded = config.load_text('''
-[[tcp_proxy]]
-bind = "127.0.0.1:0"
-backends = ["127.0.0.1:7001"]
-max_connections_per_source = 5
-
-[[tcp_proxy]]
-bind = "127.0.0.1:0"
-backends = ["127.0.0.1:7001"]
-max_new_connections_per_source = 50
-
-[[tcp_proxy]]
-bind = "127.0.0.1:0"
-backends = ["127.0.0.1:7001"]
-max_connections = 300
-max_connections_per_source = 5
-
-[[tcp_proxy]]
-bind = "127.0.0.1:0"
-backends = ["127.0.0.1:7001"]
-allow = ["127.0.0.0/8"]
-''')
+    loaded = _listeners("max_connections_per_source = 5",
+                        "max_new_connections_per_source = 50",
+                        "max_connections = 300\nmax_connections_per_source = 5",
+                        'allow = ["127.0.0.0/8"]')
     capacity = gate.sources_for(loaded)
     assert capacity == gate.MAX_SOURCES
     # Three listeners have a per-source limit: a third each for the two unbounded ones;
@@ -162,18 +151,7 @@ allow = ["127.0.0.0/8"]
 def test_the_master_gives_each_listener_slot_its_share_and_takes_it_back_on_reload():
     from prefork_proxy.master import Master
 
-    two = '''
-[[tcp_proxy]]
-bind = "127.0.0.1:0"
-backends = ["127.0.0.1:7001"]
-max_connections_per_source = 5
-
-[[tcp_proxy]]
-bind = "127.0.0.1:1"
-backends = ["127.0.0.1:7001"]
-max_new_connections_per_source = 50
-'''
-    first = config.load_text(two)
+    first = _listeners("max_connections_per_source = 5", "max_new_connections_per_source = 50")
     master = Master(first)
     master.shared = SharedState(first)
     master.limits = gate.connection_limits(first)
@@ -183,9 +161,7 @@ max_new_connections_per_source = 50
     share = master.limits.capacity // 2
     assert [master.limits.scope_quota[s] for s in slots] == [share, share]
     # A reload that bounds the first with max_connections and drops the second.
-    second = config.load_text('[[tcp_proxy]]\nbind = "127.0.0.1:0"\n'
-                              'backends = ["127.0.0.1:7001"]\nmax_connections_per_source = 5\n'
-                              'max_connections = 10\n')
+    second = _listeners("max_connections_per_source = 5\nmax_connections = 10")
     master.shared.reconfigure(second)
     master._share_sources(second)
     assert [master.limits.scope_quota[s] for s in slots] == [0, 0]
