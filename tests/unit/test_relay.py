@@ -692,13 +692,29 @@ class _StalledLoop:
         self.pairs.append((client, backend))
         return client, backend
 
-    def stall(self) -> None:
-        """Open the stalled pairs and wait until the held bytes stop growing."""
+    def stall(self, extra: int = 4) -> None:
+        """Open the stalled pairs and wait until the budget is spent and the held bytes
+        stop moving.
+
+        A spent budget can come back in part while it settles: the kernel may
+        make room in a stalled client's receive queue (it collapses queued
+        segments), the relay writes some of what a direction held, and that
+        direction reads nothing more until it has written all it holds.  It
+        then rests with the budget not quite spent (45 KiB of 1 MiB once, in a
+        CI run).  One more stalled pair spends it again; up to ``extra`` are
+        added, each with its payload (``payloads`` and ``stalled`` stay aligned).
+        """
         for payload in self.payloads:
-            client, backend = self.open_pair(rcvbuf=64 * 1024)
-            self.stalled.append((client, backend))
-            threading.Thread(target=_send_until_closed, args=(backend, payload),
-                             daemon=True).start()
+            self._stall_one(payload)
+        for _ in range(extra):
+            self._settle()
+            if self.loop._buffers.left <= 0:
+                return
+            self.payloads.append(os.urandom(len(self.payloads[0])))
+            self._stall_one(self.payloads[-1])
+        self._settle()
+
+    def _settle(self) -> None:
         # Spent first, then settled: on a loaded machine the senders may take a
         # while to start, and a loop that holds nothing yet is "settled" too.
         wait_for(lambda: self.loop._buffers.left <= 0, 20, interval=0.02,
@@ -710,6 +726,12 @@ class _StalledLoop:
             return len(samples) > 20 and len(set(samples[-20:])) == 1
 
         wait_for(settled, 10, interval=0.02, message="the relay to settle")
+
+    def _stall_one(self, payload: bytes) -> None:
+        client, backend = self.open_pair(rcvbuf=64 * 1024)
+        self.stalled.append((client, backend))
+        threading.Thread(target=_send_until_closed, args=(backend, payload),
+                         daemon=True).start()
 
     def held(self) -> int:
         return self.budget - self.loop._buffers.left
