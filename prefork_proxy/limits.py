@@ -55,7 +55,8 @@ holds ``ledger`` connections; beyond, ``worker_ledger_full``.  A scope may
 also have a *share* (``set_quotas``, from the master: ``gate.source_shares``):
 at most that many *live* sources (with an open connection) at once, so one
 listener flooded with new addresses cannot take the whole table from the
-others; a source already live always gets in, up to its own limits.  The
+others (beyond it, ``source_share_full``); a source already live always gets
+in, up to its own limits.  The
 table's
 hash is Python's ``hash(bytes)``: SipHash keyed by the interpreter's random
 secret, which every process forked from the master shares, so clients cannot
@@ -87,12 +88,14 @@ REFUSED_SOURCE = -2
 REFUSED_RATE = -3
 REFUSED_TABLE_FULL = -4
 REFUSED_LEDGER_FULL = -5
+REFUSED_SHARE = -6
 REASONS: Dict[int, str] = {
     REFUSED_LISTENER: "max_connections",
     REFUSED_SOURCE: "max_connections_per_source",
     REFUSED_RATE: "max_new_connections_per_source",
     REFUSED_TABLE_FULL: "source_table_full",
     REFUSED_LEDGER_FULL: "worker_ledger_full",
+    REFUSED_SHARE: "source_share_full",
 }
 
 _KEY = 18  # bytes of a source key: the scope (2) and the address, IPv4 as ::ffff:a.b.c.d (16)
@@ -270,9 +273,9 @@ class ConnectionLimits:
         table's capacity bounds it).
 
         The share of the table one listener may take, so that a flood of new
-        addresses on it cannot refuse every new source of the others (the
-        refusal is the table-full one, ``source_table_full``).  A source that
-        still has an open connection always gets in (up to its own limits).
+        addresses on it cannot refuse every new source of the others (beyond
+        it: ``REFUSED_SHARE``, ``source_share_full``).  A source that still has
+        an open connection always gets in (up to its own limits).
         """
         with self.lock:
             for scope in scopes:
@@ -335,7 +338,7 @@ class ConnectionLimits:
                 if not count:  # a source with no open connection here: it becomes live
                     quota = self.scope_quota[scope]
                     if quota and self.scope_live[scope] >= quota:
-                        return REFUSED_TABLE_FULL  # the scope's share of the table is taken
+                        return REFUSED_SHARE  # the scope's share of the table is taken
                     if slot < 0:
                         slot = self._admit_new(key, digest, -1 - slot)
                         if slot < 0:

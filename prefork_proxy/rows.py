@@ -80,6 +80,7 @@ REJECT_LABEL_OF = {
     "backend_max_connections": "over_limit", "queue_full": "over_limit",
     "queue_timeout": "queue_timeout",
     "source_table_full": "resource_exhausted", "worker_ledger_full": "resource_exhausted",
+    "source_share_full": "resource_exhausted",
     "internal_error": "internal",
 }
 REJECT_PREFIXES = (("proxy_", "bad_proxy_header"), ("sni_", "bad_tls_hello"))

@@ -173,7 +173,8 @@ class SourceLimitStep:
         if token == limits_module.REFUSED_LISTENER and self.queue is not None:
             return Wait(self.queue)
         term = "RR" if token in (limits_module.REFUSED_TABLE_FULL,
-                                 limits_module.REFUSED_LEDGER_FULL) else "PR"
+                                 limits_module.REFUSED_LEDGER_FULL,
+                                 limits_module.REFUSED_SHARE) else "PR"
         return Reject(OVER_LIMIT, term, limits_module.REASONS[token],
                       f"client {adm.client_address!r}")
 

@@ -25,7 +25,8 @@ status  term    abort  when
 503     ``PR``  RST    the proxy refused it by a configured limit
                        (``max_connections``, per source, per source per second)
 503     ``RR``  RST    a resource of the proxy ran out: the shared per-source
-                       table or this worker's ledger is full
+                       table, the listener's share of it, or this worker's
+                       ledger is full
 500     ``IR``  RST    an unexpected error in a step (logged with a traceback)
 503     ``sQ``  RST    no backend slot: every backend is at its
                        ``max_connections`` and the client waited

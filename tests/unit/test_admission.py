@@ -559,3 +559,16 @@ def test_every_reason_label_is_known() -> None:
                                       "sni_truncated", "denied", "max_connections",
                                       "source_table_full", "internal_error"))
     assert json.dumps(sorted(REASONS))  # plain strings
+
+
+def test_a_source_beyond_its_listeners_share_is_refused_as_a_resource_run_out() -> None:
+    limits = ConnectionLimits(sources=16, rows=2)
+    limits.set_quotas({4: 1}, range(8))
+    pipeline = compile_pipeline(limits=limits, scope=4, max_connections_per_source=3)
+    assert pipeline is not None
+    first = pipeline.open(("192.0.2.1", 1000), ORIGINAL_DST)
+    assert isinstance(first.start(0.0), Accept)
+    refused = pipeline.open(("192.0.2.2", 1000), ORIGINAL_DST).start(0.0)
+    assert refused == Reject(503, "RR", "source_share_full") and refused.abort
+    assert "source_share_full" in REASONS
+    assert first.release()

@@ -14,6 +14,7 @@ from prefork_proxy.limits import (
     REFUSED_LEDGER_FULL,
     REFUSED_LISTENER,
     REFUSED_RATE,
+    REFUSED_SHARE,
     REFUSED_SOURCE,
     REFUSED_TABLE_FULL,
     ConnectionLimits,
@@ -459,7 +460,7 @@ def test_a_scope_share_bounds_its_live_sources_and_leaves_the_table_to_the_other
     limits.set_quotas({0: 3}, range(4))
     first = [limits.acquire(0, f"192.0.2.{n}", max_per_source=5) for n in (1, 2, 3)]
     assert all(t >= 0 for t in first) and limits.live_sources(0) == 3
-    assert limits.acquire(0, "192.0.2.4", max_per_source=5) == REFUSED_TABLE_FULL
+    assert limits.acquire(0, "192.0.2.4", max_per_source=5) == REFUSED_SHARE
     again = limits.acquire(0, "192.0.2.1", max_per_source=5)  # a live source goes on
     assert again >= 0 and limits.live_sources(0) == 3
     # The other scopes have the rest of the table: ten new sources of scope 1.
@@ -469,7 +470,7 @@ def test_a_scope_share_bounds_its_live_sources_and_leaves_the_table_to_the_other
     assert limits.release(first[0]) and limits.live_sources(0) == 3
     assert limits.release(again) and limits.live_sources(0) == 2
     assert limits.acquire(0, "192.0.2.4", max_per_source=5) >= 0
-    assert limits.acquire(0, "192.0.2.5", max_per_source=5) == REFUSED_TABLE_FULL
+    assert limits.acquire(0, "192.0.2.5", max_per_source=5) == REFUSED_SHARE
     limits.set_quotas({}, range(4))  # a reload that takes the share away
     assert limits.acquire(0, "192.0.2.5", max_per_source=5) >= 0
     assert limits.live_sources(0) == 4
