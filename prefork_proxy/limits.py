@@ -56,11 +56,9 @@ also have a *share* (``set_quotas``, from the master: ``gate.source_shares``):
 at most that many *live* sources (with an open connection) at once, so one
 listener flooded with new addresses cannot take the whole table from the
 others (beyond it, ``source_share_full``); a source already live always gets
-in, up to its own limits.  The
-table's
-hash is Python's ``hash(bytes)``: SipHash keyed by the interpreter's random
-secret, which every process forked from the master shares, so clients cannot
-pick addresses that collide.
+in, up to its own limits.  The table's hash is Python's ``hash(bytes)``:
+SipHash keyed by the interpreter's random secret, which every process forked
+from the master shares, so clients cannot pick addresses that collide.
 """
 
 from __future__ import annotations
