@@ -52,7 +52,7 @@ slots, so probes stay short); when it is full, a *new* source is refused
 when its last connection ends and its rate window has passed (lazily, by a
 bounded scan when a new source finds the table full).  Each worker's ledger
 holds ``ledger`` connections; beyond, ``worker_ledger_full``.  A scope may
-also have a *share* (``set_quotas``, from the master: ``gate.source_shares``):
+also have a *share* (``set_shares``, from the master: ``gate.source_shares``):
 at most that many *live* sources (with an open connection) at once, so one
 listener flooded with new addresses cannot take the whole table from the
 others (beyond it, ``source_share_full``); a source already live always gets
@@ -204,7 +204,7 @@ class ConnectionLimits:
         fields = [("used", "B", slots), ("hashes", "q", slots), ("count", "i", slots),
                   ("window", "q", slots), ("window_count", "i", slots),
                   ("keys", "B", slots * _KEY), ("meta", "q", 3), ("scope_count", "q", scopes),
-                  ("scope_live", "q", scopes), ("scope_quota", "q", scopes),
+                  ("scope_live", "q", scopes), ("scope_share", "q", scopes),
                   ("row_owner", "i", rows), ("row_dirty", "i", rows), ("row_high", "i", rows),
                   ("ledger_state", "B", rows * ledger), ("ledger_gen", "I", rows * ledger),
                   ("ledger_key", "B", rows * ledger * _KEY)]
@@ -265,9 +265,9 @@ class ConnectionLimits:
         """Sources with at least one open connection in a scope, all workers together."""
         return self.scope_live[scope]
 
-    def set_quotas(self, quotas: Dict[int, int], scopes: range) -> None:
+    def set_shares(self, shares: Dict[int, int], scopes: range) -> None:
         """Master (at start and every reload): each scope of ``scopes`` may hold at most
-        ``quotas[scope]`` live sources (absent or 0: no share of its own, only the
+        ``shares[scope]`` live sources (absent or 0: no share of its own, only the
         table's capacity bounds it).
 
         The share of the table one listener may take, so that a flood of new
@@ -277,7 +277,7 @@ class ConnectionLimits:
         """
         with self.lock:
             for scope in scopes:
-                self.scope_quota[scope] = quotas.get(scope, 0)
+                self.scope_share[scope] = shares.get(scope, 0)
 
     def source_connections(self, scope: int, ip: str) -> int:
         """Open connections of one source in a scope (0 if the table has no entry)."""
@@ -319,23 +319,13 @@ class ConnectionLimits:
             if not free and self._fresh >= self.ledger_size:
                 return REFUSED_LEDGER_FULL
             if per_source:
-                # ``_find``, inlined: this runs once per admitted connection.
-                used, hashes, table, at, mask = self._probe
-                slot = digest & mask
-                while used[slot]:  # at most half full: an empty slot ends every probe
-                    if hashes[slot] == digest:
-                        start = at + slot * _KEY
-                        if table[start:start + _KEY] == key:
-                            count = self.count[slot]
-                            break
-                    slot = (slot + 1) & mask
-                else:
-                    count, slot = 0, -1 - slot  # not in the table: where it would go
+                slot = self._find(key, digest)  # < 0: not in the table
+                count = self.count[slot] if slot >= 0 else 0
                 if max_per_source and count >= max_per_source:
                     return REFUSED_SOURCE
                 if not count:  # a source with no open connection here: it becomes live
-                    quota = self.scope_quota[scope]
-                    if quota and self.scope_live[scope] >= quota:
+                    share = self.scope_share[scope]
+                    if share and self.scope_live[scope] >= share:
                         return REFUSED_SHARE  # the scope's share of the table is taken
                     if slot < 0:
                         slot = self._admit_new(key, digest, -1 - slot)
@@ -475,7 +465,7 @@ class ConnectionLimits:
         return index
 
     def _admit_new(self, key: bytes, digest: int, empty: int) -> int:
-        """A source the table does not hold (``empty``: the empty slot its probe ended
+        """A source the table does not hold (``empty``: the empty slot ``_find`` ended
         on): its new entry's slot, or ``REFUSED_TABLE_FULL``."""
         if self.meta[0] >= self.capacity:
             self._reclaim(int(self._clock()))
@@ -571,29 +561,22 @@ class ConnectionLimits:
 
         ``second``: the clock's whole second (None: read it only if the source's
         count reaches 0, the one case that needs it: the common release pays no clock).
-        Runs once per connection (``release``): the probe of ``_find`` is inlined.
         """
         scope = (key[0] << 8) | key[1]
         self.scope_count[scope] -= 1
         if state != _WITH_SOURCE:
             return
-        digest = hash(key)
-        used, hashes, table, at, mask = self._probe
-        slot = digest & mask
-        while used[slot]:
-            if hashes[slot] == digest:
-                start = at + slot * _KEY
-                if table[start:start + _KEY] == key:
-                    count = self.count[slot] - 1
-                    self.count[slot] = count
-                    if not count:
-                        self.scope_live[scope] -= 1
-                        if second is None:
-                            second = int(self._clock())
-                        if self._stale(slot, second):
-                            self._delete(slot)
-                    return
-            slot = (slot + 1) & mask
+        slot = self._find(key, hash(key))
+        if slot < 0:
+            return
+        count = self.count[slot] - 1
+        self.count[slot] = count
+        if not count:
+            self.scope_live[scope] -= 1
+            if second is None:
+                second = int(self._clock())
+            if self._stale(slot, second):
+                self._delete(slot)
 
     def _free_row(self, row: int) -> None:
         base, high = row * self.ledger_size, self.row_high[row]
