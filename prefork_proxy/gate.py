@@ -38,7 +38,6 @@ from prefork_proxy.admission import (
     Pipeline,
     Reject,
     compile_pipeline,
-    header_encoder,
     proxy_header,
 )
 from prefork_proxy.admission.verdicts import OVER_LIMIT
@@ -156,8 +155,7 @@ class PoolChoice:
     route's ``send_proxy``, then the listener's).
     """
 
-    __slots__ = ("balancer", "_spec", "_versions", "_uniform", "_header", "_members",
-                 "_by_address")
+    __slots__ = ("balancer", "_spec", "_versions", "_uniform", "_members", "_by_address")
 
     def __init__(self, balancer: Balancer) -> None:
         self.balancer = balancer
@@ -166,8 +164,6 @@ class PoolChoice:
         self._versions = versions - {None}
         # One version for every backend (None: no header for any; "": they differ).
         self._uniform: Optional[str] = next(iter(versions)) if len(versions) == 1 else ""
-        # The uniform header's encoder, its version decided here rather than per client.
-        self._header = header_encoder(self._uniform) if self._uniform else None
         self._members: object = None
         self._by_address: Dict[tuple, Optional[str]] = {}
 
@@ -180,7 +176,7 @@ class PoolChoice:
             # Every backend wants the same header: one for the connection (the
             # relay sends ``send_first`` to whichever backend connects), no
             # Target copied per attempt.
-            verdict.send_first = self._header(client, verdict.destination)  # type: ignore[misc]
+            verdict.send_first = proxy_header(self._uniform, client, verdict.destination)
             return targets
         return self._prefixed(targets, client, verdict.destination)
 

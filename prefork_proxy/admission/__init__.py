@@ -16,12 +16,12 @@ Imports the rule owners (``acl``, ``limits``, ``proxy_protocol``,
 """
 
 from .pipeline import READ_SIZE, Admission, Pipeline, compile_pipeline
-from .send_proxy import header_encoder, health_check_header, proxy_header
+from .send_proxy import health_check_header, proxy_header
 from .steps import AccessStep, ProxyHeaderStep, SniStep, SourceLimitStep
 from .verdicts import REASONS, TERMS, Accept, NeedMore, Reject, Verdict, Wait
 
 __all__ = [
     "READ_SIZE", "REASONS", "TERMS", "Accept", "AccessStep", "Admission", "NeedMore",
     "Pipeline", "ProxyHeaderStep", "Reject", "SniStep", "SourceLimitStep", "Verdict", "Wait",
-    "compile_pipeline", "header_encoder", "health_check_header", "proxy_header",
+    "compile_pipeline", "health_check_header", "proxy_header",
 ]

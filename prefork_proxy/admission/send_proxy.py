@@ -19,8 +19,6 @@ the health-check process once per probe.  Wire formats are
 
 from __future__ import annotations
 
-from typing import Callable
-
 from prefork_proxy.proxy_protocol import encode_v1, encode_v2, encode_v2_local
 
 from .verdicts import Address
@@ -30,30 +28,17 @@ _HEALTH_V1 = b"PROXY UNKNOWN\r\n"
 
 
 def proxy_header(version: str, client: Address, destination: Address) -> bytes:
-    """The header to send first to a backend with ``send_proxy = version``."""
-    if isinstance(client, tuple) and isinstance(destination, tuple):
-        src, dst = client[:2], destination[:2]
-    else:  # a unix end (a path): unknown, so neither is sent
-        src = dst = None
-    if version == "v2":
-        return encode_v2(src, dst) if src is not None else encode_v2_local()
-    if version == "v1":
-        return encode_v1(src, dst)
-    raise ValueError(f"send_proxy must be 'v1' or 'v2', not {version!r}")
+    """The header to send first to a backend with ``send_proxy = version``.
 
-
-def header_encoder(version: str) -> Callable[[Address, Address], bytes]:
-    """``proxy_header`` with ``version`` decided once: for a pool whose backends all
-    want the same header, called once per connection (``gate.PoolChoice``)."""
+    Called once per connection.  The encoders read only an address's first two
+    items (ip, port), so a socket's longer IPv6 tuple is passed as it is, not sliced.
+    """
     if version == "v2":
-        def encode(client: Address, destination: Address) -> bytes:
-            # ``encode_v2`` reads only an address's first two items: no slice needed.
-            if type(client) is tuple and type(destination) is tuple:
-                return encode_v2(client, destination)  # type: ignore[arg-type]
-            return encode_v2_local()
-        return encode
+        if isinstance(client, tuple) and isinstance(destination, tuple):
+            return encode_v2(client, destination)  # type: ignore[arg-type]
+        return encode_v2_local()  # a unix end (a path): unknown, so neither is sent
     if version == "v1":
-        return lambda client, destination: proxy_header("v1", client, destination)
+        return encode_v1(client, destination)  # type: ignore[arg-type]  # UNKNOWN unless IPs
     raise ValueError(f"send_proxy must be 'v1' or 'v2', not {version!r}")
 
 
