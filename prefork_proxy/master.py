@@ -695,7 +695,7 @@ class Master:
         config = config or self.config
         shares = {self.shared.listener_slot(index): share for index, share
                   in source_shares(config, self.limits.capacity).items()}
-        self.limits.set_quotas(shares, range(LISTENER_SLOTS))
+        self.limits.set_shares(shares, range(LISTENER_SLOTS))
 
     def _retire_unused_listeners(self) -> None:
         """Listeners the current config does not have: no new handshakes, closed later."""

@@ -159,9 +159,9 @@ def test_the_master_gives_each_listener_slot_its_share_and_takes_it_back_on_relo
     master._share_sources()
     slots = [master.shared.listener_slot(i) for i in range(2)]
     share = master.limits.capacity // 2
-    assert [master.limits.scope_quota[s] for s in slots] == [share, share]
+    assert [master.limits.scope_share[s] for s in slots] == [share, share]
     # A reload that bounds the first with max_connections and drops the second.
     second = _listeners("max_connections_per_source = 5\nmax_connections = 10")
     master.shared.reconfigure(second)
     master._share_sources(second)
-    assert [master.limits.scope_quota[s] for s in slots] == [0, 0]
+    assert [master.limits.scope_share[s] for s in slots] == [0, 0]

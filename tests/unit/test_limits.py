@@ -457,7 +457,7 @@ def test_the_key_memo_is_bounded_per_scope_and_keeps_no_bad_address():
 
 def test_a_scope_share_bounds_its_live_sources_and_leaves_the_table_to_the_others():
     limits = ConnectionLimits(sources=16, rows=4)
-    limits.set_quotas({0: 3}, range(4))
+    limits.set_shares({0: 3}, range(4))
     first = [limits.acquire(0, f"192.0.2.{n}", max_per_source=5) for n in (1, 2, 3)]
     assert all(t >= 0 for t in first) and limits.live_sources(0) == 3
     assert limits.acquire(0, "192.0.2.4", max_per_source=5) == REFUSED_SHARE
@@ -471,14 +471,14 @@ def test_a_scope_share_bounds_its_live_sources_and_leaves_the_table_to_the_other
     assert limits.release(again) and limits.live_sources(0) == 2
     assert limits.acquire(0, "192.0.2.4", max_per_source=5) >= 0
     assert limits.acquire(0, "192.0.2.5", max_per_source=5) == REFUSED_SHARE
-    limits.set_quotas({}, range(4))  # a reload that takes the share away
+    limits.set_shares({}, range(4))  # a reload that takes the share away
     assert limits.acquire(0, "192.0.2.5", max_per_source=5) >= 0
     assert limits.live_sources(0) == 4
 
 
 def test_a_share_holds_exactly_across_racing_processes_and_frees_with_them():
     limits = ConnectionLimits(sources=128, rows=8)
-    limits.set_quotas({2: 20}, range(4))
+    limits.set_shares({2: 20}, range(4))
     # Three processes with ten sources each race for a share of 20 live sources.
     results, _, finish = _race(3, lambda: ",".join(
         str(limits.acquire(2, f"10.{os.getpid() >> 8 & 255}.{os.getpid() & 255}.{n}",
