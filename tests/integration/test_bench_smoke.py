@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -291,7 +292,14 @@ def test_the_opcode_tracer_counts_a_real_workers_relay_per_connection(backend_fa
         files = list(tmp_path.glob("ops-*-relay-0.json"))
         return json.loads(files[0].read_text()) if files else {"closes": 0}
 
-    counts = wait_for(lambda: dump() if dump()["closes"] >= 100 else None,
-                      message="the tracer's dump after 100 closes")
-    assert counts["opcodes"] > 100 * 500  # hundreds of instructions per connection at least
+    wait_for(lambda: dump()["closes"] >= 120, message="the tracer's count of 120 closes")
+    seen_at = time.monotonic()  # the tracer stamps each copy with this system-wide clock
+
+    def copy_after() -> dict:
+        copy = dump()
+        return copy if copy.get("at", 0.0) > seen_at else {}
+
+    counts = wait_for(copy_after, message="a copy taken after the 120th close")
+    assert counts["closes"] == 120  # one per connection: the unit relay_opcodes divides by
+    assert counts["opcodes"] > 120 * 500  # hundreds of instructions per connection at least
     assert counts["by_function"]["RelayLoop._close (loop.py)"] > 0
