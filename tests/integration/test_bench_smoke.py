@@ -303,3 +303,58 @@ def test_the_opcode_tracer_counts_a_real_workers_relay_per_connection(backend_fa
     assert counts["closes"] == 120  # one per connection: the unit relay_opcodes divides by
     assert counts["opcodes"] > 120 * 500  # hundreds of instructions per connection at least
     assert counts["by_function"]["RelayLoop._close (loop.py)"] > 0
+
+
+STRACE_SUMMARY = """\
+strace: Process 5679 attached with 3 threads
+% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 63.56    1.865252         369      5047           epoll_wait
+ 25.70    0.754077           8     85856           sendto
+ 10.60    0.311195           3     85857        12 recvfrom
+  0.13    0.003762          75        50         1 futex
+------ ----------- ----------- --------- --------- ----------------
+100.00    2.934656          16    176810        13 total
+"""
+
+
+def test_strace_summary_parser_reads_calls_and_errors_by_name():
+    from syscall_floor import parse_strace_summary
+
+    counts = parse_strace_summary(STRACE_SUMMARY)
+    assert counts.calls == {"epoll_wait": 5047, "sendto": 85856, "recvfrom": 85857, "futex": 50}
+    assert counts.errors == {"recvfrom": 12, "futex": 1}  # "total" and the header skipped
+    assert parse_strace_summary("") .calls == {}
+    # Two summaries in one text (strace -c per process written together) add up.
+    doubled = parse_strace_summary(STRACE_SUMMARY + STRACE_SUMMARY)
+    assert doubled.calls["sendto"] == 2 * 85856 and doubled.errors["futex"] == 2
+
+
+def _strace_works() -> bool:
+    if shutil.which("strace") is None:
+        return False
+    try:  # ptrace may be forbidden (a container without CAP_SYS_PTRACE)
+        return subprocess.run(["strace", "-o", "/dev/null", "true"], timeout=10,
+                              capture_output=True).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not (shutil.which("redis-server") and shutil.which("redis-benchmark")),
+                    reason="redis-server / redis-benchmark not installed (scripts/install-peers)")
+@pytest.mark.skipif(not _strace_works(), reason="strace missing or ptrace not permitted here")
+def test_syscall_floor_counts_the_real_proxys_calls_per_kept_alive_request():
+    """scripts/syscall_floor.py against the real proxy: a relayed kept-alive request
+    is one recv and one send each way, as the tool must report it."""
+    import re
+
+    out = subprocess.run(
+        [sys.executable, str(SCRIPTS / "syscall_floor.py"), "--peer", "prefork",
+         "--workload", "keepalive", "--seconds", "1",
+         "--prefork-cmd", f"{sys.executable} -m prefork_proxy"],
+        capture_output=True, text=True, timeout=110)
+    assert out.returncode == 0, out.stderr
+    rows = dict(re.findall(r"^\| (\w+) \| ([\d.]+)", out.stdout, re.M))
+    assert 1.8 <= float(rows["recvfrom"]) <= 2.2, out.stdout
+    assert 1.8 <= float(rows["sendto"]) <= 2.2, out.stdout
