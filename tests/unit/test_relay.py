@@ -456,6 +456,72 @@ def test_connect_deadlines_stay_few_while_another_connect_hangs():
         ours.close()
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_a_loopback_connect_done_at_once_skips_the_epoll_round(host):
+    """On loopback the kernel completes the handshake inside connect(): the relay
+    sees that (getpeername) and relays at once. The backend socket is registered
+    once, for reads (never for the connect's EPOLLOUT), no connect deadline is
+    armed, and the bytes cross both ways exactly. A loopback connect that is not
+    done (SYNs dropped) still takes the epoll path with its deadline."""
+    if host == "::1" and not _ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    family = socket.AF_INET6 if host == "::1" else socket.AF_INET
+    loop = RelayLoop("copy")
+    epoll = RecordingEpoll(loop._epoll)
+    for owner in (loop, loop._admitter, loop._connector):
+        owner._epoll = epoll  # before the thread starts: every phase holds this one
+    loop.start()
+    front = socket.create_server((host, 0), family=family)
+    backend_listener = socket.create_server((host, 0), family=family)
+    full = Blackhole(fill=4)  # IPv4: the path taken does not depend on the family
+    try:
+        client = socket.create_connection(front.getsockname()[:2], timeout=10)
+        accepted, address = front.accept()
+        accepted.setblocking(False)
+        client_fd = accepted.fileno()
+        target = Target(family, backend_listener.getsockname(), "loopback")
+        loop.submit(accepted, iter([target]), 5.0, "at once")
+        backend, _ = backend_listener.accept()
+        backend.settimeout(10)
+        client.sendall(b"ping")
+        assert recv_exactly(backend, 4) == b"ping"
+        backend.sendall(b"pong")
+        assert recv_exactly(client, 4) == b"pong"
+        wait_for(lambda: epoll.of(client_fd), 5, message="the relay to watch the client")
+        backend_calls = [(call, fd, mask) for call, fd, mask in epoll.calls
+                         if fd != client_fd and fd != loop._wake_r]
+        assert backend_calls and all(mask == select.EPOLLIN for _, _, mask in backend_calls)
+        assert backend_calls[0][0] == "register"
+        assert not loop._timers.armed  # no connect deadline was armed
+        client.close()
+        backend.close()
+        wait_for(lambda: loop.active == 0, 5, message="the connection to end")
+
+        epoll.calls.clear()
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        dead = Target(socket.AF_INET, full.sockname, "never-answers")
+        loop.submit(theirs, iter([dead]), 30.0, "waits for a dead backend")
+        wait_for(lambda: len(loop._timers.armed) == 1, 5, message="the hanging connect")
+        assert [(call, mask) for call, _, mask in epoll.calls] == [("register", select.EPOLLOUT)]
+        ours.close()
+    finally:
+        loop.stop()
+        assert loop.join(5)
+        front.close()
+        backend_listener.close()
+        full.close()
+
+
 def test_a_pause_target_waits_on_the_timer_while_the_loop_serves_others(relay):
     """A Target without an address (a balancer whose names are not resolved yet) makes
     the loop wait on its timer heap, then ask again; other connections go on meanwhile."""
