@@ -65,10 +65,14 @@ def prefork_command(opts: PeerOptions) -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "prefork_proxy"]
 
 
-def prefork_env() -> dict[str, str]:
+def prefork_env(opts: PeerOptions | None = None) -> dict[str, str]:
     # The `python3 -m prefork_proxy` fallback must find the package in the
-    # repo even when it is not pip-installed.
+    # repo even when it is not pip-installed.  An explicit --prefork-cmd runs
+    # as it is: the repo on its path would shadow the install it names (an
+    # older commit's venv would run this checkout's code).
     env = dict(os.environ)
+    if opts is not None and opts.prefork_cmd:
+        return env
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return env
 
@@ -77,7 +81,7 @@ def prefork_unavailable_reason(opts: PeerOptions) -> str | None:
     argv = prefork_command(opts) + ["start", "--help"]
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=30,
-                             env=prefork_env(), stdin=subprocess.DEVNULL)
+                             env=prefork_env(opts), stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"`{' '.join(argv)}` failed: {exc}"
     if out.returncode != 0:
@@ -105,7 +109,7 @@ def start_peer(reg: Registry, peer: str, backend: str, backend_port: int,
         proc = reg.start(name, socat_argv(port, backend_port, opts.socat_backlog))
     elif peer == "prefork":
         proc = reg.start(name, prefork_argv(opts, port, backend_port),
-                         env=prefork_env(), cwd=rundir)
+                         env=prefork_env(opts), cwd=rundir)
     else:
         raise ValueError(f"unknown peer {peer}")
     return Endpoint(peer, backend, port, proc)

@@ -358,3 +358,19 @@ def test_syscall_floor_counts_the_real_proxys_calls_per_kept_alive_request():
     rows = dict(re.findall(r"^\| (\w+) \| ([\d.]+)", out.stdout, re.M))
     assert 1.8 <= float(rows["recvfrom"]) <= 2.2, out.stdout
     assert 1.8 <= float(rows["sendto"]) <= 2.2, out.stdout
+
+
+def test_an_explicit_prefork_command_runs_without_the_checkout_on_its_path(monkeypatch):
+    """--prefork-cmd names an install (an older commit's venv, say): the checkout on
+    PYTHONPATH would make it run this checkout's code instead. Only the fallback
+    (``python3 -m prefork_proxy`` from the repo) gets it."""
+    import os
+
+    from bench_lib.peers import REPO_ROOT, PeerOptions, prefork_env
+
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    explicit = prefork_env(PeerOptions(prefork_cmd=["/opt/old/bin/prefork-proxy"],
+                                       prefork_relay=None))
+    assert explicit["PYTHONPATH"] == "/elsewhere"
+    fallback = prefork_env(PeerOptions(prefork_cmd=None, prefork_relay=None))
+    assert fallback["PYTHONPATH"].split(os.pathsep) == [str(REPO_ROOT), "/elsewhere"]
