@@ -32,8 +32,9 @@ _ERROR = select.EPOLLERR | select.EPOLLHUP
 _SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
 _STREAM_NONBLOCK = int(socket.SOCK_STREAM) | _SOCK_NONBLOCK  # plain ints: no enum arithmetic
 _TCP_FAMILIES = frozenset((int(socket.AF_INET), int(socket.AF_INET6)))
-#: Hosts (besides 127.0.0.0/8) whose connect is worth checking for done at once.
-_LOOPBACK_HOSTS = frozenset(("::1", "::ffff:127.0.0.1"))
+#: How a loopback host begins, as ``getaddrinfo`` spells it (127.0.0.0/8, also mapped
+#: into IPv6); ``::1`` is the other one.  A plain prefix test: it runs per connection.
+_LOOPBACK_PREFIXES = ("127.", "::ffff:127.")
 #: ``Connection.connect_s`` of a connected connection when no access log reads it.
 CONNECTED_UNTIMED = 0.0
 
@@ -149,8 +150,8 @@ class Connector:
             return
         now = conn.attempt_at = time.monotonic()  # the connect time is measured from here
         self._by_fd[conn.backend_fd] = conn
-        if not code or tcp and (sockaddr[0][:4] == "127." or sockaddr[0] in _LOOPBACK_HOSTS) \
-                and _established(backend):
+        if not code or tcp and (sockaddr[0].startswith(_LOOPBACK_PREFIXES)
+                                or sockaddr[0] == "::1") and _established(backend):
             # Connected already: no epoll round, no deadline to arm and cancel,
             # and the backend is registered once, for reads, by the relay phase.
             self._connected(conn)

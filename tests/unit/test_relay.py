@@ -13,7 +13,15 @@ import threading
 import time
 
 import pytest
-from support import Blackhole, close_loop_rig, closed_port, recv_exactly, recv_until_eof, wait_for
+from support import (
+    Blackhole,
+    close_loop_rig,
+    closed_port,
+    ipv6_loopback,
+    recv_exactly,
+    recv_until_eof,
+    wait_for,
+)
 
 from prefork_proxy import splice as splice_module
 from prefork_proxy.relay import TIMEOUTS_SLACK, RelayLoop, Target, choose_mode
@@ -456,15 +464,6 @@ def test_connect_deadlines_stay_few_while_another_connect_hangs():
         ours.close()
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_a_loopback_connect_done_at_once_skips_the_epoll_round(host):
     """On loopback the kernel completes the handshake inside connect(): the relay
@@ -472,7 +471,7 @@ def test_a_loopback_connect_done_at_once_skips_the_epoll_round(host):
     once, for reads (never for the connect's EPOLLOUT), no connect deadline is
     armed, and the bytes cross both ways exactly. A loopback connect that is not
     done (SYNs dropped) still takes the epoll path with its deadline."""
-    if host == "::1" and not _ipv6_loopback():
+    if host == "::1" and not ipv6_loopback():
         pytest.skip("no IPv6 loopback here")
     family = socket.AF_INET6 if host == "::1" else socket.AF_INET
     loop = RelayLoop("copy")
